@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+TORCH = ["torch==2.13.0", "diffusers", "transformers", "safetensors"]
+
+setup(
+    name="jaxedit",
+    version="0.1.0",
+    description="JAX/TPU-native trainer for instruction-based image editing with RL",
+    packages=find_packages(include=["jaxedit", "jaxedit.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "ml_collections",
+        "tensorflow-datasets",
+        "importlib_resources",  # TFDS needs it for builders defined outside TFDS
+        "array_record",
+        "einops",
+        "clu",
+        # clu.metric_writers imports them without declaring them; TFDS needs TF to build.
+        "tensorflow-cpu",
+        "tensorboard",
+        "numpy",
+        "pillow",
+    ],
+    extras_require={
+        # torch==2.13.0 is the CPU wheel; any other spec pulls GBs of CUDA packages.
+        "torch": TORCH,
+        "test": ["pytest", "pytest-xdist"],
+    },
+    entry_points={"console_scripts": ["jaxedit=jaxedit.cli:main"]},
+)
