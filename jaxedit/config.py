@@ -28,10 +28,16 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"config file {path!r} does not exist")
   module_spec = importlib.util.spec_from_file_location("_jaxedit_config", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:
+    raise ConfigError(f"config file {path!r} failed to load: {e!r}") from e
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config() function")
-  config = module.get_config(arg) if arg else module.get_config()
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # ConfigDict type checks, typos
+    raise ConfigError(f"{spec}: get_config() failed: {e}") from e
   if not isinstance(config, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict, "
                       f"got {type(config).__name__}")

@@ -23,6 +23,7 @@ from jaxedit.shapes.render import render
 from jaxedit.shapes.world import Scene, World, random_scene
 
 SPLITS = ("train", "validation", "test")
+ABSTRACT_MIN_OBJECTS = 3  # abstract instructions come with distractors and longer plans
 _SCENE_BUCKETS = 10  # hash % 10: 0 -> test, 1 -> validation, else train
 
 
@@ -57,9 +58,10 @@ def _record(world: World, uid: str, kind: str, source: Scene, task: Task) -> dic
   }
 
 
-def _scene_in_split(rng, world: World, split: str) -> Scene:
+def _scene_in_split(rng, world: World, split: str, min_objects: int | None = None) -> Scene:
+  low = max(world.min_objects, min(min_objects or 0, world.max_objects))
   while True:
-    scene = random_scene(rng, world)
+    scene = random_scene(rng, world, int(rng.integers(low, world.max_objects + 1)))
     if scene_split(scene) == split:
       return scene
 
@@ -85,7 +87,7 @@ def generate(world: World, split: str, num_atomic: int, num_abstract: int,
   for i in range(num_abstract):
     family = families[i % len(families)]
     for _ in range(10_000):
-      scene = _scene_in_split(rng, world, split)
+      scene = _scene_in_split(rng, world, split, ABSTRACT_MIN_OBJECTS)
       task = make_task(family, rng, scene, eval_phrasing=split != "train" and not family.held_out)
       if task is not None:
         break

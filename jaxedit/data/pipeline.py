@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import grain
-import numpy as np
 
 from jaxedit.data.examples import check_record
 from jaxedit.shapes.world import World
@@ -66,23 +65,16 @@ class ShapesSource(grain.sources.RandomAccessDataSource):
     return f"ShapesSource({self._where})"
 
 
-class SelectFields(grain.transforms.Map):
-  def __init__(self, fields: Sequence[str]):
-    self._fields = tuple(fields)
+def make_dataset(source: grain.sources.RandomAccessDataSource, batch_size: int, *, seed: int,
+                 shuffle: bool = True, num_epochs: int | None = None,
+                 process_index: int | None = None, process_count: int | None = None,
+                 drop_remainder: bool = True, fields: Sequence[str] | None = None,
+                 worker_count: int = 0) -> grain.IterDataset:
+  """Batches of this process's shard; `batch_size` is per process.
 
-  def map(self, record):
-    return {k: record[k] for k in self._fields}
-
-
-def make_loader(source: grain.sources.RandomAccessDataSource, batch_size: int, *, seed: int,
-                shuffle: bool = True, num_epochs: int | None = None,
-                process_index: int | None = None, process_count: int | None = None,
-                drop_remainder: bool = True, fields: Sequence[str] | None = None,
-                worker_count: int = 0) -> grain.DataLoader:
-  """A grain loader over this process's shard; `batch_size` is per process.
-
-  The process index and count default to JAX's. Shards are disjoint and cover the source
-  (with `drop_remainder=False`). `iter(loader)` has `get_state()`/`set_state()` for
+  The process index and count default to JAX's. Process shards are strided slices of the
+  source: disjoint, and together they cover it. Shuffling draws a new order every epoch;
+  `num_epochs=None` repeats forever. `iter(dataset)` has `get_state()`/`set_state()` for
   checkpointing (orbax: `grain.checkpoint.CheckpointSave`).
   """
   if process_index is None or process_count is None:
@@ -91,12 +83,14 @@ def make_loader(source: grain.sources.RandomAccessDataSource, batch_size: int, *
     process_index, process_count = jax.process_index(), jax.process_count()
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} out of range for {process_count} processes")
-  shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count,
-                                      drop_remainder=drop_remainder)
-  sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=shard,
-                                        shuffle=shuffle, num_epochs=num_epochs, seed=seed)
-  operations = [SelectFields(fields)] if fields else []
-  operations.append(grain.transforms.Batch(batch_size=batch_size, drop_remainder=drop_remainder))
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                          worker_count=worker_count)
-
+  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  if fields:
+    fields = tuple(fields)
+    ds = ds.map(lambda record: {k: record[k] for k in fields})
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset()
+  if worker_count:
+    ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=worker_count))
+  return ds

@@ -196,7 +196,8 @@ class Scene:
 
 
 def random_scene(rng: np.random.Generator, world: World, num_objects: int | None = None) -> Scene:
-  n = num_objects or int(rng.integers(world.min_objects, world.max_objects + 1))
+  n = num_objects if num_objects is not None else int(
+      rng.integers(world.min_objects, world.max_objects + 1))
   cells = rng.choice(world.num_cells, size=n, replace=False)
   objects = [
       Obj((int(i) // world.grid_size, int(i) % world.grid_size),

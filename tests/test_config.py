@@ -1,0 +1,88 @@
+import ml_collections
+import pytest
+
+from jaxedit import cli
+from jaxedit.config import ConfigError, apply_overrides, load, validate
+from jaxedit.data import job
+
+REFERENCE = job.reference_config()
+
+
+def write_config(tmp_path, body):
+  path = tmp_path / "cfg.py"
+  path.write_text("from jaxedit.data import job\n\n"
+                  "def get_config(arg=None):\n"
+                  "  config = job.reference_config()\n" + body + "  return config\n")
+  return str(path)
+
+
+def test_load_with_arg_and_overrides():
+  config = load("configs/shapes_data.py:small",
+                ["data.splits.train.atomic=7", "data.data_dir=/x", "world.image_size=64",
+                 "report.seed=3"], reference=REFERENCE)
+  assert config.data.splits.train.atomic == 7 and config.data.data_dir == "/x"
+  assert config.world.image_size == 64 and config.report.seed == 3
+  assert config.data.splits.test.abstract == 110  # from the ':small' arg
+
+
+def test_override_parsing_by_type():
+  config = ml_collections.ConfigDict({"f": 0.5, "b": False, "t": (1, 2), "s": "x", "n": None})
+  apply_overrides(config, ["f=3", "b=true", "t=(4,5,6)", "s=hello world", "n=[1]"])
+  assert config.f == 3.0 and isinstance(config.f, float)
+  assert config.b is True and config.t == (4, 5, 6) and config.s == "hello world"
+  assert config.n == [1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.splits.train.atomc=3", r"unknown config key 'data.splits.train.atomc' "
+                                  r"\(did you mean 'data.splits.train.atomic'\?\)"),
+    ("nope=1", "unknown config key 'nope'"),
+    ("world.image_size=big", "'world.image_size' is a int"),
+    ("world.image_size=3.5", "'world.image_size' must be of type int"),
+    ("data.splits=3", "is a section"),
+    ("world.image_size", "key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+  with pytest.raises(ConfigError, match=message):
+    load("configs/shapes_data.py", [override], reference=REFERENCE)
+
+
+def test_unknown_and_ill_typed_keys_in_a_config_file(tmp_path):
+  with pytest.raises(ConfigError, match=r"unknown config key 'data.sed' \(did you mean 'data.seed'"):
+    load(write_config(tmp_path, "  config.data.sed = 1\n"), reference=REFERENCE)
+  with pytest.raises(ConfigError, match="get_config.*failed.*'grid_size'.*four"):
+    load(write_config(tmp_path, "  config.world.grid_size = 'four'\n"), reference=REFERENCE)
+  # A config built from scratch bypasses ConfigDict's type checks; validation still catches it.
+  scratch = tmp_path / "scratch.py"
+  scratch.write_text("from jaxedit.data import job\n"
+                     "def get_config():\n"
+                     "  config = job.reference_config().to_dict()\n"
+                     "  config['world']['grid_size'] = 'four'\n"
+                     "  import ml_collections\n"
+                     "  return ml_collections.ConfigDict(config)\n")
+  with pytest.raises(ConfigError, match="'world.grid_size' must be of type int, got str"):
+    load(str(scratch), reference=REFERENCE)
+  with pytest.raises(ConfigError, match="does not exist"):
+    load(str(tmp_path / "missing.py"))
+
+
+def test_missing_keys_are_reported():
+  partial = ml_collections.ConfigDict({"world": job.world_config()})
+  with pytest.raises(ConfigError, match="missing keys: data.data_dir"):
+    validate(partial, REFERENCE)
+
+
+def test_cli_reports_config_errors_cleanly(capsys, tmp_path):
+  code = cli.main(["data", "--config", "configs/shapes_data.py", "--workdir", str(tmp_path),
+                   "--config.world.grid_sise=4"])
+  assert code == 2
+  err = capsys.readouterr().err
+  assert "unknown config key 'world.grid_sise'" in err and "Traceback" not in err
+  code = cli.main(["data", "--config", "configs/shapes_data.py", "--workdir", str(tmp_path),
+                   "--config.world.image_size=30"])
+  assert code == 2
+  assert "image_size 30 is not divisible by grid_size 4" in capsys.readouterr().err
+  code = cli.main(["data", "--config", "configs/shapes_data.py", "--workdir", str(tmp_path),
+                   "--config.data.splits.train.atomic=-1"])
+  assert code == 2
+  assert "'data.splits.train.atomic' must be >= 0" in capsys.readouterr().err
