@@ -1,0 +1,333 @@
+"""Flux-layout flow-matching transformer with Kontext-style in-context source tokens.
+
+Parameters and maths map one-to-one onto diffusers `FluxTransformer2DModel` (DESIGN.md
+section 3); `jaxedit.interop.flux_diffusers` holds the name mapping. Every parameter carries
+logical axis names; the layer stacks can be scanned (compile time flat in depth) and
+rematerialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+  in_channels: int = 64  # packed channels per token: C * p * p
+  out_channels: int | None = None
+  num_layers: int = 19
+  num_single_layers: int = 38
+  attention_head_dim: int = 128
+  num_attention_heads: int = 24
+  joint_attention_dim: int = 4096
+  pooled_projection_dim: int = 768
+  guidance_embeds: bool = False
+  axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+  mlp_ratio: float = 4.0
+  theta: int = 10_000
+  dtype: Dtype = jnp.float32  # compute
+  param_dtype: Dtype = jnp.float32
+  scan_layers: bool = True
+  remat_policy: str = "none"  # none | full | dots (jax.checkpoint_policies names)
+
+  @property
+  def inner_dim(self) -> int:
+    return self.num_attention_heads * self.attention_head_dim
+
+  def __post_init__(self):
+    if sum(self.axes_dims_rope) != self.attention_head_dim:
+      raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to attention_head_dim "
+                       f"{self.attention_head_dim}")
+
+
+def dense(cfg: FluxConfig, features: int, axes: tuple[str, str], name: str,
+          zero_init: bool = False, use_bias: bool = True) -> nn.Dense:
+  """A Dense with logical axis names on kernel (in, out) and bias (out,)."""
+  kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
+  return nn.Dense(features, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                  kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+                  name=name)
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """LayerNorm without affine parameters, computed in float32."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = ((x32 - mean) ** 2).mean(-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  return jax.nn.gelu(x, approximate=True)
+
+
+class RMSNorm(nn.Module):
+  """Per-head RMSNorm of q and k; weight of shape (head_dim,), as torch.nn.RMSNorm."""
+
+  eps: float = 1e-6
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                                             ("head_dim",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt((x32**2).mean(-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10_000.0) -> jax.Array:
+  """Sinusoidal embedding with flip_sin_to_cos (cos first) and frequency shift 0."""
+  half = dim // 2
+  exponent = (np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)) / np.float32(half)
+  freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def rope_tables(ids: np.ndarray, axes_dims: tuple[int, ...], theta: int):
+  """cos/sin tables (S, head_dim) for static position ids (S, num_axes), interleaved pairs.
+
+  Computed in float64 with numpy at trace time (ids are static), as diffusers does."""
+  cos, sin = [], []
+  for axis, d in enumerate(axes_dims):
+    freqs = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    angles = np.asarray(ids)[:, axis].astype(np.float64)[:, None] * freqs[None]
+    cos.append(np.repeat(np.cos(angles), 2, axis=-1))
+    sin.append(np.repeat(np.sin(angles), 2, axis=-1))
+  return (jnp.asarray(np.concatenate(cos, -1), jnp.float32),
+          jnp.asarray(np.concatenate(sin, -1), jnp.float32))
+
+
+def apply_rope(x: jax.Array, rope) -> jax.Array:
+  """x: (B, S, N, H); rotates interleaved pairs (x[2i], x[2i+1])."""
+  cos, sin = rope
+  x32 = x.astype(jnp.float32)
+  pairs = x32.reshape(*x.shape[:-1], -1, 2)
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+  return (x32 * cos[None, :, None] + rotated * sin[None, :, None]).astype(x.dtype)
+
+
+def attention(q, k, v) -> jax.Array:
+  """(B, S, N, H) -> (B, S, N*H); the backend's fused attention where it has one."""
+  out = jax.nn.dot_product_attention(q, k, v)
+  return out.reshape(*out.shape[:2], -1)
+
+
+class Embedder(nn.Module):
+  """linear_1 -> SiLU -> linear_2 (TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+  cfg: FluxConfig
+
+  @nn.compact
+  def __call__(self, x):
+    d = self.cfg.inner_dim
+    x = dense(self.cfg, d, ("freq", "embed"), "linear_1")(x)
+    return dense(self.cfg, d, ("mlp", "embed"), "linear_2")(nn.silu(x))
+
+
+class TimeTextEmbed(nn.Module):
+  cfg: FluxConfig
+
+  @nn.compact
+  def __call__(self, t, pooled, guidance=None):
+    dtype = self.cfg.dtype
+    temb = Embedder(self.cfg, name="timestep_embedder")(
+        timestep_embedding(t * 1000).astype(dtype))
+    if self.cfg.guidance_embeds:
+      if guidance is None:
+        raise ValueError("this model embeds guidance; pass a guidance scale")
+      temb = temb + Embedder(self.cfg, name="guidance_embedder")(
+          timestep_embedding(guidance * 1000).astype(dtype))
+    return temb + Embedder(self.cfg, name="text_embedder")(pooled.astype(dtype))
+
+
+class AdaNorm(nn.Module):
+  """`linear(silu(temb))` chunked into `chunks` modulation vectors."""
+
+  cfg: FluxConfig
+  chunks: int
+
+  @nn.compact
+  def __call__(self, temb):
+    mod = dense(self.cfg, self.chunks * self.cfg.inner_dim, ("embed", "mod"), "linear",
+                zero_init=True)(nn.silu(temb))
+    return jnp.split(mod, self.chunks, axis=-1)
+
+
+class FeedForward(nn.Module):
+  cfg: FluxConfig
+
+  @nn.compact
+  def __call__(self, x):
+    hidden = int(self.cfg.inner_dim * self.cfg.mlp_ratio)
+    x = gelu_tanh(dense(self.cfg, hidden, ("embed", "mlp"), "net_0_proj")(x))
+    return dense(self.cfg, self.cfg.inner_dim, ("mlp", "embed"), "net_2")(x)
+
+
+def qkv(cfg: FluxConfig, x, context: bool = False):
+  """Per-head q, k, v with RMSNorm on q and k, created in the calling module's scope so the
+  parameter names are diffusers' (to_q, ..., norm_q or add_q_proj, ..., norm_added_q)."""
+  names = (("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
+           if context else ("to_q", "to_k", "to_v", "norm_q", "norm_k"))
+  heads = lambda y: y.reshape(*y.shape[:2], cfg.num_attention_heads, cfg.attention_head_dim)
+  q, k, v = (heads(dense(cfg, cfg.inner_dim, ("embed", "heads"), n)(x)) for n in names[:3])
+  q = RMSNorm(param_dtype=cfg.param_dtype, name=names[3])(q)
+  k = RMSNorm(param_dtype=cfg.param_dtype, name=names[4])(k)
+  return q, k, v
+
+
+class JointAttention(nn.Module):
+  """Double-stream attention over the joint sequence [text, image]."""
+
+  cfg: FluxConfig
+
+  @nn.compact
+  def __call__(self, x, context, rope):
+    n_text = context.shape[1]
+    q, k, v = qkv(self.cfg, x)
+    cq, ck, cv = qkv(self.cfg, context, context=True)
+    q, k, v = (jnp.concatenate([a, b], axis=1) for a, b in ((cq, q), (ck, k), (cv, v)))
+    out = attention(apply_rope(q, rope), apply_rope(k, rope), v)
+    text_out, image_out = out[:, :n_text], out[:, n_text:]
+    image_out = dense(self.cfg, self.cfg.inner_dim, ("heads", "embed"), "to_out_0")(image_out)
+    text_out = dense(self.cfg, self.cfg.inner_dim, ("heads", "embed"), "to_add_out")(text_out)
+    return image_out, text_out
+
+
+class SelfAttention(nn.Module):
+  """Single-stream attention; no output projection (proj_out of the block does it)."""
+
+  cfg: FluxConfig
+
+  @nn.compact
+  def __call__(self, x, rope):
+    q, k, v = qkv(self.cfg, x)
+    return attention(apply_rope(q, rope), apply_rope(k, rope), v)
+
+
+class DoubleBlock(nn.Module):
+  """FluxTransformerBlock: separate weights for the text and image streams."""
+
+  cfg: FluxConfig
+
+  @nn.compact
+  def __call__(self, carry, temb, rope):
+    x, c = carry
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaNorm(
+        self.cfg, 6, name="norm1")(temb)
+    c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = AdaNorm(
+        self.cfg, 6, name="norm1_context")(temb)
+    attn_x, attn_c = JointAttention(self.cfg, name="attn")(
+        modulate(layer_norm(x), shift_msa, scale_msa),
+        modulate(layer_norm(c), c_shift_msa, c_scale_msa), rope)
+    x = x + gate_msa[:, None] * attn_x
+    x = x + gate_mlp[:, None] * FeedForward(self.cfg, name="ff")(
+        modulate(layer_norm(x), shift_mlp, scale_mlp))
+    c = c + c_gate_msa[:, None] * attn_c
+    c = c + c_gate_mlp[:, None] * FeedForward(self.cfg, name="ff_context")(
+        modulate(layer_norm(c), c_shift_mlp, c_scale_mlp))
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    c = nn.with_logical_constraint(c, ("activation_batch", "activation_length", "activation_embed"))
+    return (x, c), None
+
+
+class SingleBlock(nn.Module):
+  """FluxSingleTransformerBlock: one stream, attention and MLP in parallel."""
+
+  cfg: FluxConfig
+
+  @nn.compact
+  def __call__(self, h, temb, rope):
+    cfg = self.cfg
+    shift, scale, gate = AdaNorm(cfg, 3, name="norm")(temb)
+    n = modulate(layer_norm(h), shift, scale)
+    mlp = gelu_tanh(dense(cfg, int(cfg.inner_dim * cfg.mlp_ratio), ("embed", "mlp"),
+                          "proj_mlp")(n))
+    attn = SelfAttention(cfg, name="attn")(n, rope)
+    out = dense(cfg, cfg.inner_dim, ("mlp", "embed"), "proj_out")(
+        jnp.concatenate([attn, mlp], axis=-1))
+    h = h + gate[:, None] * out
+    h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
+    return h, None
+
+
+def _stack(block_cls, cfg: FluxConfig, length: int, name: str):
+  """A stack of `length` blocks: scanned (params with a leading 'layers' axis) or unrolled."""
+  if cfg.remat_policy != "none":
+    policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies,
+                                                             cfg.remat_policy)
+    block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=length,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return lambda carry, temb, rope: scanned(cfg, name=name)(carry, temb, rope)[0]
+
+  def unrolled(carry, temb, rope):
+    for i in range(length):
+      carry, _ = block_cls(cfg, name=f"{name}_{i}")(carry, temb, rope)
+    return carry
+  return unrolled
+
+
+def position_ids(height: int, width: int, index: int = 0) -> np.ndarray:
+  """(h*w, 3) ids of an image's tokens: (index, row, column)."""
+  rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+  return np.stack([np.full(height * width, index), rows.reshape(-1), cols.reshape(-1)], -1)
+
+
+class FluxTransformer(nn.Module):
+  """Predicts the velocity of the target tokens.
+
+  Args of __call__:
+    tokens: (B, h*w, in_channels) packed noisy target tokens.
+    t: (B,) flow time in [0, 1] (1 = noise).
+    context: (B, L, joint_attention_dim) text hidden states.
+    pooled: (B, pooled_projection_dim) pooled text embedding.
+    grid: (h, w) of the token grid.
+    source_tokens: optional (B, h*w, in_channels) source image tokens (Kontext), appended
+      after the target tokens with position-id axis 0 equal to 1.
+  """
+
+  cfg: FluxConfig
+
+  @nn.compact
+  def __call__(self, tokens, t, context, pooled, grid, source_tokens=None, guidance=None):
+    cfg = self.cfg
+    n_target = tokens.shape[1]
+    ids = [np.zeros((context.shape[1], 3), np.int64), position_ids(*grid, 0)]
+    if source_tokens is not None:
+      tokens = jnp.concatenate([tokens, source_tokens], axis=1)
+      ids.append(position_ids(*grid, 1))
+    rope = rope_tables(np.concatenate(ids), cfg.axes_dims_rope, cfg.theta)
+
+    x = dense(cfg, cfg.inner_dim, ("patch", "embed"), "x_embedder")(tokens.astype(cfg.dtype))
+    temb = TimeTextEmbed(cfg, name="time_text_embed")(t, pooled, guidance)
+    c = dense(cfg, cfg.inner_dim, ("joint", "embed"), "context_embedder")(context.astype(cfg.dtype))
+
+    x, c = _stack(DoubleBlock, cfg, cfg.num_layers, "transformer_blocks")((x, c), temb, rope)
+    h = jnp.concatenate([c, x], axis=1)
+    h = _stack(SingleBlock, cfg, cfg.num_single_layers, "single_transformer_blocks")(
+        h, temb, rope)
+    x = h[:, c.shape[1]:c.shape[1] + n_target]
+
+    scale, shift = AdaNorm(cfg, 2, name="norm_out")(temb)  # (scale, shift), in that order
+    x = modulate(layer_norm(x), shift, scale)
+    out_channels = cfg.out_channels or cfg.in_channels
+    return dense(cfg, out_channels, ("embed", "patch"), "proj_out", zero_init=True)(x)
