@@ -1,49 +1,68 @@
 """The `jaxedit` command: one entry point, a subcommand per job.
 
-    jaxedit data --config configs/shapes_data.py --workdir DIR [--config.key=value ...]
+    jaxedit data  --config configs/shapes_data.py --workdir DIR [--config.key=value ...]
+    jaxedit train --config configs/shapes_editor_sft.py --workdir DIR
+    jaxedit eval  --config configs/shapes_editor_sft.py --workdir DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import sys
 
-from jaxedit.config import ConfigError, load
+import importlib
+
+from jaxedit.config import ConfigError, apply_overrides, load_file, validate
 from jaxedit.data.pipeline import CorruptRecordError
 from jaxedit.shapes.world import SceneError
 
 CONFIG_PREFIX = "--config."
 
 
-def _data(config, workdir):
+TRAINERS = {"editor_sft": "jaxedit.trainers.editor_sft"}
+
+
+def _data_job():
   from jaxedit.data import job
 
-  return job.run(config, workdir)
+  return job.reference_config, job.run
 
 
-def _data_reference():
-  from jaxedit.data import job
+def _trainer(config):
+  name = config.get("trainer")
+  if name not in TRAINERS:
+    raise ConfigError(f"config key 'trainer' must be one of {sorted(TRAINERS)}, got {name!r}")
+  return importlib.import_module(TRAINERS[name])
 
-  return job.reference_config()
 
-
-# subcommand -> (help, reference config, job)
+# subcommand -> (help, config -> (reference config function, job function))
 COMMANDS = {
     "data": ("build the shapes dataset, print its statistics, write contact sheets",
-             _data_reference, _data),
+             lambda config: _data_job()),
+    "train": ("train the model a config names (config.trainer), resuming from DIR",
+              lambda config: (_trainer(config).reference_config, _trainer(config).train)),
+    "eval": ("score the latest checkpoint in DIR; writes DIR/eval/metrics.json",
+             lambda config: (_trainer(config).reference_config, _trainer(config).run_eval)),
 }
 
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="jaxedit", description=__doc__.split("\n")[0])
   sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-  for name, (help_text, _, _) in COMMANDS.items():
+  for name, (help_text, _) in COMMANDS.items():
     c = sub.add_parser(name, help=help_text,
                        epilog="Override any config key with --config.KEY=VALUE.")
     c.add_argument("--config", required=True, help="config file, as path/to/file.py[:arg]")
     c.add_argument("--workdir", required=True, help="folder for outputs")
   return p
+
+
+def _quiet_libraries(record: logging.LogRecord) -> bool:
+  """Orbax and TFDS log every file operation at INFO; keep their warnings only."""
+  noisy = ("orbax", "tensorflow_datasets", "grain")
+  return record.levelno >= logging.WARNING or not any(n in record.pathname for n in noisy)
 
 
 def main(argv=None) -> int:
@@ -55,9 +74,14 @@ def main(argv=None) -> int:
     p.error(f"unrecognized arguments: {' '.join(unknown)}")
   overrides = [a[len(CONFIG_PREFIX):] for a in rest]
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-  _, reference, job = COMMANDS[args.command]
+  logging.getLogger().setLevel(logging.INFO)  # absl, once imported, would leave it at WARNING
+  logging.getLogger("absl").addFilter(_quiet_libraries)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
-    config = load(args.config, overrides, reference=reference())
+    config = load_file(args.config)
+    reference, job = COMMANDS[args.command][1](config)
+    validate(config, reference())
+    apply_overrides(config, overrides)
     job(config, args.workdir)
   except (ConfigError, SceneError, CorruptRecordError) as e:
     print(f"jaxedit {args.command}: error: {e}", file=sys.stderr)

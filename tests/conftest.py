@@ -23,8 +23,39 @@ def small_data_config(data_dir):
 
 
 @pytest.fixture(scope="session")
-def small_dataset(tmp_path_factory):
-  """(dataset directory, world) of a small built shapes dataset, shared by the session."""
+def small_data_dir(tmp_path_factory):
+  """A data_dir holding the small shapes dataset, built once per session."""
+  data_dir = tmp_path_factory.mktemp("tfds")
+  job.dataset_dir(World(), small_data_config(data_dir))
+  return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def small_dataset(small_data_dir):
+  """(dataset directory, world) of the small shapes dataset."""
   world = World()
-  path = job.dataset_dir(world, small_data_config(tmp_path_factory.mktemp("tfds")))
-  return path, world
+  return job.dataset_dir(world, small_data_config(small_data_dir)), world
+
+
+def tiny_editor_config(data_dir, **train):
+  """A seconds-to-train editor SFT config on the small dataset."""
+  from jaxedit.trainers import editor_sft
+
+  config = editor_sft.reference_config()
+  config.data = small_data_config(data_dir)
+  config.tokenizer.vocab_size = 300
+  config.tokenizer.corpus_examples = 400
+  m = config.model
+  m.patch_size, m.num_heads, m.head_dim, m.axes_dims_rope = 8, 2, 16, (4, 6, 6)
+  m.num_layers, m.num_single_layers = 1, 1
+  m.text_width, m.text_layers, m.text_heads, m.text_max_len = 32, 1, 2, 40
+  t = config.train
+  t.batch_size, t.num_steps, t.warmup_steps = 8, 6, 2
+  t.log_every, t.eval_every, t.sample_every, t.checkpoint_every = 1, 0, 0, 2
+  t.eval_examples, t.sample_examples = 8, 4
+  t.async_checkpoints = False
+  config.sample.num_steps = 2
+  config.eval.batch_size, config.eval.num_examples = 8, 16
+  for k, v in train.items():
+    t[k] = v
+  return config

@@ -8,7 +8,7 @@ wrong batch.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 
@@ -69,12 +69,14 @@ def make_dataset(source: grain.sources.RandomAccessDataSource, batch_size: int, 
                  shuffle: bool = True, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  drop_remainder: bool = True, fields: Sequence[str] | None = None,
+                 kinds: Sequence[str] | None = None, map_fn: Callable | None = None,
                  worker_count: int = 0) -> grain.IterDataset:
   """Batches of this process's shard; `batch_size` is per process.
 
   The process index and count default to JAX's. Process shards are strided slices of the
   source: disjoint, and together they cover it. Shuffling draws a new order every epoch;
-  `num_epochs=None` repeats forever. `iter(dataset)` has `get_state()`/`set_state()` for
+  `num_epochs=None` repeats forever. `kinds` keeps only records of those kinds ('atomic',
+  'abstract'); `map_fn` transforms each record after `fields` are selected. `iter(dataset)` has `get_state()`/`set_state()` for
   checkpointing (orbax: `grain.checkpoint.CheckpointSave`).
   """
   if process_index is None or process_count is None:
@@ -87,10 +89,15 @@ def make_dataset(source: grain.sources.RandomAccessDataSource, batch_size: int, 
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
+  if kinds:
+    kinds = tuple(kinds)
+    ds = ds.filter(lambda record: record["kind"] in kinds)
   if fields:
     fields = tuple(fields)
     ds = ds.map(lambda record: {k: record[k] for k in fields})
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset()
+  if map_fn is not None:
+    ds = ds.map(map_fn)
+  ds = ds.to_iter_dataset().batch(batch_size, drop_remainder=drop_remainder)
   if worker_count:
     ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=worker_count))
   return ds

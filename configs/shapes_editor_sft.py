@@ -1,0 +1,25 @@
+"""Editor SFT on single atomic edits of the shapes world.
+
+    jaxedit train --config configs/shapes_editor_sft.py --workdir DIR        # ~20 min, 2 CPU cores
+    jaxedit train --config configs/shapes_editor_sft.py:demo --workdir DIR   # < 5 min
+    jaxedit eval  --config configs/shapes_editor_sft.py --workdir DIR
+"""
+
+from jaxedit.trainers import editor_sft
+
+
+def get_config(arg=None):
+  config = editor_sft.reference_config()
+  config.data.splits.train.abstract = 0  # the editor learns atomic edits
+  if arg == "demo":
+    config.data.splits.train.atomic = 8_000
+    config.data.splits.validation.abstract = 0
+    config.data.splits.test.abstract = 0
+    config.train.num_steps = 200
+    config.train.eval_every = 100
+    config.train.sample_every = 100
+    config.train.checkpoint_every = 100
+    config.eval.num_examples = 256
+  elif arg:
+    raise ValueError(f"unknown config arg {arg!r}; use 'demo' or nothing")
+  return config.lock()

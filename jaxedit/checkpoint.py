@@ -1,0 +1,50 @@
+"""Orbax checkpoints of a run: train state, data iterator state and config (DESIGN.md 9).
+
+Saves are asynchronous and atomic (orbax writes to a temporary directory and renames), the
+last `keep` are kept, and restoring takes abstract arrays that carry the *target*
+shardings, so a run saved on one mesh restores onto another.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "checkpoints"),
+      item_names=("state", "data", "config"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep,
+                                           enable_async_checkpointing=async_save))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator,
+         config: ml_collections.ConfigDict, force: bool = False) -> bool:
+  items = {"state": ocp.args.StandardSave(state),
+           "config": ocp.args.JsonSave(config.to_dict())}
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs of `tree` carrying `shardings`: the restore target."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
+  """Restores the state onto the shardings in `abstract_state`; the data iterator in place."""
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iterator is not None:
+    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  return mngr.restore(step, args=ocp.args.Composite(**items)).state
+
+
+def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict:
+  return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config

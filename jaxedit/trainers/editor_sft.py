@@ -1,0 +1,430 @@
+"""Editor SFT: flow matching on (source image, instruction) -> target image.
+
+    jaxedit train --config configs/shapes_editor_sft.py --workdir DIR
+    jaxedit eval  --config configs/shapes_editor_sft.py --workdir DIR
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxedit import checkpoint, evaluation, flow, sharding
+from jaxedit.config import ConfigError
+from jaxedit.data import job as data_job
+from jaxedit.data.pipeline import ShapesSource, make_dataset
+from jaxedit.models.editor import Editor, editor_config, model_config
+from jaxedit.text import tokenizer as tokenizer_lib
+
+IMAGE_FIELDS = ("source_image", "target_image")
+
+
+def reference_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.trainer = "editor_sft"
+  c.world = data_job.world_config()
+  c.data = data_job.data_config()
+  c.tokenizer = ml_collections.ConfigDict({"vocab_size": 512, "corpus_examples": 4000})
+  c.model = model_config()
+  c.flow = ml_collections.ConfigDict({
+      "timesteps": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "shift": 1.0})
+  c.sample = ml_collections.ConfigDict({"num_steps": 16, "shift": 1.0, "guidance_scale": 1.0})
+  c.train = ml_collections.ConfigDict({
+      "seed": 0,
+      "batch_size": 64,  # global
+      "num_steps": 1000,
+      "example_kinds": ("atomic",),
+      "lr": 1e-3,
+      "warmup_steps": 100,
+      "end_lr_fraction": 0.05,
+      "weight_decay": 0.0,
+      "b1": 0.9,
+      "b2": 0.99,
+      "grad_clip": 1.0,
+      "ema_decay": 0.999,
+      "text_dropout": 0.0,  # > 0 trains the unconditional branch for guidance
+      "log_every": 20,
+      "sample_every": 500,
+      "sample_examples": 16,
+      "eval_every": 500,
+      "eval_examples": 256,  # validation examples scored during training
+      "checkpoint_every": 500,
+      "keep_checkpoints": 2,
+      "async_checkpoints": True,
+      "worker_count": 0,
+  })
+  c.eval = ml_collections.ConfigDict({
+      "split": "test", "example_kinds": ("atomic",), "num_examples": 0,  # 0: the whole split
+      "batch_size": 128, "use_ema": True, "seed": 1})
+  c.mesh = sharding.mesh_config()
+  return c
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+# ------------------------------------------------------------------------------------------
+# Setup: everything that depends only on the config, shared by train and eval.
+# ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Setup:
+  config: ml_collections.ConfigDict
+  world: Any
+  tokenizer: Any
+  model: Editor
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  tx: optax.GradientTransformation
+  schedule: Any
+  state_shardings: Any
+  abstract_state: Any
+  batch_sharding: jax.sharding.NamedSharding
+  dataset_dir: str
+
+  @property
+  def text_len(self) -> int:
+    return self.config.model.text_max_len
+
+  def tokenize(self, record: dict) -> dict:
+    ids, mask = tokenizer_lib.encode(self.tokenizer, [record.pop("instruction")], self.text_len)
+    record["ids"], record["mask"] = ids[0], mask[0]
+    return record
+
+  def source(self, split: str) -> ShapesSource:
+    return ShapesSource(self.dataset_dir, split, self.world)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  data_job.check_data_config(config.data)
+  for key in ("num_steps", "batch_size", "log_every"):
+    if config.train[key] <= 0:
+      raise ConfigError(f"config key 'train.{key}' must be > 0")
+  if config.model.text_encoder != "shapes":
+    raise ConfigError("the shapes dataset carries instructions, not embeddings: "
+                      "model.text_encoder must be 'shapes' for this trainer")
+
+
+def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
+  world = data_job.world_from(config)
+  check_config(config)
+  tok = tokenizer_lib.load_or_train(os.path.join(workdir, "tokenizer.json"), world,
+                                    config.tokenizer.vocab_size,
+                                    config.tokenizer.corpus_examples, config.data.seed)
+  try:
+    model = Editor(editor_config(config.model, world.image_size, tok.get_vocab_size()))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  try:
+    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape, devices)
+  except ValueError as e:
+    raise ConfigError(f"config mesh: {e}") from None
+  rules = sharding.rules(config.mesh)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  parallel = int(np.prod([mesh.shape[a] for a in _axes(batch_sharding.spec)]))
+  for key in ("train.batch_size", "eval.batch_size"):
+    section, name = key.split(".")
+    size = config[section][name]
+    if size % parallel or size % jax.process_count():
+      raise ConfigError(f"config key {key!r} = {size} must divide over the {parallel} "
+                        f"data-parallel devices and {jax.process_count()} processes")
+  tc = config.train
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, tc.lr, tc.warmup_steps, max(tc.num_steps, tc.warmup_steps + 1),
+      end_value=tc.lr * tc.end_lr_fraction)
+  tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                   optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+  init = functools.partial(_init_state, model=model, tx=tx, image_size=world.image_size,
+                           text_len=config.model.text_max_len)
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  state_shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract_state = checkpoint.abstract_like(nn.unbox(boxed), state_shardings)
+  return Setup(config, world, tok, model, mesh, rules, tx, schedule, state_shardings,
+               abstract_state, batch_sharding, data_job.dataset_dir(world, config.data))
+
+
+def _axes(spec) -> set[str]:
+  names = set()
+  for entry in spec:
+    names.update(entry if isinstance(entry, tuple) else [entry] if entry else [])
+  return names
+
+
+def dummy_inputs(image_size: int, text_len: int, batch: int = 1):
+  img = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
+  text = {"ids": jnp.zeros((batch, text_len), jnp.int32),
+          "mask": jnp.ones((batch, text_len), bool)}
+  return img, jnp.zeros((batch,)), img, text
+
+
+def _init_state(rng, *, model, tx, image_size, text_len) -> TrainState:
+  params = model.init(rng, *dummy_inputs(image_size, text_len))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params))
+
+
+def init_state(setup: Setup) -> TrainState:
+  init = functools.partial(_init_state, model=setup.model, tx=setup.tx,
+                           image_size=setup.world.image_size, text_len=setup.text_len)
+  fn = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=setup.state_shardings)
+  return sharding.in_context(fn, setup.mesh, setup.rules)(jax.random.key(setup.config.train.seed))
+
+
+# ------------------------------------------------------------------------------------------
+# The train step and the sampler.
+# ------------------------------------------------------------------------------------------
+def text_inputs(batch: dict, keep=None) -> dict:
+  """Token ids and mask; where `keep` is False the prompt is emptied (unconditional)."""
+  if keep is None:
+    return {"ids": batch["ids"], "mask": batch["mask"]}
+  return {"ids": jnp.where(keep[:, None], batch["ids"], 0),
+          "mask": batch["mask"] & keep[:, None]}
+
+
+def loss_fn(params, model: Editor, batch: dict, rng, flow_cfg, text_dropout: float):
+  r_t, r_eps, r_drop = jax.random.split(rng, 3)
+  x0 = flow.to_model_space(batch["target_image"])
+  source = flow.to_model_space(batch["source_image"])
+  t = flow.sample_time(r_t, x0.shape[0], kind=flow_cfg.timesteps, mean=flow_cfg.logit_mean,
+                       std=flow_cfg.logit_std, shift=flow_cfg.shift)
+  eps = jax.random.normal(r_eps, x0.shape)
+  keep = jax.random.uniform(r_drop, (x0.shape[0],)) >= text_dropout
+  v = model.apply({"params": params}, flow.interpolate(x0, eps, t), t, source,
+                  text_inputs(batch, keep))
+  return flow.sft_loss(v, x0, eps)
+
+
+def make_train_step(setup: Setup):
+  cfg = setup.config
+  base_rng = jax.random.key(cfg.train.seed)
+
+  def step_fn(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(base_rng, state.step)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, setup.model, batch, rng, cfg.flow,
+                                              cfg.train.text_dropout)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # EMA with warm-up: early on the average must not stay anchored at the initialisation.
+    decay = jnp.minimum(cfg.train.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": setup.schedule(state.step)}
+    return TrainState(state.step + 1, params, ema, opt_state), metrics
+
+  step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding),
+                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=0)
+  return sharding.in_context(step, setup.mesh, setup.rules)
+
+
+def make_sampler(setup: Setup, num_steps: int, shift: float, guidance_scale: float):
+  """jitted (params, batch, rng) -> uint8 edited images, by the Euler ODE."""
+  model = setup.model
+
+  def sample(params, batch, rng):
+    source = flow.to_model_space(batch["source_image"])
+    text = text_inputs(batch)
+    empty = text_inputs(batch, jnp.zeros(source.shape[:1], bool))
+
+    def velocity(x, t, cond):
+      return model.apply({"params": params}, x, t, source, text if cond else empty)
+
+    x1 = jax.random.normal(rng, source.shape)
+    x0 = flow.euler_sample(flow.guided(velocity, guidance_scale), x1,
+                           flow.sigmas(num_steps, shift))
+    return flow.to_uint8(x0)
+
+  sample = jax.jit(sample, in_shardings=(setup.state_shardings.params, setup.batch_sharding,
+                                         None),
+                   out_shardings=setup.batch_sharding)
+  return sharding.in_context(sample, setup.mesh, setup.rules)
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation: sample edits, read them with the detector, score the checklists.
+# ------------------------------------------------------------------------------------------
+def eval_batches(setup: Setup, split: str, kinds, num_examples: int, batch_size: int):
+  """Fixed batches of a split (padded to `batch_size`), with the records' checklists."""
+  fields = IMAGE_FIELDS + ("instruction", "checklist")
+  ds = make_dataset(setup.source(split), batch_size, seed=0, shuffle=False, num_epochs=1,
+                    drop_remainder=False, fields=fields, kinds=kinds, process_index=0,
+                    process_count=1)
+  out, seen = [], 0
+  for batch in ds:
+    n = len(batch["instruction"])
+    if num_examples:
+      n = min(n, num_examples - seen)
+    if n <= 0:
+      break
+    texts = [str(s) for s in batch["instruction"][:n]]
+    ids, mask = tokenizer_lib.encode(setup.tokenizer, texts, setup.text_len)
+    arrays = {"source_image": batch["source_image"][:n], "target_image": batch["target_image"][:n],
+              "ids": ids, "mask": mask}
+    pad = batch_size - n
+    arrays = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in arrays.items()}
+    out.append((arrays, texts, [str(c) for c in batch["checklist"][:n]]))
+    seen += n
+  return out
+
+
+def evaluate(setup: Setup, params, batches, sampler, seed: int):
+  """Scores over `batches`; returns (summary, first batch's images for a grid)."""
+  scores = {"success": [], "score": []}
+  first = None
+  for i, (arrays, texts, checklists) in enumerate(batches):
+    n = len(texts)
+    edited = np.asarray(sampler(params, sharding.global_batch(arrays, setup.batch_sharding),
+                                jax.random.key(seed + i)))[:n]
+    s = evaluation.score_edits(edited, checklists, setup.world)
+    for k in scores:
+      scores[k].append(s[k])
+    if first is None:
+      first = (arrays["source_image"][:n], edited, arrays["target_image"][:n], texts, s["success"])
+  summary = evaluation.summarize({k: np.concatenate(v) for k, v in scores.items()})
+  return summary, first
+
+
+# ------------------------------------------------------------------------------------------
+# Training loop.
+# ------------------------------------------------------------------------------------------
+class Preemption:
+  """Turns SIGTERM into a flag the loop checks, so it can save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM: saving a checkpoint and stopping")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
+
+  os.makedirs(workdir, exist_ok=True)
+  setup = make_setup(config, workdir)
+  tc = config.train
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+  logging.info("editor: %.2fM parameters, mesh %s", n_params / 1e6, dict(setup.mesh.shape))
+
+  # ---- Data ----
+  local_batch = tc.batch_size // jax.process_count()
+  train_data = make_dataset(setup.source("train"), local_batch, seed=tc.seed,
+                            fields=IMAGE_FIELDS + ("instruction",), kinds=tc.example_kinds,
+                            map_fn=setup.tokenize, worker_count=tc.worker_count)
+  data_iter = iter(train_data)
+
+  # ---- State: restore the latest checkpoint or initialise ----
+  mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
+  if mngr.latest_step() is not None:
+    state = checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state, data_iter)
+    logging.info("resumed from step %d", int(state.step))
+  else:
+    state = init_state(setup)
+  start = int(state.step)
+
+  train_step = make_train_step(setup)
+  sampler = make_sampler(setup, config.sample.num_steps, config.sample.shift,
+                         config.sample.guidance_scale)
+  val_batches = eval_batches(setup, "validation", tc.example_kinds, tc.eval_examples,
+                             config.eval.batch_size)
+  curve_path = os.path.join(workdir, "curve.json")
+  curve = json.load(open(curve_path)) if os.path.exists(curve_path) else []
+  progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+  preemption = Preemption()
+  t0 = time.time() - (curve[-1]["minutes"] * 60 if curve else 0.0)
+
+  # ---- Loop ----
+  metrics = None
+  step = start
+  try:
+    for step in range(start + 1, tc.num_steps + 1):
+      batch = sharding.global_batch(next(data_iter), setup.batch_sharding)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = train_step(state, batch)
+      progress(step)
+      last = step == tc.num_steps
+      if step % tc.log_every == 0 or last:
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        writer.write_scalars(step, scalars)
+        if jax.process_index() == 0:
+          with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+      if (tc.eval_every and step % tc.eval_every == 0) or last:
+        summary, first = evaluate(setup, state.ema_params, val_batches, sampler, seed=10_000)
+        minutes = (time.time() - t0) / 60
+        curve.append({"step": step, "minutes": round(minutes, 2), **summary})
+        writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()})
+        logging.info("step %d (%.1f min): validation %s", step, minutes, summary)
+        if jax.process_index() == 0:
+          evaluation.write_metrics(curve_path, curve)
+      if (tc.sample_every and step % tc.sample_every == 0) or last:
+        _, first = evaluate(setup, state.ema_params, val_batches[:1], sampler, seed=20_000)
+        write_grid(writer, workdir, step, first, tc.sample_examples)
+      if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last or preemption.requested:
+        checkpoint.save(mngr, step, state, data_iter, config, force=True)
+      if preemption.requested:
+        logging.warning("preempted at step %d; checkpoint saved", step)
+        break
+  finally:
+    mngr.wait_until_finished()
+    preemption.restore()
+    writer.flush()
+  return {"step": step, "curve": curve,
+          "final_loss": None if metrics is None else float(metrics["loss"])}
+
+
+def write_grid(writer, workdir: str, step: int, images, limit: int) -> None:
+  sources, edits, targets, texts, success = images
+  grid = evaluation.edit_grid(sources, edits, targets, texts, success, limit)
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  grid.save(os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+  writer.write_images(step, {"samples": np.asarray(grid)[None]})
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Scores the latest checkpoint on `eval.split`; writes DIR/eval/metrics.json and a grid."""
+  setup = make_setup(config, workdir)
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
+  state = checkpoint.restore(mngr, step, setup.abstract_state)
+  params = state.ema_params if config.eval.use_ema else state.params
+  sampler = make_sampler(setup, config.sample.num_steps, config.sample.shift,
+                         config.sample.guidance_scale)
+  ec = config.eval
+  batches = eval_batches(setup, ec.split, ec.example_kinds, ec.num_examples, ec.batch_size)
+  start = time.time()
+  summary, first = evaluate(setup, params, batches, sampler, seed=ec.seed)
+  summary.update({"split": ec.split, "example_kinds": list(ec.example_kinds), "step": step,
+                  "eval_seconds": round(time.time() - start, 1)})
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
+  evaluation.edit_grid(*first).save(os.path.join(out, "edits.png"))
+  print(json.dumps(summary, indent=1), flush=True)
+  return summary

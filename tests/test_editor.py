@@ -1,0 +1,90 @@
+"""Editor model options: precomputed text, remat, dtypes, patchify layout."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxedit.models.editor import Editor, editor_config, model_config, patchify, unpatchify
+
+
+def tiny_model(**overrides):
+  m = model_config()
+  m.patch_size, m.num_heads, m.head_dim, m.axes_dims_rope = 8, 2, 16, (4, 6, 6)
+  m.num_layers, m.num_single_layers = 1, 2
+  m.text_width, m.text_layers, m.text_heads, m.text_max_len = 32, 1, 2, 12
+  for k, v in overrides.items():
+    m[k] = v
+  return m
+
+
+def inputs(text_encoder="shapes", batch=2):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32)
+  t = jnp.asarray([0.3, 0.9][:batch])
+  if text_encoder == "shapes":
+    text = {"ids": jnp.asarray(rng.integers(0, 100, (batch, 12)), jnp.int32),
+            "mask": jnp.ones((batch, 12), bool)}
+  else:
+    text = {"context": jnp.asarray(rng.normal(size=(batch, 7, 40)), jnp.float32),
+            "pooled": jnp.asarray(rng.normal(size=(batch, 40)), jnp.float32)}
+  return x, t, x[::-1], text
+
+
+def test_patchify_matches_diffusers_packing():
+  """(c, ph, pw) channel order, row-major tokens, as diffusers' _pack_latents."""
+  x = np.arange(2 * 4 * 6 * 3).reshape(2, 4, 6, 3).astype(np.float32)
+  tokens = np.asarray(patchify(x, 2))
+  b, h, w, c, p = 2, 4, 6, 3, 2
+  ref = x.transpose(0, 3, 1, 2).reshape(b, c, h // p, p, w // p, p)
+  ref = ref.transpose(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+  np.testing.assert_array_equal(tokens, ref)
+  np.testing.assert_array_equal(unpatchify(tokens, 2, (2, 3)), x)
+
+
+def test_precomputed_text_embeddings_path():
+  model = Editor(editor_config(tiny_model(text_encoder="precomputed", context_dim=40), 32, 100))
+  args = inputs("precomputed")
+  params = model.init(jax.random.key(0), *args)["params"]
+  assert "text_encoder" not in params
+  out = model.apply({"params": params}, *args)
+  assert out.shape == (2, 32, 32, 3)
+  loss = lambda p, ctx: jnp.sum(model.apply({"params": p}, *args[:3],
+                                            {**args[3], "context": ctx}) ** 2)
+  params = jax.tree.map(lambda x: x + 0.01, nn.unbox(params))  # lift zero-init outputs
+  grad = jax.grad(loss, argnums=1)(params, args[3]["context"])
+  assert float(jnp.abs(grad).sum()) > 0
+
+
+def test_precomputed_needs_a_width():
+  with pytest.raises(ValueError, match="context_dim"):
+    editor_config(tiny_model(text_encoder="precomputed"), 32, 100)
+  with pytest.raises(ValueError, match="not divisible"):
+    editor_config(tiny_model(patch_size=5), 32, 100)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_with_no_batch_dims_saveable"])
+def test_remat_gives_the_same_loss_and_gradients(policy):
+  args = inputs()
+  plain = Editor(editor_config(tiny_model(), 32, 100))
+  remat = Editor(editor_config(tiny_model(remat_policy=policy), 32, 100))
+  params = jax.tree.map(lambda x: x + 0.01, nn.unbox(plain.init(jax.random.key(0), *args)["params"]))
+  loss = lambda m: jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, *args) ** 2))
+  (l1, g1), (l2, g2) = loss(plain)(params), loss(remat)(params)
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+
+
+def test_bfloat16_compute_with_float32_params():
+  args = inputs()
+  model = Editor(editor_config(tiny_model(dtype="bfloat16"), 32, 100))
+  variables = model.init(jax.random.key(0), *args)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(variables)))
+  ref = Editor(editor_config(tiny_model(), 32, 100))
+  params = jax.tree.map(lambda x: x + 0.01, nn.unbox(variables["params"]))
+  a = model.apply({"params": params}, *args)
+  b = ref.apply({"params": params}, *args)
+  assert a.dtype == jnp.float32  # the velocity comes back in float32
+  rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  assert 0 < rel < 0.05, rel

@@ -1,0 +1,55 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxedit import flow
+
+
+def test_shift_maps_endpoints_and_pushes_towards_noise():
+  t = jnp.linspace(0, 1, 11)
+  s = flow.shift_time(t, 3.0)
+  np.testing.assert_allclose([s[0], s[-1]], [0.0, 1.0])
+  assert (s[1:-1] > t[1:-1]).all()
+  np.testing.assert_allclose(flow.shift_time(t, 1.0), t)
+  # closed form at t = 0.5: 3 * 0.5 / (1 + 2 * 0.5) = 0.75
+  np.testing.assert_allclose(flow.shift_time(jnp.array(0.5), 3.0), 0.75)
+
+
+@pytest.mark.parametrize("kind", ["logit_normal", "uniform"])
+def test_sample_time_in_unit_interval(kind):
+  t = flow.sample_time(jax.random.key(0), 10_000, kind=kind, shift=2.0)
+  assert t.shape == (10_000,) and float(t.min()) > 0 and float(t.max()) < 1
+  with pytest.raises(ValueError, match="unknown timestep sampling"):
+    flow.sample_time(jax.random.key(0), 4, kind="beta")
+
+
+def test_euler_on_the_exact_velocity_lands_on_the_data():
+  """Paths are straight: with v = eps - x0 any number of Euler steps reaches x0 exactly."""
+  x0 = jax.random.normal(jax.random.key(1), (3, 4, 4, 3))
+  eps = jax.random.normal(jax.random.key(2), x0.shape)
+  for steps, shift in [(1, 1.0), (7, 3.0)]:
+    out = flow.euler_sample(lambda x, t: eps - x0, eps, flow.sigmas(steps, shift))
+    np.testing.assert_allclose(out, x0, atol=1e-5)
+
+
+def test_interpolation_and_loss_against_float64():
+  rng = np.random.default_rng(0)
+  x0, eps, v = (rng.normal(size=(2, 3, 5)) for _ in range(3))
+  t = np.array([0.2, 0.9])
+  np.testing.assert_allclose(flow.interpolate(x0, eps, t),
+                             (1 - t)[:, None, None] * x0 + t[:, None, None] * eps, rtol=1e-6)
+  np.testing.assert_allclose(flow.sft_loss(v, x0, eps), np.mean((v - (eps - x0)) ** 2), rtol=1e-5)
+  assert float(flow.sft_loss(eps - x0, x0, eps)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_classifier_free_guidance_formula():
+  v = lambda x, t, cond: x * (2.0 if cond else 0.5)
+  x = jnp.ones((2, 3))
+  np.testing.assert_allclose(flow.guided(v, 3.0)(x, None), 0.5 + 3.0 * (2.0 - 0.5))
+  np.testing.assert_allclose(flow.guided(v, 1.0)(x, None), 2.0)
+
+
+def test_uint8_round_trip():
+  img = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
+  np.testing.assert_array_equal(flow.to_uint8(flow.to_model_space(img)), img)
