@@ -25,11 +25,12 @@ setup(
         "tensorboard",
         "numpy",
         "pillow",
+        "tokenizers",
     ],
     extras_require={
         # torch==2.13.0 is the CPU wheel; any other spec pulls GBs of CUDA packages.
         "torch": TORCH,
-        "test": ["pytest", "pytest-xdist"],
+        "test": ["pytest", "pytest-xdist", *TORCH],
     },
     entry_points={"console_scripts": ["jaxedit=jaxedit.cli:main"]},
 )

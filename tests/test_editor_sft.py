@@ -114,7 +114,7 @@ def wait_for_steps(path, n, proc, timeout=300):
   raise TimeoutError(path)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_killed_run_resumes_step_for_step(finished_run, small_data_dir, tmp_path, sig):
   command = train_command(small_data_dir, tmp_path, num_steps=8)
   proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

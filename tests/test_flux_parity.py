@@ -1,7 +1,7 @@
 """The editor's transformer equals diffusers FluxTransformer2DModel with the same weights."""
 
+import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -44,15 +44,10 @@ def randomized_params(cfg, seed=0):
   x = random_inputs()
   params = model.init(jax.random.key(seed), x["tokens"], x["t"], x["context"], x["pooled"],
                       (H, W), source_tokens=x["source"], guidance=x["guidance"])["params"]
-  leaves, tree = jax.tree.flatten(jax.tree.map(np.asarray, flax_unbox(params)))
+  leaves, tree = jax.tree.flatten(jax.tree.map(np.asarray, flax.linen.unbox(params)))
   rng = np.random.default_rng(seed)
   leaves = [(rng.normal(size=l.shape) * 0.2).astype(np.float32) for l in leaves]
   return jax.tree.unflatten(tree, leaves)
-
-
-def flax_unbox(params):
-  import flax
-  return flax.linen.unbox(params)
 
 
 @pytest.mark.parametrize("scan", [True, False])

@@ -51,7 +51,8 @@ class FluxConfig:
 
 def dense(cfg: FluxConfig, features: int, axes: tuple[str, str], name: str,
           zero_init: bool = False, use_bias: bool = True) -> nn.Dense:
-  """A Dense with logical axis names on kernel (in, out) and bias (out,)."""
+  """A Dense with logical axis names on kernel (in, out) and bias (out,); `cfg` is any config
+  with `dtype` and `param_dtype`."""
   kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
   return nn.Dense(features, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                   kernel_init=nn.with_logical_partitioning(kernel_init, axes),

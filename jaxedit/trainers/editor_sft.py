@@ -225,7 +225,7 @@ def make_train_step(setup: Setup):
     # EMA with warm-up: early on the average must not stay anchored at the initialisation.
     decay = jnp.minimum(cfg.train.ema_decay, (1.0 + state.step) / (10.0 + state.step))
     ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": setup.schedule(state.step)}
     return TrainState(state.step + 1, params, ema, opt_state), metrics
 
