@@ -373,6 +373,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if jax.process_index() == 0:
           with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"step": step, **scalars}) + "\n")
+      first = None  # the first validation batch's edits, reused for the sample grid
       if (tc.eval_every and step % tc.eval_every == 0) or last:
         summary, first = evaluate(setup, state.ema_params, val_batches, sampler, seed=10_000)
         minutes = (time.time() - t0) / 60
@@ -382,7 +383,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if jax.process_index() == 0:
           evaluation.write_metrics(curve_path, curve)
       if (tc.sample_every and step % tc.sample_every == 0) or last:
-        _, first = evaluate(setup, state.ema_params, val_batches[:1], sampler, seed=20_000)
+        if first is None:
+          _, first = evaluate(setup, state.ema_params, val_batches[:1], sampler, seed=10_000)
         write_grid(writer, workdir, step, first, tc.sample_examples)
       if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last or preemption.requested:
         checkpoint.save(mngr, step, state, data_iter, config, force=True)
