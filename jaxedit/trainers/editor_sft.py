@@ -353,6 +353,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              config.eval.batch_size)
   curve_path = os.path.join(workdir, "curve.json")
   curve = json.load(open(curve_path)) if os.path.exists(curve_path) else []
+  curve = [point for point in curve if point["step"] <= start]  # past a hard kill's checkpoint
   progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
   preemption = Preemption()
   t0 = time.time() - (curve[-1]["minutes"] * 60 if curve else 0.0)
