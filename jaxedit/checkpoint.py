@@ -45,6 +45,3 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterato
     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   return mngr.restore(step, args=ocp.args.Composite(**items)).state
 
-
-def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict:
-  return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config

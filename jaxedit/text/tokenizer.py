@@ -6,6 +6,7 @@ BPE has no unknown token: held-out phrasings tokenise, into smaller pieces.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Iterable, Sequence
 
@@ -22,8 +23,6 @@ SPECIAL_TOKENS = (PAD, BOS, EOS)
 
 def corpus(world: World, num_examples: int, seed: int) -> Iterable[str]:
   """Texts of the train split: instructions, plan steps and scene descriptions."""
-  import json
-
   half = num_examples // 2
   for record in generate(world, "train", half, num_examples - half, seed):
     yield record["instruction"]

@@ -95,6 +95,7 @@ class Setup:
   rules: tuple
   tx: optax.GradientTransformation
   schedule: Any
+  init: Any  # rng -> boxed TrainState
   state_shardings: Any
   abstract_state: Any
   batch_sharding: jax.sharding.NamedSharding
@@ -157,7 +158,7 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) ->
   boxed = jax.eval_shape(init, jax.random.key(0))
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract_state = checkpoint.abstract_like(nn.unbox(boxed), state_shardings)
-  return Setup(config, world, tok, model, mesh, rules, tx, schedule, state_shardings,
+  return Setup(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
                abstract_state, batch_sharding, data_job.dataset_dir(world, config.data))
 
 
@@ -182,9 +183,7 @@ def _init_state(rng, *, model, tx, image_size, text_len) -> TrainState:
 
 
 def init_state(setup: Setup) -> TrainState:
-  init = functools.partial(_init_state, model=setup.model, tx=setup.tx,
-                           image_size=setup.world.image_size, text_len=setup.text_len)
-  fn = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=setup.state_shardings)
+  fn = jax.jit(lambda rng: nn.unbox(setup.init(rng)), out_shardings=setup.state_shardings)
   return sharding.in_context(fn, setup.mesh, setup.rules)(jax.random.key(setup.config.train.seed))
 
 
