@@ -21,10 +21,18 @@ def score_edits(edited: np.ndarray, checklists: list[str], world: World) -> dict
           "score": np.array([c.score(s) for c, s in zip(lists, scenes)], np.float32)}
 
 
-def summarize(scores: dict[str, np.ndarray]) -> dict[str, float]:
-  return {"edit_success": float(scores["success"].mean()),
-          "checklist_score": float(scores["score"].mean()),
-          "num_examples": int(len(scores["success"]))}
+def summarize(scores: dict[str, np.ndarray], groups: dict[str, list[str]] | None = None) -> dict:
+  """Means over all examples, and strict success per group label: `groups` maps a name
+  (`family`, `task`) to one label per example and yields `edit_success_by_{name}`."""
+  summary = {"edit_success": float(scores["success"].mean()),
+             "checklist_score": float(scores["score"].mean()),
+             "num_examples": int(len(scores["success"]))}
+  for name, labels in (groups or {}).items():
+    labels = np.asarray(labels)
+    summary[f"edit_success_by_{name}"] = {
+        str(label): float(scores["success"][labels == label].mean())
+        for label in sorted(set(labels.tolist()))}
+  return summary
 
 
 def edit_grid(sources, edits, targets, instructions, success=None, limit: int = 24):

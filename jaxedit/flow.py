@@ -33,9 +33,26 @@ def interpolate(x0, eps, t):
   return (1 - t) * x0 + t * eps
 
 
-def sft_loss(v_pred, x0, eps):
-  """mean((v_pred - (eps - x0))^2) over every element."""
-  return jnp.mean((v_pred.astype(jnp.float32) - (eps - x0).astype(jnp.float32)) ** 2)
+def sft_loss(v_pred, x0, eps, weights=None):
+  """mean((v_pred - (eps - x0))^2) over every element, or its `weights`-weighted mean
+  (weights broadcast against x0)."""
+  err = (v_pred.astype(jnp.float32) - (eps - x0).astype(jnp.float32)) ** 2
+  if weights is None:
+    return jnp.mean(err)
+  weights = jnp.broadcast_to(weights, err.shape)
+  return jnp.sum(weights * err) / jnp.sum(weights)
+
+
+def changed_patch_weights(source, target, patch: int, changed_weight: float):
+  """(B, H, W, 1) loss weights: `changed_weight` on the p x p patches (tokens) where target
+  differs from source, 1 elsewhere. In editing most pixels are copies; this puts the gradient
+  on the edit. Where the target is a function of (source, instruction), as in the shapes
+  world, the minimiser is unchanged; with ambiguous targets it leans towards the edits."""
+  diff = jnp.abs(target.astype(jnp.float32) - source.astype(jnp.float32)).max(-1)
+  b, h, w = diff.shape
+  changed = diff.reshape(b, h // patch, patch, w // patch, patch).max((2, 4)) > 0
+  changed = jnp.repeat(jnp.repeat(changed, patch, 1), patch, 2)
+  return jnp.where(changed, changed_weight, 1.0)[..., None]
 
 
 def sigmas(num_steps: int, shift: float = 1.0):

@@ -88,3 +88,13 @@ def test_bfloat16_compute_with_float32_params():
   assert a.dtype == jnp.float32  # the velocity comes back in float32
   rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
   assert 0 < rel < 0.05, rel
+
+
+def test_qk_norm_init_sets_every_q_and_k_norm_weight():
+  model = Editor(editor_config(tiny_model(qk_norm_init=2.0), 32, 100))
+  params = nn.unbox(model.init(jax.random.key(0), *inputs())["params"])
+  flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  norms = {k: x for k, x in flat.items() if "'norm_q'" in k or "'norm_k'" in k
+           or "'norm_added_q'" in k or "'norm_added_k'" in k}
+  assert len(norms) == 6  # double blocks: 4 (image and text stream); single blocks: 2
+  assert all(np.all(np.asarray(x) == 2.0) for x in norms.values())

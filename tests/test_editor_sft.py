@@ -142,14 +142,26 @@ def test_eval_writes_metrics_and_a_grid(finished_run, small_data_dir, capsys):
   metrics = json.load(open(os.path.join(finished_run, "eval", "metrics.json")))
   assert metrics["num_examples"] == 16 and metrics["split"] == "test"
   assert 0.0 <= metrics["edit_success"] <= metrics["checklist_score"] <= 1.0
+  assert set(metrics["edit_success_by_task"]) <= {"colour", "geometry"}
+  assert all(f.startswith("atomic_") for f in metrics["edit_success_by_family"])
   assert os.path.getsize(os.path.join(finished_run, "eval", "edits.png")) > 1000
+  curve = json.load(open(os.path.join(finished_run, "curve.json")))
+  assert all(0 < p["train_minutes"] <= p["minutes"] for p in curve)
   samples = os.listdir(os.path.join(finished_run, "samples"))
   assert samples and os.path.exists(os.path.join(finished_run, "curve.json"))
 
 
+def test_summary_groups_success_by_label():
+  scores = {"success": np.array([1, 0, 1, 1], np.float32), "score": np.ones(4, np.float32)}
+  summary = evaluation.summarize(scores, {"task": ["colour", "geometry", "geometry", "colour"]})
+  assert summary["edit_success"] == 0.75 and summary["num_examples"] == 4
+  assert summary["edit_success_by_task"] == {"colour": 1.0, "geometry": 0.5}
+
+
 def test_scoring_accepts_targets_and_rejects_sources(small_data_dir, tmp_path):
   setup = editor_sft.make_setup(tiny_editor_config(small_data_dir), str(tmp_path))
-  (arrays, texts, checklists), = editor_sft.eval_batches(setup, "test", ("atomic",), 30, 30)
+  (arrays, info), = editor_sft.eval_batches(setup, "test", ("atomic",), 30, 30)
+  checklists = info["checklist"]
   right = evaluation.score_edits(arrays["target_image"][:30], checklists, setup.world)
   wrong = evaluation.score_edits(arrays["source_image"][:30], checklists, setup.world)
   assert right["success"].all() and (right["score"] == 1).all()

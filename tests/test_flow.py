@@ -53,3 +53,27 @@ def test_classifier_free_guidance_formula():
 def test_uint8_round_trip():
   img = np.arange(256, dtype=np.uint8).reshape(16, 16, 1)
   np.testing.assert_array_equal(flow.to_uint8(flow.to_model_space(img)), img)
+
+
+def test_changed_patch_weights_and_weighted_loss_against_numpy():
+  rng = np.random.default_rng(0)
+  source = rng.integers(0, 256, (2, 8, 8, 3)).astype(np.uint8)
+  target = source.copy()
+  target[0, 5, 2, 1] += 1  # one pixel in patch (1, 0) of example 0 (patch 4)
+  target[1, 0:4, 4:8] = 0  # all of patch (0, 1) of example 1
+  w = np.asarray(flow.changed_patch_weights(jnp.asarray(source), jnp.asarray(target), 4, 5.0))
+  expected = np.ones((2, 8, 8, 1))
+  expected[0, 4:8, 0:4] = 5.0
+  expected[1, 0:4, 4:8] = 5.0
+  np.testing.assert_array_equal(w, expected)
+
+  v, x0, eps = (rng.normal(size=(2, 8, 8, 3)) for _ in range(3))
+  err = (v - (eps - x0)) ** 2
+  want = (expected * err).sum() / (np.broadcast_to(expected, err.shape)).sum()
+  got = flow.sft_loss(jnp.asarray(v, jnp.float32), jnp.asarray(x0, jnp.float32),
+                      jnp.asarray(eps, jnp.float32), jnp.asarray(w))
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+  unweighted = flow.sft_loss(*(jnp.asarray(a, jnp.float32) for a in (v, x0, eps)))
+  assert float(unweighted) == pytest.approx(err.mean(), rel=1e-5)
+  assert float(flow.sft_loss(*(jnp.asarray(a, jnp.float32) for a in (v, x0, eps)),
+                             jnp.ones((2, 8, 8, 1)))) == pytest.approx(err.mean(), rel=1e-5)

@@ -118,6 +118,7 @@ def model_config() -> ml_collections.ConfigDict:
       "num_layers": 2,
       "num_single_layers": 4,
       "mlp_ratio": 4.0,
+      "qk_norm_init": 1.0,
       "guidance_embeds": False,
       "dtype": "float32",
       "param_dtype": "float32",
@@ -156,7 +157,7 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
       num_single_layers=model.num_single_layers, attention_head_dim=model.head_dim,
       num_attention_heads=model.num_heads, joint_attention_dim=context_dim,
       pooled_projection_dim=context_dim, guidance_embeds=model.guidance_embeds,
-      axes_dims_rope=tuple(model.axes_dims_rope), mlp_ratio=model.mlp_ratio, dtype=dtype,
+      axes_dims_rope=tuple(model.axes_dims_rope), mlp_ratio=model.mlp_ratio, qk_norm_init=model.qk_norm_init, dtype=dtype,
       param_dtype=param_dtype, scan_layers=model.scan_layers, remat_policy=model.remat_policy)
   return EditorConfig(image_size=image_size, channels=3, patch_size=model.patch_size, flux=flux,
                       text=text)

@@ -34,6 +34,10 @@ class FluxConfig:
   axes_dims_rope: tuple[int, ...] = (16, 56, 56)
   mlp_ratio: float = 4.0
   theta: int = 10_000
+  # Initial q/k RMSNorm weight. The attention logit is at most qk_norm_init**2 * sqrt(head_dim),
+  # so small heads start with blunt attention and Adam grows these O(1) weights only ~lr per
+  # step; starting them higher lets tiny models attend to one position (copy the source) early.
+  qk_norm_init: float = 1.0
   dtype: Dtype = jnp.float32  # compute
   param_dtype: Dtype = jnp.float32
   scan_layers: bool = True
@@ -80,11 +84,12 @@ class RMSNorm(nn.Module):
   """Per-head RMSNorm of q and k; weight of shape (head_dim,), as torch.nn.RMSNorm."""
 
   eps: float = 1e-6
+  init: float = 1.0
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(),
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.constant(self.init),
                                                              ("head_dim",)),
                        (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
@@ -188,8 +193,8 @@ def qkv(cfg: FluxConfig, x, context: bool = False):
            if context else ("to_q", "to_k", "to_v", "norm_q", "norm_k"))
   heads = lambda y: y.reshape(*y.shape[:2], cfg.num_attention_heads, cfg.attention_head_dim)
   q, k, v = (heads(dense(cfg, cfg.inner_dim, ("embed", "heads"), n)(x)) for n in names[:3])
-  q = RMSNorm(param_dtype=cfg.param_dtype, name=names[3])(q)
-  k = RMSNorm(param_dtype=cfg.param_dtype, name=names[4])(k)
+  q = RMSNorm(init=cfg.qk_norm_init, param_dtype=cfg.param_dtype, name=names[3])(q)
+  k = RMSNorm(init=cfg.qk_norm_init, param_dtype=cfg.param_dtype, name=names[4])(k)
   return q, k, v
 
 

@@ -31,6 +31,7 @@ from jaxedit.models.editor import Editor, editor_config, model_config
 from jaxedit.text import tokenizer as tokenizer_lib
 
 IMAGE_FIELDS = ("source_image", "target_image")
+EVAL_INFO = ("instruction", "checklist", "family", "task")
 
 
 def reference_config() -> ml_collections.ConfigDict:
@@ -41,7 +42,8 @@ def reference_config() -> ml_collections.ConfigDict:
   c.tokenizer = ml_collections.ConfigDict({"vocab_size": 512, "corpus_examples": 4000})
   c.model = model_config()
   c.flow = ml_collections.ConfigDict({
-      "timesteps": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "shift": 1.0})
+      "timesteps": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "shift": 1.0,
+      "changed_weight": 1.0})  # loss weight of the patches the edit changes (1: plain mean)
   c.sample = ml_collections.ConfigDict({"num_steps": 16, "shift": 1.0, "guidance_scale": 1.0})
   c.train = ml_collections.ConfigDict({
       "seed": 0,
@@ -119,6 +121,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ("num_steps", "batch_size", "log_every"):
     if config.train[key] <= 0:
       raise ConfigError(f"config key 'train.{key}' must be > 0")
+  if config.flow.changed_weight <= 0:
+    raise ConfigError("config key 'flow.changed_weight' must be > 0")
   if config.model.text_encoder != "shapes":
     raise ConfigError("the shapes dataset carries instructions, not embeddings: "
                       "model.text_encoder must be 'shapes' for this trainer")
@@ -208,7 +212,10 @@ def loss_fn(params, model: Editor, batch: dict, rng, flow_cfg, text_dropout: flo
   keep = jax.random.uniform(r_drop, (x0.shape[0],)) >= text_dropout
   v = model.apply({"params": params}, flow.interpolate(x0, eps, t), t, source,
                   text_inputs(batch, keep))
-  return flow.sft_loss(v, x0, eps)
+  weights = None
+  if flow_cfg.changed_weight != 1.0:
+    weights = flow.changed_patch_weights(source, x0, model.cfg.patch_size, flow_cfg.changed_weight)
+  return flow.sft_loss(v, x0, eps, weights)
 
 
 def make_train_step(setup: Setup):
@@ -261,8 +268,9 @@ def make_sampler(setup: Setup, num_steps: int, shift: float, guidance_scale: flo
 # Evaluation: sample edits, read them with the detector, score the checklists.
 # ------------------------------------------------------------------------------------------
 def eval_batches(setup: Setup, split: str, kinds, num_examples: int, batch_size: int):
-  """Fixed batches of a split (padded to `batch_size`), with the records' checklists."""
-  fields = IMAGE_FIELDS + ("instruction", "checklist")
+  """Fixed batches of a split (padded to `batch_size`) as (arrays, info): `info` holds each
+  real example's instruction, checklist, family and task tag."""
+  fields = IMAGE_FIELDS + EVAL_INFO
   ds = make_dataset(setup.source(split), batch_size, seed=0, shuffle=False, num_epochs=1,
                     drop_remainder=False, fields=fields, kinds=kinds, process_index=0,
                     process_count=1)
@@ -273,31 +281,36 @@ def eval_batches(setup: Setup, split: str, kinds, num_examples: int, batch_size:
       n = min(n, num_examples - seen)
     if n <= 0:
       break
-    texts = [str(s) for s in batch["instruction"][:n]]
-    ids, mask = tokenizer_lib.encode(setup.tokenizer, texts, setup.text_len)
+    info = {k: [str(v) for v in batch[k][:n]] for k in EVAL_INFO}
+    ids, mask = tokenizer_lib.encode(setup.tokenizer, info["instruction"], setup.text_len)
     arrays = {"source_image": batch["source_image"][:n], "target_image": batch["target_image"][:n],
               "ids": ids, "mask": mask}
     pad = batch_size - n
     arrays = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in arrays.items()}
-    out.append((arrays, texts, [str(c) for c in batch["checklist"][:n]]))
+    out.append((arrays, info))
     seen += n
   return out
 
 
 def evaluate(setup: Setup, params, batches, sampler, seed: int):
-  """Scores over `batches`; returns (summary, first batch's images for a grid)."""
+  """Scores over `batches` (overall, per family and per task); returns (summary, first
+  batch's images for a grid)."""
   scores = {"success": [], "score": []}
+  groups = {"family": [], "task": []}
   first = None
-  for i, (arrays, texts, checklists) in enumerate(batches):
-    n = len(texts)
+  for i, (arrays, info) in enumerate(batches):
+    n = len(info["instruction"])
     edited = np.asarray(sampler(params, sharding.global_batch(arrays, setup.batch_sharding),
                                 jax.random.key(seed + i)))[:n]
-    s = evaluation.score_edits(edited, checklists, setup.world)
+    s = evaluation.score_edits(edited, info["checklist"], setup.world)
     for k in scores:
       scores[k].append(s[k])
+    for k in groups:
+      groups[k] += info[k]
     if first is None:
-      first = (arrays["source_image"][:n], edited, arrays["target_image"][:n], texts, s["success"])
-  summary = evaluation.summarize({k: np.concatenate(v) for k, v in scores.items()})
+      first = (arrays["source_image"][:n], edited, arrays["target_image"][:n],
+               info["instruction"], s["success"])
+  summary = evaluation.summarize({k: np.concatenate(v) for k, v in scores.items()}, groups)
   return summary, first
 
 
@@ -355,7 +368,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   curve = [point for point in curve if point["step"] <= start]  # past a hard kill's checkpoint
   progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
   preemption = Preemption()
+  # Wall-clock minutes, and minutes of training alone (validation passes excluded).
   t0 = time.time() - (curve[-1]["minutes"] * 60 if curve else 0.0)
+  eval_seconds = 60 * (curve[-1]["minutes"] - curve[-1]["train_minutes"]) if curve else 0.0
 
   # ---- Loop ----
   metrics = None
@@ -375,10 +390,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f.write(json.dumps({"step": step, **scalars}) + "\n")
       first = None  # the first validation batch's edits, reused for the sample grid
       if (tc.eval_every and step % tc.eval_every == 0) or last:
+        eval_start = time.time()
         summary, first = evaluate(setup, state.ema_params, val_batches, sampler, seed=10_000)
+        eval_seconds += time.time() - eval_start
         minutes = (time.time() - t0) / 60
-        curve.append({"step": step, "minutes": round(minutes, 2), **summary})
-        writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()})
+        curve.append({"step": step, "minutes": round(minutes, 2),
+                      "train_minutes": round(minutes - eval_seconds / 60, 2), **summary})
+        writer.write_scalars(step, flat_scalars(summary, "val/"))
         logging.info("step %d (%.1f min): validation %s", step, minutes, summary)
         if jax.process_index() == 0:
           evaluation.write_metrics(curve_path, curve)
@@ -397,6 +415,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
   return {"step": step, "curve": curve,
           "final_loss": None if metrics is None else float(metrics["loss"])}
+
+
+def flat_scalars(tree: dict, prefix: str) -> dict[str, float]:
+  """{"a": {"b": 1}} -> {"prefix/a/b": 1} for metric writers."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flat_scalars(v, f"{prefix}{k}/"))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def write_grid(writer, workdir: str, step: int, images, limit: int) -> None:
