@@ -396,7 +396,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         minutes = (time.time() - t0) / 60
         curve.append({"step": step, "minutes": round(minutes, 2),
                       "train_minutes": round(minutes - eval_seconds / 60, 2), **summary})
-        writer.write_scalars(step, flat_scalars(summary, "val/"))
+        writer.write_scalars(step, {f"val/{k}": v for k, v in
+                                   flax.traverse_util.flatten_dict(summary, sep="/").items()})
         logging.info("step %d (%.1f min): validation %s", step, minutes, summary)
         if jax.process_index() == 0:
           evaluation.write_metrics(curve_path, curve)
@@ -415,17 +416,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
   return {"step": step, "curve": curve,
           "final_loss": None if metrics is None else float(metrics["loss"])}
-
-
-def flat_scalars(tree: dict, prefix: str) -> dict[str, float]:
-  """{"a": {"b": 1}} -> {"prefix/a/b": 1} for metric writers."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(flat_scalars(v, f"{prefix}{k}/"))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def write_grid(writer, workdir: str, step: int, images, limit: int) -> None:
