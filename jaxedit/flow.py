@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -48,11 +49,10 @@ def changed_patch_weights(source, target, patch: int, changed_weight: float):
   differs from source, 1 elsewhere. In editing most pixels are copies; this puts the gradient
   on the edit. Where the target is a function of (source, instruction), as in the shapes
   world, the minimiser is unchanged; with ambiguous targets it leans towards the edits."""
-  diff = jnp.abs(target.astype(jnp.float32) - source.astype(jnp.float32)).max(-1)
-  b, h, w = diff.shape
-  changed = diff.reshape(b, h // patch, patch, w // patch, patch).max((2, 4)) > 0
-  changed = jnp.repeat(jnp.repeat(changed, patch, 1), patch, 2)
-  return jnp.where(changed, changed_weight, 1.0)[..., None]
+  diff = jnp.abs(target.astype(jnp.float32) - source.astype(jnp.float32))
+  changed = einops.reduce(diff, "b (h ph) (w pw) c -> b h w", "max", ph=patch, pw=patch) > 0
+  changed = einops.repeat(changed, "b h w -> b (h ph) (w pw) 1", ph=patch, pw=patch)
+  return jnp.where(changed, changed_weight, 1.0)
 
 
 def sigmas(num_steps: int, shift: float = 1.0):

@@ -157,7 +157,8 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
       num_single_layers=model.num_single_layers, attention_head_dim=model.head_dim,
       num_attention_heads=model.num_heads, joint_attention_dim=context_dim,
       pooled_projection_dim=context_dim, guidance_embeds=model.guidance_embeds,
-      axes_dims_rope=tuple(model.axes_dims_rope), mlp_ratio=model.mlp_ratio, qk_norm_init=model.qk_norm_init, dtype=dtype,
+      axes_dims_rope=tuple(model.axes_dims_rope), mlp_ratio=model.mlp_ratio,
+      qk_norm_init=model.qk_norm_init, dtype=dtype,
       param_dtype=param_dtype, scan_layers=model.scan_layers, remat_policy=model.remat_policy)
   return EditorConfig(image_size=image_size, channels=3, patch_size=model.patch_size, flux=flux,
                       text=text)
