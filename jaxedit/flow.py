@@ -69,17 +69,91 @@ def guided(velocity: Callable, guidance_scale: float) -> Callable:
 
 
 def euler_sample(velocity: Callable, x1, times):
-  """Deterministic Euler ODE from x1 at times[0] (= 1) to times[-1] (= 0).
+  """Deterministic Euler ODE from x1 at times[0] (= 1) to times[-1] (= 0): `sde_rollout`
+  with no noise, keeping only the end point.
 
   `velocity(x, t)` takes t of shape (B,). Scanned, so compile time is flat in steps.
   """
-  def step(x, ts):
-    t, t_next = ts
-    v = velocity(x, jnp.full((x.shape[0],), t, x.dtype))
-    return x + (t_next - t) * v, None
+  return sde_rollout(velocity, x1, times, None, jnp.zeros(times.shape[0] - 1))["sample"]
 
-  x, _ = jax.lax.scan(step, x1, (times[:-1], times[1:]))
-  return x
+
+# ------------------------------------------------------------------------------------------
+# Stochastic sampling with log-probabilities (Flow-GRPO, DESIGN.md section 5).
+# ------------------------------------------------------------------------------------------
+SDE_TYPES = ("sde", "cps")
+
+
+def sde_sigma(t, t_next, noise_level):
+  """Flow-GRPO's sigma_t = a sqrt(t / (1 - t)); at t = 1 the denominator uses t_next."""
+  return noise_level * jnp.sqrt(t / (1 - jnp.where(t >= 1, t_next, t)))
+
+
+def sde_step_mean(x, v, t, t_next, noise_level, sde_type: str = "sde"):
+  """Mean and std of x_{t_next} given x_t and the velocity, and the sigma the KL divides by.
+
+  Scalars t, t_next, noise_level (noise_level 0 is the Euler ODE step for either type).
+  Computed in float32. Returns (mean, std, kl_sigma).
+  """
+  x, v = x.astype(jnp.float32), v.astype(jnp.float32)
+  t, t_next = jnp.float32(t), jnp.float32(t_next)
+  dt = t_next - t
+  if sde_type == "sde":
+    sigma = sde_sigma(t, t_next, noise_level)
+    mean = x * (1 + sigma**2 / (2 * t) * dt) + v * (1 + sigma**2 * (1 - t) / (2 * t)) * dt
+    return mean, sigma * jnp.sqrt(-dt), sigma
+  if sde_type == "cps":
+    std = t_next * jnp.sin(noise_level * jnp.pi / 2)
+    x0_hat, x1_hat = x - t * v, x + (1 - t) * v
+    mean = x0_hat * (1 - t_next) + x1_hat * jnp.sqrt(t_next**2 - std**2)
+    return mean, std, std
+  raise ValueError(f"unknown sde_type {sde_type!r}; use one of {SDE_TYPES}")
+
+
+def sde_log_prob(sample, mean, std, sde_type: str = "sde"):
+  """Log-density of the stop-gradient `sample`, averaged (not summed) over non-batch dims.
+
+  "sde": the Gaussian N(mean, std^2); "cps": -(sample - mean)^2 without constants. Where
+  std is 0 (an ODE step) the value is meaningless and callers mask it out.
+  """
+  sample = jax.lax.stop_gradient(sample.astype(jnp.float32))
+  dims = tuple(range(1, sample.ndim))
+  if sde_type == "cps":
+    return -jnp.mean((sample - mean) ** 2, axis=dims)
+  std = jnp.where(std > 0, std, 1.0)
+  logp = (-((sample - mean) ** 2) / (2 * std**2) - jnp.log(std)
+          - 0.5 * jnp.log(2 * jnp.pi))
+  return jnp.mean(logp, axis=dims)
+
+
+def sde_rollout(velocity: Callable, x1, times, rng, noise_levels, sde_type: str = "sde",
+                keep_trajectory: bool = False):
+  """Samples from times[0] to times[-1]; step i uses noise level `noise_levels[i]` (0: an
+  ODE step, so a zero outside a window gives Flow-GRPO-Fast's SDE window).
+
+  Returns {"sample": x at times[-1], "log_probs": (T, B) (0 at ODE steps)} and, with
+  keep_trajectory, "latents": (T + 1, B, ...) the states x_{t_0} ... x_{t_T}.
+  """
+  num_steps = times.shape[0] - 1
+  keys = jax.random.key_data(jax.random.split(
+      rng if rng is not None else jax.random.key(0), num_steps))
+
+  def step(x, inputs):
+    t, t_next, level, key = inputs
+    v = velocity(x, jnp.full((x.shape[0],), t, x.dtype))
+    mean, std, _ = sde_step_mean(x, v, t, t_next, level, sde_type)
+    x_next = mean
+    if rng is not None:  # without an rng every step must be an ODE step
+      x_next = mean + std * jax.random.normal(jax.random.wrap_key_data(key), x.shape)
+    logp = jnp.where(std > 0, sde_log_prob(x_next, mean, std, sde_type), 0.0)
+    x_next = x_next.astype(x.dtype)
+    return x_next, (x_next if keep_trajectory else None, logp)
+
+  x, (latents, log_probs) = jax.lax.scan(
+      step, x1, (times[:-1], times[1:], jnp.asarray(noise_levels, jnp.float32), keys))
+  out = {"sample": x, "log_probs": log_probs}
+  if keep_trajectory:
+    out["latents"] = jnp.concatenate([x1[None], latents], axis=0)
+  return out
 
 
 def to_model_space(images_uint8):
