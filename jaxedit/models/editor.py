@@ -18,6 +18,9 @@ import ml_collections
 
 from jaxedit.models.flux import FluxConfig, FluxTransformer, dense, layer_norm
 
+# Flow-GRPO's Flux LoRA targets: attention projections and the double blocks' MLPs.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj",
+                "to_add_out", "net_0_proj", "net_2")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -119,6 +122,10 @@ def model_config() -> ml_collections.ConfigDict:
       "num_single_layers": 4,
       "mlp_ratio": 4.0,
       "qk_norm_init": 1.0,
+      # LoRA (rank 0: none). Targets are Dense names in the diffusers layout.
+      "lora_rank": 0,
+      "lora_alpha": 0.0,  # 0: equal to the rank (scale 1)
+      "lora_targets": LORA_TARGETS,
       "guidance_embeds": False,
       "dtype": "float32",
       "param_dtype": "float32",
@@ -138,6 +145,8 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
   if model.dtype not in DTYPES or model.param_dtype not in DTYPES:
     raise ValueError(f"model.dtype/param_dtype must be one of {sorted(DTYPES)}")
   dtype, param_dtype = DTYPES[model.dtype], DTYPES[model.param_dtype]
+  if model.lora_rank < 0 or (model.lora_rank and not model.lora_targets):
+    raise ValueError("model.lora_rank must be >= 0, with model.lora_targets set when > 0")
   if image_size % model.patch_size:
     raise ValueError(f"image_size {image_size} is not divisible by model.patch_size "
                      f"{model.patch_size}")
@@ -158,7 +167,9 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
       num_attention_heads=model.num_heads, joint_attention_dim=context_dim,
       pooled_projection_dim=context_dim, guidance_embeds=model.guidance_embeds,
       axes_dims_rope=tuple(model.axes_dims_rope), mlp_ratio=model.mlp_ratio,
-      qk_norm_init=model.qk_norm_init, dtype=dtype,
+      qk_norm_init=model.qk_norm_init, lora_rank=model.lora_rank,
+      lora_alpha=model.lora_alpha or model.lora_rank, lora_targets=tuple(model.lora_targets),
+      dtype=dtype,
       param_dtype=param_dtype, scan_layers=model.scan_layers, remat_policy=model.remat_policy)
   return EditorConfig(image_size=image_size, channels=3, patch_size=model.patch_size, flux=flux,
                       text=text)

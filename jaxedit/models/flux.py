@@ -38,6 +38,11 @@ class FluxConfig:
   # so small heads start with blunt attention and Adam grows these O(1) weights only ~lr per
   # step; starting them higher lets tiny models attend to one position (copy the source) early.
   qk_norm_init: float = 1.0
+  # LoRA adapters on the Dense layers named in lora_targets (diffusers names, e.g. "to_q");
+  # rank 0: none. The update is (lora_alpha / lora_rank) * A @ B with B zero-initialised.
+  lora_rank: int = 0
+  lora_alpha: float = 1.0
+  lora_targets: tuple[str, ...] = ()
   dtype: Dtype = jnp.float32  # compute
   param_dtype: Dtype = jnp.float32
   scan_layers: bool = True
@@ -56,12 +61,39 @@ class FluxConfig:
 def dense(cfg: FluxConfig, features: int, axes: tuple[str, str], name: str,
           zero_init: bool = False, use_bias: bool = True) -> nn.Dense:
   """A Dense with logical axis names on kernel (in, out) and bias (out,); `cfg` is any config
-  with `dtype` and `param_dtype`."""
+  with `dtype` and `param_dtype`. A LoRADense where `cfg` puts adapters on `name`."""
   kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
-  return nn.Dense(features, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                  kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
-                  name=name)
+  kwargs = dict(use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+                name=name)
+  rank = getattr(cfg, "lora_rank", 0)
+  if rank and name in cfg.lora_targets:
+    return LoRADense(features, rank=rank, alpha=cfg.lora_alpha, axes=axes, **kwargs)
+  return nn.Dense(features, **kwargs)
+
+
+class LoRADense(nn.Dense):
+  """Dense + a low-rank update applied, not merged: y = x W + b + (alpha / r) (x A) B.
+
+  The base kernel and bias keep nn.Dense's names, so dropping `lora_a`/`lora_b` (adapters
+  disabled) or merging them (jaxedit.lora.merge) gives the plain model's parameters."""
+
+  rank: int = 0
+  alpha: float = 1.0
+  axes: tuple[str, str] = (None, None)
+
+  @nn.compact
+  def __call__(self, x):
+    y = super().__call__(x)
+    a = self.param("lora_a", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                          (self.axes[0], None)),
+                   (x.shape[-1], self.rank), self.param_dtype)
+    b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                          (None, self.axes[1])),
+                   (self.rank, self.features), self.param_dtype)
+    low = jnp.dot(jnp.dot(x.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype))
+    return y + (self.alpha / self.rank) * low
 
 
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:

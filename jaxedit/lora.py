@@ -1,0 +1,63 @@
+"""LoRA adapters as parameters: split from the frozen base, merge for export.
+
+The adapters live inside the model (`models.flux.LoRADense`, params `lora_a`, `lora_b`), so
+scanned layers carry them with a leading layer axis like every other parameter. Training
+updates only the adapters; the reference policy is the base alone (adapters disabled), so no
+second copy of the base is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax.numpy as jnp
+from flax import traverse_util
+
+ADAPTER_KEYS = ("lora_a", "lora_b")
+
+
+def is_adapter(path: tuple[str, ...]) -> bool:
+  return path[-1] in ADAPTER_KEYS
+
+
+def split(params) -> tuple[dict, dict]:
+  """params -> (adapters, base), both nested dicts with the original paths."""
+  flat = traverse_util.flatten_dict(params)
+  adapters = {k: v for k, v in flat.items() if is_adapter(k)}
+  base = {k: v for k, v in flat.items() if not is_adapter(k)}
+  return traverse_util.unflatten_dict(adapters), traverse_util.unflatten_dict(base)
+
+
+def join(adapters, base) -> dict:
+  flat = traverse_util.flatten_dict(base)
+  flat.update(traverse_util.flatten_dict(adapters))
+  return traverse_util.unflatten_dict(flat)
+
+
+def merge(params, rank: int, alpha: float) -> dict:
+  """Folds every adapter into its kernel, W + (alpha / rank) A @ B (over any leading layer
+  axis), and drops the adapters: the parameters of the same model without LoRA."""
+  flat = traverse_util.flatten_dict(params)
+  out = {k: v for k, v in flat.items() if not is_adapter(k)}
+  for k, a in flat.items():
+    if k[-1] != "lora_a":
+      continue
+    module = k[:-1]
+    b = flat[module + ("lora_b",)]
+    kernel = out[module + ("kernel",)]
+    update = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
+    out[module + ("kernel",)] = (kernel.astype(jnp.float32)
+                                 + (alpha / rank) * update).astype(kernel.dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+def check_targets(params, targets: Iterable[str]) -> None:
+  """Raises if a configured target name matches no Dense layer of the model."""
+  found = {k[-2] for k in traverse_util.flatten_dict(params) if k[-1] == "lora_a"}
+  missing = sorted(set(targets) - found)
+  if missing:
+    raise ValueError(f"lora targets {missing} match no Dense layer of the model")
+
+
+def count(params: Any) -> int:
+  return sum(int(v.size) for v in traverse_util.flatten_dict(params).values())
