@@ -91,11 +91,11 @@ def test_recorded_log_probs_ratio_and_kl_at_initialisation(setups):
   # forward passes differently).
   assert float(metrics["kl"]) < 1e-12
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
-  assert float(optax_norm(grads)) > 0
+  assert float(global_norm(grads)) > 0
   assert out["latents"].shape == (T + 1, 8, 32, 32, 3)
 
 
-def optax_norm(tree):
+def global_norm(tree):
   return np.sqrt(sum(float((np.asarray(g, np.float64) ** 2).sum())
                      for g in jax.tree.leaves(tree)))
 
