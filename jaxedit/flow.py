@@ -134,8 +134,9 @@ def sde_rollout(velocity: Callable, x1, times, rng, noise_levels, sde_type: str 
   keep_trajectory, "latents": (T + 1, B, ...) the states x_{t_0} ... x_{t_T}.
   """
   num_steps = times.shape[0] - 1
-  keys = jax.random.key_data(jax.random.split(
-      rng if rng is not None else jax.random.key(0), num_steps))
+  # Per-step noise keys; without an rng (an ODE) a dummy per-step input instead.
+  keys = (jax.random.key_data(jax.random.split(rng, num_steps)) if rng is not None
+          else jnp.zeros((num_steps,), jnp.uint32))
 
   def step(x, inputs):
     t, t_next, level, key = inputs

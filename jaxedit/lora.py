@@ -8,7 +8,7 @@ second copy of the base is kept.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Iterable
 
 import jax.numpy as jnp
 from flax import traverse_util
@@ -58,6 +58,3 @@ def check_targets(params, targets: Iterable[str]) -> None:
   if missing:
     raise ValueError(f"lora targets {missing} match no Dense layer of the model")
 
-
-def count(params: Any) -> int:
-  return sum(int(v.size) for v in traverse_util.flatten_dict(params).values())
