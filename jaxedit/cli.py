@@ -21,7 +21,8 @@ from jaxedit.shapes.world import SceneError
 CONFIG_PREFIX = "--config."
 
 
-TRAINERS = {"editor_sft": "jaxedit.trainers.editor_sft"}
+TRAINERS = {"editor_sft": "jaxedit.trainers.editor_sft",
+            "editor_grpo": "jaxedit.trainers.editor_grpo"}
 
 
 def _data_job():

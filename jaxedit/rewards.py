@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Mapping
 
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -152,23 +153,38 @@ def remote_reward(world: World, url: str, timeout: float = 30.0, retries: int = 
 # ------------------------------------------------------------------------------------------
 # Combining rewards.
 # ------------------------------------------------------------------------------------------
+def reward_config() -> ml_collections.ConfigDict:
+  """The `rewards` section of RL configs: every registered reward with its options; a
+  weight of 0 turns a reward off."""
+  return ml_collections.ConfigDict({
+      "checklist": {"weight": 1.0, "strict": False},
+      "preservation": {"weight": 0.0},
+      "remote": {"weight": 0.0, "url": "", "timeout": 30.0, "retries": 3, "backoff": 0.5,
+                 "batch_size": 32},
+  })
+
+
 class Rewards:
-  """The weighted sum of the configured rewards; each runs in its own host thread."""
+  """The weighted sum of the configured rewards; each runs in its own host thread.
+  Rewards with weight 0 are not built."""
 
   def __init__(self, spec: Mapping[str, Mapping[str, Any]], world: World):
-    if not spec:
-      raise ValueError("no rewards configured: set config.rewards, e.g. "
-                       "{'checklist': {'weight': 1.0}}")
     self.weights, self.fns = {}, {}
     for name, options in spec.items():
       if name not in REGISTRY:
         raise ValueError(f"unknown reward {name!r}; registered: {sorted(REGISTRY)}")
       options = dict(options)
-      self.weights[name] = float(options.pop("weight", 1.0))
+      weight = float(options.pop("weight", 1.0))
+      if weight == 0.0:
+        continue
+      self.weights[name] = weight
       try:
         self.fns[name] = REGISTRY[name](world, **options)
       except TypeError as e:
         raise ValueError(f"bad options for reward {name!r}: {e}") from None
+    if not self.fns:
+      raise ValueError("no rewards configured: give at least one reward a nonzero weight, "
+                       "e.g. --config.rewards.checklist.weight=1")
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(self.fns))
 
   def submit(self, images: np.ndarray, prompts: Mapping[str, Any]) -> "PendingRewards":

@@ -85,3 +85,11 @@ def global_batch(local: dict, sharding: NamedSharding) -> dict:
   """This process's slice of the batch -> global arrays (multi-host ready)."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}
+
+
+def local_rows(array: jax.Array, sharding: NamedSharding) -> np.ndarray:
+  """This process's rows of a global batch-sharded array: the inverse of `global_batch`."""
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.global_array_to_host_local_array(array, sharding.mesh,
+                                                                     sharding.spec))

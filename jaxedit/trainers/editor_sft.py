@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from jaxedit import checkpoint, evaluation, flow, sharding
+from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import ShapesSource, make_dataset
@@ -32,6 +33,7 @@ from jaxedit.text import tokenizer as tokenizer_lib
 
 IMAGE_FIELDS = ("source_image", "target_image")
 EVAL_INFO = ("instruction", "checklist", "family", "task")
+EVAL_SCENES = ("source_scene", "target_scene")
 
 
 def reference_config() -> ml_collections.ConfigDict:
@@ -104,6 +106,10 @@ class Setup:
   dataset_dir: str
 
   @property
+  def param_shardings(self):
+    return self.state_shardings.params
+
+  @property
   def text_len(self) -> int:
     return self.config.model.text_max_len
 
@@ -128,9 +134,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       "model.text_encoder must be 'shapes' for this trainer")
 
 
-def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
+def make_model_and_mesh(config: ml_collections.ConfigDict, workdir: str, devices=None):
+  """What every editor trainer builds first: (world, tokenizer, model, mesh, logical rules,
+  batch sharding). The tokenizer is loaded from DIR/tokenizer.json, or trained and saved."""
   world = data_job.world_from(config)
-  check_config(config)
   tok = tokenizer_lib.load_or_train(os.path.join(workdir, "tokenizer.json"), world,
                                     config.tokenizer.vocab_size,
                                     config.tokenizer.corpus_examples, config.data.seed)
@@ -143,14 +150,23 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) ->
   except ValueError as e:
     raise ConfigError(f"config mesh: {e}") from None
   rules = sharding.rules(config.mesh)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
+  return world, tok, model, mesh, rules, sharding.batch_sharding(mesh, rules)
+
+
+def check_batch_size(name: str, size: int, mesh, batch_sharding) -> None:
+  """Global batch sizes must split evenly over the data-parallel devices and processes."""
   parallel = int(np.prod([mesh.shape[a] for a in _axes(batch_sharding.spec)]))
+  if size % parallel or size % jax.process_count():
+    raise ConfigError(f"{name} = {size} must divide over the {parallel} data-parallel "
+                      f"devices and {jax.process_count()} processes")
+
+
+def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
+  check_config(config)
+  world, tok, model, mesh, rules, batch_sharding = make_model_and_mesh(config, workdir, devices)
   for key in ("train.batch_size", "eval.batch_size"):
     section, name = key.split(".")
-    size = config[section][name]
-    if size % parallel or size % jax.process_count():
-      raise ConfigError(f"config key {key!r} = {size} must divide over the {parallel} "
-                        f"data-parallel devices and {jax.process_count()} processes")
+    check_batch_size(f"config key {key!r}", config[section][name], mesh, batch_sharding)
   tc = config.train
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, tc.lr, tc.warmup_steps, max(tc.num_steps, tc.warmup_steps + 1),
@@ -258,7 +274,7 @@ def make_sampler(setup: Setup, num_steps: int, shift: float, guidance_scale: flo
                            flow.sigmas(num_steps, shift))
     return flow.to_uint8(x0)
 
-  sample = jax.jit(sample, in_shardings=(setup.state_shardings.params, setup.batch_sharding,
+  sample = jax.jit(sample, in_shardings=(setup.param_shardings, setup.batch_sharding,
                                          None),
                    out_shardings=setup.batch_sharding)
   return sharding.in_context(sample, setup.mesh, setup.rules)
@@ -267,10 +283,11 @@ def make_sampler(setup: Setup, num_steps: int, shift: float, guidance_scale: flo
 # ------------------------------------------------------------------------------------------
 # Evaluation: sample edits, read them with the detector, score the checklists.
 # ------------------------------------------------------------------------------------------
-def eval_batches(setup: Setup, split: str, kinds, num_examples: int, batch_size: int):
+def eval_batches(setup, split: str, kinds, num_examples: int, batch_size: int):
   """Fixed batches of a split (padded to `batch_size`) as (arrays, info): `info` holds each
-  real example's instruction, checklist, family and task tag."""
-  fields = IMAGE_FIELDS + EVAL_INFO
+  real example's instruction, checklist, family and task tag, and its source and target
+  scenes (for rewards)."""
+  fields = IMAGE_FIELDS + EVAL_INFO + EVAL_SCENES
   ds = make_dataset(setup.source(split), batch_size, seed=0, shuffle=False, num_epochs=1,
                     drop_remainder=False, fields=fields, kinds=kinds, process_index=0,
                     process_count=1)
@@ -282,6 +299,7 @@ def eval_batches(setup: Setup, split: str, kinds, num_examples: int, batch_size:
     if n <= 0:
       break
     info = {k: [str(v) for v in batch[k][:n]] for k in EVAL_INFO}
+    info.update({k: np.asarray(batch[k][:n]) for k in EVAL_SCENES})
     ids, mask = tokenizer_lib.encode(setup.tokenizer, info["instruction"], setup.text_len)
     arrays = {"source_image": batch["source_image"][:n], "target_image": batch["target_image"][:n],
               "ids": ids, "mask": mask}
@@ -292,25 +310,37 @@ def eval_batches(setup: Setup, split: str, kinds, num_examples: int, batch_size:
   return out
 
 
-def evaluate(setup: Setup, params, batches, sampler, seed: int):
-  """Scores over `batches` (overall, per family and per task); returns (summary, first
-  batch's images for a grid)."""
-  scores = {"success": [], "score": []}
+def evaluate(setup, params, batches, sampler, seed: int, reward_fn=None):
+  """Scores over `batches`: strict success and checklist score (overall, per family and per
+  task), preservation of the untouched cells, and with `reward_fn` (a rewards.Rewards) the
+  mean reward and its parts. Returns (summary, first batch's images for a grid)."""
+  preservation = rewards_lib.preservation_reward(setup.world)
+  scores = {"success": [], "score": [], "preservation": []}
+  parts: dict[str, list] = {}
   groups = {"family": [], "task": []}
   first = None
   for i, (arrays, info) in enumerate(batches):
     n = len(info["instruction"])
     edited = np.asarray(sampler(params, sharding.global_batch(arrays, setup.batch_sharding),
                                 jax.random.key(seed + i)))[:n]
+    prompts = {**info, "source_image": arrays["source_image"][:n]}
+    pending = reward_fn.submit(edited, prompts) if reward_fn is not None else None
     s = evaluation.score_edits(edited, info["checklist"], setup.world)
+    s["preservation"] = preservation(edited, prompts)
     for k in scores:
       scores[k].append(s[k])
+    if pending is not None:
+      total, by_name = pending.result()
+      for k, v in {"reward": total, **{f"reward_{k}": v for k, v in by_name.items()}}.items():
+        parts.setdefault(k, []).append(v)
     for k in groups:
       groups[k] += info[k]
     if first is None:
       first = (arrays["source_image"][:n], edited, arrays["target_image"][:n],
                info["instruction"], s["success"])
   summary = evaluation.summarize({k: np.concatenate(v) for k, v in scores.items()}, groups)
+  summary["preservation"] = float(np.concatenate(scores["preservation"]).mean())
+  summary.update({k: float(np.concatenate(v).mean()) for k, v in parts.items()})
   return summary, first
 
 

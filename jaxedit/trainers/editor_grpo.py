@@ -1,0 +1,591 @@
+"""Flow-GRPO for the editor (DESIGN.md section 5), starting from an editor SFT run.
+
+    jaxedit train --config configs/shapes_editor_grpo.py --workdir DIR --config.init_from=SFT_DIR
+    jaxedit eval  --config configs/shapes_editor_grpo.py --workdir DIR
+
+Each iteration: P prompts x G samples are rolled out with the SDE sampler in chunks (the
+host scores chunk j with the rewards while the device samples chunk j + 1), advantages are
+normalised per group, then `inner_epochs` x `minibatches` clipped-ratio updates run in one
+jitted program with the KL to a frozen reference. With `model.lora_rank` > 0 only the
+adapters train and the reference is the SFT model itself (adapters disabled); otherwise all
+parameters train and the reference is a frozen copy of the SFT parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from jaxedit import checkpoint, evaluation, flow, flow_grpo, grpo, lora, sharding
+from jaxedit import rewards as rewards_lib
+from jaxedit.config import ConfigError
+from jaxedit.data.pipeline import make_dataset
+from jaxedit.trainers import editor_sft
+from jaxedit.trainers.editor_sft import Preemption, text_inputs, write_grid
+
+PROMPT_FIELDS = ("source_image", "target_image", "instruction", "checklist", "source_scene", "target_scene",
+                 "family", "task")
+# Metrics of the updates of one iteration reduced by min/max rather than averaged.
+ACROSS_UPDATES = {"ratio_min": jnp.min, "ratio_max": jnp.max}
+# Model keys that may differ from the SFT run being fine-tuned; all others must match it.
+FREE_MODEL_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "dtype", "param_dtype",
+                   "scan_layers", "remat_policy")
+
+
+def reference_config() -> ml_collections.ConfigDict:
+  c = editor_sft.reference_config()
+  c.trainer = "editor_grpo"
+  c.init_from = ""  # the editor SFT workdir to start from (its latest checkpoint)
+  c.init_params = "ema"  # ema | params: which of its parameters
+  del c.flow  # the SFT loss
+  for key in ("batch_size", "text_dropout", "end_lr_fraction"):
+    del c.train[key]
+  c.train.num_steps = 100  # GRPO iterations (rollout + update)
+  c.train.lr = 3e-4
+  c.train.warmup_steps = 0
+  c.train.weight_decay = 1e-4
+  c.train.ema_decay = 0.9  # per optimizer update
+  c.train.log_every = 1
+  c.train.eval_every = 25
+  c.train.sample_every = 25
+  c.train.checkpoint_every = 25
+  c.grpo = ml_collections.ConfigDict({
+      "prompts_per_step": 8,  # P, global
+      "group_size": 8,  # G samples per prompt
+      "shared_noise": False,  # one initial noise per group (DanceGRPO) or one per sample
+      "rollout_chunks": 2,  # rollouts per iteration; rewards of one overlap the next
+      "num_steps": 8,  # denoising steps of training rollouts (eval uses sample.num_steps)
+      "guidance_scale": 1.0,
+      "sde_type": "sde",  # sde | cps
+      "noise_level": 0.7,
+      "timestep_fraction": 0.99,  # train the first int(T * fraction) steps
+      "window_size": 0,  # > 0: Flow-GRPO-Fast, SDE only inside a window of this many steps
+      "window_start": -1,  # -1: a random start every iteration
+      "std_scope": "global",  # advantages divide by the batch's std or the group's
+      "adv_clip": 5.0,
+      "clip_range": 1e-4,
+      "kl_beta": 0.04,
+      "inner_epochs": 1,
+      "minibatches": 2,  # optimizer updates per epoch
+      "accumulate": 1,  # minibatches whose gradients are summed into one update
+  })
+  c.rewards = rewards_lib.reward_config()
+  c.rewards.preservation.weight = 0.5
+  return c
+
+
+@flax.struct.dataclass
+class GRPOState:
+  step: jax.Array  # GRPO iterations done
+  params: Any  # the trained parameters: the LoRA adapters, or every parameter
+  ema_params: Any
+  opt_state: Any
+  frozen: Any  # the LoRA base, or the reference copy of the initial parameters
+
+
+# ------------------------------------------------------------------------------------------
+# Setup.
+# ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Setup(editor_sft.Setup):
+  full_shardings: Any  # of the whole parameter tree (base and adapters joined)
+  use_lora: bool
+  levels_and_steps: Any  # iteration -> (noise levels (T,), trained step indices)
+
+  @property
+  def param_shardings(self):
+    return self.full_shardings
+
+  def policy(self, trained, frozen):
+    """The parameters the policy samples with."""
+    return lora.join(trained, frozen) if self.use_lora else trained
+
+  def reference(self, trained, frozen):
+    """The frozen reference: adapters disabled (zeroed), or the initial parameters."""
+    if self.use_lora:
+      return lora.join(jax.tree.map(jnp.zeros_like, trained), frozen)
+    return frozen
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  g = config.grpo
+  if config.model.text_encoder != "shapes":
+    raise ConfigError("model.text_encoder must be 'shapes' for the shapes world")
+  if g.group_size < 2:
+    raise ConfigError("config key 'grpo.group_size' must be >= 2: advantages compare samples "
+                      "of the same prompt")
+  for key in ("prompts_per_step", "rollout_chunks", "num_steps", "inner_epochs",
+              "minibatches", "accumulate"):
+    if g[key] <= 0:
+      raise ConfigError(f"config key 'grpo.{key}' must be > 0")
+  if g.prompts_per_step % g.rollout_chunks:
+    raise ConfigError(f"grpo.prompts_per_step {g.prompts_per_step} must split into "
+                      f"grpo.rollout_chunks {g.rollout_chunks} whole groups")
+  if g.prompts_per_step * g.group_size % g.minibatches:
+    raise ConfigError(f"{g.prompts_per_step * g.group_size} samples per iteration do not split "
+                      f"into grpo.minibatches {g.minibatches}")
+  if g.sde_type not in flow.SDE_TYPES:
+    raise ConfigError(f"grpo.sde_type must be one of {flow.SDE_TYPES}, got {g.sde_type!r}")
+  if g.std_scope not in grpo.STD_SCOPES:
+    raise ConfigError(f"grpo.std_scope must be one of {grpo.STD_SCOPES}, got {g.std_scope!r}")
+  if config.init_params not in ("ema", "params"):
+    raise ConfigError(f"init_params must be 'ema' or 'params', got {config.init_params!r}")
+  if g.minibatches * g.inner_epochs % g.accumulate:
+    raise ConfigError(f"grpo.accumulate {g.accumulate} must divide the "
+                      f"{g.minibatches * g.inner_epochs} minibatches of an iteration")
+
+
+def step_schedule_fn(g: ml_collections.ConfigDict, seed: int):
+  """iteration -> (levels, trained steps); a random SDE window start is drawn per iteration
+  from (seed, iteration), so a resumed run draws the same windows."""
+  if not g.window_size or g.window_start >= 0:
+    fixed = flow_grpo.step_schedule(g.num_steps, g.noise_level, g.timestep_fraction,
+                                    g.window_size, max(g.window_start, 0))
+    return lambda step: fixed
+  last = int(g.num_steps * g.timestep_fraction) - g.window_size
+  if last < 0:
+    raise ConfigError(f"grpo.window_size {g.window_size} does not fit in the "
+                      f"{int(g.num_steps * g.timestep_fraction)} trained steps")
+
+  def schedule(step):
+    start = int(np.random.default_rng((seed, step)).integers(0, last + 1))
+    return flow_grpo.step_schedule(g.num_steps, g.noise_level, g.timestep_fraction,
+                                   g.window_size, start)
+  return schedule
+
+
+def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
+  check_config(config)
+  world, tok, model, mesh, rules, batch_sharding = editor_sft.make_model_and_mesh(
+      config, workdir, devices)
+  g = config.grpo
+  n = g.prompts_per_step * g.group_size
+  editor_sft.check_batch_size("a rollout chunk (P * G / grpo.rollout_chunks)",
+                              n // g.rollout_chunks, mesh, batch_sharding)
+  editor_sft.check_batch_size("a minibatch (P * G / grpo.minibatches)", n // g.minibatches,
+                              mesh, batch_sharding)
+  editor_sft.check_batch_size("config key 'eval.batch_size'", config.eval.batch_size, mesh,
+                              batch_sharding)
+  tc = config.train
+  schedule = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps) if tc.warmup_steps else tc.lr
+  tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                   optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+  if g.accumulate > 1:
+    tx = optax.MultiSteps(tx, g.accumulate)
+  use_lora = config.model.lora_rank > 0
+  init = functools.partial(_init_state, model=model, tx=tx, use_lora=use_lora,
+                           dummy=editor_sft.dummy_inputs(world.image_size,
+                                                         config.model.text_max_len))
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  state_shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract_state = checkpoint.abstract_like(nn.unbox(boxed), state_shardings)
+  full = (lora.join(state_shardings.params, state_shardings.frozen) if use_lora
+          else state_shardings.params)
+  if use_lora:
+    try:
+      lora.check_targets(abstract_state.params, config.model.lora_targets)
+    except ValueError as e:
+      raise ConfigError(f"config key 'model.lora_targets': {e}") from None
+  return Setup(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
+               abstract_state, batch_sharding, editor_sft.data_job.dataset_dir(world, config.data),
+               full, use_lora, step_schedule_fn(g, tc.seed))
+
+
+def _init_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:
+  params = model.init(rng, *dummy)["params"]
+  trained, frozen = lora.split(params) if use_lora else (params, params)
+  return GRPOState(step=jnp.zeros((), jnp.int32), params=trained, ema_params=trained,
+                   opt_state=tx.init(trained), frozen=frozen)
+
+
+# ------------------------------------------------------------------------------------------
+# Starting from the SFT run.
+# ------------------------------------------------------------------------------------------
+def load_sft(setup: Setup, init_from: str, workdir: str):
+  """The SFT run's parameters (base model, no adapters) in this run's shardings. Copies its
+  tokenizer into `workdir` first: token ids must mean what they meant in SFT."""
+  config = setup.config
+  mngr = checkpoint.manager(init_from, keep=1, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise ConfigError(f"init_from: no checkpoint in {os.path.abspath(init_from)}/checkpoints; "
+                      "point it at an editor SFT workdir")
+  abstract = setup.abstract_state.frozen if setup.use_lora else setup.abstract_state.params
+  key = "ema_params" if config.init_params == "ema" else "params"
+  sft_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  mismatched = sorted(k for k, v in sft_config["model"].items()
+                      if k not in FREE_MODEL_KEYS and k in config.model
+                      and _plain(config.model[k]) != _plain(v))
+  if mismatched:
+    raise ConfigError("init_from was trained with a different model: " + ", ".join(
+        f"model.{k} = {sft_config['model'][k]!r} there, {config.model[k]!r} here"
+        for k in mismatched))
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      {key: abstract}, restore_args=ocp.checkpoint_utils.construct_restore_args({key: abstract}),
+      partial_restore=True)))
+  logging.info("initialised from %s (step %d, %s)", init_from, step, key)
+  return restored.state[key]
+
+
+def _plain(value):
+  return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def copy_tokenizer(init_from: str, workdir: str) -> None:
+  src, dst = (os.path.join(d, "tokenizer.json") for d in (init_from, workdir))
+  if not os.path.exists(src):
+    raise ConfigError(f"init_from: {src} does not exist; point it at an editor SFT workdir")
+  if not os.path.exists(dst):
+    os.makedirs(workdir, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def init_state(setup: Setup, sft_params) -> GRPOState:
+  """Fresh adapters (B = 0, so the policy starts as the SFT model) or, for full
+  fine-tuning, the SFT parameters trained and, as separate buffers, frozen."""
+  fn = jax.jit(lambda rng: nn.unbox(setup.init(rng)), out_shardings=setup.state_shardings)
+  state = sharding.in_context(fn, setup.mesh, setup.rules)(
+      jax.random.key(setup.config.train.seed))
+  copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
+  if setup.use_lora:
+    return state.replace(frozen=sft_params)
+  return state.replace(params=sft_params, ema_params=copy(sft_params), frozen=copy(sft_params))
+
+
+# ------------------------------------------------------------------------------------------
+# Rollout and update, each one jitted program.
+# ------------------------------------------------------------------------------------------
+def make_velocity(model, guidance_scale: float):
+  """velocity(params, x, t, source, text) with classifier-free guidance when scale != 1."""
+  def velocity(params, x, t, source, text):
+    empty = {"ids": jnp.zeros_like(text["ids"]), "mask": jnp.zeros_like(text["mask"])}
+    fn = lambda x, t, cond: model.apply({"params": params}, x, t, source,
+                                        text if cond else empty)
+    return flow.guided(fn, guidance_scale)(x, t)
+  return velocity
+
+
+def trajectory_sharding(setup: Setup):
+  """(T(+1), N, ...) arrays: the sample axis split like a batch."""
+  return jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec(
+      None, *setup.batch_sharding.spec))
+
+
+def make_rollout(setup: Setup):
+  """jitted (trained, frozen, chunk, levels, rng) -> images (uint8), latents, log_probs."""
+  g = setup.config.grpo
+  velocity = make_velocity(setup.model, g.guidance_scale)
+  times = flow.sigmas(g.num_steps, setup.config.sample.shift)
+
+  def rollout(trained, frozen, chunk, levels, rng):
+    source = flow.to_model_space(chunk["source_image"])
+    r_noise, r_sde = jax.random.split(rng)
+    if g.shared_noise:  # one initial noise per group of G consecutive samples
+      x1 = jax.random.normal(r_noise, (source.shape[0] // g.group_size, *source.shape[1:]))
+      x1 = jnp.repeat(x1, g.group_size, axis=0)
+    else:
+      x1 = jax.random.normal(r_noise, source.shape)
+    out = flow_grpo.rollout(velocity, setup.policy(trained, frozen), x1, source,
+                            text_inputs(chunk), times, levels, r_sde, g.sde_type)
+    return {"images": flow.to_uint8(out["sample"]), "latents": out["latents"],
+            "log_probs": out["log_probs"]}
+
+  ss, traj = setup.state_shardings, trajectory_sharding(setup)
+  fn = jax.jit(rollout, in_shardings=(ss.params, ss.frozen, setup.batch_sharding, None, None),
+               out_shardings={"images": setup.batch_sharding, "latents": traj,
+                              "log_probs": traj})
+  return sharding.in_context(fn, setup.mesh, setup.rules)
+
+
+def make_update(setup: Setup):
+  """jitted (state, chunks, levels, trained_steps) -> (state, metrics): advantages, then
+  inner_epochs x minibatches clipped-ratio updates on shuffled samples, EMA after each."""
+  config, g = setup.config, setup.config.grpo
+  velocity = make_velocity(setup.model, g.guidance_scale)
+  times = flow.sigmas(g.num_steps, config.sample.shift)
+  base_rng = jax.random.key(config.train.seed + 1)
+  traj = trajectory_sharding(setup)
+  updates_per_step = g.inner_epochs * g.minibatches
+
+  def update(state: GRPOState, chunks, levels, trained_steps):
+    # Chunks in sampling order; each holds whole groups, so groups stay consecutive.
+    data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
+                                                                       "log_probs") else 0)
+            for k in chunks[0]}
+    advantages = grpo.group_advantages(data["rewards"], g.group_size, std_scope=g.std_scope,
+                                       clip=g.adv_clip)
+    n = advantages.shape[0]
+    rng = jax.random.fold_in(base_rng, state.step)
+    order = jnp.concatenate([jax.random.permutation(k, n) for k in
+                             jax.random.split(rng, g.inner_epochs)])
+    order = order.reshape(updates_per_step, n // g.minibatches)
+    frozen = state.frozen
+    ref_params = jax.lax.stop_gradient(setup.reference(state.params, frozen))
+    ref_velocity = lambda x, t, source, text: velocity(ref_params, x, t, source, text)
+    policy_velocity = lambda p, x, t, source, text: velocity(setup.policy(p, frozen), x, t,
+                                                            source, text)
+
+    def one_update(carry, xs):
+      params, ema, opt_state = carry
+      i, idx = xs
+      take = lambda x, axis: jnp.take(x, idx, axis=axis)
+      mb = {"latents": jax.lax.with_sharding_constraint(take(data["latents"], 1), traj),
+            "log_probs": take(data["log_probs"], 1),
+            "source": flow.to_model_space(jax.lax.with_sharding_constraint(
+                take(data["source_image"], 0), setup.batch_sharding)),
+            "text": {"ids": take(data["ids"], 0), "mask": take(data["mask"], 0)},
+            "advantages": take(advantages, 0)}
+      loss, grads, metrics = flow_grpo.minibatch_grads(
+          policy_velocity, params, ref_velocity, mb, trained_steps, times, levels,
+          sde_type=g.sde_type, clip_range=g.clip_range, kl_beta=g.kl_beta)
+      updates, opt_state = setup.tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      count = state.step * updates_per_step + i  # optimizer updates so far
+      decay = jnp.minimum(config.train.ema_decay, (1.0 + count) / (10.0 + count))
+      new_ema = optax.incremental_update(params, ema, 1.0 - decay)
+      if g.accumulate > 1:  # only where MultiSteps applied an update
+        applied = setup.tx.has_updated(opt_state)
+        new_ema = jax.tree.map(lambda a, b: jnp.where(applied, a, b), new_ema, ema)
+      metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+      return (params, new_ema, opt_state), metrics
+
+    (params, ema, opt_state), per_update = jax.lax.scan(
+        one_update, (state.params, state.ema_params, state.opt_state),
+        (jnp.arange(updates_per_step), order))
+    metrics = {k: ACROSS_UPDATES.get(k, jnp.mean)(v) for k, v in per_update.items()}
+    metrics.update({"advantage_abs": jnp.mean(jnp.abs(advantages)),
+                    "zero_advantage_fraction": jnp.mean(
+                        (advantages == 0).astype(jnp.float32))})
+    return GRPOState(state.step + 1, params, ema, opt_state, frozen), metrics
+
+  ss = setup.state_shardings
+  fn = jax.jit(update, in_shardings=(ss, None, None, None),
+               out_shardings=(ss, sharding.replicated(setup.mesh)), donate_argnums=0)
+  return sharding.in_context(fn, setup.mesh, setup.rules)
+
+
+# ------------------------------------------------------------------------------------------
+# Rollouts scored on the host.
+# ------------------------------------------------------------------------------------------
+def rollout_and_score(setup: Setup, rollout, reward_fn, state: GRPOState, prompts: dict,
+                      levels, rng):
+  """Samples G edits of each of this process's prompts in `rollout_chunks` jitted calls.
+  Chunk j's images go to the host rewards while the device samples chunk j + 1.
+
+  Returns (chunks for the update, host dict of the rollout: images, rewards, parts, and
+  the per-sample prompt fields)."""
+  g = setup.config.grpo
+  grouped = {k: np.repeat(np.asarray(v), g.group_size, axis=0) for k, v in prompts.items()}
+  size = len(grouped["ids"]) // g.rollout_chunks
+  pieces = [{k: v[j * size:(j + 1) * size] for k, v in grouped.items()}
+            for j in range(g.rollout_chunks)]
+  inputs, outs, pending, images = [], [], [], []
+
+  def score(j):
+    local = sharding.local_rows(outs[j]["images"], setup.batch_sharding)
+    images.append(local)
+    pending.append(reward_fn.submit(local, pieces[j]))
+
+  for j, piece in enumerate(pieces):
+    inputs.append(sharding.global_batch({k: piece[k] for k in ("source_image", "ids", "mask")},
+                                        setup.batch_sharding))
+    outs.append(rollout(state.params, state.frozen, inputs[j], levels, jax.random.fold_in(rng, j)))
+    if j:
+      score(j - 1)
+  score(len(pieces) - 1)
+  results = [p.result() for p in pending]
+  chunks = [{**inputs[j], "latents": outs[j]["latents"], "log_probs": outs[j]["log_probs"],
+             "rewards": sharding.global_batch({"r": results[j][0]}, setup.batch_sharding)["r"]}
+            for j in range(len(pieces))]
+  host = {**grouped, "images": np.concatenate(images),
+          "rewards": np.concatenate([r[0] for r in results]),
+          "parts": {k: np.concatenate([r[1][k] for r in results]) for k in results[0][1]}}
+  return chunks, host
+
+
+def _tokenize(setup: Setup, record: dict) -> dict:
+  ids, mask = editor_sft.tokenizer_lib.encode(setup.tokenizer, [record["instruction"]],
+                                              setup.text_len)
+  record["ids"], record["mask"] = ids[0], mask[0]
+  return record
+
+
+def make_rewards(config, world) -> rewards_lib.Rewards:
+  try:
+    return rewards_lib.Rewards(config.rewards.to_dict(), world)
+  except ValueError as e:
+    raise ConfigError(f"config rewards: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Training loop.
+# ------------------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
+
+  os.makedirs(workdir, exist_ok=True)
+  tc, g = config.train, config.grpo
+  mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
+  resuming = mngr.latest_step() is not None
+  if not resuming:
+    if not config.init_from:
+      raise ConfigError("config key 'init_from' must name an editor SFT workdir to start "
+                        "from (--config.init_from=DIR)")
+    copy_tokenizer(config.init_from, workdir)
+  setup = make_setup(config, workdir)
+  reward_fn = make_rewards(config, setup.world)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  n_trained = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+  logging.info("GRPO: %.3fM trained parameters (%s), %d prompts x %d samples per step, mesh %s",
+               n_trained / 1e6, "LoRA" if setup.use_lora else "full", g.prompts_per_step,
+               g.group_size, dict(setup.mesh.shape))
+
+  # ---- Data: prompts of the train split ----
+  data = make_dataset(setup.source("train"), g.prompts_per_step // jax.process_count(),
+                      seed=tc.seed, fields=PROMPT_FIELDS, kinds=tc.example_kinds,
+                      map_fn=functools.partial(_tokenize, setup), worker_count=tc.worker_count)
+  data_iter = iter(data)
+
+  # ---- State: resume, or start from the SFT run ----
+  if resuming:
+    state = checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state, data_iter)
+    logging.info("resumed from step %d", int(state.step))
+  else:
+    state = init_state(setup, load_sft(setup, config.init_from, workdir))
+  start = int(state.step)
+
+  rollout, update = make_rollout(setup), make_update(setup)
+  sampler = editor_sft.make_sampler(setup, config.sample.num_steps, config.sample.shift,
+                                    config.sample.guidance_scale)
+  val_batches = editor_sft.eval_batches(setup, "validation", tc.example_kinds,
+                                        tc.eval_examples, config.eval.batch_size)
+  curve_path = os.path.join(workdir, "curve.json")
+  curve = json.load(open(curve_path)) if os.path.exists(curve_path) else []
+  curve = [point for point in curve if point["step"] <= start]
+  progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+  preemption = Preemption()
+  base_rng = jax.random.key(tc.seed)
+  t0 = time.time() - (curve[-1]["minutes"] * 60 if curve else 0.0)
+
+  def validate(step):
+    params = setup.policy(state.ema_params, state.frozen)
+    summary, first = editor_sft.evaluate(setup, params, val_batches, sampler, seed=10_000,
+                                         reward_fn=reward_fn)
+    minutes = (time.time() - t0) / 60
+    curve.append({"step": step, "minutes": round(minutes, 2), **summary})
+    writer.write_scalars(step, {f"val/{k}": v for k, v in
+                               flax.traverse_util.flatten_dict(summary, sep="/").items()})
+    logging.info("step %d (%.1f min): validation %s", step, minutes, summary)
+    if jax.process_index() == 0:
+      evaluation.write_metrics(curve_path, curve)
+    return first
+
+  # ---- Loop ----
+  step = start
+  try:
+    if start == 0 and tc.eval_every:
+      write_grid(writer, workdir, 0, validate(0), tc.sample_examples)
+    for step in range(start + 1, tc.num_steps + 1):
+      levels, trained = setup.levels_and_steps(step)
+      rng = jax.random.fold_in(base_rng, step)
+      with jax.profiler.StepTraceAnnotation("rollout", step_num=step):
+        chunks, host = rollout_and_score(setup, rollout, reward_fn, state, next(data_iter),
+                                         levels, rng)
+      with jax.profiler.StepTraceAnnotation("update", step_num=step):
+        state, metrics = update(state, chunks, levels, trained)
+      progress(step)
+      last = step == tc.num_steps
+      if step % tc.log_every == 0 or last:
+        scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        scalars.update({"reward/mean": float(host["rewards"].mean()),
+                        "reward/std": float(host["rewards"].std()),
+                        **{f"reward/{k}": float(v.mean()) for k, v in host["parts"].items()}})
+        writer.write_scalars(step, scalars)
+        if jax.process_index() == 0:
+          with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+      first = None
+      if (tc.eval_every and step % tc.eval_every == 0) or last:
+        first = validate(step)
+      if (tc.sample_every and step % tc.sample_every == 0) or last:
+        if first is not None:
+          write_grid(writer, workdir, step, first, tc.sample_examples)
+        write_rollout_grid(writer, workdir, step, host, g.group_size, tc.sample_examples)
+      if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last or preemption.requested:
+        checkpoint.save(mngr, step, state, data_iter, config, force=True)
+      if preemption.requested:
+        logging.warning("preempted at step %d; checkpoint saved", step)
+        break
+  finally:
+    mngr.wait_until_finished()
+    preemption.restore()
+    writer.flush()
+  return {"step": step, "curve": curve}
+
+
+def write_rollout_grid(writer, workdir: str, step: int, host: dict, group_size: int,
+                       limit: int) -> None:
+  """The first groups of the last rollout: every sample of a prompt with its reward."""
+  n = min(limit, len(host["rewards"]))
+  texts = [f"{host['instruction'][i]} | reward {host['rewards'][i]:.2f}" for i in range(n)]
+  grid = evaluation.edit_grid(host["source_image"][:n], host["images"][:n],
+                              host["target_image"][:n], texts, None, n)
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  grid.save(os.path.join(workdir, "samples", f"rollout_{step:07d}.png"))
+  writer.write_images(step, {"rollouts": np.asarray(grid)[None]})
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation: the GRPO policy and, on the same noise, the SFT model it started from.
+# ------------------------------------------------------------------------------------------
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Scores the latest checkpoint on `eval.split`, before (the SFT reference) and after
+  GRPO; writes DIR/eval/metrics.json (after's figures at the top level, `before`, and the
+  change) and PNG grids."""
+  setup = make_setup(config, workdir)
+  reward_fn = make_rewards(config, setup.world)
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
+  state = checkpoint.restore(mngr, step, setup.abstract_state)
+  ec = config.eval
+  trained = state.ema_params if ec.use_ema else state.params
+  sampler = editor_sft.make_sampler(setup, config.sample.num_steps, config.sample.shift,
+                                    config.sample.guidance_scale)
+  batches = editor_sft.eval_batches(setup, ec.split, ec.example_kinds, ec.num_examples,
+                                    ec.batch_size)
+  start = time.time()
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  results = {}
+  for name, params in (("after", setup.policy(trained, state.frozen)),
+                       ("before", setup.reference(trained, state.frozen))):
+    results[name], first = editor_sft.evaluate(setup, params, batches, sampler, seed=ec.seed,
+                                               reward_fn=reward_fn)
+    evaluation.edit_grid(*first).save(os.path.join(out, f"edits_{name}.png"))
+  summary = dict(results["after"])
+  summary["before"] = results["before"]
+  summary["change"] = {k: results["after"][k] - results["before"][k]
+                       for k in ("edit_success", "checklist_score", "reward", "preservation")}
+  summary.update({"split": ec.split, "example_kinds": list(ec.example_kinds), "step": step,
+                  "init_from": config.init_from, "seed": config.train.seed,
+                  "eval_seconds": round(time.time() - start, 1)})
+  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
+  print(json.dumps(summary, indent=1), flush=True)
+  return summary
