@@ -1,0 +1,180 @@
+"""The editor GRPO trainer: start from an SFT run, LoRA and full fine-tuning, exact resume,
+before/after eval, clear config errors, and the update on 8 devices = 1 device."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxedit import lora
+from jaxedit.config import ConfigError
+from jaxedit.trainers import editor_grpo, editor_sft
+
+from conftest import tiny_editor_config
+
+
+@pytest.fixture(scope="module")
+def sft_dir(small_data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("sft"))
+  editor_sft.train(tiny_editor_config(small_data_dir, num_steps=4), workdir)
+  return workdir
+
+
+def grpo_config(data_dir, init_from, **overrides):
+  sft = tiny_editor_config(data_dir)
+  config = editor_grpo.reference_config()
+  for section in ("data", "tokenizer", "model", "sample"):
+    config[section] = sft[section]
+  config.eval.batch_size, config.eval.num_examples = 8, 8
+  config.init_from = init_from
+  g = config.grpo
+  g.prompts_per_step, g.group_size, g.rollout_chunks, g.num_steps = 8, 2, 2, 3
+  g.minibatches, g.inner_epochs, g.kl_beta = 2, 2, 0.04
+  t = config.train
+  t.num_steps, t.eval_every, t.sample_every, t.checkpoint_every = 3, 3, 3, 1
+  t.eval_examples, t.sample_examples, t.async_checkpoints = 8, 4, False
+  config.model.lora_rank = 4
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config
+
+
+def _state(workdir, config):
+  setup = editor_grpo.make_setup(config, workdir)
+  mngr = editor_grpo.checkpoint.manager(workdir, 2, async_save=False)
+  return editor_grpo.checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state)
+
+
+def _sft_params(sft_dir, config):
+  setup = editor_sft.make_setup(tiny_editor_config(config.data.data_dir), sft_dir)
+  mngr = editor_grpo.checkpoint.manager(sft_dir, 2, async_save=False)
+  return editor_grpo.checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state).ema_params
+
+
+@pytest.fixture(scope="module")
+def lora_run(small_data_dir, sft_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("grpo_lora"))
+  config = grpo_config(small_data_dir, sft_dir)
+  editor_grpo.train(config, workdir)
+  return workdir, config
+
+
+def test_lora_run_trains_adapters_only_and_logs(lora_run, sft_dir):
+  workdir, config = lora_run
+  state = _state(workdir, config)
+  assert int(state.step) == 3
+  # The frozen base is the SFT run's EMA parameters, untouched.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen),
+               jax.device_get(_sft_params(sft_dir, config)))
+  # The adapters moved away from B = 0.
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
+  assert all(lora.is_adapter(tuple(k.key for k in path)) for path, _ in flat)
+  assert max(np.abs(v).max() for path, v in flat if path[-1].key == "lora_b") > 0
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  for key in ("reward/mean", "reward/checklist", "reward/preservation", "train/kl",
+              "train/clip_fraction", "train/ratio_min", "train/ratio_max"):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  # First update of a rollout is on-policy: the ratio stays within float32 noise of 1.
+  assert abs(rows[0]["train/ratio_min"] - 1) < 1e-3
+  curve = json.load(open(os.path.join(workdir, "curve.json")))
+  assert [p["step"] for p in curve] == [0, 3]
+  assert {"edit_success", "reward", "preservation"} <= set(curve[0])
+  samples = os.listdir(os.path.join(workdir, "samples"))
+  assert "rollout_0000003.png" in samples and "step_0000003.png" in samples
+
+
+def test_resume_continues_the_same_run(lora_run, small_data_dir, sft_dir, tmp_path):
+  workdir, config = lora_run
+  first = grpo_config(small_data_dir, sft_dir, **{"train.num_steps": 2})
+  editor_grpo.train(first, str(tmp_path))
+  editor_grpo.train(config, str(tmp_path))  # resumes at step 2, runs step 3
+  want = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  got = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
+  assert [r["step"] for r in got] == [1, 2, 3]
+  for a, b in zip(want, got):
+    assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(_state(workdir, config).params),
+               jax.device_get(_state(str(tmp_path), config).params))
+
+
+def test_eval_writes_before_and_after(lora_run, capsys):
+  workdir, config = lora_run
+  summary = editor_grpo.run_eval(config, workdir)
+  saved = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
+  assert saved["edit_success"] == pytest.approx(summary["edit_success"])
+  for key in ("edit_success", "checklist_score", "reward", "preservation",
+              "edit_success_by_task", "num_examples"):
+    assert key in saved and key in saved["before"], key
+  assert saved["num_examples"] == 8
+  assert saved["change"]["reward"] == pytest.approx(saved["reward"] - saved["before"]["reward"])
+  assert os.path.exists(os.path.join(workdir, "eval", "edits_before.png"))
+
+
+def test_full_fine_tuning_keeps_a_frozen_reference(small_data_dir, sft_dir, tmp_path):
+  config = grpo_config(small_data_dir, sft_dir, **{"model.lora_rank": 0, "train.num_steps": 1,
+                                                   "train.eval_every": 0, "train.lr": 1e-3})
+  editor_grpo.train(config, str(tmp_path))
+  state = jax.device_get(_state(str(tmp_path), config))
+  sft = jax.device_get(_sft_params(sft_dir, config))
+  jax.tree.map(np.testing.assert_array_equal, state.frozen, sft)
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), state.params, sft)
+  assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_config_errors_name_the_problem(small_data_dir, sft_dir, tmp_path):
+  with pytest.raises(ConfigError, match="init_from"):
+    editor_grpo.train(grpo_config(small_data_dir, ""), str(tmp_path / "a"))
+  with pytest.raises(ConfigError, match="no checkpoint"):
+    os.makedirs(tmp_path / "empty")
+    open(tmp_path / "empty" / "tokenizer.json", "w").write(
+        open(os.path.join(sft_dir, "tokenizer.json")).read())
+    editor_grpo.train(grpo_config(small_data_dir, str(tmp_path / "empty")), str(tmp_path / "b"))
+  with pytest.raises(ConfigError, match="model.num_layers = 1 there, 2 here"):
+    editor_grpo.train(grpo_config(small_data_dir, sft_dir, **{"model.num_layers": 2}),
+                      str(tmp_path / "c"))
+  with pytest.raises(ConfigError, match="group_size"):
+    editor_grpo.train(grpo_config(small_data_dir, sft_dir, **{"grpo.group_size": 1}),
+                      str(tmp_path / "d"))
+  with pytest.raises(ConfigError, match="no rewards configured"):
+    editor_grpo.train(grpo_config(small_data_dir, sft_dir, **{
+        "rewards.checklist": {"weight": 0.0, "strict": False},
+        "rewards.preservation": {"weight": 0.0}}), str(tmp_path / "e"))
+
+
+def test_update_on_eight_devices_matches_one(small_data_dir, sft_dir, tmp_path):
+  """One rollout on one device; the same trajectories and rewards updated on a (2, 2, 2)
+  mesh and on one device give the same parameters and metrics."""
+  config = grpo_config(small_data_dir, sft_dir)
+  editor_grpo.copy_tokenizer(sft_dir, str(tmp_path))
+  one = editor_grpo.make_setup(config, str(tmp_path), devices=jax.devices()[:1])
+  config8 = grpo_config(small_data_dir, sft_dir)
+  config8.mesh.shape = (2, 2, 2)
+  eight = editor_grpo.make_setup(config8, str(tmp_path))
+  state = editor_grpo.init_state(one, editor_grpo.load_sft(one, sft_dir, str(tmp_path)))
+  prompts = next(iter(editor_grpo.make_dataset(
+      one.source("train"), 8, seed=0, fields=editor_grpo.PROMPT_FIELDS, kinds=("atomic",),
+      map_fn=lambda r: editor_grpo._tokenize(one, r))))
+  levels, trained = one.levels_and_steps(1)
+  chunks, host = editor_grpo.rollout_and_score(
+      one, editor_grpo.make_rollout(one), editor_grpo.make_rewards(config, one.world), state,
+      prompts, levels, jax.random.key(0))
+  assert host["images"].shape == (16, 32, 32, 3)
+  chunks = jax.device_get(chunks)
+  host_state = jax.device_get(state)
+  results = []
+  for setup in (one, eight):
+    placed = jax.device_put(host_state, setup.state_shardings)
+    traj = editor_grpo.trajectory_sharding(setup)
+    put = [{k: jax.device_put(v, traj if k in ("latents", "log_probs") else setup.batch_sharding)
+            for k, v in c.items()} for c in chunks]
+    new, metrics = editor_grpo.make_update(setup)(placed, put, levels, trained)
+    results.append(jax.device_get((new.params, new.ema_params, metrics)))
+  (p1, e1, m1), (p8, e8, m8) = results
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6), p1, p8)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6), e1, e8)
+  for k in m1:
+    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-3, atol=1e-6, err_msg=k)
