@@ -97,6 +97,8 @@ def remote_reward(world: World, url: str, timeout: float = 30.0, retries: int = 
   `url` in chunks of `batch_size`; expects {"rewards": [float] * n}. Connection errors,
   timeouts and 5xx answers are retried `retries` times with exponential backoff; anything
   else raises RewardServerError naming the server and the problem."""
+  if not url:
+    raise ValueError("reward 'remote' needs a url (rewards.remote.url)")
   del world
   if not url:
     raise ValueError("the remote reward needs a 'url'")

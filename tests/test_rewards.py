@@ -64,6 +64,19 @@ def test_config_errors_name_the_problem():
     rewards.Rewards({"checklist": {"weight": 1.0, "temperature": 2}}, WORLD)
   with pytest.raises(ValueError, match="no rewards configured"):
     rewards.Rewards({}, WORLD)
+  with pytest.raises(ValueError, match="no rewards configured"):
+    rewards.Rewards({"checklist": {"weight": 0.0}}, WORLD)
+  with pytest.raises(ValueError, match="needs a url"):
+    rewards.Rewards({"remote": {"weight": 1.0, "url": ""}}, WORLD)
+
+
+def test_config_section_builds_and_weight_zero_turns_a_reward_off():
+  spec = rewards.reward_config().to_dict()
+  assert set(spec) == set(rewards.REGISTRY)
+  built = rewards.Rewards(spec, WORLD)
+  assert set(built.fns) == {"checklist"}  # preservation and remote have weight 0
+  spec["preservation"]["weight"] = 0.5
+  assert set(rewards.Rewards(spec, WORLD).fns) == {"checklist", "preservation"}
 
 
 class _Judge(http.server.BaseHTTPRequestHandler):
