@@ -34,7 +34,9 @@ import orbax.checkpoint as ocp
 from jaxedit import checkpoint, evaluation, flow, flow_grpo, grpo, lora, sharding
 from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError
+from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import make_dataset
+from jaxedit.text import tokenizer as tokenizer_lib
 from jaxedit.trainers import editor_sft
 from jaxedit.trainers.editor_sft import Preemption, text_inputs, write_grid
 
@@ -202,7 +204,7 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) ->
     except ValueError as e:
       raise ConfigError(f"config key 'model.lora_targets': {e}") from None
   return Setup(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
-               abstract_state, batch_sharding, editor_sft.data_job.dataset_dir(world, config.data),
+               abstract_state, batch_sharding, data_job.dataset_dir(world, config.data),
                full, use_lora, step_schedule_fn(g, tc.seed))
 
 
@@ -419,7 +421,7 @@ def rollout_and_score(setup: Setup, rollout, reward_fn, state: GRPOState, prompt
 
 
 def _tokenize(setup: Setup, record: dict) -> dict:
-  ids, mask = editor_sft.tokenizer_lib.encode(setup.tokenizer, [record["instruction"]],
+  ids, mask = tokenizer_lib.encode(setup.tokenizer, [record["instruction"]],
                                               setup.text_len)
   record["ids"], record["mask"] = ids[0], mask[0]
   return record
