@@ -19,6 +19,7 @@ import platform
 import statistics
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,7 +104,7 @@ def main(argv=None):
                                      pooled[:1], grid, source_tokens=source[:1])["params"]
   # Random weights everywhere (zero-initialised gates would make the model trivial).
   leaves, tree = jax.tree.flatten(jax.tree.map(np.asarray, jax.device_get(
-      __import__("flax").linen.unbox(params))))
+      nn.unbox(params))))
   params = jax.tree.unflatten(tree, [f(*x.shape) * 0.05 for x in leaves])
 
   model = diffusers.FluxTransformer2DModel(**flux_diffusers.diffusers_config(cfg)).eval()
