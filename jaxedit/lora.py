@@ -1,6 +1,6 @@
 """LoRA adapters as parameters: split from the frozen base, merge for export.
 
-The adapters live inside the model (`models.flux.LoRADense`, params `lora_a`, `lora_b`), so
+The adapters live inside the model (`models.layers.LoRADense`, params `lora_a`, `lora_b`), so
 scanned layers carry them with a leading layer axis like every other parameter. Training
 updates only the adapters; the reference policy is the base alone (adapters disabled), so no
 second copy of the base is kept.

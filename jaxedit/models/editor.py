@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxedit.models.flux import FluxConfig, FluxTransformer, dense, layer_norm
+from jaxedit.models.flux import FluxConfig, FluxTransformer, layer_norm
+from jaxedit.models.layers import dense
 
 # Flow-GRPO's Flux LoRA targets: attention projections and the double blocks' MLPs.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj",

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.models.layers import RMSNorm, dense, stack
+
 Dtype = Any
 
 
@@ -58,44 +60,6 @@ class FluxConfig:
                        f"{self.attention_head_dim}")
 
 
-def dense(cfg: FluxConfig, features: int, axes: tuple[str, str], name: str,
-          zero_init: bool = False, use_bias: bool = True) -> nn.Dense:
-  """A Dense with logical axis names on kernel (in, out) and bias (out,); `cfg` is any config
-  with `dtype` and `param_dtype`. A LoRADense where `cfg` puts adapters on `name`."""
-  kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
-  kwargs = dict(use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
-                name=name)
-  rank = getattr(cfg, "lora_rank", 0)
-  if rank and name in cfg.lora_targets:
-    return LoRADense(features, rank=rank, alpha=cfg.lora_alpha, axes=axes, **kwargs)
-  return nn.Dense(features, **kwargs)
-
-
-class LoRADense(nn.Dense):
-  """Dense + a low-rank update applied, not merged: y = x W + b + (alpha / r) (x A) B.
-
-  The base kernel and bias keep nn.Dense's names, so dropping `lora_a`/`lora_b` (adapters
-  disabled) or merging them (jaxedit.lora.merge) gives the plain model's parameters."""
-
-  rank: int = 0
-  alpha: float = 1.0
-  axes: tuple[str, str] = (None, None)
-
-  @nn.compact
-  def __call__(self, x):
-    y = super().__call__(x)
-    a = self.param("lora_a", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                          (self.axes[0], None)),
-                   (x.shape[-1], self.rank), self.param_dtype)
-    b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros_init(),
-                                                          (None, self.axes[1])),
-                   (self.rank, self.features), self.param_dtype)
-    low = jnp.dot(jnp.dot(x.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype))
-    return y + (self.alpha / self.rank) * low
-
-
 def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """LayerNorm without affine parameters, computed in float32."""
   x32 = x.astype(jnp.float32)
@@ -110,23 +74,6 @@ def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=True)
-
-
-class RMSNorm(nn.Module):
-  """Per-head RMSNorm of q and k; weight of shape (head_dim,), as torch.nn.RMSNorm."""
-
-  eps: float = 1e-6
-  init: float = 1.0
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.constant(self.init),
-                                                             ("head_dim",)),
-                       (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt((x32**2).mean(-1, keepdims=True) + self.eps)
-    return (y * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10_000.0) -> jax.Array:
@@ -305,25 +252,6 @@ class SingleBlock(nn.Module):
     return h, None
 
 
-def _stack(block_cls, cfg: FluxConfig, length: int, name: str):
-  """A stack of `length` blocks: scanned (params with a leading 'layers' axis) or unrolled."""
-  if cfg.remat_policy != "none":
-    policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies,
-                                                             cfg.remat_policy)
-    block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
-  if cfg.scan_layers:
-    scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(nn.broadcast, nn.broadcast), length=length,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-    return lambda carry, temb, rope: scanned(cfg, name=name)(carry, temb, rope)[0]
-
-  def unrolled(carry, temb, rope):
-    for i in range(length):
-      carry, _ = block_cls(cfg, name=f"{name}_{i}")(carry, temb, rope)
-    return carry
-  return unrolled
-
-
 def position_ids(height: int, width: int, index: int = 0) -> np.ndarray:
   """(h*w, 3) ids of an image's tokens: (index, row, column)."""
   rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
@@ -359,9 +287,11 @@ class FluxTransformer(nn.Module):
     temb = TimeTextEmbed(cfg, name="time_text_embed")(t, pooled, guidance)
     c = dense(cfg, cfg.inner_dim, ("joint", "embed"), "context_embedder")(context.astype(cfg.dtype))
 
-    x, c = _stack(DoubleBlock, cfg, cfg.num_layers, "transformer_blocks")((x, c), temb, rope)
+    shared = (nn.broadcast, nn.broadcast)
+    (x, c), _ = stack(DoubleBlock, cfg, cfg.num_layers, "transformer_blocks", shared)(
+        (x, c), temb, rope)
     h = jnp.concatenate([c, x], axis=1)
-    h = _stack(SingleBlock, cfg, cfg.num_single_layers, "single_transformer_blocks")(
+    h, _ = stack(SingleBlock, cfg, cfg.num_single_layers, "single_transformer_blocks", shared)(
         h, temb, rope)
     x = h[:, c.shape[1]:c.shape[1] + n_target]
 

@@ -1,0 +1,95 @@
+"""Building blocks shared by the editor (Flux) and the planner (Qwen2/Llama): Dense layers
+with logical axis names and optional LoRA, RMSNorm, and scanned or unrolled layer stacks."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def dense(cfg, features: int, axes: tuple[str, str], name: str,
+          zero_init: bool = False, use_bias: bool = True) -> nn.Dense:
+  """A Dense with logical axis names on kernel (in, out) and bias (out,); `cfg` is any config
+  with `dtype` and `param_dtype`. A LoRADense where `cfg` puts adapters on `name`."""
+  kernel_init = nn.initializers.zeros_init() if zero_init else nn.initializers.xavier_uniform()
+  kwargs = dict(use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+                name=name)
+  rank = getattr(cfg, "lora_rank", 0)
+  if rank and name in cfg.lora_targets:
+    return LoRADense(features, rank=rank, alpha=cfg.lora_alpha, axes=axes, **kwargs)
+  return nn.Dense(features, **kwargs)
+
+
+class LoRADense(nn.Dense):
+  """Dense + a low-rank update applied, not merged: y = x W + b + (alpha / r) (x A) B.
+
+  The base kernel and bias keep nn.Dense's names, so dropping `lora_a`/`lora_b` (adapters
+  disabled) or merging them (jaxedit.lora.merge) gives the plain model's parameters."""
+
+  rank: int = 0
+  alpha: float = 1.0
+  axes: tuple[str, str] = (None, None)
+
+  @nn.compact
+  def __call__(self, x):
+    y = super().__call__(x)
+    a = self.param("lora_a", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                          (self.axes[0], None)),
+                   (x.shape[-1], self.rank), self.param_dtype)
+    b = self.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                          (None, self.axes[1])),
+                   (self.rank, self.features), self.param_dtype)
+    low = jnp.dot(jnp.dot(x.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype))
+    return y + (self.alpha / self.rank) * low
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm over the last axis in float32, weight without +1 offset (torch.nn.RMSNorm,
+  Qwen2RMSNorm); `axis` is the weight's logical name."""
+
+  eps: float = 1e-6
+  init: float = 1.0
+  axis: str = "head_dim"
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.constant(self.init),
+                                                             (self.axis,)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt((x32**2).mean(-1, keepdims=True) + self.eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def stack(block_cls, cfg, length: int, name: str, in_axes: tuple) -> Callable:
+  """`length` blocks `block_cls(cfg)(carry, *args) -> (carry, y)` as one function
+  `(carry, *args) -> (carry, ys)`: scanned (params with a leading 'layers' axis) or unrolled
+  (blocks named `{name}_{i}`). `in_axes` per arg: `nn.broadcast` (shared by every layer) or
+  0 (sliced per layer, e.g. a KV cache); ys are stacked on a leading layer axis."""
+  if cfg.remat_policy != "none":
+    policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies,
+                                                             cfg.remat_policy)
+    block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=in_axes, length=length,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+    return lambda carry, *args: scanned(cfg, name=name)(carry, *args)
+
+  def unrolled(carry, *args):
+    ys = []
+    for i in range(length):
+      layer_args = [a if ax is nn.broadcast else jax.tree.map(lambda v: v[i], a)
+                    for a, ax in zip(args, in_axes)]
+      carry, y = block_cls(cfg, name=f"{name}_{i}")(carry, *layer_args)
+      ys.append(y)
+    return carry, jax.tree.map(lambda *v: jnp.stack(v), *ys)
+  return unrolled

@@ -1,0 +1,123 @@
+"""The planner: a Qwen2-layout decoder LM that sees the source image through a vision prefix.
+
+The image is cut into patches (on the shapes world, one patch per grid cell), embedded,
+given learned position embeddings and projected into the LM's embedding space by a two-layer
+GELU MLP (the LLaVA projector); these tokens precede the prompt. The LM's parameters sit
+under `lm` and export to transformers unchanged; the vision prefix is jaxedit's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from jaxedit.models.editor import patchify
+from jaxedit.models.layers import dense
+from jaxedit.models.lm import DecoderLM, LMConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  image_size: int = 32
+  patch_size: int = 8
+  width: int = 128  # patch embedding width before the projector
+
+  @property
+  def num_tokens(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannerConfig:
+  lm: LMConfig
+  vision: VisionConfig | None = None  # None: text only (e.g. scene-as-text prompts)
+
+  @property
+  def prefix_len(self) -> int:
+    return 0 if self.vision is None else self.vision.num_tokens
+
+
+class VisionPrefix(nn.Module):
+  """(B, H, W, 3) images in [-1, 1] -> (B, num_tokens, hidden) prefix embeddings."""
+
+  cfg: VisionConfig
+  lm: LMConfig
+
+  @nn.compact
+  def __call__(self, image):
+    cfg = self.cfg
+    if image.shape[1:] != (cfg.image_size, cfg.image_size, 3):
+      raise ValueError(f"planner images must be (B, {cfg.image_size}, {cfg.image_size}, 3), "
+                       f"got {image.shape}")
+    x = dense(self.lm, cfg.width, ("patch", "embed"), "patch_embed")(
+        patchify(image.astype(self.lm.dtype), cfg.patch_size))
+    pos = self.param("position_embedding", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, "embed")), (cfg.num_tokens, cfg.width),
+        self.lm.param_dtype)
+    x = x + pos.astype(x.dtype)
+    x = dense(self.lm, self.lm.hidden_size, ("embed", "mlp"), "projector_1")(x)
+    return dense(self.lm, self.lm.hidden_size, ("mlp", "embed"), "projector_2")(nn.gelu(x))
+
+
+class Planner(nn.Module):
+  """DecoderLM logits (and cache) for prompts that may start with an image prefix; `image`
+  is given on the call that holds the prompt (training, or the sampler's prefill)."""
+
+  cfg: PlannerConfig
+
+  @nn.compact
+  def __call__(self, ids, valid, cache=None, index=0, image=None, last_only: bool = False):
+    prefix = None
+    if image is not None:
+      if self.cfg.vision is None:
+        raise ValueError("this planner has no vision prefix (model.vision.enabled = False); "
+                         "pass image=None")
+      prefix = VisionPrefix(self.cfg.vision, self.cfg.lm, name="vision")(image)
+    return DecoderLM(self.cfg.lm, name="lm")(ids, valid, cache=cache, index=index,
+                                             prefix=prefix, last_only=last_only)
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """The `model` section of a planner config (a tiny Qwen2 for the shapes world)."""
+  return ml_collections.ConfigDict({
+      "vocab_size": 512,  # the tokenizer is trained to this size
+      "hidden_size": 128,
+      "intermediate_size": 384,
+      "num_layers": 4,
+      "num_heads": 4,
+      "num_kv_heads": 2,
+      "head_dim": 32,
+      "rope_theta": 10_000.0,
+      "rms_norm_eps": 1e-6,
+      "qkv_bias": True,
+      "tie_embeddings": True,
+      "lora_rank": 0,
+      "lora_alpha": 1.0,
+      "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                       "down_proj"),
+      "dtype": "float32",
+      "param_dtype": "float32",
+      "scan_layers": True,
+      "remat_policy": "none",
+      "vision": {"enabled": True, "patch_size": 8, "width": 128},
+  })
+
+
+def planner_config(model: ml_collections.ConfigDict, image_size: int) -> PlannerConfig:
+  """A PlannerConfig from the config's `model` section; bad values raise ValueError."""
+  lm_keys = {f.name for f in dataclasses.fields(LMConfig)}
+  lm = {k: v for k, v in model.items() if k in lm_keys}
+  for key in ("dtype", "param_dtype"):
+    lm[key] = jnp.dtype(lm[key])
+  lm["lora_targets"] = tuple(lm["lora_targets"])
+  vision = None
+  if model.vision.enabled:
+    if image_size % model.vision.patch_size:
+      raise ValueError(f"model.vision.patch_size {model.vision.patch_size} does not divide "
+                       f"the image size {image_size}")
+    vision = VisionConfig(image_size=image_size, patch_size=model.vision.patch_size,
+                          width=model.vision.width)
+  return PlannerConfig(lm=LMConfig(**lm), vision=vision)

@@ -1,0 +1,163 @@
+"""KV-cache sampling from the planner: a jitted prefill, then a jitted decode loop that
+takes the cache donated, so it is updated in place.
+
+Prompts are left-padded (`valid` marks real tokens), so every row's next token goes to the
+same cache slot; positions count only valid tokens, so a padded row samples what it would
+alone. Decoding stops at `max_new_tokens` or when every row has emitted a stop token; tokens
+after a row's stop token are `pad_id` and not `valid`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxedit import sharding
+from jaxedit.models import lm
+from jaxedit.models.planner import Planner
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Static settings (shapes and code paths); temperature is a traced argument."""
+
+  max_new_tokens: int
+  stop_ids: tuple[int, ...]
+  pad_id: int
+  top_k: int = 0  # 0: off
+  top_p: float = 1.0  # 1: off
+
+
+class Samples(NamedTuple):
+  tokens: jax.Array  # (B, N) int32, pad_id after a row's stop token
+  valid: jax.Array  # (B, N) bool: generated tokens up to and including the stop token
+  logprobs: jax.Array  # (B, N) float32 log-prob under the distribution sampled from
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+  """Top-k then top-p (nucleus) filtering: filtered logits are -inf. Ties at the cut-off
+  are kept, as in transformers."""
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = jnp.sum(mass_before < top_p, axis=-1, keepdims=True)  # >= 1
+    cutoff = jnp.take_along_axis(ordered, keep - 1, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, temperature: jax.Array,
+                 settings: SamplingConfig):
+  """(token, log-prob) per row; temperature 0 is greedy (log-prob of the raw softmax)."""
+  greedy = temperature <= 0
+  scaled = logits / jnp.where(greedy, 1.0, temperature)
+  filtered = filter_logits(scaled, settings.top_k, settings.top_p)
+  token = jnp.where(greedy, jnp.argmax(logits, -1), jax.random.categorical(rng, filtered))
+  logp = jax.nn.log_softmax(jnp.where(greedy, scaled, filtered), axis=-1)
+  return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], -1)[:, 0]
+
+
+class DecodeState(NamedTuple):
+  valid: jax.Array  # (B, T) cache slots holding real tokens
+  tokens: jax.Array  # (B, N)
+  logprobs: jax.Array  # (B, N)
+  done: jax.Array  # (B,) a stop token has been emitted
+  step: jax.Array  # tokens generated so far
+  start: jax.Array  # the cache slot of the first generated token
+
+
+def make_sampler(model: Planner, settings: SamplingConfig, mesh=None, axis_rules=()) -> Callable:
+  """`sample(params, prompt_ids, prompt_valid, rng, temperature=1.0, image=None) -> Samples`.
+
+  prompt_ids/prompt_valid: (B, P) left-padded prompts. With a mesh, the batch (and the
+  cache's batch axis) is sharded as the logical `batch` axis.
+  """
+  cfg = model.cfg.lm
+  n = settings.max_new_tokens
+  stop = jnp.asarray(settings.stop_ids, jnp.int32)
+
+  def constrain(cache):  # (layers, batch, ...): split the batch axis like the data
+    if mesh is None:
+      return cache
+    batch = nn.logical_to_mesh_axes(("batch",), axis_rules)[0]
+    return jax.lax.with_sharding_constraint(cache, NamedSharding(mesh, P(None, batch)))
+
+  def prefill(params, prompt_ids, prompt_valid, rng, temperature, image):
+    b, p = prompt_ids.shape
+    prefix = model.cfg.prefix_len if image is not None else 0
+    length = prefix + p + n
+    valid = jnp.concatenate([jnp.ones((b, prefix), bool), prompt_valid.astype(bool),
+                             jnp.zeros((b, n), bool)], axis=1)
+    cache = constrain(lm.init_cache(cfg, b, length))
+    logits, cache = model.apply({"params": params}, prompt_ids, valid, cache=cache, index=0,
+                                image=image, last_only=True)
+    token, logp = sample_token(logits[:, -1], jax.random.fold_in(rng, 0), temperature, settings)
+    tokens = jnp.full((b, n), settings.pad_id, jnp.int32).at[:, 0].set(token)
+    logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp)
+    return cache, DecodeState(valid, tokens, logprobs, jnp.isin(token, stop),
+                              jnp.ones((), jnp.int32), jnp.asarray(prefix + p, jnp.int32))
+
+  def decode(params, cache, state: DecodeState, rng, temperature):
+    def cond(carry):
+      s = carry[1]
+      return (s.step < n) & ~jnp.all(s.done)
+
+    def body(carry):
+      cache, s = carry
+      slot = s.start + s.step - 1  # where the last generated token goes
+      valid = jax.lax.dynamic_update_slice_in_dim(
+          s.valid, jnp.ones((s.valid.shape[0], 1), bool), slot, 1)
+      last = jax.lax.dynamic_slice_in_dim(s.tokens, s.step - 1, 1, 1)
+      logits, cache = model.apply({"params": params}, last, valid, cache=cache, index=slot)
+      token, logp = sample_token(logits[:, -1], jax.random.fold_in(rng, s.step), temperature,
+                                 settings)
+      token = jnp.where(s.done, settings.pad_id, token)
+      logp = jnp.where(s.done, 0.0, logp)
+      tokens = jax.lax.dynamic_update_slice_in_dim(s.tokens, token[:, None], s.step, 1)
+      logprobs = jax.lax.dynamic_update_slice_in_dim(s.logprobs, logp[:, None], s.step, 1)
+      return constrain(cache), DecodeState(valid, tokens, logprobs,
+                                           s.done | jnp.isin(token, stop), s.step + 1, s.start)
+
+    cache, s = jax.lax.while_loop(cond, body, (cache, state))
+    is_stop = jnp.isin(s.tokens, stop)
+    stopped_before = (jnp.cumsum(is_stop, axis=1) - is_stop) > 0
+    valid = ~stopped_before & (jnp.arange(n) < s.step)
+    tokens = jnp.where(valid, s.tokens, settings.pad_id)
+    # The cache is returned so that the donated input buffer is aliased to it: the loop
+    # updates it in place.
+    return Samples(tokens, valid, jnp.where(valid, s.logprobs, 0.0)), cache
+
+  wrap = (lambda f: f) if mesh is None else (lambda f: sharding.in_context(f, mesh, axis_rules))
+  prefill_jit = wrap(jax.jit(prefill))
+  decode_jit = wrap(jax.jit(decode, donate_argnums=1))
+
+  def sample(params, prompt_ids, prompt_valid, rng, temperature=1.0, image=None) -> Samples:
+    temperature = jnp.asarray(temperature, jnp.float32)
+    cache, state = prefill_jit(params, prompt_ids, prompt_valid, rng, temperature, image)
+    return decode_jit(params, cache, state, rng, temperature)[0]
+
+  return sample
+
+
+def left_pad(rows: list[list[int]], pad_id: int, length: int | None = None):
+  """Token id lists -> left-padded (ids, valid) int32/bool arrays of width `length`."""
+  length = max(map(len, rows)) if length is None else length
+  ids = np.full((len(rows), length), pad_id, np.int32)
+  valid = np.zeros((len(rows), length), bool)
+  for i, row in enumerate(rows):
+    if len(row) > length:
+      raise ValueError(f"prompt of {len(row)} tokens exceeds the prompt length {length}")
+    if row:
+      ids[i, -len(row):] = row
+      valid[i, -len(row):] = True
+  return ids, valid
