@@ -22,7 +22,8 @@ CONFIG_PREFIX = "--config."
 
 
 TRAINERS = {"editor_sft": "jaxedit.trainers.editor_sft",
-            "editor_grpo": "jaxedit.trainers.editor_grpo"}
+            "editor_grpo": "jaxedit.trainers.editor_grpo",
+            "planner_sft": "jaxedit.trainers.planner_sft"}
 
 
 def _data_job():

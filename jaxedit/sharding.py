@@ -87,6 +87,12 @@ def global_batch(local: dict, sharding: NamedSharding) -> dict:
           for k, v in local.items()}
 
 
+def pad_rows(array, rows: int) -> np.ndarray:
+  """Pads the leading axis to `rows` by repeating the last row (a fixed eval batch shape)."""
+  array = np.asarray(array)
+  return np.concatenate([array, np.repeat(array[-1:], rows - len(array), 0)])
+
+
 def local_rows(array: jax.Array, sharding: NamedSharding) -> np.ndarray:
   """This process's rows of a global batch-sharded array: the inverse of `global_batch`."""
   from jax.experimental import multihost_utils

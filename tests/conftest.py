@@ -59,3 +59,25 @@ def tiny_editor_config(data_dir, **train):
   for k, v in train.items():
     t[k] = v
   return config
+
+
+def tiny_planner_config(data_dir, **train):
+  """A seconds-to-train planner SFT config on the small dataset."""
+  from jaxedit.trainers import planner_sft
+
+  config = planner_sft.reference_config()
+  config.data = small_data_config(data_dir)
+  config.tokenizer.vocab_size = 300
+  config.tokenizer.corpus_examples = 400
+  m = config.model
+  m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 300, 32, 64, 2
+  m.num_heads, m.num_kv_heads, m.head_dim, m.vision.width = 2, 1, 16, 16
+  config.prompt.max_prompt_len, config.prompt.max_plan_len = 72, 200
+  t = config.train
+  t.batch_size, t.num_steps, t.warmup_steps = 8, 6, 2
+  t.log_every, t.eval_every, t.checkpoint_every = 1, 3, 3
+  t.eval_examples, t.async_checkpoints = 8, False
+  config.eval.batch_size, config.eval.num_examples = 8, 16
+  for k, v in train.items():
+    t[k] = v
+  return config

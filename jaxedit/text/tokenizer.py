@@ -30,6 +30,18 @@ def corpus(world: World, num_examples: int, seed: int) -> Iterable[str]:
     yield from json.loads(record["plan_steps"])
 
 
+def planner_corpus(world: World, num_examples: int, seed: int) -> Iterable[str]:
+  """The editor corpus plus plans in the planner's output format and its prompts, so the
+  JSON punctuation and the template merge into tokens too."""
+  from jaxedit import plans
+
+  yield from corpus(world, num_examples, seed)
+  half = num_examples // 2
+  for record in generate(world, "train", half, num_examples - half, seed):
+    yield plans.prompt(record["instruction"], record["scene_text"])
+    yield record["plan_steps"]
+
+
 def train(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
   tok = tokenizers.Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -42,8 +54,9 @@ def train(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
 
 
 def load_or_train(path: str, world: World, vocab_size: int, num_examples: int,
-                  seed: int) -> tokenizers.Tokenizer:
-  """Loads `path` if it exists, else trains on the corpus and saves it there."""
+                  seed: int, corpus=corpus) -> tokenizers.Tokenizer:
+  """Loads `path` if it exists, else trains on `corpus(world, num_examples, seed)` and saves
+  it there."""
   if os.path.exists(path):
     return tokenizers.Tokenizer.from_file(path)
   tok = train(corpus(world, num_examples, seed), vocab_size)

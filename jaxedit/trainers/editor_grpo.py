@@ -517,10 +517,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         scalars.update({"reward/mean": float(host["rewards"].mean()),
                         "reward/std": float(host["rewards"].std()),
                         **{f"reward/{k}": float(v.mean()) for k, v in host["parts"].items()}})
-        writer.write_scalars(step, scalars)
-        if jax.process_index() == 0:
-          with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        editor_sft.write_metrics_line(writer, workdir, step, scalars)
       first = None
       if (tc.eval_every and step % tc.eval_every == 0) or last:
         first = validate(step)

@@ -303,8 +303,7 @@ def eval_batches(setup, split: str, kinds, num_examples: int, batch_size: int):
     ids, mask = tokenizer_lib.encode(setup.tokenizer, info["instruction"], setup.text_len)
     arrays = {"source_image": batch["source_image"][:n], "target_image": batch["target_image"][:n],
               "ids": ids, "mask": mask}
-    pad = batch_size - n
-    arrays = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in arrays.items()}
+    arrays = {k: sharding.pad_rows(v, batch_size) for k, v in arrays.items()}
     out.append((arrays, info))
     seen += n
   return out
@@ -413,11 +412,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress(step)
       last = step == tc.num_steps
       if step % tc.log_every == 0 or last:
-        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        writer.write_scalars(step, scalars)
-        if jax.process_index() == 0:
-          with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        write_metrics_line(writer, workdir, step,
+                           {k: float(v) for k, v in jax.device_get(metrics).items()})
       first = None  # the first validation batch's edits, reused for the sample grid
       if (tc.eval_every and step % tc.eval_every == 0) or last:
         eval_start = time.time()
@@ -446,6 +442,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
   return {"step": step, "curve": curve,
           "final_loss": None if metrics is None else float(metrics["loss"])}
+
+
+def write_metrics_line(writer, workdir: str, step: int, scalars: dict) -> None:
+  """Scalars to the metric writer (TensorBoard) and, from process 0, to DIR/metrics.jsonl."""
+  writer.write_scalars(step, scalars)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps({"step": step, **scalars}) + "\n")
 
 
 def write_grid(writer, workdir: str, step: int, images, limit: int) -> None:

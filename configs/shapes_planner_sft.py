@@ -1,0 +1,22 @@
+"""Planner SFT on the abstract instructions of the shapes world (and single atomic edits,
+whose plan is one step).
+
+    jaxedit train --config configs/shapes_planner_sft.py --workdir DIR
+    jaxedit train --config configs/shapes_planner_sft.py:demo --workdir DIR   # a few minutes
+    jaxedit eval  --config configs/shapes_planner_sft.py --workdir DIR
+"""
+
+from jaxedit.trainers import planner_sft
+
+
+def get_config(arg=None):
+  config = planner_sft.reference_config()
+  config.prompt.max_plan_len = 96  # the longest reference plan is 85 tokens with EOS
+  if arg == "demo":
+    config.train.num_steps = 300
+    config.train.eval_every = 150
+    config.train.checkpoint_every = 150
+    config.eval.num_examples = 256
+  elif arg:
+    raise ValueError(f"unknown config arg {arg!r}; use 'demo' or nothing")
+  return config.lock()

@@ -1,0 +1,473 @@
+"""Planner SFT: next-token prediction of the reference plan, given the source image and the
+instruction.
+
+    jaxedit train --config configs/shapes_planner_sft.py --workdir DIR
+    jaxedit eval  --config configs/shapes_planner_sft.py --workdir DIR
+
+A training sequence is laid out as the sampler lays out a rollout: [image prefix] [prompt,
+left-padded] [plan JSON + EOS, right-padded]; the loss is the mean cross-entropy over the
+plan tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxedit import checkpoint, evaluation, flow, plans, sampling, sharding
+from jaxedit.config import ConfigError
+from jaxedit.data import job as data_job
+from jaxedit.data.pipeline import ShapesSource, make_dataset
+from jaxedit.models.planner import Planner, model_config, planner_config
+from jaxedit.shapes import checklist as cl
+from jaxedit.shapes.world import Scene
+from jaxedit.text import tokenizer as tokenizer_lib
+from jaxedit.trainers.editor_sft import (Preemption, TrainState, check_batch_size,
+                                         write_metrics_line)
+
+RECORD_FIELDS = ("source_image", "instruction", "scene_text", "plan_steps")
+EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_family")
+
+
+def reference_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.trainer = "planner_sft"
+  c.world = data_job.world_config()
+  c.data = data_job.data_config()
+  c.tokenizer = ml_collections.ConfigDict({"vocab_size": 512, "corpus_examples": 4000})
+  c.model = model_config()
+  c.prompt = ml_collections.ConfigDict({
+      "scene_as_text": False,  # also write the scene description into the prompt
+      "max_prompt_len": 32,  # tokens, BOS included; longer prompts raise a clear error
+      "max_plan_len": 128,  # tokens, EOS included
+  })
+  c.sample = ml_collections.ConfigDict({"temperature": 0.0, "top_k": 0, "top_p": 1.0})
+  c.train = ml_collections.ConfigDict({
+      "seed": 0,
+      "batch_size": 32,  # global
+      "num_steps": 2000,
+      "example_kinds": ("abstract", "atomic"),
+      "lr": 1e-3,
+      "warmup_steps": 100,
+      "end_lr_fraction": 0.05,
+      "weight_decay": 0.01,
+      "b1": 0.9,
+      "b2": 0.95,
+      "grad_clip": 1.0,
+      "ema_decay": 0.999,
+      "log_every": 20,
+      "eval_every": 500,
+      "eval_examples": 256,  # validation examples decoded during training
+      "sample_examples": 8,  # plans written to DIR/samples and TensorBoard
+      "checkpoint_every": 500,
+      "keep_checkpoints": 2,
+      "async_checkpoints": True,
+      "worker_count": 0,
+  })
+  c.eval = ml_collections.ConfigDict({
+      "split": "test", "num_examples": 0,  # 0: every abstract example of the split
+      "batch_size": 64, "use_ema": True})
+  c.mesh = sharding.mesh_config()
+  return c
+
+
+# ------------------------------------------------------------------------------------------
+# Setup: everything that depends only on the config, shared by train and eval.
+# ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Setup:
+  config: ml_collections.ConfigDict
+  world: Any
+  tokenizer: Any
+  model: Planner
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  tx: optax.GradientTransformation
+  schedule: Any
+  init: Any  # rng -> boxed TrainState
+  state_shardings: Any
+  abstract_state: Any
+  batch_sharding: jax.sharding.NamedSharding
+  dataset_dir: str
+
+  @property
+  def param_shardings(self):
+    return self.state_shardings.params
+
+  @property
+  def pad_id(self) -> int:
+    return self.tokenizer.token_to_id(tokenizer_lib.PAD)
+
+  @property
+  def eos_id(self) -> int:
+    return self.tokenizer.token_to_id(tokenizer_lib.EOS)
+
+  def source(self, split: str) -> ShapesSource:
+    return ShapesSource(self.dataset_dir, split, self.world)
+
+  def prompt_ids(self, instructions, scene_texts) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded (ids, valid) of BOS + the prompt template."""
+    pc = self.config.prompt
+    texts = [plans.prompt(i, s if pc.scene_as_text else None)
+             for i, s in zip(instructions, scene_texts)]
+    bos = self.tokenizer.token_to_id(tokenizer_lib.BOS)
+    rows = [[bos] + e.ids for e in self.tokenizer.encode_batch(texts)]
+    for text, row in zip(texts, rows):
+      if len(row) > pc.max_prompt_len:
+        raise ValueError(f"prompt of {len(row)} tokens exceeds prompt.max_prompt_len "
+                         f"{pc.max_prompt_len}: {text!r}")
+    return sampling.left_pad(rows, self.pad_id, pc.max_prompt_len)
+
+  def plan_ids(self, plan_texts) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded (ids, valid) of the plan JSON + EOS."""
+    n = self.config.prompt.max_plan_len
+    ids = np.full((len(plan_texts), n), self.pad_id, np.int32)
+    valid = np.zeros((len(plan_texts), n), bool)
+    for i, (text, e) in enumerate(zip(plan_texts, self.tokenizer.encode_batch(plan_texts))):
+      row = e.ids + [self.eos_id]
+      if len(row) > n:
+        raise ValueError(f"plan of {len(row)} tokens exceeds prompt.max_plan_len {n}: {text!r}")
+      ids[i, :len(row)], valid[i, :len(row)] = row, True
+    return ids, valid
+
+  def examples(self, batch: dict) -> dict:
+    """A batch of records -> model inputs."""
+    prompt, prompt_valid = self.prompt_ids(batch["instruction"], batch["scene_text"])
+    plan, plan_valid = self.plan_ids(list(batch["plan_steps"]))
+    return {"source_image": np.asarray(batch["source_image"]), "prompt": prompt,
+            "prompt_valid": prompt_valid, "plan": plan, "plan_valid": plan_valid}
+
+  def decode(self, tokens: np.ndarray, valid: np.ndarray) -> list[str]:
+    """Sampled plan tokens -> texts (EOS and padding dropped)."""
+    rows = [[int(t) for t, v in zip(row, ok) if v and t != self.eos_id]
+            for row, ok in zip(tokens, valid)]
+    return self.tokenizer.decode_batch(rows)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  data_job.check_data_config(config.data)
+  for key in ("num_steps", "batch_size", "log_every"):
+    if config.train[key] <= 0:
+      raise ConfigError(f"config key 'train.{key}' must be > 0")
+  for key in ("max_prompt_len", "max_plan_len"):
+    if config.prompt[key] <= 0:
+      raise ConfigError(f"config key 'prompt.{key}' must be > 0")
+  if config.model.vocab_size < config.tokenizer.vocab_size:
+    raise ConfigError(f"model.vocab_size {config.model.vocab_size} is smaller than "
+                      f"tokenizer.vocab_size {config.tokenizer.vocab_size}")
+
+
+def make_model_and_mesh(config: ml_collections.ConfigDict, workdir: str, devices=None):
+  """(world, tokenizer, model, mesh, logical rules, batch sharding); the tokenizer is loaded
+  from DIR/tokenizer.json, or trained on the planner corpus and saved there."""
+  world = data_job.world_from(config)
+  tok = tokenizer_lib.load_or_train(os.path.join(workdir, "tokenizer.json"), world,
+                                    config.tokenizer.vocab_size,
+                                    config.tokenizer.corpus_examples, config.data.seed,
+                                    corpus=tokenizer_lib.planner_corpus)
+  try:
+    model = Planner(planner_config(config.model, world.image_size))
+  except ValueError as e:
+    raise ConfigError(f"config model: {e}") from None
+  try:
+    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape, devices)
+  except ValueError as e:
+    raise ConfigError(f"config mesh: {e}") from None
+  rules = sharding.rules(config.mesh)
+  return world, tok, model, mesh, rules, sharding.batch_sharding(mesh, rules)
+
+
+def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
+  check_config(config)
+  world, tok, model, mesh, rules, batch_sharding = make_model_and_mesh(config, workdir, devices)
+  for key in ("train.batch_size", "eval.batch_size"):
+    section, name = key.split(".")
+    check_batch_size(f"config key {key!r}", config[section][name], mesh, batch_sharding)
+  tc = config.train
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, tc.lr, tc.warmup_steps, max(tc.num_steps, tc.warmup_steps + 1),
+      end_value=tc.lr * tc.end_lr_fraction)
+  tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                   optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+  init = functools.partial(_init_state, model=model, tx=tx, image_size=world.image_size,
+                           prompt_len=config.prompt.max_prompt_len)
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  state_shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract_state = checkpoint.abstract_like(nn.unbox(boxed), state_shardings)
+  return Setup(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
+               abstract_state, batch_sharding, data_job.dataset_dir(world, config.data))
+
+
+def _init_state(rng, *, model: Planner, tx, image_size: int, prompt_len: int) -> TrainState:
+  image = jnp.zeros((1, image_size, image_size, 3)) if model.cfg.vision else None
+  ids = jnp.zeros((1, prompt_len), jnp.int32)
+  valid = jnp.ones((1, model.cfg.prefix_len + prompt_len), bool)
+  params = model.init(rng, ids, valid, image=image)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params))
+
+
+def init_state(setup: Setup) -> TrainState:
+  fn = jax.jit(lambda rng: nn.unbox(setup.init(rng)), out_shardings=setup.state_shardings)
+  return sharding.in_context(fn, setup.mesh, setup.rules)(jax.random.key(setup.config.train.seed))
+
+
+# ------------------------------------------------------------------------------------------
+# The train step.
+# ------------------------------------------------------------------------------------------
+def completion_logits(params, model: Planner, batch: dict):
+  """Logits (B, N, V) predicting each completion token (teacher forcing), laid out as the
+  sampler lays out a rollout."""
+  image = flow.to_model_space(batch["source_image"]) if model.cfg.vision else None
+  ids = jnp.concatenate([batch["prompt"], batch["plan"]], axis=1)
+  b, p = batch["prompt"].shape
+  valid = jnp.concatenate([jnp.ones((b, model.cfg.prefix_len), bool), batch["prompt_valid"],
+                           batch["plan_valid"]], axis=1)
+  logits = model.apply({"params": params}, ids, valid, image=image)
+  first = model.cfg.prefix_len + p - 1  # the last prompt slot predicts the first plan token
+  return logits[:, first:first + batch["plan"].shape[1]]
+
+
+def loss_fn(params, model: Planner, batch: dict):
+  logits = completion_logits(params, model, batch)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["plan"])
+  mask = batch["plan_valid"].astype(jnp.float32)
+  loss = (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  accuracy = ((jnp.argmax(logits, -1) == batch["plan"]) * mask).sum() / jnp.maximum(mask.sum(), 1)
+  return loss, {"token_accuracy": accuracy}
+
+
+def make_train_step(setup: Setup):
+  cfg = setup.config
+
+  def step_fn(state: TrainState, batch: dict):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, setup.model,
+                                                                   batch)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = jnp.minimum(cfg.train.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+               "lr": setup.schedule(state.step), **aux}
+    return TrainState(state.step + 1, params, ema, opt_state), metrics
+
+  step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding),
+                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=0)
+  return sharding.in_context(step, setup.mesh, setup.rules)
+
+
+def make_plan_sampler(setup: Setup):
+  """(params, arrays, rng) -> Samples of plans for a batch of model inputs."""
+  sc = setup.config.sample
+  settings = sampling.SamplingConfig(setup.config.prompt.max_plan_len, (setup.eos_id,),
+                                     setup.pad_id, sc.top_k, sc.top_p)
+  sample = sampling.make_sampler(setup.model, settings, setup.mesh, setup.rules)
+  vision = setup.model.cfg.vision is not None
+
+  def run(params, arrays: dict, rng, temperature=sc.temperature):
+    image = flow.to_model_space(arrays["source_image"]) if vision else None
+    return sample(params, arrays["prompt"], arrays["prompt_valid"], rng, temperature, image)
+  return run
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation: decode plans, parse them, score them against the reference checklists.
+# ------------------------------------------------------------------------------------------
+def eval_batches(setup: Setup, split: str, num_examples: int, batch_size: int):
+  """Fixed batches of a split's abstract examples (padded to `batch_size`) as (arrays, info)."""
+  ds = make_dataset(setup.source(split), batch_size, seed=0, shuffle=False, num_epochs=1,
+                    drop_remainder=False, kinds=("abstract",), process_index=0, process_count=1,
+                    fields=RECORD_FIELDS + EVAL_INFO[2:] + ("source_scene", "num_steps"))
+  out, seen = [], 0
+  for batch in ds:
+    n = len(batch["instruction"])
+    if num_examples:
+      n = min(n, num_examples - seen)
+    if n <= 0:
+      break
+    batch = {k: v[:n] for k, v in batch.items()}
+    arrays = setup.examples(batch)
+    arrays = {k: sharding.pad_rows(v, batch_size) for k, v in arrays.items()}
+    info = {k: [v.item() if hasattr(v, "item") else v for v in batch[k]] for k in EVAL_INFO}
+    info["source_scene"] = np.asarray(batch["source_scene"])
+    info["num_steps"] = np.asarray(batch["num_steps"])
+    out.append((arrays, info))
+    seen += n
+  return out
+
+
+def score_plans(texts: list[str], info: dict) -> dict[str, np.ndarray]:
+  """Per example: `plan_checklist_score` (plans.plan_score), `plan_exact` (the reference
+  steps, exactly) and `plan_parses` (valid JSON whose every step applies)."""
+  out = {"plan_checklist_score": [], "plan_exact": [], "plan_parses": []}
+  for i, text in enumerate(texts):
+    scene = Scene.from_array(info["source_scene"][i])
+    checklist = cl.Checklist.from_json(info["checklist"][i])
+    out["plan_checklist_score"].append(
+        plans.plan_score(text, scene, checklist, int(info["num_steps"][i])))
+    try:
+      plans.parse_plan(text, scene)
+      parses = True
+    except plans.PlanError:
+      parses = False
+    out["plan_parses"].append(parses)
+    exact = parses and plans.parse_json(text) == json.loads(info["plan_steps"][i])
+    out["plan_exact"].append(exact)
+  return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def summarize_plans(scores: dict[str, np.ndarray], families: list[str],
+                    held_out: np.ndarray) -> dict:
+  """Means over the training families at the top level, and the same under
+  `held_out_families` for the families never seen in training."""
+  def means(keep):
+    s = {k: float(v[keep].mean()) if keep.any() else None for k, v in scores.items()}
+    s["num_examples"] = int(keep.sum())
+    fam = np.asarray(families)
+    s["plan_checklist_score_by_family"] = {
+        f: float(scores["plan_checklist_score"][keep & (fam == f)].mean())
+        for f in sorted(set(fam[keep].tolist()))}
+    return s
+  summary = means(~held_out)
+  if held_out.any():
+    summary["held_out_families"] = means(held_out)
+  return summary
+
+
+def evaluate(setup: Setup, params, batches, sampler, seed: int = 0):
+  """(summary, [(instruction, plan, reference), ...] of the first batch)."""
+  scores: dict[str, list] = {}
+  families, held_out, first = [], [], None
+  for i, (arrays, info) in enumerate(batches):
+    n = len(info["instruction"])
+    out = sampler(params, sharding.global_batch(arrays, setup.batch_sharding),
+                  jax.random.key(seed + i))
+    texts = setup.decode(np.asarray(out.tokens)[:n], np.asarray(out.valid)[:n])
+    for k, v in score_plans(texts, info).items():
+      scores.setdefault(k, []).append(v)
+    families += info["family"]
+    held_out += [bool(h) for h in info["held_out_family"]]
+    if first is None:
+      first = list(zip(info["instruction"], texts, info["plan_steps"]))
+  summary = summarize_plans({k: np.concatenate(v) for k, v in scores.items()}, families,
+                            np.asarray(held_out))
+  return summary, first
+
+
+def format_samples(samples) -> str:
+  return "\n\n".join(f"instruction: {i}\nplan:      {p}\nreference: {r}" for i, p, r in samples)
+
+
+# ------------------------------------------------------------------------------------------
+# Training loop.
+# ------------------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
+
+  os.makedirs(workdir, exist_ok=True)
+  setup = make_setup(config, workdir)
+  tc = config.train
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+  logging.info("planner: %.2fM parameters, mesh %s", n_params / 1e6, dict(setup.mesh.shape))
+
+  # ---- Data ----
+  local_batch = tc.batch_size // jax.process_count()
+  train_data = make_dataset(setup.source("train"), local_batch, seed=tc.seed,
+                            fields=RECORD_FIELDS, kinds=tc.example_kinds,
+                            worker_count=tc.worker_count)
+  data_iter = iter(train_data)
+
+  # ---- State: restore the latest checkpoint or initialise ----
+  mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
+  if mngr.latest_step() is not None:
+    state = checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state, data_iter)
+    logging.info("resumed from step %d", int(state.step))
+  else:
+    state = init_state(setup)
+  start = int(state.step)
+
+  train_step = make_train_step(setup)
+  sampler = make_plan_sampler(setup)
+  val_batches = eval_batches(setup, "validation", tc.eval_examples, config.eval.batch_size)
+  curve_path = os.path.join(workdir, "curve.json")
+  curve = json.load(open(curve_path)) if os.path.exists(curve_path) else []
+  curve = [point for point in curve if point["step"] <= start]
+  progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+  preemption = Preemption()
+  t0 = time.time() - (curve[-1]["minutes"] * 60 if curve else 0.0)
+
+  # ---- Loop ----
+  metrics = None
+  step = start
+  try:
+    for step in range(start + 1, tc.num_steps + 1):
+      batch = sharding.global_batch(setup.examples(next(data_iter)), setup.batch_sharding)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        state, metrics = train_step(state, batch)
+      progress(step)
+      last = step == tc.num_steps
+      if step % tc.log_every == 0 or last:
+        write_metrics_line(writer, workdir, step,
+                           {k: float(v) for k, v in jax.device_get(metrics).items()})
+      if (tc.eval_every and step % tc.eval_every == 0) or last:
+        summary, samples = evaluate(setup, state.ema_params, val_batches, sampler)
+        minutes = (time.time() - t0) / 60
+        curve.append({"step": step, "minutes": round(minutes, 2), **summary})
+        writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()
+                                    if isinstance(v, float)})
+        writer.write_texts(step, {"plans": format_samples(samples[:tc.sample_examples])})
+        logging.info("step %d (%.1f min): validation %s", step, minutes, summary)
+        if jax.process_index() == 0:
+          evaluation.write_metrics(curve_path, curve)
+          os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+          with open(os.path.join(workdir, "samples", f"plans_{step:07d}.txt"), "w") as f:
+            f.write(format_samples(samples[:tc.sample_examples]) + "\n")
+      if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last or preemption.requested:
+        checkpoint.save(mngr, step, state, data_iter, config, force=True)
+      if preemption.requested:
+        logging.warning("preempted at step %d; checkpoint saved", step)
+        break
+  finally:
+    mngr.wait_until_finished()
+    preemption.restore()
+    writer.flush()
+  return {"step": step, "curve": curve,
+          "final_loss": None if metrics is None else float(metrics["loss"])}
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Scores the latest checkpoint's plans on `eval.split`; writes DIR/eval/metrics.json."""
+  setup = make_setup(config, workdir)
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
+  state = checkpoint.restore(mngr, step, setup.abstract_state)
+  params = state.ema_params if config.eval.use_ema else state.params
+  ec = config.eval
+  start = time.time()
+  summary, samples = evaluate(setup, params, eval_batches(setup, ec.split, ec.num_examples,
+                                                          ec.batch_size), make_plan_sampler(setup))
+  summary.update({"split": ec.split, "step": step,
+                  "eval_seconds": round(time.time() - start, 1)})
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
+  with open(os.path.join(out, "plans.txt"), "w") as f:
+    f.write(format_samples(samples) + "\n")
+  print(json.dumps(summary, indent=1), flush=True)
+  return summary
