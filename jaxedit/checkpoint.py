@@ -7,7 +7,9 @@ shardings, so a run saved on one mesh restores onto another.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 
 import grain
 import jax
@@ -45,3 +47,30 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterato
     items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
   return mngr.restore(step, args=ocp.args.Composite(**items)).state
 
+
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop checks, so it can save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM: saving a checkpoint and stopping")
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._previous)
+
+
+def save_if_due(mngr: ocp.CheckpointManager, step: int, state, data_iterator,
+                config: ml_collections.ConfigDict, *, every: int, last: bool,
+                preemption: Preemption) -> bool:
+  """Saves every `every` steps, at the last step and on SIGTERM; True when the loop must
+  stop (preempted)."""
+  if (every and step % every == 0) or last or preemption.requested:
+    save(mngr, step, state, data_iterator, config, force=True)
+  if preemption.requested:
+    logging.warning("preempted at step %d; checkpoint saved", step)
+  return preemption.requested

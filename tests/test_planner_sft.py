@@ -80,3 +80,20 @@ def test_prompts_and_plans_too_long_are_clear_errors(small_data_dir, tmp_path):
   config.model.vocab_size = 100
   with pytest.raises(ConfigError, match="model.vocab_size 100 is smaller"):
     planner_sft.make_setup(config, str(tmp_path))
+
+
+def test_trimmed_padding_gives_the_same_loss(small_data_dir, tmp_path):
+  config = tiny_planner_config(small_data_dir)
+  config.mesh.shape = (1, 1, 1)
+  config.prompt.pad_multiple = 8
+  setup = planner_sft.make_setup(config, str(tmp_path), devices=jax.devices()[:1])
+  params = planner_sft.init_state(setup).params
+  ds = planner_sft.make_dataset(setup.source("train"), 8, seed=0,
+                                fields=planner_sft.RECORD_FIELDS, kinds=("abstract",))
+  records = next(iter(ds))
+  full, trimmed = setup.examples(records), setup.examples(records, trim=True)
+  assert trimmed["plan"].shape[1] < full["plan"].shape[1]
+  assert trimmed["plan"].shape[1] % 8 == 0 and trimmed["prompt"].shape[1] % 8 == 0
+  with jax.default_matmul_precision("highest"):
+    losses = [planner_sft.loss_fn(params, setup.model, b)[0] for b in (full, trimmed)]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

@@ -38,7 +38,7 @@ from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.text import tokenizer as tokenizer_lib
 from jaxedit.trainers import editor_sft
-from jaxedit.trainers.editor_sft import Preemption, text_inputs, write_grid
+from jaxedit.trainers.editor_sft import text_inputs, write_grid
 
 PROMPT_FIELDS = ("source_image", "target_image", "instruction", "checklist", "source_scene", "target_scene",
                  "family", "task")
@@ -480,7 +480,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   curve = json.load(open(curve_path)) if os.path.exists(curve_path) else []
   curve = [point for point in curve if point["step"] <= start]
   progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
-  preemption = Preemption()
+  preemption = checkpoint.Preemption()
   base_rng = jax.random.key(tc.seed)
   t0 = time.time() - (curve[-1]["minutes"] * 60 if curve else 0.0)
 
@@ -525,10 +525,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if first is not None:
           write_grid(writer, workdir, step, first, tc.sample_examples)
         write_rollout_grid(writer, workdir, step, host, g.group_size, tc.sample_examples)
-      if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last or preemption.requested:
-        checkpoint.save(mngr, step, state, data_iter, config, force=True)
-      if preemption.requested:
-        logging.warning("preempted at step %d; checkpoint saved", step)
+      if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
+                                last=last, preemption=preemption):
         break
   finally:
     mngr.wait_until_finished()

@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -161,18 +160,24 @@ def check_batch_size(name: str, size: int, mesh, batch_sharding) -> None:
                       f"devices and {jax.process_count()} processes")
 
 
+def make_optimizer(tc: ml_collections.ConfigDict):
+  """(AdamW with global-norm clipping, its warm-up + cosine learning-rate schedule) from the
+  `train` section."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, tc.lr, tc.warmup_steps, max(tc.num_steps, tc.warmup_steps + 1),
+      end_value=tc.lr * tc.end_lr_fraction)
+  tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                   optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+  return tx, schedule
+
+
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
   check_config(config)
   world, tok, model, mesh, rules, batch_sharding = make_model_and_mesh(config, workdir, devices)
   for key in ("train.batch_size", "eval.batch_size"):
     section, name = key.split(".")
     check_batch_size(f"config key {key!r}", config[section][name], mesh, batch_sharding)
-  tc = config.train
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, tc.lr, tc.warmup_steps, max(tc.num_steps, tc.warmup_steps + 1),
-      end_value=tc.lr * tc.end_lr_fraction)
-  tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                   optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+  tx, schedule = make_optimizer(config.train)
   init = functools.partial(_init_state, model=model, tx=tx, image_size=world.image_size,
                            text_len=config.model.text_max_len)
   boxed = jax.eval_shape(init, jax.random.key(0))
@@ -346,21 +351,6 @@ def evaluate(setup, params, batches, sampler, seed: int, reward_fn=None):
 # ------------------------------------------------------------------------------------------
 # Training loop.
 # ------------------------------------------------------------------------------------------
-class Preemption:
-  """Turns SIGTERM into a flag the loop checks, so it can save and exit cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM: saving a checkpoint and stopping")
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
 
@@ -396,7 +386,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   curve = json.load(open(curve_path)) if os.path.exists(curve_path) else []
   curve = [point for point in curve if point["step"] <= start]  # past a hard kill's checkpoint
   progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
-  preemption = Preemption()
+  preemption = checkpoint.Preemption()
   # Wall-clock minutes, and minutes of training alone (validation passes excluded).
   t0 = time.time() - (curve[-1]["minutes"] * 60 if curve else 0.0)
   eval_seconds = 60 * (curve[-1]["minutes"] - curve[-1]["train_minutes"]) if curve else 0.0
@@ -431,10 +421,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if first is None:
           _, first = evaluate(setup, state.ema_params, val_batches[:1], sampler, seed=10_000)
         write_grid(writer, workdir, step, first, tc.sample_examples)
-      if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last or preemption.requested:
-        checkpoint.save(mngr, step, state, data_iter, config, force=True)
-      if preemption.requested:
-        logging.warning("preempted at step %d; checkpoint saved", step)
+      if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
+                                last=last, preemption=preemption):
         break
   finally:
     mngr.wait_until_finished()

@@ -34,7 +34,7 @@ from jaxedit.models.planner import Planner, model_config, planner_config
 from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.world import Scene
 from jaxedit.text import tokenizer as tokenizer_lib
-from jaxedit.trainers.editor_sft import (Preemption, TrainState, check_batch_size,
+from jaxedit.trainers.editor_sft import (TrainState, check_batch_size, make_optimizer,
                                          write_metrics_line)
 
 RECORD_FIELDS = ("source_image", "instruction", "scene_text", "plan_steps")
@@ -50,8 +50,12 @@ def reference_config() -> ml_collections.ConfigDict:
   c.model = model_config()
   c.prompt = ml_collections.ConfigDict({
       "scene_as_text": False,  # also write the scene description into the prompt
-      "max_prompt_len": 32,  # tokens, BOS included; longer prompts raise a clear error
+      "max_prompt_len": 48,  # tokens, BOS included (scene_as_text needs ~112); longer: an error
       "max_plan_len": 128,  # tokens, EOS included
+      # Training batches are padded only to their longest prompt and plan, rounded up to this
+      # multiple (a few compiled shapes, much less padding: plans average ~17 tokens).
+      # 0: always pad to the maximum lengths.
+      "pad_multiple": 16,
   })
   c.sample = ml_collections.ConfigDict({"temperature": 0.0, "top_k": 0, "top_p": 1.0})
   c.train = ml_collections.ConfigDict({
@@ -117,7 +121,16 @@ class Setup:
   def source(self, split: str) -> ShapesSource:
     return ShapesSource(self.dataset_dir, split, self.world)
 
-  def prompt_ids(self, instructions, scene_texts) -> tuple[np.ndarray, np.ndarray]:
+  def width(self, longest: int, limit: int, trim: bool) -> int:
+    """Padded width: `limit`, or with `trim` the longest row rounded up to pad_multiple.
+    Several processes must agree on shapes without talking, so they always pad to `limit`."""
+    multiple = self.config.prompt.pad_multiple
+    if not trim or not multiple or longest > limit or jax.process_count() > 1:
+      return limit
+    return min(limit, -(-longest // multiple) * multiple)
+
+  def prompt_ids(self, instructions, scene_texts,
+                 trim: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded (ids, valid) of BOS + the prompt template."""
     pc = self.config.prompt
     texts = [plans.prompt(i, s if pc.scene_as_text else None)
@@ -128,24 +141,28 @@ class Setup:
       if len(row) > pc.max_prompt_len:
         raise ValueError(f"prompt of {len(row)} tokens exceeds prompt.max_prompt_len "
                          f"{pc.max_prompt_len}: {text!r}")
-    return sampling.left_pad(rows, self.pad_id, pc.max_prompt_len)
+    width = self.width(max(map(len, rows)), pc.max_prompt_len, trim)
+    return sampling.left_pad(rows, self.pad_id, width)
 
-  def plan_ids(self, plan_texts) -> tuple[np.ndarray, np.ndarray]:
+  def plan_ids(self, plan_texts, trim: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded (ids, valid) of the plan JSON + EOS."""
-    n = self.config.prompt.max_plan_len
+    encoded = self.tokenizer.encode_batch(list(plan_texts))
+    limit = self.config.prompt.max_plan_len
+    n = self.width(max(len(e.ids) + 1 for e in encoded), limit, trim)
     ids = np.full((len(plan_texts), n), self.pad_id, np.int32)
     valid = np.zeros((len(plan_texts), n), bool)
-    for i, (text, e) in enumerate(zip(plan_texts, self.tokenizer.encode_batch(plan_texts))):
+    for i, (text, e) in enumerate(zip(plan_texts, encoded)):
       row = e.ids + [self.eos_id]
-      if len(row) > n:
-        raise ValueError(f"plan of {len(row)} tokens exceeds prompt.max_plan_len {n}: {text!r}")
+      if len(row) > limit:
+        raise ValueError(f"plan of {len(row)} tokens exceeds prompt.max_plan_len {limit}: "
+                         f"{text!r}")
       ids[i, :len(row)], valid[i, :len(row)] = row, True
     return ids, valid
 
-  def examples(self, batch: dict) -> dict:
-    """A batch of records -> model inputs."""
-    prompt, prompt_valid = self.prompt_ids(batch["instruction"], batch["scene_text"])
-    plan, plan_valid = self.plan_ids(list(batch["plan_steps"]))
+  def examples(self, batch: dict, trim: bool = False) -> dict:
+    """A batch of records -> model inputs; `trim` pads only as far as the batch needs."""
+    prompt, prompt_valid = self.prompt_ids(batch["instruction"], batch["scene_text"], trim)
+    plan, plan_valid = self.plan_ids(list(batch["plan_steps"]), trim)
     return {"source_image": np.asarray(batch["source_image"]), "prompt": prompt,
             "prompt_valid": prompt_valid, "plan": plan, "plan_valid": plan_valid}
 
@@ -195,12 +212,7 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) ->
   for key in ("train.batch_size", "eval.batch_size"):
     section, name = key.split(".")
     check_batch_size(f"config key {key!r}", config[section][name], mesh, batch_sharding)
-  tc = config.train
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, tc.lr, tc.warmup_steps, max(tc.num_steps, tc.warmup_steps + 1),
-      end_value=tc.lr * tc.end_lr_fraction)
-  tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                   optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+  tx, schedule = make_optimizer(config.train)
   init = functools.partial(_init_state, model=model, tx=tx, image_size=world.image_size,
                            prompt_len=config.prompt.max_prompt_len)
   boxed = jax.eval_shape(init, jax.random.key(0))
@@ -407,7 +419,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   curve = json.load(open(curve_path)) if os.path.exists(curve_path) else []
   curve = [point for point in curve if point["step"] <= start]
   progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
-  preemption = Preemption()
+  preemption = checkpoint.Preemption()
   t0 = time.time() - (curve[-1]["minutes"] * 60 if curve else 0.0)
 
   # ---- Loop ----
@@ -415,7 +427,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = start
   try:
     for step in range(start + 1, tc.num_steps + 1):
-      batch = sharding.global_batch(setup.examples(next(data_iter)), setup.batch_sharding)
+      batch = sharding.global_batch(setup.examples(next(data_iter), trim=True),
+                                    setup.batch_sharding)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, batch)
       progress(step)
@@ -436,10 +449,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
           with open(os.path.join(workdir, "samples", f"plans_{step:07d}.txt"), "w") as f:
             f.write(format_samples(samples[:tc.sample_examples]) + "\n")
-      if (tc.checkpoint_every and step % tc.checkpoint_every == 0) or last or preemption.requested:
-        checkpoint.save(mngr, step, state, data_iter, config, force=True)
-      if preemption.requested:
-        logging.warning("preempted at step %d; checkpoint saved", step)
+      if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
+                                last=last, preemption=preemption):
         break
   finally:
     mngr.wait_until_finished()
