@@ -44,3 +44,43 @@ def mean_kl(mean, mean_ref, sigma):
   averaged over non-batch dims (no -dt in the denominator: beta is tuned with that)."""
   dims = tuple(range(1, mean.ndim))
   return jnp.mean((mean - jax.lax.stop_gradient(mean_ref)) ** 2, axis=dims) / (2 * sigma**2)
+
+
+AGGREGATIONS = ("sequence_mean", "token_mean")
+
+
+def k3_kl(logp, logp_ref):
+  """Per-token k3 estimator of KL(policy || reference) on tokens sampled from the policy:
+  exp(ref - logp) - (ref - logp) - 1 >= 0, zero where the two agree."""
+  delta = jax.lax.stop_gradient(logp_ref) - logp
+  return jnp.exp(delta) - delta - 1.0
+
+
+def token_policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip_range: float,
+                      kl_beta: float, aggregation: str = "sequence_mean"):
+  """Token-level GRPO loss for the planner (DESIGN.md section 6).
+
+  logp, logp_old, logp_ref, mask: (N, T) log-probs of the sampled tokens under the policy
+  being trained, the policy that sampled them and the frozen reference; advantages: (N,),
+  shared by every token of a sequence. Per token: the clipped surrogate plus
+  kl_beta * k3 KL. `sequence_mean` averages over each sequence's tokens, then over
+  sequences (GRPO); `token_mean` averages over all tokens of the batch (DAPO).
+  Returns (loss, metrics).
+  """
+  if aggregation not in AGGREGATIONS:
+    raise ValueError(f"unknown loss aggregation {aggregation!r}; use one of {AGGREGATIONS}")
+  mask = mask.astype(jnp.float32)
+  surrogate, ratio = clipped_policy_loss(logp, logp_old, advantages[:, None], clip_range)
+  kl = k3_kl(logp, logp_ref)
+  per_token = surrogate + kl_beta * kl
+  if aggregation == "sequence_mean":
+    lengths = jnp.maximum(mask.sum(1), 1.0)
+    reduce = lambda x: jnp.mean((x * mask).sum(1) / lengths)
+  else:
+    reduce = lambda x: (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  clipped = (jnp.abs(ratio - 1.0) > clip_range).astype(jnp.float32)
+  big = jnp.where(mask > 0, ratio, -jnp.inf).max()
+  small = jnp.where(mask > 0, ratio, jnp.inf).min()
+  metrics = {"policy_loss": reduce(surrogate), "kl": reduce(kl), "ratio_mean": reduce(ratio),
+             "ratio_min": small, "ratio_max": big, "clip_fraction": reduce(clipped)}
+  return reduce(per_token), metrics
