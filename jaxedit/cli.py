@@ -23,7 +23,8 @@ CONFIG_PREFIX = "--config."
 
 TRAINERS = {"editor_sft": "jaxedit.trainers.editor_sft",
             "editor_grpo": "jaxedit.trainers.editor_grpo",
-            "planner_sft": "jaxedit.trainers.planner_sft"}
+            "planner_sft": "jaxedit.trainers.planner_sft",
+            "planner_grpo": "jaxedit.trainers.planner_grpo"}
 
 
 def _data_job():

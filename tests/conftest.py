@@ -81,3 +81,23 @@ def tiny_planner_config(data_dir, **train):
   for k, v in train.items():
     t[k] = v
   return config
+
+
+def tiny_planner_grpo_config(data_dir, init_from, **grpo):
+  """Planner GRPO on top of `tiny_planner_config`'s model."""
+  from jaxedit.trainers import planner_grpo
+
+  config = planner_grpo.reference_config()
+  sft = tiny_planner_config(data_dir)
+  for section in ("data", "tokenizer", "model", "prompt"):
+    config[section] = sft[section]
+  config.init_from = str(init_from)
+  g = config.grpo
+  g.prompts_per_step, g.group_size, g.minibatches = 4, 4, 2
+  for k, v in grpo.items():
+    g[k] = v
+  t = config.train
+  t.num_steps, t.log_every, t.eval_every, t.checkpoint_every = 2, 1, 2, 1
+  t.eval_examples, t.async_checkpoints = 8, False
+  config.eval.batch_size, config.eval.num_examples = 8, 16
+  return config

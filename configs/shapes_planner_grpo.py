@@ -1,0 +1,20 @@
+"""Planner GRPO with the plan-checklist (cognitive) reward, from a planner SFT run.
+
+    jaxedit train --config configs/shapes_planner_grpo.py --workdir DIR --config.init_from=SFT_DIR
+    jaxedit eval  --config configs/shapes_planner_grpo.py --workdir DIR   # before/after
+"""
+
+from jaxedit.trainers import planner_grpo
+
+
+def get_config(arg=None):
+  config = planner_grpo.reference_config()
+  config.prompt.max_plan_len = 96  # as configs/shapes_planner_sft.py: the models must match
+  if arg == "demo":
+    config.train.num_steps = 20
+    config.train.eval_every = 10
+    config.train.checkpoint_every = 10
+    config.eval.num_examples = 256
+  elif arg:
+    raise ValueError(f"unknown config arg {arg!r}; use 'demo' or nothing")
+  return config.lock()

@@ -1,0 +1,354 @@
+"""Planner GRPO from a planner SFT run: G sampled plans per prompt, rewarded by the plan
+checklist (the cognitive reward of DESIGN.md section 6), token-level clipped ratio + k3 KL
+to the SFT planner.
+
+    jaxedit train --config configs/shapes_planner_grpo.py --workdir DIR --config.init_from=SFT_DIR
+    jaxedit eval  --config configs/shapes_planner_grpo.py --workdir DIR
+
+Every parameter trains (the planner is small); the reference is a frozen copy of the start.
+The visual reward (execute the plan with an editor, score the image) is not built yet:
+`rewards.visual.weight` must stay 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from jaxedit import checkpoint, evaluation, grpo, plans, sharding
+from jaxedit.config import ConfigError
+from jaxedit.data.pipeline import make_dataset
+from jaxedit.shapes import checklist as cl
+from jaxedit.shapes.world import Scene
+from jaxedit.trainers import planner_sft
+from jaxedit.trainers.editor_grpo import GRPOState, copy_tokenizer
+from jaxedit.trainers.editor_sft import write_metrics_line
+
+ROLLOUT_FIELDS = planner_sft.RECORD_FIELDS + ("checklist", "source_scene", "num_steps")
+
+
+def reference_config() -> ml_collections.ConfigDict:
+  c = planner_sft.reference_config()
+  c.trainer = "planner_grpo"
+  c.init_from = ""  # a planner SFT workdir (required)
+  c.init_params = "ema"  # ema | raw: which of its parameters to start from
+  c.grpo = ml_collections.ConfigDict({
+      "prompts_per_step": 16,  # P
+      "group_size": 8,  # G plans per prompt
+      "temperature": 1.0,  # of rollouts; the trained log-probs use the same
+      "clip_range": 0.2,
+      "kl_beta": 0.04,
+      "aggregation": "sequence_mean",  # or token_mean
+      "std_scope": "group",  # advantage std: group | global
+      "adv_clip": 5.0,
+      "inner_epochs": 1,
+      "minibatches": 2,
+  })
+  c.rewards = ml_collections.ConfigDict({
+      "cognitive": {"weight": 1.0, "step_penalty": 0.1, "error_penalty": 0.25},
+      "visual": {"weight": 0.0},
+  })
+  del c.train.batch_size
+  del c.train.end_lr_fraction
+  c.train.num_steps = 200
+  c.train.lr = 1e-4
+  c.train.warmup_steps = 10
+  c.train.weight_decay = 0.0
+  c.train.example_kinds = ("abstract",)
+  c.train.eval_every = 50
+  c.train.checkpoint_every = 50
+  return c
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  g = config.grpo
+  if not config.init_from:
+    raise ConfigError("config key 'init_from' must name a planner SFT workdir")
+  if g.group_size < 2:
+    raise ConfigError("config key 'grpo.group_size' must be >= 2")
+  if (g.prompts_per_step * g.group_size) % g.minibatches:
+    raise ConfigError(f"P * G = {g.prompts_per_step * g.group_size} samples do not split into "
+                      f"grpo.minibatches {g.minibatches}")
+  if g.temperature <= 0:
+    raise ConfigError("config key 'grpo.temperature' must be > 0 (rollouts sample)")
+  if g.aggregation not in grpo.AGGREGATIONS:
+    raise ConfigError(f"grpo.aggregation must be one of {grpo.AGGREGATIONS}")
+  if config.rewards.visual.weight:
+    raise ConfigError("rewards.visual is not implemented yet; set rewards.visual.weight = 0")
+  if config.init_params not in ("ema", "raw"):
+    raise ConfigError("config key 'init_params' must be 'ema' or 'raw'")
+
+
+def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
+  """planner_sft's Setup built for P * G rollouts (batch size), with the tokenizer of
+  `init_from`."""
+  check_config(config)
+  copy_tokenizer(config.init_from, workdir)
+  g = config.grpo
+  sft_like = ml_collections.ConfigDict(config.to_dict())
+  sft_like.train.batch_size = g.prompts_per_step * g.group_size
+  sft_like.train.end_lr_fraction = 1.0  # constant after warm-up
+  setup = planner_sft.make_setup(sft_like, workdir, devices)
+  planner_sft.check_batch_size("a minibatch (P * G / grpo.minibatches)",
+                               sft_like.train.batch_size // g.minibatches, setup.mesh,
+                               setup.batch_sharding)
+  return setup
+
+
+def load_start(setup, init_from: str, key: str):
+  """The planner SFT run's parameters in this run's shardings."""
+  mngr = checkpoint.manager(init_from, keep=1, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise ConfigError(f"init_from: no checkpoint in {os.path.abspath(init_from)}/checkpoints; "
+                      "point it at a planner SFT workdir")
+  saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  ours = setup.config.model.to_dict()
+  mismatched = sorted(k for k, v in saved["model"].items()
+                      if k in ours and json.dumps(ours[k]) != json.dumps(v))
+  if mismatched:
+    raise ConfigError("init_from was trained with a different model: " + ", ".join(
+        f"model.{k} = {saved['model'][k]!r} there, {ours[k]!r} here" for k in mismatched))
+  abstract = {key: setup.abstract_state.params}
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=True)))
+  logging.info("initialised from %s (step %d, %s)", init_from, step, key)
+  return restored.state[key]
+
+
+def init_state(setup, start_params) -> GRPOState:
+  copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
+  opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(start_params)
+  return GRPOState(jnp.zeros((), jnp.int32), copy(start_params), copy(start_params), opt_state,
+                   start_params)
+
+
+def abstract_state(setup) -> GRPOState:
+  a = setup.abstract_state
+  return GRPOState(a.step, a.params, a.ema_params, a.opt_state, a.params)
+
+
+# ------------------------------------------------------------------------------------------
+# Rollouts, rewards and the update.
+# ------------------------------------------------------------------------------------------
+def sequence_logprobs(params, model, batch: dict, temperature: float):
+  """(N, T) log-probs of the plan tokens under the policy at `temperature`."""
+  logits = planner_sft.completion_logits(params, model, batch) / temperature
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.take_along_axis(logp, batch["plan"][..., None], axis=-1)[..., 0]
+
+
+def cognitive_rewards(texts: list[str], records: dict, rc) -> np.ndarray:
+  out = []
+  for i, text in enumerate(texts):
+    out.append(plans.plan_score(text, Scene.from_array(records["source_scene"][i]),
+                                cl.Checklist.from_json(records["checklist"][i]),
+                                int(records["num_steps"][i]), rc.step_penalty, rc.error_penalty))
+  return np.asarray(out, np.float32)
+
+
+def make_update(setup):
+  """jitted (state, batch, rewards) -> (state, metrics)."""
+  config, g = setup.config, setup.config.grpo
+  base_rng = jax.random.key(config.train.seed + 1)
+  updates_per_step = g.inner_epochs * g.minibatches
+  logprobs = lambda p, b: sequence_logprobs(p, setup.model, b, g.temperature)
+
+  def update(state: GRPOState, batch: dict, rewards):
+    advantages = grpo.group_advantages(rewards, g.group_size, std_scope=g.std_scope,
+                                       clip=g.adv_clip)
+    old = jax.lax.stop_gradient(logprobs(state.params, batch))
+    ref = jax.lax.stop_gradient(logprobs(state.frozen, batch))
+    n = advantages.shape[0]
+    rng = jax.random.fold_in(base_rng, state.step)
+    order = jnp.concatenate([jax.random.permutation(k, n)
+                             for k in jax.random.split(rng, g.inner_epochs)])
+    order = order.reshape(updates_per_step, n // g.minibatches)
+
+    def one_update(carry, xs):
+      params, ema, opt_state = carry
+      i, idx = xs
+      mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+          jnp.take(x, idx, axis=0), setup.batch_sharding), batch)
+      take = lambda x: jnp.take(x, idx, axis=0)
+
+      def loss_fn(p):
+        return grpo.token_policy_loss(logprobs(p, mb), take(old), take(ref), take(advantages),
+                                      mb["plan_valid"], clip_range=g.clip_range,
+                                      kl_beta=g.kl_beta, aggregation=g.aggregation)
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+      updates, opt_state = setup.tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      count = state.step * updates_per_step + i
+      decay = jnp.minimum(config.train.ema_decay, (1.0 + count) / (10.0 + count))
+      ema = optax.incremental_update(params, ema, 1.0 - decay)
+      return (params, ema, opt_state), {**metrics, "loss": loss,
+                                        "grad_norm": optax.tree.norm(grads)}
+
+    (params, ema, opt_state), per_update = jax.lax.scan(
+        one_update, (state.params, state.ema_params, state.opt_state),
+        (jnp.arange(updates_per_step), order))
+    reducers = {"ratio_min": jnp.min, "ratio_max": jnp.max}
+    metrics = {k: reducers.get(k, jnp.mean)(v) for k, v in per_update.items()}
+    metrics.update({"advantage_abs": jnp.mean(jnp.abs(advantages)),
+                    "zero_advantage_fraction": jnp.mean((advantages == 0).astype(jnp.float32))})
+    return GRPOState(state.step + 1, params, ema, opt_state, state.frozen), metrics
+
+  shardings = abstract_state_shardings(setup)
+  fn = jax.jit(update, in_shardings=(shardings, setup.batch_sharding, setup.batch_sharding),
+               out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
+  return sharding.in_context(fn, setup.mesh, setup.rules)
+
+
+def abstract_state_shardings(setup) -> GRPOState:
+  s = setup.state_shardings
+  return GRPOState(s.step, s.params, s.ema_params, s.opt_state, s.params)
+
+
+def rollout(setup, sampler, params, records: dict, rng):
+  """G plans per prompt: (model inputs with the sampled plans, plan texts, records repeated)."""
+  g = setup.config.grpo
+  repeated = {k: np.repeat(np.asarray(v), g.group_size, axis=0) for k, v in records.items()}
+  arrays = setup.examples(repeated)
+  samples = sampler(params, sharding.global_batch(
+      {k: arrays[k] for k in ("source_image", "prompt", "prompt_valid")},
+      setup.batch_sharding), rng, g.temperature)
+  tokens = sharding.local_rows(samples.tokens, setup.batch_sharding)
+  valid = sharding.local_rows(samples.valid, setup.batch_sharding)
+  texts = setup.decode(tokens, valid)
+  arrays.update({"plan": tokens, "plan_valid": valid})
+  return arrays, texts, repeated
+
+
+# ------------------------------------------------------------------------------------------
+# Training loop.
+# ------------------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
+
+  os.makedirs(workdir, exist_ok=True)
+  setup = make_setup(config, workdir)
+  tc, g = config.train, config.grpo
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  logging.info("planner GRPO: %d prompts x %d plans per step, mesh %s", g.prompts_per_step,
+               g.group_size, dict(setup.mesh.shape))
+
+  # ---- Data ----
+  data = make_dataset(setup.source("train"), g.prompts_per_step // jax.process_count(),
+                      seed=tc.seed, fields=ROLLOUT_FIELDS, kinds=tc.example_kinds)
+  data_iter = iter(data)
+
+  # ---- State: resume, or start from the SFT planner ----
+  mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
+  if mngr.latest_step() is not None:
+    state = checkpoint.restore(mngr, mngr.latest_step(), abstract_state(setup), data_iter)
+    logging.info("resumed from step %d", int(state.step))
+  else:
+    key = "ema_params" if config.init_params == "ema" else "params"
+    state = init_state(setup, load_start(setup, config.init_from, key))
+  start = int(state.step)
+
+  update = make_update(setup)
+  sampler = planner_sft.make_plan_sampler(setup)
+  val_batches = planner_sft.eval_batches(setup, "validation", tc.eval_examples,
+                                         config.eval.batch_size)
+  curve_path = os.path.join(workdir, "curve.json")
+  curve = json.load(open(curve_path)) if os.path.exists(curve_path) else []
+  curve = [p for p in curve if p["step"] <= start]
+  progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+  preemption = checkpoint.Preemption()
+  t0 = time.time() - (curve[-1]["minutes"] * 60 if curve else 0.0)
+  base_rng = jax.random.key(tc.seed)
+
+  def validate(step):
+    summary, samples = planner_sft.evaluate(setup, state.ema_params, val_batches, sampler)
+    minutes = (time.time() - t0) / 60
+    curve.append({"step": step, "minutes": round(minutes, 2), **summary})
+    writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()
+                                if isinstance(v, float)})
+    writer.write_texts(step, {"plans": planner_sft.format_samples(samples[:tc.sample_examples])})
+    logging.info("step %d (%.1f min): validation %s", step, minutes, summary)
+    if jax.process_index() == 0:
+      evaluation.write_metrics(curve_path, curve)
+
+  if start == 0:
+    validate(0)
+
+  # ---- Loop ----
+  step = start
+  try:
+    for step in range(start + 1, tc.num_steps + 1):
+      rng = jax.random.fold_in(base_rng, step)
+      arrays, texts, records = rollout(setup, sampler, state.params, next(data_iter), rng)
+      rewards = config.rewards.cognitive.weight * cognitive_rewards(
+          texts, records, config.rewards.cognitive)
+      batch = sharding.global_batch(
+          {k: arrays[k] for k in ("source_image", "prompt", "prompt_valid", "plan",
+                                  "plan_valid")}, setup.batch_sharding)
+      state, metrics = update(state, batch, sharding.global_batch(
+          {"r": rewards}, setup.batch_sharding)["r"])
+      progress(step)
+      last = step == tc.num_steps
+      if step % tc.log_every == 0 or last:
+        scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        scalars.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+                        "rollout/plan_tokens": float(arrays["plan_valid"].sum(1).mean())})
+        write_metrics_line(writer, workdir, step, scalars)
+      if (tc.eval_every and step % tc.eval_every == 0) or last:
+        validate(step)
+      if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
+                                last=last, preemption=preemption):
+        break
+  finally:
+    mngr.wait_until_finished()
+    preemption.restore()
+    writer.flush()
+  return {"step": step, "curve": curve}
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Scores the GRPO planner (EMA) and the SFT planner it started from on `eval.split`;
+  writes DIR/eval/metrics.json (after's figures at the top level, `before`, `change`)."""
+  setup = make_setup(config, workdir)
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
+  state = checkpoint.restore(mngr, step, abstract_state(setup))
+  ec = config.eval
+  batches = planner_sft.eval_batches(setup, ec.split, ec.num_examples, ec.batch_size)
+  sampler = planner_sft.make_plan_sampler(setup)
+  start = time.time()
+  after, samples = planner_sft.evaluate(setup, state.ema_params if ec.use_ema else state.params,
+                                        batches, sampler)
+  before, _ = planner_sft.evaluate(setup, state.frozen, batches, sampler)
+  summary = {**after, "before": before, "split": ec.split, "step": step,
+             "change": _change(before, after), "eval_seconds": round(time.time() - start, 1)}
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
+  with open(os.path.join(out, "plans.txt"), "w") as f:
+    f.write(planner_sft.format_samples(samples) + "\n")
+  print(json.dumps(summary, indent=1), flush=True)
+  return summary
+
+
+def _change(before: dict, after: dict) -> dict:
+  """after - before for every float figure, nested (held_out_families) included."""
+  out = {}
+  for k, v in after.items():
+    if isinstance(v, float) and isinstance(before.get(k), float):
+      out[k] = v - before[k]
+    elif isinstance(v, dict) and isinstance(before.get(k), dict):
+      out[k] = _change(before[k], v)
+  return out
