@@ -49,3 +49,51 @@ def edit_grid(sources, edits, targets, instructions, success=None, limit: int = 
 def write_metrics(path: str, metrics: dict) -> None:
   with open(path, "w") as f:
     json.dump(metrics, f, indent=1, sort_keys=True)
+
+
+def across_seeds(runs: list[dict]) -> dict:
+  """Mean, sample std, min and max over runs (e.g. seeds) of every number in their
+  metrics.json, nested dicts included (before, change, per family, ...)."""
+  out = {}
+  for key, value in runs[0].items():
+    values = [run.get(key) for run in runs]
+    if isinstance(value, dict) and all(isinstance(v, dict) for v in values):
+      out[key] = across_seeds(values)
+    elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+      a = np.asarray(values, np.float64)
+      out[key] = {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+                  "min": float(a.min()), "max": float(a.max())}
+  return out
+
+
+def main(argv=None) -> None:
+  """python -m jaxedit.evaluation DIR [DIR ...] --out FILE: spread of DIR/eval/metrics.json
+  over runs (e.g. seeds)."""
+  import argparse
+  import os
+
+  p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+  p.add_argument("workdirs", nargs="+")
+  p.add_argument("--out", required=True)
+  args = p.parse_args(argv)
+  runs = []
+  for d in args.workdirs:
+    path = os.path.join(d, "eval", "metrics.json")
+    if not os.path.exists(path):
+      raise SystemExit(f"{path} does not exist: run `jaxedit eval` on {d} first")
+    runs.append(json.load(open(path)))
+  summary = {"workdirs": args.workdirs, "num_runs": len(runs), **across_seeds(runs)}
+  write_metrics(args.out, summary)
+  for key in ("edit_success", "checklist_score", "reward", "preservation",
+              "plan_checklist_score", "plan_exact"):
+    if key in summary:
+      s = summary[key]
+      line = f"{key}: {s['mean']:.4f} +- {s['std']:.4f} (min {s['min']:.4f}, max {s['max']:.4f})"
+      if key in summary.get("change", {}):
+        c = summary["change"][key]
+        line += f"; change {c['mean']:+.4f} +- {c['std']:.4f}"
+      print(line)
+
+
+if __name__ == "__main__":
+  main()
