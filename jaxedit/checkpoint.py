@@ -49,6 +49,33 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterato
 
 
 
+def latest_step(workdir: str, what: str) -> tuple[ocp.CheckpointManager, int]:
+  """(manager, latest step) of another run's workdir; ConfigError if it has no checkpoint."""
+  from jaxedit.config import ConfigError
+
+  mngr = manager(workdir, keep=1, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise ConfigError(f"init_from: no checkpoint in {os.path.abspath(workdir)}/checkpoints; "
+                      f"point it at {what}")
+  return mngr, step
+
+
+def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The config a run saved with its checkpoint, as a plain dict."""
+  return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+
+def restore_subtree(mngr: ocp.CheckpointManager, step: int, key: str, abstract):
+  """One entry of a saved train state (e.g. `ema_params`) onto the shardings of `abstract`,
+  without reading the rest (optimizer state, ...)."""
+  target = {key: abstract}
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)))
+  return restored.state[key]
+
+
 class Preemption:
   """Turns SIGTERM into a flag the loop checks, so it can save and exit cleanly."""
 

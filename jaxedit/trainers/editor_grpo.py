@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from jaxedit import checkpoint, evaluation, flow, flow_grpo, grpo, lora, sharding
 from jaxedit import rewards as rewards_lib
@@ -222,14 +221,10 @@ def load_sft(setup: Setup, init_from: str, workdir: str):
   """The SFT run's parameters (base model, no adapters) in this run's shardings. Copies its
   tokenizer into `workdir` first: token ids must mean what they meant in SFT."""
   config = setup.config
-  mngr = checkpoint.manager(init_from, keep=1, async_save=False)
-  step = mngr.latest_step()
-  if step is None:
-    raise ConfigError(f"init_from: no checkpoint in {os.path.abspath(init_from)}/checkpoints; "
-                      "point it at an editor SFT workdir")
+  mngr, step = checkpoint.latest_step(init_from, "an editor SFT workdir")
   abstract = setup.abstract_state.frozen if setup.use_lora else setup.abstract_state.params
   key = "ema_params" if config.init_params == "ema" else "params"
-  sft_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  sft_config = checkpoint.saved_config(mngr, step)
   mismatched = sorted(k for k, v in sft_config["model"].items()
                       if k not in FREE_MODEL_KEYS and k in config.model
                       and _plain(config.model[k]) != _plain(v))
@@ -237,11 +232,9 @@ def load_sft(setup: Setup, init_from: str, workdir: str):
     raise ConfigError("init_from was trained with a different model: " + ", ".join(
         f"model.{k} = {sft_config['model'][k]!r} there, {config.model[k]!r} here"
         for k in mismatched))
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      {key: abstract}, restore_args=ocp.checkpoint_utils.construct_restore_args({key: abstract}),
-      partial_restore=True)))
+  params = checkpoint.restore_subtree(mngr, step, key, abstract)
   logging.info("initialised from %s (step %d, %s)", init_from, step, key)
-  return restored.state[key]
+  return params
 
 
 def _plain(value):

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from jaxedit import checkpoint, evaluation, grpo, plans, sharding
 from jaxedit.config import ConfigError
@@ -106,24 +105,17 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
 
 def load_start(setup, init_from: str, key: str):
   """The planner SFT run's parameters in this run's shardings."""
-  mngr = checkpoint.manager(init_from, keep=1, async_save=False)
-  step = mngr.latest_step()
-  if step is None:
-    raise ConfigError(f"init_from: no checkpoint in {os.path.abspath(init_from)}/checkpoints; "
-                      "point it at a planner SFT workdir")
-  saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  mngr, step = checkpoint.latest_step(init_from, "a planner SFT workdir")
+  saved = checkpoint.saved_config(mngr, step)
   ours = setup.config.model.to_dict()
   mismatched = sorted(k for k, v in saved["model"].items()
                       if k in ours and json.dumps(ours[k]) != json.dumps(v))
   if mismatched:
     raise ConfigError("init_from was trained with a different model: " + ", ".join(
         f"model.{k} = {saved['model'][k]!r} there, {ours[k]!r} here" for k in mismatched))
-  abstract = {key: setup.abstract_state.params}
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-      partial_restore=True)))
+  params = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
   logging.info("initialised from %s (step %d, %s)", init_from, step, key)
-  return restored.state[key]
+  return params
 
 
 def init_state(setup, start_params) -> GRPOState:
