@@ -89,7 +89,7 @@ class Attention(nn.Module):
   cfg: LMConfig
 
   @nn.compact
-  def __call__(self, x, cache, rope, mask, index):
+  def __call__(self, x, cache, layer, rope, mask, index):
     cfg = self.cfg
     b, s, _ = x.shape
     q = dense(cfg, cfg.num_heads * cfg.head_dim, ("embed", "heads"), "q_proj",
@@ -98,10 +98,15 @@ class Attention(nn.Module):
                   use_bias=cfg.qkv_bias)(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
             for name in ("k_proj", "v_proj"))
     q, k = apply_rope(q, rope), apply_rope(k, rope)
-    if cache is not None:  # write this call's keys/values at slots index..index+s-1
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, 1)
-      cache = {"k": k, "v": v}
+    if cache is not None:
+      # Write this call's keys/values into the whole (layers, ...) cache at (layer, index):
+      # a small in-place update, where slicing the layer out and stacking it back would copy
+      # the cache every token. Attend over this layer's slots, the new ones included.
+      new = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
+      cache = {name: jax.lax.dynamic_update_slice(cache[name], new[name][None],
+                                                  (layer, 0, index, 0, 0)) for name in new}
+      k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False)
+              for name in ("k", "v"))
     out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
     out = dense(cfg, cfg.hidden_size, ("heads", "embed"), "o_proj", use_bias=False)(
         out.reshape(b, s, -1))
@@ -126,15 +131,16 @@ class DecoderLayer(nn.Module):
   cfg: LMConfig
 
   @nn.compact
-  def __call__(self, h, cache, rope, mask, index):
+  def __call__(self, carry, rope, mask, index):
+    h, cache, layer = carry
     cfg = self.cfg
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, axis="embed", param_dtype=cfg.param_dtype,
                                 name=name)
-    attn, cache = Attention(cfg, name="self_attn")(norm("input_layernorm")(h), cache, rope,
-                                                   mask, index)
+    attn, cache = Attention(cfg, name="self_attn")(norm("input_layernorm")(h), cache, layer,
+                                                   rope, mask, index)
     h = h + attn
     h = h + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(h))
-    return nn.with_logical_constraint(h, ACTIVATION), cache
+    return (nn.with_logical_constraint(h, ACTIVATION), cache, layer + 1), None
 
 
 class DecoderLM(nn.Module):
@@ -174,8 +180,10 @@ class DecoderLM(nn.Module):
     mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, S, T)
     rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     h = nn.with_logical_constraint(h, ACTIVATION)
-    h, cache = stack(DecoderLayer, cfg, cfg.num_layers, "layers",
-                     (0, nn.broadcast, nn.broadcast, nn.broadcast))(h, cache, rope, mask, index)
+    # The cache rides in the carry with the layer index, so each layer updates it in place.
+    (h, cache, _), _ = stack(DecoderLayer, cfg, cfg.num_layers, "layers",
+                             (nn.broadcast, nn.broadcast, nn.broadcast))(
+                                 (h, cache, jnp.zeros((), jnp.int32)), rope, mask, index)
     h = RMSNorm(cfg.rms_norm_eps, axis="embed", param_dtype=cfg.param_dtype, name="norm")(h)
     if last_only:
       h = h[:, -1:]
