@@ -89,11 +89,14 @@ class TrainState:
 # Setup: everything that depends only on the config, shared by train and eval.
 # ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class Setup:
+class RunSetup:
+  """What a trainer builds from its config before any work: shared by train and eval of
+  every trainer (each subclasses it with its model's helpers)."""
+
   config: ml_collections.ConfigDict
   world: Any
   tokenizer: Any
-  model: Editor
+  model: Any
   mesh: jax.sharding.Mesh
   rules: tuple
   tx: optax.GradientTransformation
@@ -108,6 +111,14 @@ class Setup:
   def param_shardings(self):
     return self.state_shardings.params
 
+  def source(self, split: str) -> ShapesSource:
+    return ShapesSource(self.dataset_dir, split, self.world)
+
+
+@dataclasses.dataclass
+class Setup(RunSetup):
+  model: Editor
+
   @property
   def text_len(self) -> int:
     return self.config.model.text_max_len
@@ -116,9 +127,6 @@ class Setup:
     ids, mask = tokenizer_lib.encode(self.tokenizer, [record.pop("instruction")], self.text_len)
     record["ids"], record["mask"] = ids[0], mask[0]
     return record
-
-  def source(self, split: str) -> ShapesSource:
-    return ShapesSource(self.dataset_dir, split, self.world)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -207,7 +215,7 @@ def _init_state(rng, *, model, tx, image_size, text_len) -> TrainState:
                     opt_state=tx.init(params))
 
 
-def init_state(setup: Setup) -> TrainState:
+def init_state(setup: RunSetup) -> TrainState:
   fn = jax.jit(lambda rng: nn.unbox(setup.init(rng)), out_shardings=setup.state_shardings)
   return sharding.in_context(fn, setup.mesh, setup.rules)(jax.random.key(setup.config.train.seed))
 

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -29,13 +28,13 @@ import optax
 from jaxedit import checkpoint, evaluation, flow, plans, sampling, sharding
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
-from jaxedit.data.pipeline import ShapesSource, make_dataset
+from jaxedit.data.pipeline import make_dataset
 from jaxedit.models.planner import Planner, model_config, planner_config
 from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.world import Scene
 from jaxedit.text import tokenizer as tokenizer_lib
-from jaxedit.trainers.editor_sft import (TrainState, check_batch_size, make_optimizer,
-                                         write_metrics_line)
+from jaxedit.trainers.editor_sft import (RunSetup, TrainState, check_batch_size, init_state,
+                                         make_optimizer, write_metrics_line)
 
 RECORD_FIELDS = ("source_image", "instruction", "scene_text", "plan_steps")
 EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_family")
@@ -91,24 +90,8 @@ def reference_config() -> ml_collections.ConfigDict:
 # Setup: everything that depends only on the config, shared by train and eval.
 # ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class Setup:
-  config: ml_collections.ConfigDict
-  world: Any
-  tokenizer: Any
+class Setup(RunSetup):
   model: Planner
-  mesh: jax.sharding.Mesh
-  rules: tuple
-  tx: optax.GradientTransformation
-  schedule: Any
-  init: Any  # rng -> boxed TrainState
-  state_shardings: Any
-  abstract_state: Any
-  batch_sharding: jax.sharding.NamedSharding
-  dataset_dir: str
-
-  @property
-  def param_shardings(self):
-    return self.state_shardings.params
 
   @property
   def pad_id(self) -> int:
@@ -117,9 +100,6 @@ class Setup:
   @property
   def eos_id(self) -> int:
     return self.tokenizer.token_to_id(tokenizer_lib.EOS)
-
-  def source(self, split: str) -> ShapesSource:
-    return ShapesSource(self.dataset_dir, split, self.world)
 
   def width(self, longest: int, limit: int, trim: bool) -> int:
     """Padded width: `limit`, or with `trim` the longest row rounded up to pad_multiple.
@@ -229,11 +209,6 @@ def _init_state(rng, *, model: Planner, tx, image_size: int, prompt_len: int) ->
   params = model.init(rng, ids, valid, image=image)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params))
-
-
-def init_state(setup: Setup) -> TrainState:
-  fn = jax.jit(lambda rng: nn.unbox(setup.init(rng)), out_shardings=setup.state_shardings)
-  return sharding.in_context(fn, setup.mesh, setup.rules)(jax.random.key(setup.config.train.seed))
 
 
 # ------------------------------------------------------------------------------------------
