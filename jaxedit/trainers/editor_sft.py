@@ -181,18 +181,26 @@ def make_optimizer(tc: ml_collections.ConfigDict):
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
   check_config(config)
-  world, tok, model, mesh, rules, batch_sharding = make_model_and_mesh(config, workdir, devices)
+  parts = make_model_and_mesh(config, workdir, devices)
+  return assemble_setup(Setup, config, parts, functools.partial(
+      _init_state, image_size=parts[0].image_size, text_len=config.model.text_max_len))
+
+
+def assemble_setup(cls, config: ml_collections.ConfigDict, parts, init_state_fn) -> RunSetup:
+  """A supervised trainer's `cls` (a RunSetup) from (world, tokenizer, model, mesh, rules,
+  batch sharding): batch sizes checked, the optimizer, and the state's shardings from
+  eval_shape of `init_state_fn(rng, model=, tx=)`, so nothing is allocated."""
+  world, tok, model, mesh, rules, batch_sharding = parts
   for key in ("train.batch_size", "eval.batch_size"):
     section, name = key.split(".")
     check_batch_size(f"config key {key!r}", config[section][name], mesh, batch_sharding)
   tx, schedule = make_optimizer(config.train)
-  init = functools.partial(_init_state, model=model, tx=tx, image_size=world.image_size,
-                           text_len=config.model.text_max_len)
+  init = functools.partial(init_state_fn, model=model, tx=tx)
   boxed = jax.eval_shape(init, jax.random.key(0))
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract_state = checkpoint.abstract_like(nn.unbox(boxed), state_shardings)
-  return Setup(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
-               abstract_state, batch_sharding, data_job.dataset_dir(world, config.data))
+  return cls(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
+             abstract_state, batch_sharding, data_job.dataset_dir(world, config.data))
 
 
 def _axes(spec) -> set[str]:

@@ -30,7 +30,7 @@ from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.world import Scene
 from jaxedit.trainers import planner_sft
 from jaxedit.trainers.editor_grpo import GRPOState, copy_tokenizer
-from jaxedit.trainers.editor_sft import write_metrics_line
+from jaxedit.trainers.editor_sft import check_batch_size, write_metrics_line
 
 ROLLOUT_FIELDS = planner_sft.RECORD_FIELDS + ("checklist", "source_scene", "num_steps")
 
@@ -97,7 +97,7 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
   sft_like.train.batch_size = g.prompts_per_step * g.group_size
   sft_like.train.end_lr_fraction = 1.0  # constant after warm-up
   setup = planner_sft.make_setup(sft_like, workdir, devices)
-  planner_sft.check_batch_size("a minibatch (P * G / grpo.minibatches)",
+  check_batch_size("a minibatch (P * G / grpo.minibatches)",
                                sft_like.train.batch_size // g.minibatches, setup.mesh,
                                setup.batch_sharding)
   return setup

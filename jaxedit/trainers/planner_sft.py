@@ -18,7 +18,6 @@ import logging
 import os
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -33,8 +32,8 @@ from jaxedit.models.planner import Planner, model_config, planner_config
 from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.world import Scene
 from jaxedit.text import tokenizer as tokenizer_lib
-from jaxedit.trainers.editor_sft import (RunSetup, TrainState, check_batch_size, init_state,
-                                         make_optimizer, write_metrics_line)
+from jaxedit.trainers.editor_sft import (RunSetup, TrainState, assemble_setup, init_state,
+                                         write_metrics_line)
 
 RECORD_FIELDS = ("source_image", "instruction", "scene_text", "plan_steps")
 EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_family")
@@ -188,18 +187,9 @@ def make_model_and_mesh(config: ml_collections.ConfigDict, workdir: str, devices
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
   check_config(config)
-  world, tok, model, mesh, rules, batch_sharding = make_model_and_mesh(config, workdir, devices)
-  for key in ("train.batch_size", "eval.batch_size"):
-    section, name = key.split(".")
-    check_batch_size(f"config key {key!r}", config[section][name], mesh, batch_sharding)
-  tx, schedule = make_optimizer(config.train)
-  init = functools.partial(_init_state, model=model, tx=tx, image_size=world.image_size,
-                           prompt_len=config.prompt.max_prompt_len)
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  state_shardings = sharding.logical_shardings(boxed, mesh, rules)
-  abstract_state = checkpoint.abstract_like(nn.unbox(boxed), state_shardings)
-  return Setup(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
-               abstract_state, batch_sharding, data_job.dataset_dir(world, config.data))
+  parts = make_model_and_mesh(config, workdir, devices)
+  return assemble_setup(Setup, config, parts, functools.partial(
+      _init_state, image_size=parts[0].image_size, prompt_len=config.prompt.max_prompt_len))
 
 
 def _init_state(rng, *, model: Planner, tx, image_size: int, prompt_len: int) -> TrainState:
