@@ -10,11 +10,14 @@ from jaxedit.trainers import planner_grpo
 def get_config(arg=None):
   config = planner_grpo.reference_config()
   config.prompt.max_plan_len = 96  # as configs/shapes_planner_sft.py: the models must match
-  if arg == "demo":
+  if arg == "scene_text":  # the detector's scene description in the prompt, besides the image
+    config.prompt.scene_as_text = True
+    config.prompt.max_prompt_len = 112  # the longest test prompt is 98 tokens
+  elif arg == "demo":
     config.train.num_steps = 20
     config.train.eval_every = 10
     config.train.checkpoint_every = 10
     config.eval.num_examples = 256
   elif arg:
-    raise ValueError(f"unknown config arg {arg!r}; use 'demo' or nothing")
+    raise ValueError(f"unknown config arg {arg!r}; use 'scene_text', 'demo' or nothing")
   return config.lock()

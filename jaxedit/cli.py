@@ -3,11 +3,13 @@
     jaxedit data  --config configs/shapes_data.py --workdir DIR [--config.key=value ...]
     jaxedit train --config configs/shapes_editor_sft.py --workdir DIR
     jaxedit eval  --config configs/shapes_editor_sft.py --workdir DIR
+    jaxedit edit  --workdir PLANNER_DIR --image IN.png --instruction "..." --out OUT.png
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import logging
 import sys
@@ -59,6 +61,16 @@ def parser() -> argparse.ArgumentParser:
                        epilog="Override any config key with --config.KEY=VALUE.")
     c.add_argument("--config", required=True, help="config file, as path/to/file.py[:arg]")
     c.add_argument("--workdir", required=True, help="folder for outputs")
+  e = sub.add_parser("edit", help="plan with the planner in DIR, run the plan with an editor; "
+                     "writes OUT.png, OUT.plan.json and OUT.step_K.png")
+  e.add_argument("--workdir", required=True, help="a planner workdir (SFT or GRPO)")
+  e.add_argument("--image", required=True, help="the source image (PNG, the world's size)")
+  e.add_argument("--instruction", required=True)
+  e.add_argument("--out", required=True, help="where the final image goes")
+  e.add_argument("--editor", default="", help="an editor workdir (default: the one the "
+                 "planner's config names in 'editor')")
+  e.add_argument("--seed", type=int, default=0)
+  e.add_argument("--max_steps", type=int, default=8, help="longer plans are refused")
   return p
 
 
@@ -81,6 +93,14 @@ def main(argv=None) -> int:
   logging.getLogger("absl").addFilter(_quiet_libraries)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   try:
+    if args.command == "edit":
+      from jaxedit import inference
+
+      record = inference.edit(args.workdir, args.image, args.instruction, args.out,
+                             editor_workdir=args.editor, seed=args.seed,
+                             max_steps=args.max_steps)
+      print(json.dumps(record, indent=1))
+      return 0
     config = load_file(args.config)
     reference, job = COMMANDS[args.command][1](config)
     validate(config, reference())

@@ -33,7 +33,6 @@ import optax
 from jaxedit import checkpoint, evaluation, flow, flow_grpo, grpo, lora, sharding
 from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError
-from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.text import tokenizer as tokenizer_lib
 from jaxedit.trainers import editor_sft
@@ -203,8 +202,7 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) ->
     except ValueError as e:
       raise ConfigError(f"config key 'model.lora_targets': {e}") from None
   return Setup(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
-               abstract_state, batch_sharding, data_job.dataset_dir(world, config.data),
-               full, use_lora, step_schedule_fn(g, tc.seed))
+               abstract_state, batch_sharding, full, use_lora, step_schedule_fn(g, tc.seed))
 
 
 def _init_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:

@@ -105,11 +105,15 @@ class RunSetup:
   state_shardings: Any
   abstract_state: Any
   batch_sharding: jax.sharding.NamedSharding
-  dataset_dir: str
 
   @property
   def param_shardings(self):
     return self.state_shardings.params
+
+  @functools.cached_property
+  def dataset_dir(self) -> str:
+    """Built (TFDS) on first use, so inference from a workdir never builds data."""
+    return data_job.dataset_dir(self.world, self.config.data)
 
   def source(self, split: str) -> ShapesSource:
     return ShapesSource(self.dataset_dir, split, self.world)
@@ -200,7 +204,7 @@ def assemble_setup(cls, config: ml_collections.ConfigDict, parts, init_state_fn)
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract_state = checkpoint.abstract_like(nn.unbox(boxed), state_shardings)
   return cls(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
-             abstract_state, batch_sharding, data_job.dataset_dir(world, config.data))
+             abstract_state, batch_sharding)
 
 
 def _axes(spec) -> set[str]:

@@ -1,13 +1,12 @@
-"""Planner GRPO from a planner SFT run: G sampled plans per prompt, rewarded by the plan
-checklist (the cognitive reward of DESIGN.md section 6), token-level clipped ratio + k3 KL
-to the SFT planner.
+"""Planner GRPO from a planner SFT run: G sampled plans per prompt, token-level clipped ratio
++ k3 KL to the SFT planner, and the dual-atomic rewards of DESIGN.md section 6: cognitive (the
+plan checklist) and visual (the plan run step by step by the editor of config key `editor`,
+the detected final scene scored by the checklist).
 
     jaxedit train --config configs/shapes_planner_grpo.py --workdir DIR --config.init_from=SFT_DIR
     jaxedit eval  --config configs/shapes_planner_grpo.py --workdir DIR
 
 Every parameter trains (the planner is small); the reference is a frozen copy of the start.
-The visual reward (execute the plan with an editor, score the image) is not built yet:
-`rewards.visual.weight` must stay 0.
 """
 
 from __future__ import annotations
@@ -23,10 +22,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import checkpoint, evaluation, grpo, plans, sharding
+from jaxedit import checkpoint, evaluation, grpo, inference, plans, sharding
 from jaxedit.config import ConfigError
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.shapes import checklist as cl
+from jaxedit.shapes.detect import detect
 from jaxedit.shapes.world import Scene
 from jaxedit.trainers import planner_sft
 from jaxedit.trainers.editor_grpo import GRPOState, copy_tokenizer
@@ -54,6 +54,7 @@ def reference_config() -> ml_collections.ConfigDict:
   })
   c.rewards = ml_collections.ConfigDict({
       "cognitive": {"weight": 1.0, "step_penalty": 0.1, "error_penalty": 0.25},
+      # > 0: every rollout plan runs through the editor of `editor` (P * G edits per plan step)
       "visual": {"weight": 0.0},
   })
   del c.train.batch_size
@@ -81,8 +82,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError("config key 'grpo.temperature' must be > 0 (rollouts sample)")
   if g.aggregation not in grpo.AGGREGATIONS:
     raise ConfigError(f"grpo.aggregation must be one of {grpo.AGGREGATIONS}")
-  if config.rewards.visual.weight:
-    raise ConfigError("rewards.visual is not implemented yet; set rewards.visual.weight = 0")
+  if config.rewards.visual.weight and not config.editor:
+    raise ConfigError("rewards.visual.weight > 0 needs an editor to run the plans: set config "
+                      "key 'editor' to an editor workdir")
   if config.init_params not in ("ema", "raw"):
     raise ConfigError("config key 'init_params' must be 'ema' or 'raw'")
 
@@ -93,14 +95,21 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
   check_config(config)
   copy_tokenizer(config.init_from, workdir)
   g = config.grpo
-  sft_like = ml_collections.ConfigDict(config.to_dict())
-  sft_like.train.batch_size = g.prompts_per_step * g.group_size
-  sft_like.train.end_lr_fraction = 1.0  # constant after warm-up
+  sft_like = as_sft_config(config)
   setup = planner_sft.make_setup(sft_like, workdir, devices)
   check_batch_size("a minibatch (P * G / grpo.minibatches)",
                                sft_like.train.batch_size // g.minibatches, setup.mesh,
                                setup.batch_sharding)
   return setup
+
+
+def as_sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The planner_sft config this run's Setup is built from: a batch of P * G rollouts and a
+  constant learning rate after warm-up."""
+  sft_like = ml_collections.ConfigDict(config.to_dict())
+  sft_like.train.batch_size = config.grpo.prompts_per_step * config.grpo.group_size
+  sft_like.train.end_lr_fraction = 1.0
+  return sft_like
 
 
 def load_start(setup, init_from: str, key: str):
@@ -110,6 +119,10 @@ def load_start(setup, init_from: str, key: str):
   ours = setup.config.model.to_dict()
   mismatched = sorted(k for k, v in saved["model"].items()
                       if k in ours and json.dumps(ours[k]) != json.dumps(v))
+  if saved["prompt"]["scene_as_text"] != setup.config.prompt.scene_as_text:
+    raise ConfigError(f"init_from was trained with prompt.scene_as_text = "
+                      f"{saved['prompt']['scene_as_text']}, this run has "
+                      f"{setup.config.prompt.scene_as_text}")
   if mismatched:
     raise ConfigError("init_from was trained with a different model: " + ", ".join(
         f"model.{k} = {saved['model'][k]!r} there, {ours[k]!r} here" for k in mismatched))
@@ -147,6 +160,23 @@ def cognitive_rewards(texts: list[str], records: dict, rc) -> np.ndarray:
                                 cl.Checklist.from_json(records["checklist"][i]),
                                 int(records["num_steps"][i]), rc.step_penalty, rc.error_penalty))
   return np.asarray(out, np.float32)
+
+
+def visual_rewards(editor, texts: list[str], records: dict, max_steps: int,
+                   seed: int) -> np.ndarray:
+  """Checklist fraction of the scene the editor produced by running each plan step by step
+  (detector-verified); 0 for a plan that cannot be run."""
+  steps = []
+  for text in texts:
+    try:
+      steps.append(inference.executable_steps(text, editor, max_steps))
+    except plans.PlanError:
+      steps.append(None)
+  trails = inference.run_plans(editor, np.asarray(records["source_image"]),
+                               [s or [] for s in steps], seed)
+  scenes = detect(np.stack([t[-1] for t in trails]), editor.setup.world).scenes
+  return np.asarray([cl.Checklist.from_json(c).score(scene) if s is not None else 0.0
+                     for c, scene, s in zip(records["checklist"], scenes, steps)], np.float32)
 
 
 def make_update(setup):
@@ -252,6 +282,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   update = make_update(setup)
   sampler = planner_sft.make_plan_sampler(setup)
+  editor = (inference.load_editor(config.editor, g.prompts_per_step * g.group_size)
+            if config.rewards.visual.weight else None)
   val_batches = planner_sft.eval_batches(setup, "validation", tc.eval_examples,
                                          config.eval.batch_size)
   curve_path = os.path.join(workdir, "curve.json")
@@ -284,6 +316,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       arrays, texts, records = rollout(setup, sampler, state.params, next(data_iter), rng)
       rewards = config.rewards.cognitive.weight * cognitive_rewards(
           texts, records, config.rewards.cognitive)
+      if editor is not None:
+        visual = visual_rewards(editor, texts, records, config.eval.e2e_max_steps, step)
+        rewards = rewards + config.rewards.visual.weight * visual
       batch = sharding.global_batch(
           {k: arrays[k] for k in ("source_image", "prompt", "prompt_valid", "plan",
                                   "plan_valid")}, setup.batch_sharding)
@@ -293,6 +328,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       last = step == tc.num_steps
       if step % tc.log_every == 0 or last:
         scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        if editor is not None:
+          scalars["reward/visual"] = float(visual.mean())
         scalars.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
                         "rollout/plan_tokens": float(arrays["plan_valid"].sum(1).mean())})
         write_metrics_line(writer, workdir, step, scalars)
@@ -321,13 +358,22 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   batches = planner_sft.eval_batches(setup, ec.split, ec.num_examples, ec.batch_size)
   sampler = planner_sft.make_plan_sampler(setup)
   start = time.time()
-  after, samples = planner_sft.evaluate(setup, state.ema_params if ec.use_ema else state.params,
-                                        batches, sampler)
-  before, _ = planner_sft.evaluate(setup, state.frozen, batches, sampler)
-  summary = {**after, "before": before, "split": ec.split, "step": step,
-             "change": _change(before, after), "eval_seconds": round(time.time() - start, 1)}
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
+  editor = inference.load_editor(config.editor, ec.batch_size) if config.editor else None
+  baseline = planner_sft.baseline_scores(config, batches, out)
+  results = {}
+  for name, params in (("after", state.ema_params if ec.use_ema else state.params),
+                       ("before", state.frozen)):
+    texts = planner_sft.plan_texts(setup, params, batches, sampler)
+    extra = {**planner_sft.e2e_scores(config, batches, texts, out, editor, f"e2e_{name}"),
+             **baseline}
+    results[name] = planner_sft.evaluate(setup, params, batches, sampler, texts=texts,
+                                         extra_scores=extra)
+  (after, samples), (before, _) = results["after"], results["before"]
+  summary = {**after, "before": before, "split": ec.split, "step": step,
+             "editor": config.editor, "baseline_editor": ec.baseline_editor,
+             "change": _change(before, after), "eval_seconds": round(time.time() - start, 1)}
   evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
   with open(os.path.join(out, "plans.txt"), "w") as f:
     f.write(planner_sft.format_samples(samples) + "\n")

@@ -78,9 +78,16 @@ def reference_config() -> ml_collections.ConfigDict:
       "async_checkpoints": True,
       "worker_count": 0,
   })
+  # An editor workdir (SFT or GRPO) that runs the plans: e2e_success in eval, `jaxedit edit`,
+  # and the planner GRPO visual reward.
+  c.editor = ""
   c.eval = ml_collections.ConfigDict({
       "split": "test", "num_examples": 0,  # 0: every abstract example of the split
-      "batch_size": 64, "use_ema": True})
+      "batch_size": 64, "use_ema": True, "seed": 1,
+      "e2e_max_steps": 8,  # longer plans count as failures
+      # An editor workdir trained on the same data with (source, abstract instruction, final
+      # target) pairs, asked to do the abstract edit in one step.
+      "baseline_editor": ""})
   c.mesh = sharding.mesh_config()
   return c
 
@@ -324,24 +331,29 @@ def summarize_plans(scores: dict[str, np.ndarray], families: list[str],
   return summary
 
 
-def evaluate(setup: Setup, params, batches, sampler, seed: int = 0):
-  """(summary, [(instruction, plan, reference), ...] of the first batch)."""
-  scores: dict[str, list] = {}
-  families, held_out, first = [], [], None
+def plan_texts(setup: Setup, params, batches, sampler, seed: int = 0) -> list[list[str]]:
+  """The decoded plan of every real example, per batch."""
+  out = []
   for i, (arrays, info) in enumerate(batches):
     n = len(info["instruction"])
-    out = sampler(params, sharding.global_batch(arrays, setup.batch_sharding),
-                  jax.random.key(seed + i))
-    texts = setup.decode(np.asarray(out.tokens)[:n], np.asarray(out.valid)[:n])
-    for k, v in score_plans(texts, info).items():
-      scores.setdefault(k, []).append(v)
-    families += info["family"]
-    held_out += [bool(h) for h in info["held_out_family"]]
-    if first is None:
-      first = list(zip(info["instruction"], texts, info["plan_steps"]))
-  summary = summarize_plans({k: np.concatenate(v) for k, v in scores.items()}, families,
-                            np.asarray(held_out))
-  return summary, first
+    samples = sampler(params, sharding.global_batch(arrays, setup.batch_sharding),
+                      jax.random.key(seed + i))
+    out.append(setup.decode(np.asarray(samples.tokens)[:n], np.asarray(samples.valid)[:n]))
+  return out
+
+
+def evaluate(setup: Setup, params, batches, sampler, seed: int = 0, texts=None,
+             extra_scores=None):
+  """(summary, [(instruction, plan, reference), ...] of the first batch). `texts` (per batch)
+  skips decoding; `extra_scores` (name -> per-example array) are summarised alongside."""
+  texts = plan_texts(setup, params, batches, sampler, seed) if texts is None else texts
+  scores = [score_plans(t, info) for t, (_, info) in zip(texts, batches)]
+  scores = {k: np.concatenate([s[k] for s in scores]) for k in scores[0]}
+  scores.update(extra_scores or {})
+  families = [f for _, info in batches for f in info["family"]]
+  held_out = np.asarray([bool(h) for _, info in batches for h in info["held_out_family"]])
+  first = list(zip(batches[0][1]["instruction"], texts[0], batches[0][1]["plan_steps"]))
+  return summarize_plans(scores, families, held_out), first
 
 
 def format_samples(samples) -> str:
@@ -436,14 +448,77 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params = state.ema_params if config.eval.use_ema else state.params
   ec = config.eval
   start = time.time()
-  summary, samples = evaluate(setup, params, eval_batches(setup, ec.split, ec.num_examples,
-                                                          ec.batch_size), make_plan_sampler(setup))
-  summary.update({"split": ec.split, "step": step,
-                  "eval_seconds": round(time.time() - start, 1)})
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
+  batches = eval_batches(setup, ec.split, ec.num_examples, ec.batch_size)
+  texts = plan_texts(setup, params, batches, make_plan_sampler(setup))
+  extra = {**e2e_scores(config, batches, texts, out), **baseline_scores(config, batches, out)}
+  summary, samples = evaluate(setup, params, batches, None, texts=texts, extra_scores=extra)
+  summary.update({"split": ec.split, "step": step, "editor": config.editor,
+                  "baseline_editor": ec.baseline_editor,
+                  "eval_seconds": round(time.time() - start, 1)})
   evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
   with open(os.path.join(out, "plans.txt"), "w") as f:
     f.write(format_samples(samples) + "\n")
   print(json.dumps(summary, indent=1), flush=True)
   return summary
+
+
+def e2e_scores(config: ml_collections.ConfigDict, batches, texts, out: str, editor=None,
+               name: str = "e2e") -> dict:
+  """Per example: `e2e_success` (the plan run step by step by the editor of `config.editor`,
+  the final image strictly meets the checklist) and `e2e_runs` (the plan could be run).
+  Writes a grid of the first batch to `out/{name}.png`; {} without an editor."""
+  from jaxedit import inference  # here: it imports the trainers
+
+  if not config.editor:
+    return {}
+  ec = config.eval
+  editor = editor or inference.load_editor(config.editor, ec.batch_size)
+  success, runs = [], []
+  for b, (batch_texts, (arrays, info)) in enumerate(zip(texts, batches)):
+    steps = []
+    for text in batch_texts:
+      try:
+        steps.append(inference.executable_steps(text, editor, ec.e2e_max_steps))
+      except plans.PlanError:
+        steps.append(None)
+    images = arrays["source_image"][:len(batch_texts)]
+    trails = inference.run_plans(editor, images, [s or [] for s in steps], seed=ec.seed + b)
+    ran = np.asarray([s is not None for s in steps], np.float32)
+    finals = np.stack([t[-1] for t in trails])
+    success.append(inference.strict_success(finals, info["checklist"], editor.setup.world) * ran)
+    runs.append(ran)
+    if b == 0:
+      captions = [[i, p, "success" if ok else "failed"]
+                  for i, p, ok in zip(info["instruction"], batch_texts, success[0])]
+      inference.trail_grid(trails, captions).save(os.path.join(out, f"{name}.png"))
+  return {"e2e_success": np.concatenate(success), "e2e_runs": np.concatenate(runs)}
+
+
+def baseline_scores(config: ml_collections.ConfigDict, batches, out: str) -> dict:
+  """Per example `single_step_baseline_success`: the editor of `eval.baseline_editor` given
+  the abstract instruction, in one step. Writes a grid of the first batch; {} without one."""
+  from jaxedit import inference
+
+  ec = config.eval
+  if not ec.baseline_editor:
+    return {}
+  baseline = inference.load_editor(ec.baseline_editor, ec.batch_size)
+  for _, info in batches:
+    for instruction in info["instruction"]:
+      if not baseline.fits(instruction):
+        raise ConfigError(f"eval.baseline_editor: {instruction!r} does not fit its "
+                          f"model.text_max_len {baseline.setup.text_len}; train the baseline "
+                          "with room for abstract instructions")
+  success = []
+  for b, (arrays, info) in enumerate(batches):
+    images = arrays["source_image"][:len(info["instruction"])]
+    edited = baseline(images, info["instruction"], seed=ec.seed + b)
+    success.append(inference.strict_success(edited, info["checklist"], baseline.setup.world))
+    if b == 0:
+      captions = [[i, "success" if ok else "failed"]
+                  for i, ok in zip(info["instruction"], success[0])]
+      inference.trail_grid([[s, e] for s, e in zip(images, edited)], captions).save(
+          os.path.join(out, "single_step_baseline.png"))
+  return {"single_step_baseline_success": np.concatenate(success)}

@@ -1,0 +1,182 @@
+"""Plan then edit: plans run step by step, the e2e and single-step-baseline figures of planner
+eval, and `jaxedit edit`."""
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_editor_config, tiny_planner_config, tiny_planner_grpo_config
+from jaxedit import cli, inference, plans
+from jaxedit.data.pipeline import ShapesSource
+from jaxedit.shapes import checklist as cl
+from jaxedit.shapes.detect import detect
+from jaxedit.shapes.render import render
+from jaxedit.trainers import editor_sft, planner_grpo, planner_sft
+
+
+@pytest.fixture(scope="module")
+def editor_dir(small_data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("editor"))
+  config = tiny_editor_config(small_data_dir, num_steps=2, checkpoint_every=0)
+  config.model.text_max_len = 64  # it is the single-step baseline too: abstract instructions
+  editor_sft.train(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def planner_dir(small_data_dir, editor_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("planner"))
+  config = tiny_planner_config(small_data_dir, num_steps=2, eval_every=0, checkpoint_every=0)
+  config.editor = editor_dir
+  config.eval.baseline_editor = editor_dir
+  planner_sft.train(config, workdir)
+  return workdir, config
+
+
+class OracleEditor:
+  """Edits by the rules of the world: detect, apply the parsed step, render."""
+
+  def __init__(self, world):
+    self.world = world
+    self.calls = []
+    self.setup = types.SimpleNamespace(world=world, text_len=64)
+
+  def fits(self, instruction):
+    return True
+
+  def __call__(self, images, instructions, seed):
+    self.calls.append(len(instructions))
+    out = []
+    for image, text in zip(images, instructions):
+      scene = detect(image, self.world).scenes[0]
+      out.append(render(plans.parse_step(text, scene).apply(scene), self.world))
+    return np.stack(out)
+
+
+def test_reference_plans_run_by_a_perfect_editor_meet_every_checklist(small_dataset):
+  path, world = small_dataset
+  source = ShapesSource(path, "test", world)
+  records = [r for r in (source[i] for i in range(len(source))) if r["kind"] == "abstract"][:12]
+  images = np.stack([r["source_image"] for r in records])
+  steps = [json.loads(r["plan_steps"]) for r in records]
+  checklists = [r["checklist"] for r in records]
+  editor = OracleEditor(world)
+  trails = inference.run_plans(editor, images, steps, seed=0)
+  assert [len(t) for t in trails] == [len(s) + 1 for s in steps]
+  # the k-th steps of all plans go in one batch
+  assert editor.calls == [sum(len(s) > k for s in steps) for k in range(max(map(len, steps)))]
+  finals = np.stack([t[-1] for t in trails])
+  np.testing.assert_array_equal(inference.strict_success(finals, checklists, world), 1.0)
+  # the same plans cut short after their first step fail wherever they had more steps
+  short = inference.run_plans(editor, images, [s[:1] for s in steps], seed=0)
+  success = inference.strict_success(np.stack([t[-1] for t in short]), checklists, world)
+  np.testing.assert_array_equal(success, [len(s) == 1 for s in steps])
+  assert not all(len(s) == 1 for s in steps)
+
+
+def test_visual_reward_is_the_checklist_fraction_of_the_executed_plan(small_dataset):
+  path, world = small_dataset
+  source = ShapesSource(path, "test", world)
+  records = [r for r in (source[i] for i in range(len(source)))
+             if r["kind"] == "abstract" and r["num_steps"] >= 2][:6]
+  batch = {"source_image": np.stack([r["source_image"] for r in records]),
+           "checklist": [r["checklist"] for r in records]}
+  full = [str(r["plan_steps"]) for r in records]
+  first = [json.dumps(json.loads(t)[:1]) for t in full]
+  editor = OracleEditor(world)
+  np.testing.assert_array_equal(planner_grpo.visual_rewards(editor, full, batch, 8, 0), 1.0)
+  partial = planner_grpo.visual_rewards(editor, first, batch, 8, 0)
+  for r, text, got in zip(records, first, partial):
+    scene = detect(r["source_image"], world).scenes[0]
+    scene = plans.parse_step(json.loads(text)[0], scene).apply(scene)
+    assert got == pytest.approx(cl.Checklist.from_json(r["checklist"]).score(scene))
+  assert (partial < 1).all()
+  bad = planner_grpo.visual_rewards(editor, ["not json"] * 6, batch, 8, 0)
+  np.testing.assert_array_equal(bad, 0.0)
+
+
+def test_loaded_editor_is_the_checkpoint_ema(editor_dir):
+  editor = inference.load_editor(editor_dir, batch_size=8)
+  setup = editor_sft.make_setup(editor.setup.config, editor_dir)
+  mngr, step = inference.checkpoint.latest_step(editor_dir, "an editor")
+  state = inference.checkpoint.restore(mngr, step, setup.abstract_state)
+  for a, b in zip(*map(inference.jax.tree.leaves, (editor.params, state.ema_params))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  images = np.zeros((3, 32, 32, 3), np.uint8)
+  out = editor(images, ["remove the red circle"] * 3, seed=0)
+  assert out.shape == (3, 32, 32, 3) and out.dtype == np.uint8
+  assert not editor.fits("make the red circle blue " * 20)
+  with pytest.raises(plans.PlanError, match="longer than the editor's text length"):
+    inference.executable_steps(json.dumps(["make the red circle blue " * 20]), editor, 8)
+  with pytest.raises(plans.PlanError, match="at most 2"):
+    inference.executable_steps(json.dumps(["remove the red circle"] * 3), editor, 2)
+
+
+def test_planner_eval_reports_e2e_and_baseline(planner_dir):
+  workdir, config = planner_dir
+  summary = planner_sft.run_eval(config, workdir)
+  for scores in (summary, summary["held_out_families"]):
+    for key in ("e2e_success", "e2e_runs", "single_step_baseline_success"):
+      assert 0.0 <= scores[key] <= 1.0, key
+    assert scores["e2e_success"] <= scores["e2e_runs"]
+  assert summary["editor"] == config.editor
+  for name in ("e2e.png", "single_step_baseline.png"):
+    assert os.path.getsize(os.path.join(workdir, "eval", name)) > 0
+
+
+def test_edit_command(planner_dir, editor_dir, small_dataset, tmp_path, monkeypatch, capsys):
+  workdir, _ = planner_dir
+  path, world = small_dataset
+  record = next(r for r in (ShapesSource(path, "test", world)[i] for i in range(40))
+                if r["kind"] == "abstract" and r["num_steps"] >= 2)
+  image_path = str(tmp_path / "in.png")
+  Image.fromarray(record["source_image"]).save(image_path)
+  args = ["edit", "--workdir", workdir, "--image", image_path,
+          "--instruction", str(record["instruction"]), "--out", str(tmp_path / "out.png")]
+
+  # The 2-step planner writes no runnable plan: a clear error, nothing written.
+  monkeypatch.setattr(inference.LoadedPlanner, "__call__", lambda self, *a: ["[\"paint it"])
+  assert cli.main(args) == 2
+  assert "the planner's plan cannot be run" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "out.png")
+
+  reference = str(record["plan_steps"])
+  monkeypatch.setattr(inference.LoadedPlanner, "__call__", lambda self, *a: [reference])
+  assert cli.main(args) == 0  # the editor comes from the planner's config key 'editor'
+  saved = json.load(open(tmp_path / "out.plan.json"))
+  steps = json.loads(reference)
+  assert saved["plan"] == steps and saved["editor"] == os.path.abspath(editor_dir)
+  assert len(saved["images"]) == len(steps)
+  final = np.asarray(Image.open(tmp_path / "out.png"))
+  np.testing.assert_array_equal(final, np.asarray(Image.open(saved["images"][-1])))
+
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image_path)
+  assert cli.main(args) == 2
+  assert "16x16; the planner and editor work on 32x32" in capsys.readouterr().err
+
+
+def test_grpo_with_the_visual_reward_trains_and_evals_e2e(small_data_dir, planner_dir,
+                                                          editor_dir, tmp_path):
+  sft_dir, _ = planner_dir
+  config = tiny_planner_grpo_config(small_data_dir, sft_dir)
+  config.train.num_steps = 1
+  config.rewards.visual.weight = 1.0
+  config.editor = editor_dir
+  workdir = str(tmp_path)
+  planner_grpo.train(config, workdir)
+  assert "reward/visual" in json.loads(open(os.path.join(workdir, "metrics.jsonl")).readline())
+  summary = planner_grpo.run_eval(config, workdir)
+  for scores in (summary, summary["before"]):
+    assert 0.0 <= scores["e2e_success"] <= scores["e2e_runs"] <= 1.0
+  assert "e2e_success" in summary["change"]
+  for name in ("e2e_after.png", "e2e_before.png"):
+    assert os.path.exists(os.path.join(workdir, "eval", name))
+  # the planner's saved config names the editor `jaxedit edit` uses
+  assert inference.load_planner(workdir).config.editor == editor_dir
+  config.editor = ""
+  with pytest.raises(planner_grpo.ConfigError, match="needs an editor"):
+    planner_grpo.make_setup(config, workdir)
