@@ -232,11 +232,18 @@ def edit(workdir: str, image_path: str, instruction: str, out_path: str,
     steps = executable_steps(text, editor, max_steps)
   except plans.PlanError as e:
     raise ConfigError(f"the planner's plan cannot be run: {e}\nplan: {text}") from None
+  try:  # run anyway: the editor reads the image, not the planner's idea of it
+    plans.parse_plan(text, detect(image, planner.setup.world).scenes[0])
+    problem = None
+  except plans.PlanError as e:
+    problem = str(e)
   [trail] = run_plans(editor, image[None], [steps], seed)
   base, _ = os.path.splitext(out_path)
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   Image.fromarray(trail[-1]).save(out_path)
-  record = {"instruction": instruction, "plan": steps, "planner": os.path.abspath(workdir),
+  record = {"instruction": instruction, "plan": steps,
+            "plan_problem": problem,  # PlanError against the detected source scene, if any
+            "planner": os.path.abspath(workdir),
             "editor": os.path.abspath(editor_workdir), "seed": seed, "images": []}
   for k, img in enumerate(trail[1:], 1):
     path = f"{base}.step_{k}.png"

@@ -46,14 +46,14 @@ def test_patchify_matches_diffusers_packing():
 def test_precomputed_text_embeddings_path():
   model = Editor(editor_config(tiny_model(text_encoder="precomputed", context_dim=40), 32, 100))
   args = inputs("precomputed")
-  params = model.init(jax.random.key(0), *args)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), *args)["params"]
   assert "text_encoder" not in params
-  out = model.apply({"params": params}, *args)
+  out = jax.jit(model.apply)({"params": params}, *args)
   assert out.shape == (2, 32, 32, 3)
   loss = lambda p, ctx: jnp.sum(model.apply({"params": p}, *args[:3],
                                             {**args[3], "context": ctx}) ** 2)
   params = jax.tree.map(lambda x: x + 0.01, nn.unbox(params))  # lift zero-init outputs
-  grad = jax.grad(loss, argnums=1)(params, args[3]["context"])
+  grad = jax.jit(jax.grad(loss, argnums=1))(params, args[3]["context"])
   assert float(jnp.abs(grad).sum()) > 0
 
 
@@ -69,8 +69,10 @@ def test_remat_gives_the_same_loss_and_gradients(policy):
   args = inputs()
   plain = Editor(editor_config(tiny_model(), 32, 100))
   remat = Editor(editor_config(tiny_model(remat_policy=policy), 32, 100))
-  params = jax.tree.map(lambda x: x + 0.01, nn.unbox(plain.init(jax.random.key(0), *args)["params"]))
-  loss = lambda m: jax.value_and_grad(lambda p: jnp.mean(m.apply({"params": p}, *args) ** 2))
+  params = jax.jit(plain.init)(jax.random.key(0), *args)["params"]
+  params = jax.tree.map(lambda x: x + 0.01, nn.unbox(params))
+  loss = lambda m: jax.jit(jax.value_and_grad(
+      lambda p: jnp.mean(m.apply({"params": p}, *args) ** 2)))
   (l1, g1), (l2, g2) = loss(plain)(params), loss(remat)(params)
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
@@ -79,12 +81,12 @@ def test_remat_gives_the_same_loss_and_gradients(policy):
 def test_bfloat16_compute_with_float32_params():
   args = inputs()
   model = Editor(editor_config(tiny_model(dtype="bfloat16"), 32, 100))
-  variables = model.init(jax.random.key(0), *args)
+  variables = jax.jit(model.init)(jax.random.key(0), *args)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(variables)))
   ref = Editor(editor_config(tiny_model(), 32, 100))
   params = jax.tree.map(lambda x: x + 0.01, nn.unbox(variables["params"]))
-  a = model.apply({"params": params}, *args)
-  b = ref.apply({"params": params}, *args)
+  a = jax.jit(model.apply)({"params": params}, *args)
+  b = jax.jit(ref.apply)({"params": params}, *args)
   assert a.dtype == jnp.float32  # the velocity comes back in float32
   rel = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
   assert 0 < rel < 0.05, rel

@@ -150,6 +150,7 @@ def test_edit_command(planner_dir, editor_dir, small_dataset, tmp_path, monkeypa
   saved = json.load(open(tmp_path / "out.plan.json"))
   steps = json.loads(reference)
   assert saved["plan"] == steps and saved["editor"] == os.path.abspath(editor_dir)
+  assert saved["plan_problem"] is None  # the reference plan applies to the source scene
   assert len(saved["images"]) == len(steps)
   final = np.asarray(Image.open(tmp_path / "out.png"))
   np.testing.assert_array_equal(final, np.asarray(Image.open(saved["images"][-1])))

@@ -468,32 +468,31 @@ def e2e_scores(config: ml_collections.ConfigDict, batches, texts, out: str, edit
                name: str = "e2e") -> dict:
   """Per example: `e2e_success` (the plan run step by step by the editor of `config.editor`,
   the final image strictly meets the checklist) and `e2e_runs` (the plan could be run).
-  Writes a grid of the first batch to `out/{name}.png`; {} without an editor."""
+  The k-th steps of all plans are edited together. Writes a grid of the first examples to
+  `out/{name}.png`; {} without an editor."""
   from jaxedit import inference  # here: it imports the trainers
 
   if not config.editor:
     return {}
   ec = config.eval
   editor = editor or inference.load_editor(config.editor, ec.batch_size)
-  success, runs = [], []
-  for b, (batch_texts, (arrays, info)) in enumerate(zip(texts, batches)):
-    steps = []
-    for text in batch_texts:
-      try:
-        steps.append(inference.executable_steps(text, editor, ec.e2e_max_steps))
-      except plans.PlanError:
-        steps.append(None)
-    images = arrays["source_image"][:len(batch_texts)]
-    trails = inference.run_plans(editor, images, [s or [] for s in steps], seed=ec.seed + b)
-    ran = np.asarray([s is not None for s in steps], np.float32)
-    finals = np.stack([t[-1] for t in trails])
-    success.append(inference.strict_success(finals, info["checklist"], editor.setup.world) * ran)
-    runs.append(ran)
-    if b == 0:
-      captions = [[i, p, "success" if ok else "failed"]
-                  for i, p, ok in zip(info["instruction"], batch_texts, success[0])]
-      inference.trail_grid(trails, captions).save(os.path.join(out, f"{name}.png"))
-  return {"e2e_success": np.concatenate(success), "e2e_runs": np.concatenate(runs)}
+  texts = [t for batch_texts in texts for t in batch_texts]
+  info = {k: [v for _, i in batches for v in i[k]] for k in ("instruction", "checklist")}
+  images = np.concatenate([a["source_image"][:len(i["instruction"])] for a, i in batches])
+  steps = []
+  for text in texts:
+    try:
+      steps.append(inference.executable_steps(text, editor, ec.e2e_max_steps))
+    except plans.PlanError:
+      steps.append(None)
+  trails = inference.run_plans(editor, images, [s or [] for s in steps], seed=ec.seed)
+  runs = np.asarray([s is not None for s in steps], np.float32)
+  success = runs * inference.strict_success(np.stack([t[-1] for t in trails]),
+                                            info["checklist"], editor.setup.world)
+  captions = [[i, p, "success" if ok else "failed"]
+              for i, p, ok in zip(info["instruction"], texts, success)]
+  inference.trail_grid(trails, captions).save(os.path.join(out, f"{name}.png"))
+  return {"e2e_success": success, "e2e_runs": runs}
 
 
 def baseline_scores(config: ml_collections.ConfigDict, batches, out: str) -> dict:
