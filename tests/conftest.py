@@ -101,3 +101,30 @@ def tiny_planner_grpo_config(data_dir, init_from, **grpo):
   t.eval_examples, t.async_checkpoints = 8, False
   config.eval.batch_size, config.eval.num_examples = 8, 16
   return config
+
+
+@pytest.fixture(scope="session")
+def tiny_editor_dir(small_data_dir, tmp_path_factory):
+  """A 2-step tiny editor SFT run; its text length fits abstract instructions too, so it
+  also serves as a single-step baseline."""
+  from jaxedit.trainers import editor_sft
+
+  workdir = str(tmp_path_factory.mktemp("tiny_editor"))
+  config = tiny_editor_config(small_data_dir, num_steps=2, checkpoint_every=0)
+  config.model.text_max_len = 64
+  editor_sft.train(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_planner_dir(small_data_dir, tiny_editor_dir, tmp_path_factory):
+  """A 4-step tiny planner SFT run whose config names `tiny_editor_dir` as its editor and
+  single-step baseline."""
+  from jaxedit.trainers import planner_sft
+
+  workdir = str(tmp_path_factory.mktemp("tiny_planner"))
+  config = tiny_planner_config(small_data_dir, num_steps=4, eval_every=0, checkpoint_every=0)
+  config.editor = tiny_editor_dir
+  config.eval.baseline_editor = tiny_editor_dir
+  planner_sft.train(config, workdir)
+  return workdir

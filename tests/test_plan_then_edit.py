@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import tiny_editor_config, tiny_planner_config, tiny_planner_grpo_config
+from conftest import tiny_planner_config
 from jaxedit import cli, inference, plans
 from jaxedit.data.pipeline import ShapesSource
 from jaxedit.shapes import checklist as cl
@@ -19,22 +19,16 @@ from jaxedit.trainers import editor_sft, planner_grpo, planner_sft
 
 
 @pytest.fixture(scope="module")
-def editor_dir(small_data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("editor"))
-  config = tiny_editor_config(small_data_dir, num_steps=2, checkpoint_every=0)
-  config.model.text_max_len = 64  # it is the single-step baseline too: abstract instructions
-  editor_sft.train(config, workdir)
-  return workdir
+def planner_dir(small_data_dir, tiny_planner_dir, tiny_editor_dir):
+  """(workdir, config) of the tiny planner, with the tiny editor as editor and baseline."""
+  config = tiny_planner_config(small_data_dir)
+  config.editor = config.eval.baseline_editor = tiny_editor_dir
+  return tiny_planner_dir, config
 
 
 @pytest.fixture(scope="module")
-def planner_dir(small_data_dir, editor_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("planner"))
-  config = tiny_planner_config(small_data_dir, num_steps=2, eval_every=0, checkpoint_every=0)
-  config.editor = editor_dir
-  config.eval.baseline_editor = editor_dir
-  planner_sft.train(config, workdir)
-  return workdir, config
+def editor_dir(tiny_editor_dir):
+  return tiny_editor_dir
 
 
 class OracleEditor:
@@ -158,26 +152,3 @@ def test_edit_command(planner_dir, editor_dir, small_dataset, tmp_path, monkeypa
   Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image_path)
   assert cli.main(args) == 2
   assert "16x16; the planner and editor work on 32x32" in capsys.readouterr().err
-
-
-def test_grpo_with_the_visual_reward_trains_and_evals_e2e(small_data_dir, planner_dir,
-                                                          editor_dir, tmp_path):
-  sft_dir, _ = planner_dir
-  config = tiny_planner_grpo_config(small_data_dir, sft_dir)
-  config.train.num_steps = 1
-  config.rewards.visual.weight = 1.0
-  config.editor = editor_dir
-  workdir = str(tmp_path)
-  planner_grpo.train(config, workdir)
-  assert "reward/visual" in json.loads(open(os.path.join(workdir, "metrics.jsonl")).readline())
-  summary = planner_grpo.run_eval(config, workdir)
-  for scores in (summary, summary["before"]):
-    assert 0.0 <= scores["e2e_success"] <= scores["e2e_runs"] <= 1.0
-  assert "e2e_success" in summary["change"]
-  for name in ("e2e_after.png", "e2e_before.png"):
-    assert os.path.exists(os.path.join(workdir, "eval", name))
-  # the planner's saved config names the editor `jaxedit edit` uses
-  assert inference.load_planner(workdir).config.editor == editor_dir
-  config.editor = ""
-  with pytest.raises(planner_grpo.ConfigError, match="needs an editor"):
-    planner_grpo.make_setup(config, workdir)

@@ -2,23 +2,21 @@
 sharded, resumable, and `jaxedit eval` writes before/after."""
 
 import json
+import os
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_planner_config, tiny_planner_grpo_config
-from jaxedit import sharding
+from conftest import tiny_planner_grpo_config
+from jaxedit import inference, sharding
 from jaxedit.config import ConfigError
 from jaxedit.trainers import planner_grpo, planner_sft
 
 
 @pytest.fixture(scope="module")
-def sft_dir(small_data_dir, tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("planner_sft")
-  config = tiny_planner_config(small_data_dir, num_steps=4, eval_every=0, checkpoint_every=0)
-  planner_sft.train(config, str(workdir))
-  return workdir
+def sft_dir(tiny_planner_dir):
+  return tiny_planner_dir
 
 
 def test_first_update_is_on_policy_and_starts_at_the_reference(small_data_dir, sft_dir, tmp_path):
@@ -55,14 +53,18 @@ def test_first_update_is_on_policy_and_starts_at_the_reference(small_data_dir, s
   assert abs(float(m["kl"])) < 1e-6 and float(m["clip_fraction"]) == 0.0
 
 
-def test_train_resume_and_eval(small_data_dir, sft_dir, tmp_path):
+def test_train_resume_and_eval(small_data_dir, sft_dir, tiny_editor_dir, tmp_path):
+  """With both rewards: the visual one runs every rollout plan through the tiny editor."""
   config = tiny_planner_grpo_config(small_data_dir, sft_dir)
   config.mesh.shape = (2, 2, 2)
+  config.editor = config.eval.baseline_editor = tiny_editor_dir
+  config.rewards.visual.weight = 1.0
   out = planner_grpo.train(config, str(tmp_path))
   assert [p["step"] for p in out["curve"]] == [0, 2]
   lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert [l["step"] for l in lines] == [1, 2]
-  assert {"reward/mean", "train/kl", "train/clip_fraction", "train/ratio_min"} <= set(lines[0])
+  assert {"reward/mean", "reward/visual", "train/kl", "train/clip_fraction",
+          "train/ratio_min"} <= set(lines[0])
   # Resume: two more steps continue from the checkpoint, not from the SFT start.
   config.train.num_steps = 4
   planner_grpo.train(config, str(tmp_path))
@@ -72,6 +74,14 @@ def test_train_resume_and_eval(small_data_dir, sft_dir, tmp_path):
   assert saved["step"] == 4 and "before" in saved and "change" in saved
   assert saved["change"]["plan_checklist_score"] == pytest.approx(
       summary["plan_checklist_score"] - summary["before"]["plan_checklist_score"])
+  for scores in (summary, summary["before"], summary["held_out_families"]):
+    assert 0.0 <= scores["e2e_success"] <= scores["e2e_runs"] <= 1.0
+    assert 0.0 <= scores["single_step_baseline_success"] <= 1.0
+  assert "e2e_success" in summary["change"]
+  for name in ("e2e_after.png", "e2e_before.png", "single_step_baseline.png"):
+    assert os.path.exists(tmp_path / "eval" / name)
+  # `jaxedit edit` finds the editor in the saved config
+  assert inference.load_planner(str(tmp_path)).config.editor == tiny_editor_dir
 
 
 def test_bad_configs(small_data_dir, sft_dir, tmp_path):
@@ -80,7 +90,7 @@ def test_bad_configs(small_data_dir, sft_dir, tmp_path):
     planner_grpo.make_setup(config, str(tmp_path))
   config = tiny_planner_grpo_config(small_data_dir, sft_dir)
   config.rewards.visual.weight = 1.0
-  with pytest.raises(ConfigError, match="rewards.visual"):
+  with pytest.raises(ConfigError, match="rewards.visual.weight > 0 needs an editor"):
     planner_grpo.make_setup(config, str(tmp_path))
   config = tiny_planner_grpo_config(small_data_dir, sft_dir)
   config.model.num_layers = 3
