@@ -2,6 +2,12 @@
 
     jaxedit train --config configs/shapes_planner_grpo.py --workdir DIR --config.init_from=SFT_DIR
     jaxedit eval  --config configs/shapes_planner_grpo.py --workdir DIR   # before/after
+    # + end to end: plans run by an editor, and the single-step baseline
+    jaxedit eval  --config configs/shapes_planner_grpo.py --workdir DIR --config.init_from=SFT_DIR \
+        --config.editor=EDITOR_DIR --config.eval.baseline_editor=BASELINE_DIR
+    # the visual reward (every rollout plan run by the editor; slow on CPU)
+    jaxedit train --config configs/shapes_planner_grpo.py --workdir DIR --config.init_from=SFT_DIR \
+        --config.editor=EDITOR_DIR --config.rewards.visual.weight=1.0
 """
 
 from jaxedit.trainers import planner_grpo

@@ -86,3 +86,25 @@ def test_cli_reports_config_errors_cleanly(capsys, tmp_path):
                    "--config.data.splits.train.atomic=-1"])
   assert code == 2
   assert "'data.splits.train.atomic' must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", [
+    "configs/shapes_editor_sft.py", "configs/shapes_editor_sft.py:demo",
+    "configs/shapes_editor_grpo.py", "configs/shapes_editor_grpo.py:demo",
+    "configs/shapes_editor_baseline.py",
+    "configs/shapes_planner_sft.py", "configs/shapes_planner_sft.py:demo",
+    "configs/shapes_planner_sft.py:scene_text",
+    "configs/shapes_planner_grpo.py", "configs/shapes_planner_grpo.py:demo",
+    "configs/shapes_planner_grpo.py:scene_text"])
+def test_shipped_trainer_configs_match_their_reference(spec):
+  """Every shipped config (and arg) has exactly its trainer's keys, with compatible types."""
+  config = cli.load_file(spec)
+  validate(config, cli._trainer(config).reference_config())
+
+
+def test_planner_grpo_configs_build_the_model_of_their_sft_configs():
+  for arg in ("", ":scene_text"):
+    sft = cli.load_file(f"configs/shapes_planner_sft.py{arg}")
+    grpo = cli.load_file(f"configs/shapes_planner_grpo.py{arg}")
+    assert grpo.model.to_dict() == sft.model.to_dict()
+    assert grpo.prompt.to_dict() == sft.prompt.to_dict()
