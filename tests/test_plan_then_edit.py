@@ -152,3 +152,21 @@ def test_edit_command(planner_dir, editor_dir, small_dataset, tmp_path, monkeypa
   Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image_path)
   assert cli.main(args) == 2
   assert "16x16; the planner and editor work on 32x32" in capsys.readouterr().err
+
+
+def test_scene_as_text_prompts_come_from_the_detector(small_data_dir, small_dataset, tmp_path):
+  """At inference the scene description is read off the image: on clean renders it is the
+  description the planner was trained with."""
+  path, world = small_dataset
+  config = tiny_planner_config(small_data_dir)
+  config.prompt.scene_as_text = True
+  config.prompt.max_prompt_len = 200  # the tiny tokenizer's pieces are short
+  setup = planner_sft.make_setup(config, str(tmp_path))
+  records = [ShapesSource(path, "test", world)[i] for i in range(6)]
+  planner = inference.LoadedPlanner(setup, None, None, 8, str(tmp_path), config)
+  got = planner.prompts(np.stack([r["source_image"] for r in records]),
+                        [str(r["instruction"]) for r in records])
+  want = setup.prompt_ids([str(r["instruction"]) for r in records],
+                          [str(r["scene_text"]) for r in records])
+  np.testing.assert_array_equal(got["prompt"], want[0])
+  np.testing.assert_array_equal(got["prompt_valid"], want[1])
