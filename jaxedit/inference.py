@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -163,8 +165,12 @@ def run_plans(editor: LoadedEditor, images: np.ndarray, step_lists: Sequence[Seq
   """Executes each plan on its image, one step at a time (the k-th steps of all plans are
   batched): per example [source, after step 1, ...]."""
   trails = [[np.asarray(img, np.uint8)] for img in images]
+  start = time.time()
   for k in range(max((len(s) for s in step_lists), default=0)):
     rows = [i for i, s in enumerate(step_lists) if len(s) > k]
+    if len(images) > editor.batch_size:  # long work: say how far it is
+      logging.info("running plans: step %d, %d edits (%.0f s so far)", k + 1, len(rows),
+                   time.time() - start)
     edited = editor(np.stack([trails[i][-1] for i in rows]),
                     [step_lists[i][k] for i in rows], seed=seed * 131 + k)
     for i, image in zip(rows, edited):

@@ -38,6 +38,7 @@ class OracleEditor:
     self.world = world
     self.calls = []
     self.setup = types.SimpleNamespace(world=world, text_len=64)
+    self.batch_size = 4
 
   def fits(self, instruction):
     return True
