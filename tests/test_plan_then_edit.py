@@ -113,13 +113,15 @@ def test_loaded_editor_is_the_checkpoint_ema(editor_dir):
 
 def test_planner_eval_reports_e2e_and_baseline(planner_dir):
   workdir, config = planner_dir
+  config.eval.e2e_reference_plans = True
   summary = planner_sft.run_eval(config, workdir)
   for scores in (summary, summary["held_out_families"]):
-    for key in ("e2e_success", "e2e_runs", "single_step_baseline_success"):
+    for key in ("e2e_success", "e2e_runs", "single_step_baseline_success",
+                "e2e_success_reference_plans"):
       assert 0.0 <= scores[key] <= 1.0, key
     assert scores["e2e_success"] <= scores["e2e_runs"]
   assert summary["editor"] == config.editor
-  for name in ("e2e.png", "single_step_baseline.png"):
+  for name in ("e2e.png", "e2e_reference_plans.png", "single_step_baseline.png"):
     assert os.path.getsize(os.path.join(workdir, "eval", name)) > 0
 
 

@@ -361,7 +361,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
   editor = inference.load_editor(config.editor, ec.batch_size) if config.editor else None
-  baseline = planner_sft.baseline_scores(config, batches, out)
+  baseline = {**planner_sft.baseline_scores(config, batches, out),
+              **planner_sft.reference_plan_scores(config, batches, out, editor)}
   results = {}
   for name, params in (("after", state.ema_params if ec.use_ema else state.params),
                        ("before", state.frozen)):

@@ -87,7 +87,9 @@ def reference_config() -> ml_collections.ConfigDict:
       "e2e_max_steps": 8,  # longer plans count as failures
       # An editor workdir trained on the same data with (source, abstract instruction, final
       # target) pairs, asked to do the abstract edit in one step.
-      "baseline_editor": ""})
+      "baseline_editor": "",
+      # Also run the reference plans with `editor`: the ceiling that editor sets.
+      "e2e_reference_plans": False})
   c.mesh = sharding.mesh_config()
   return c
 
@@ -452,7 +454,12 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(out, exist_ok=True)
   batches = eval_batches(setup, ec.split, ec.num_examples, ec.batch_size)
   texts = plan_texts(setup, params, batches, make_plan_sampler(setup))
-  extra = {**e2e_scores(config, batches, texts, out), **baseline_scores(config, batches, out)}
+  from jaxedit import inference  # here: it imports the trainers
+
+  editor = inference.load_editor(config.editor, ec.batch_size) if config.editor else None
+  extra = {**e2e_scores(config, batches, texts, out, editor),
+           **reference_plan_scores(config, batches, out, editor),
+           **baseline_scores(config, batches, out)}
   summary, samples = evaluate(setup, params, batches, None, texts=texts, extra_scores=extra)
   summary.update({"split": ec.split, "step": step, "editor": config.editor,
                   "baseline_editor": ec.baseline_editor,
@@ -493,6 +500,17 @@ def e2e_scores(config: ml_collections.ConfigDict, batches, texts, out: str, edit
               for i, p, ok in zip(info["instruction"], texts, success)]
   inference.trail_grid(trails, captions).save(os.path.join(out, f"{name}.png"))
   return {"e2e_success": success, "e2e_runs": runs}
+
+
+def reference_plan_scores(config: ml_collections.ConfigDict, batches, out: str,
+                          editor=None) -> dict:
+  """With `eval.e2e_reference_plans`, per example `e2e_success_reference_plans`: the
+  ground-truth plans run by the same editor, the most any planner can reach with it."""
+  if not (config.editor and config.eval.e2e_reference_plans):
+    return {}
+  texts = [list(info["plan_steps"]) for _, info in batches]
+  scores = e2e_scores(config, batches, texts, out, editor, "e2e_reference_plans")
+  return {"e2e_success_reference_plans": scores["e2e_success"]}
 
 
 def baseline_scores(config: ml_collections.ConfigDict, batches, out: str) -> dict:
