@@ -159,19 +159,26 @@ def uncached_greedy(model, params, ids, valid, image, steps):
   return np.asarray(rows)
 
 
-def test_greedy_sampler_equals_uncached_greedy_decoding():
+@pytest.fixture(scope="module")
+def greedy_reference():
+  """The planner of `planner()` and its 6 greedy tokens per row, decoded without a cache."""
   model, params, ids, valid, image = planner()
+  with jax.default_matmul_precision("highest"):
+    want = uncached_greedy(model, params, ids, valid, image, 6)
+  return (model, params, ids, valid, image), want
+
+
+def test_greedy_sampler_equals_uncached_greedy_decoding(greedy_reference):
+  (model, params, ids, valid, image), want = greedy_reference
   sample = sampling.make_sampler(model, sampling.SamplingConfig(6, stop_ids=(), pad_id=0))
   with jax.default_matmul_precision("highest"):
     out = sample(params, ids, valid, jax.random.key(0), temperature=0.0, image=image)
-    want = uncached_greedy(model, params, ids, valid, image, 6)
   np.testing.assert_array_equal(np.asarray(out.tokens), want)
   assert np.asarray(out.valid).all()
 
 
-def test_stop_tokens_end_rows():
-  model, params, ids, valid, image = planner()
-  want = uncached_greedy(model, params, ids, valid, image, 6)
+def test_stop_tokens_end_rows(greedy_reference):
+  (model, params, ids, valid, image), want = greedy_reference
   stop = int(want[0, 2])  # row 0 stops at its third token
   sample = sampling.make_sampler(model, sampling.SamplingConfig(6, stop_ids=(stop,), pad_id=0))
   out = jax.tree.map(np.asarray, sample(params, ids, valid, jax.random.key(0), 0.0, image))
