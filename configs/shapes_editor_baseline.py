@@ -7,16 +7,15 @@ final target) pairs, and asked to do an abstract edit in one step.
         --config.editor=EDITOR_DIR --config.eval.baseline_editor=BASELINE_DIR
 """
 
-import importlib.util
 import os
+
+from jaxedit.config import load_file
+
+EDITOR_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_editor_sft.py")
 
 
 def get_config(arg=None):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_editor_sft.py")
-  spec = importlib.util.spec_from_file_location("shapes_editor_sft", path)
-  editor = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(editor)
-  config = editor.get_config(arg).unlock()
+  config = load_file(EDITOR_CONFIG + (f":{arg}" if arg else "")).unlock()
   config.data.splits.train.abstract = 16_000  # the default split: the planner's data too
   config.train.example_kinds = ("atomic", "abstract")
   config.eval.example_kinds = ("abstract",)

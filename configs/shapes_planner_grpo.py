@@ -10,20 +10,26 @@
         --config.editor=EDITOR_DIR --config.rewards.visual.weight=1.0
 """
 
+import os
+
+import ml_collections
+
+from jaxedit.config import load_file
 from jaxedit.trainers import planner_grpo
+
+SFT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_planner_sft.py")
 
 
 def get_config(arg=None):
   config = planner_grpo.reference_config()
-  config.prompt.max_plan_len = 96  # as configs/shapes_planner_sft.py: the models must match
-  if arg == "scene_text":  # the detector's scene description in the prompt, besides the image
-    config.prompt.scene_as_text = True
-    config.prompt.max_prompt_len = 112  # the longest test prompt is 98 tokens
-  elif arg == "demo":
+  # The prompt layout (and so the model inputs) of the SFT start.
+  config.prompt = ml_collections.ConfigDict(
+      load_file(SFT_CONFIG + (":scene_text" if arg == "scene_text" else "")).prompt.to_dict())
+  if arg == "demo":
     config.train.num_steps = 20
     config.train.eval_every = 10
     config.train.checkpoint_every = 10
     config.eval.num_examples = 256
-  elif arg:
+  elif arg not in (None, "", "scene_text"):
     raise ValueError(f"unknown config arg {arg!r}; use 'scene_text', 'demo' or nothing")
   return config.lock()
