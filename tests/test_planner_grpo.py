@@ -67,6 +67,7 @@ def test_train_resume_and_eval(small_data_dir, sft_dir, tiny_editor_dir, tmp_pat
           "train/ratio_min"} <= set(lines[0])
   # Resume: two more steps continue from the checkpoint, not from the SFT start.
   config.train.num_steps = 4
+  config.rewards.visual.weight = 0.0  # (tested above; spares loading the editor again)
   planner_grpo.train(config, str(tmp_path))
   assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
   summary = planner_grpo.run_eval(config, str(tmp_path))
