@@ -178,18 +178,18 @@ def run_plans(editor: LoadedEditor, images: np.ndarray, step_lists: Sequence[Seq
   return trails
 
 
-def plan_then_edit(planner: LoadedPlanner, editor: LoadedEditor, images: np.ndarray,
-                   instructions: Sequence[str], seed: int, max_steps: int = 8):
-  """(plan texts, per example the steps run (None if the plan could not run), trails)."""
-  texts = planner(images, instructions, seed)
+def run_plan_texts(editor: LoadedEditor, images: np.ndarray, texts: Sequence[str],
+                   max_steps: int, seed: int):
+  """Runs each plan text that can be run (`executable_steps`) on its image: (per example
+  the steps run, None where the plan could not run and the image stays the source; trails
+  as in `run_plans`)."""
   step_lists = []
   for text in texts:
     try:
       step_lists.append(executable_steps(text, editor, max_steps))
     except plans.PlanError:
       step_lists.append(None)
-  trails = run_plans(editor, images, [s or [] for s in step_lists], seed)
-  return texts, step_lists, trails
+  return step_lists, run_plans(editor, images, [s or [] for s in step_lists], seed)
 
 
 def strict_success(images: np.ndarray, checklists: Sequence[str], world) -> np.ndarray:
@@ -224,12 +224,12 @@ def edit(workdir: str, image_path: str, instruction: str, out_path: str,
   """Plans with the planner in `workdir`, runs the plan with the editor (`editor_workdir`, or
   the one its config names in `editor`), writes OUT.png, OUT.plan.json and
   OUT.step_K.png per step, and returns the plan record."""
-  planner = load_planner(workdir, batch_size=_one_per_device())
+  planner = load_planner(workdir, batch_size=jax.device_count())
   editor_workdir = editor_workdir or planner.config.get("editor", "")
   if not editor_workdir:
     raise ConfigError(f"no editor: pass --editor DIR (the planner in {workdir} names none in "
                       "its config key 'editor')")
-  editor = load_editor(editor_workdir, batch_size=_one_per_device())
+  editor = load_editor(editor_workdir, batch_size=jax.device_count())
   if editor.setup.world.image_size != planner.setup.world.image_size:
     raise ConfigError("the planner and the editor were trained on different image sizes")
   image = read_image(image_path, planner.setup.world.image_size)
@@ -260,6 +260,3 @@ def edit(workdir: str, image_path: str, instruction: str, out_path: str,
     json.dump(record, f, indent=1)
   return record
 
-
-def _one_per_device() -> int:
-  return jax.device_count()

@@ -166,14 +166,8 @@ def visual_rewards(editor, texts: list[str], records: dict, max_steps: int,
                    seed: int) -> np.ndarray:
   """Checklist fraction of the scene the editor produced by running each plan step by step
   (detector-verified); 0 for a plan that cannot be run."""
-  steps = []
-  for text in texts:
-    try:
-      steps.append(inference.executable_steps(text, editor, max_steps))
-    except plans.PlanError:
-      steps.append(None)
-  trails = inference.run_plans(editor, np.asarray(records["source_image"]),
-                               [s or [] for s in steps], seed)
+  steps, trails = inference.run_plan_texts(editor, np.asarray(records["source_image"]), texts,
+                                          max_steps, seed)
   scenes = detect(np.stack([t[-1] for t in trails]), editor.setup.world).scenes
   return np.asarray([cl.Checklist.from_json(c).score(scene) if s is not None else 0.0
                      for c, scene, s in zip(records["checklist"], scenes, steps)], np.float32)

@@ -486,13 +486,7 @@ def e2e_scores(config: ml_collections.ConfigDict, batches, texts, out: str, edit
   texts = [t for batch_texts in texts for t in batch_texts]
   info = {k: [v for _, i in batches for v in i[k]] for k in ("instruction", "checklist")}
   images = np.concatenate([a["source_image"][:len(i["instruction"])] for a, i in batches])
-  steps = []
-  for text in texts:
-    try:
-      steps.append(inference.executable_steps(text, editor, ec.e2e_max_steps))
-    except plans.PlanError:
-      steps.append(None)
-  trails = inference.run_plans(editor, images, [s or [] for s in steps], seed=ec.seed)
+  steps, trails = inference.run_plan_texts(editor, images, texts, ec.e2e_max_steps, ec.seed)
   runs = np.asarray([s is not None for s in steps], np.float32)
   success = runs * inference.strict_success(np.stack([t[-1] for t in trails]),
                                             info["checklist"], editor.setup.world)
