@@ -1,9 +1,20 @@
 """Shared fixtures. Tests run on 8 fake CPU devices (DESIGN.md section 8)."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per test session, shared by the xdist workers (they inherit
+# the controller's environment) and the `jaxedit` subprocesses: a killed-and-resumed run, or
+# an eval after training, compiles the step once.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE_DIR = tempfile.mkdtemp(prefix="jaxedit_xla_")
+else:
+  _OWN_CACHE_DIR = None
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
@@ -11,6 +22,11 @@ from jaxedit.data import job  # noqa: E402
 from jaxedit.shapes.world import World  # noqa: E402
 
 SMALL_SPLITS = {"train": (120, 160), "validation": (20, 33), "test": (30, 44)}
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE_DIR and not hasattr(config, "workerinput"):  # the xdist controller made it
+    shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
 def small_data_config(data_dir):
