@@ -4,7 +4,9 @@
     jaxedit train --config configs/shapes_editor_grpo.py --workdir RL --config.init_from=SFT
     jaxedit eval  --config configs/shapes_editor_grpo.py --workdir RL   # before/after
 
-The default run takes < 30 min on 2 CPU cores; `:demo` a few minutes.
+The default run takes < 30 min on 2 CPU cores; `:demo` a few minutes. `:colour` and
+`:geometry` train on the prompts of one task only: the task teachers that
+configs/shapes_editor_opd.py distils into one student.
 """
 
 import os
@@ -37,6 +39,8 @@ def get_config(arg=None):
   if arg == "demo":
     config.train.num_steps = 10
     config.train.eval_every = config.train.sample_every = config.train.checkpoint_every = 5
+  elif arg in ("colour", "geometry"):
+    config.train.tasks = (arg,)
   elif arg:
-    raise ValueError(f"unknown config arg {arg!r}; use 'demo' or nothing")
+    raise ValueError(f"unknown config arg {arg!r}; use 'demo', 'colour', 'geometry' or nothing")
   return config.lock()

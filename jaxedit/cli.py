@@ -25,6 +25,7 @@ CONFIG_PREFIX = "--config."
 
 TRAINERS = {"editor_sft": "jaxedit.trainers.editor_sft",
             "editor_grpo": "jaxedit.trainers.editor_grpo",
+            "editor_opd": "jaxedit.trainers.editor_opd",
             "planner_sft": "jaxedit.trainers.planner_sft",
             "planner_grpo": "jaxedit.trainers.planner_grpo"}
 

@@ -24,7 +24,8 @@ def step_schedule(num_steps: int, noise_level: float, timestep_fraction: float,
   All steps are SDE steps unless `window_size` > 0 (Flow-GRPO-Fast): then only steps
   [window_start, window_start + window_size) are, with ODE steps outside. Trained steps are
   the SDE steps among the first int(T * timestep_fraction) (0.99 drops the last, whose
-  Gaussian is too sharp)."""
+  Gaussian is too sharp); with noise level 0 (deterministic rollouts, for distillation's
+  mean matching) all of those steps."""
   if not 0 < timestep_fraction <= 1:
     raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
   levels = np.full(num_steps, noise_level, np.float32)
@@ -35,7 +36,7 @@ def step_schedule(num_steps: int, noise_level: float, timestep_fraction: float,
     levels[:] = 0.0
     levels[window_start:window_start + window_size] = noise_level
   limit = int(num_steps * timestep_fraction)
-  trained = np.array([i for i in range(limit) if levels[i] > 0], np.int32)
+  trained = np.array([i for i in range(limit) if levels[i] > 0 or noise_level == 0], np.int32)
   if trained.size == 0:
     raise ValueError("no step is trained: raise timestep_fraction or move the SDE window")
   return levels, trained
@@ -79,13 +80,11 @@ def step_loss(velocity: Velocity, params, ref_velocity: Callable | None, batch: 
   return loss, metrics
 
 
-def minibatch_grads(velocity: Velocity, params, ref_velocity, batch: dict, trained_steps,
-                    times, levels, **loss_kwargs):
-  """Mean loss, gradient and metrics over the trained steps, accumulated one step at a time
-  (a scan), so activation memory is that of one denoising step."""
-  grad_fn = jax.value_and_grad(
-      lambda p, j: step_loss(velocity, p, ref_velocity, batch, j, times, levels,
-                             **loss_kwargs), has_aux=True)
+def minibatch_grads(step_loss_fn: Callable, params, trained_steps):
+  """Mean loss, gradient and metrics of `step_loss_fn(params, j) -> (loss, metrics)` over
+  the trained steps j, accumulated one step at a time (a scan), so activation memory is
+  that of one denoising step. Shared by Flow-GRPO and on-policy distillation."""
+  grad_fn = jax.value_and_grad(step_loss_fn, has_aux=True)
 
   def body(acc, j):
     (loss, metrics), grads = grad_fn(params, j)

@@ -27,7 +27,7 @@ from jaxedit.shapes.checklist import Checklist
 from jaxedit.shapes.detect import detect
 from jaxedit.text import tokenizer as tokenizer_lib
 
-EDITORS = ("editor_sft", "editor_grpo")
+EDITORS = ("editor_sft", "editor_grpo", "editor_opd")
 PLANNERS = ("planner_sft", "planner_grpo")
 
 
@@ -77,19 +77,20 @@ class LoadedEditor:
 
 
 def load_editor(workdir: str, batch_size: int = 64, devices=None) -> LoadedEditor:
-  """The editor of an SFT or GRPO workdir (EMA weights if its eval used them; GRPO adapters
+  """The editor of an SFT, GRPO or OPD workdir (EMA weights if its eval used them; adapters
   joined onto the base)."""
-  from jaxedit.trainers import editor_grpo, editor_sft
+  from jaxedit.trainers import editor_grpo, editor_opd, editor_sft
 
-  mngr, step, config = saved_run(workdir, EDITORS, "an editor workdir (editor_sft or "
-                                 "editor_grpo)")
+  mngr, step, config = saved_run(workdir, EDITORS, "an editor workdir (editor_sft, "
+                                 "editor_grpo or editor_opd)")
   config.eval.batch_size = batch_size
   key = "ema_params" if config.eval.use_ema else "params"
   if config.trainer == "editor_sft":
     setup = editor_sft.make_setup(config, workdir, devices)
     params = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
   else:
-    setup = editor_grpo.make_setup(config, workdir, devices)
+    trainer = editor_grpo if config.trainer == "editor_grpo" else editor_opd
+    setup = trainer.make_setup(config, workdir, devices)
     trained = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
     frozen = (checkpoint.restore_subtree(mngr, step, "frozen", setup.abstract_state.frozen)
               if setup.use_lora else None)

@@ -70,8 +70,9 @@ def _run(setup, params, batch, kl_beta=0.04):
     frozen = jax.lax.stop_gradient(params)
     ref = lambda x, t, s, c: velocity(frozen, x, t, s, c)
     loss, grads, metrics = flow_grpo.minibatch_grads(
-        velocity, params, ref, mb, jnp.asarray(trained), times, jnp.asarray(levels),
-        sde_type="sde", clip_range=1e-4, kl_beta=kl_beta)
+        lambda p, j: flow_grpo.step_loss(velocity, p, ref, mb, j, times, jnp.asarray(levels),
+                                         sde_type="sde", clip_range=1e-4, kl_beta=kl_beta),
+        params, jnp.asarray(trained))
     return out, loss, grads, metrics
 
   fn = sharding.in_context(jax.jit(go), setup.mesh, setup.rules)

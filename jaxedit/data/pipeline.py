@@ -69,14 +69,15 @@ def make_dataset(source: grain.sources.RandomAccessDataSource, batch_size: int, 
                  shuffle: bool = True, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  drop_remainder: bool = True, fields: Sequence[str] | None = None,
-                 kinds: Sequence[str] | None = None, map_fn: Callable | None = None,
+                 kinds: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
+                 map_fn: Callable | None = None,
                  worker_count: int = 0) -> grain.IterDataset:
   """Batches of this process's shard; `batch_size` is per process.
 
   The process index and count default to JAX's. Process shards are strided slices of the
   source: disjoint, and together they cover it. Shuffling draws a new order every epoch;
   `num_epochs=None` repeats forever. `kinds` keeps only records of those kinds ('atomic',
-  'abstract'); `map_fn` transforms each record after `fields` are selected. `iter(dataset)` has `get_state()`/`set_state()` for
+  'abstract') and `tasks` those of those task tags ('colour', 'geometry', 'mixed'); `map_fn` transforms each record after `fields` are selected. `iter(dataset)` has `get_state()`/`set_state()` for
   checkpointing (orbax: `grain.checkpoint.CheckpointSave`).
   """
   if process_index is None or process_count is None:
@@ -92,6 +93,9 @@ def make_dataset(source: grain.sources.RandomAccessDataSource, batch_size: int, 
   if kinds:
     kinds = tuple(kinds)
     ds = ds.filter(lambda record: record["kind"] in kinds)
+  if tasks:
+    tasks = tuple(tasks)
+    ds = ds.filter(lambda record: record["task"] in tasks)
   if fields:
     fields = tuple(fields)
     ds = ds.map(lambda record: {k: record[k] for k in fields})

@@ -166,8 +166,11 @@ def plan_texts(scene: Scene, plan: Sequence[Edit]) -> list[str]:
   return [edit.text(s) for edit, s in zip(plan, before)]
 
 
+TASKS = ("colour", "geometry", "mixed")
+
+
 def plan_task(plan: Sequence[Edit]) -> str:
-  """Task tag of a plan: 'colour', 'geometry' or 'mixed'."""
+  """Task tag of a plan: 'colour', 'geometry' or 'mixed' (TASKS)."""
   tasks = {edit.task for edit in plan}
   return tasks.pop() if len(tasks) == 1 else "mixed"
 

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -34,6 +34,7 @@ from jaxedit import checkpoint, evaluation, flow, flow_grpo, grpo, lora, shardin
 from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError
 from jaxedit.data.pipeline import make_dataset
+from jaxedit.shapes.edits import TASKS
 from jaxedit.text import tokenizer as tokenizer_lib
 from jaxedit.trainers import editor_sft
 from jaxedit.trainers.editor_sft import text_inputs, write_grid
@@ -56,6 +57,7 @@ def reference_config() -> ml_collections.ConfigDict:
   for key in ("batch_size", "text_dropout", "end_lr_fraction"):
     del c.train[key]
   c.train.num_steps = 100  # GRPO iterations (rollout + update)
+  c.train.tasks = ()  # task tags of the training prompts (e.g. ("colour",)); () for all
   c.train.lr = 3e-4
   c.train.warmup_steps = 0
   c.train.weight_decay = 1e-4
@@ -106,6 +108,7 @@ class Setup(editor_sft.Setup):
   full_shardings: Any  # of the whole parameter tree (base and adapters joined)
   use_lora: bool
   levels_and_steps: Any  # iteration -> (noise levels (T,), trained step indices)
+  rollouts: ml_collections.ConfigDict  # the config section of the rollouts: grpo or opd
 
   @property
   def param_shardings(self):
@@ -124,30 +127,46 @@ class Setup(editor_sft.Setup):
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   g = config.grpo
-  if config.model.text_encoder != "shapes":
-    raise ConfigError("model.text_encoder must be 'shapes' for the shapes world")
   if g.group_size < 2:
     raise ConfigError("config key 'grpo.group_size' must be >= 2: advantages compare samples "
                       "of the same prompt")
-  for key in ("prompts_per_step", "rollout_chunks", "num_steps", "inner_epochs",
-              "minibatches", "accumulate"):
-    if g[key] <= 0:
-      raise ConfigError(f"config key 'grpo.{key}' must be > 0")
-  if g.prompts_per_step % g.rollout_chunks:
-    raise ConfigError(f"grpo.prompts_per_step {g.prompts_per_step} must split into "
-                      f"grpo.rollout_chunks {g.rollout_chunks} whole groups")
-  if g.prompts_per_step * g.group_size % g.minibatches:
-    raise ConfigError(f"{g.prompts_per_step * g.group_size} samples per iteration do not split "
-                      f"into grpo.minibatches {g.minibatches}")
-  if g.sde_type not in flow.SDE_TYPES:
-    raise ConfigError(f"grpo.sde_type must be one of {flow.SDE_TYPES}, got {g.sde_type!r}")
+  check_rollouts(config, "grpo")
+  if g.noise_level <= 0:
+    raise ConfigError("config key 'grpo.noise_level' must be > 0: the policy gradient needs "
+                      "the log-probs of stochastic steps")
+  if g.accumulate <= 0:
+    raise ConfigError("config key 'grpo.accumulate' must be > 0")
   if g.std_scope not in grpo.STD_SCOPES:
     raise ConfigError(f"grpo.std_scope must be one of {grpo.STD_SCOPES}, got {g.std_scope!r}")
-  if config.init_params not in ("ema", "params"):
-    raise ConfigError(f"init_params must be 'ema' or 'params', got {config.init_params!r}")
   if g.minibatches * g.inner_epochs % g.accumulate:
     raise ConfigError(f"grpo.accumulate {g.accumulate} must divide the "
                       f"{g.minibatches * g.inner_epochs} minibatches of an iteration")
+
+
+def check_rollouts(config: ml_collections.ConfigDict, section: str) -> None:
+  """Checks what every trainer on the editor's own rollouts shares; `section` holds the
+  rollout keys (grpo or opd)."""
+  g = config[section]
+  if config.model.text_encoder != "shapes":
+    raise ConfigError("model.text_encoder must be 'shapes' for the shapes world")
+  for key in ("prompts_per_step", "group_size", "rollout_chunks", "num_steps", "inner_epochs",
+              "minibatches"):
+    if g[key] <= 0:
+      raise ConfigError(f"config key '{section}.{key}' must be > 0")
+  if g.prompts_per_step % g.rollout_chunks:
+    raise ConfigError(f"{section}.prompts_per_step {g.prompts_per_step} must split into "
+                      f"{section}.rollout_chunks {g.rollout_chunks} whole groups")
+  if g.prompts_per_step * g.group_size % g.minibatches:
+    raise ConfigError(f"{g.prompts_per_step * g.group_size} samples per iteration do not split "
+                      f"into {section}.minibatches {g.minibatches}")
+  if g.sde_type not in flow.SDE_TYPES:
+    raise ConfigError(f"{section}.sde_type must be one of {flow.SDE_TYPES}, got {g.sde_type!r}")
+  if config.init_params not in ("ema", "params"):
+    raise ConfigError(f"init_params must be 'ema' or 'params', got {config.init_params!r}")
+  unknown = sorted(set(config.train.tasks) - set(TASKS))
+  if unknown:
+    raise ConfigError(f"config key 'train.tasks': unknown task {unknown[0]!r}; the tasks are "
+                      f"{list(TASKS)}")
 
 
 def step_schedule_fn(g: ml_collections.ConfigDict, seed: int):
@@ -171,21 +190,28 @@ def step_schedule_fn(g: ml_collections.ConfigDict, seed: int):
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
   check_config(config)
+  return build_setup(config, workdir, devices, "grpo")
+
+
+def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
+                section: str) -> Setup:
+  """The setup of a trainer on the SDE rollouts configured by config section `section`
+  (grpo or opd, already checked)."""
   world, tok, model, mesh, rules, batch_sharding = editor_sft.make_model_and_mesh(
       config, workdir, devices)
-  g = config.grpo
+  g = config[section]
   n = g.prompts_per_step * g.group_size
-  editor_sft.check_batch_size("a rollout chunk (P * G / grpo.rollout_chunks)",
+  editor_sft.check_batch_size(f"a rollout chunk (P * G / {section}.rollout_chunks)",
                               n // g.rollout_chunks, mesh, batch_sharding)
-  editor_sft.check_batch_size("a minibatch (P * G / grpo.minibatches)", n // g.minibatches,
-                              mesh, batch_sharding)
+  editor_sft.check_batch_size(f"a minibatch (P * G / {section}.minibatches)",
+                              n // g.minibatches, mesh, batch_sharding)
   editor_sft.check_batch_size("config key 'eval.batch_size'", config.eval.batch_size, mesh,
                               batch_sharding)
   tc = config.train
   schedule = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps) if tc.warmup_steps else tc.lr
   tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
                    optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
-  if g.accumulate > 1:
+  if g.get("accumulate", 1) > 1:
     tx = optax.MultiSteps(tx, g.accumulate)
   use_lora = config.model.lora_rank > 0
   init = functools.partial(_init_state, model=model, tx=tx, use_lora=use_lora,
@@ -202,7 +228,7 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) ->
     except ValueError as e:
       raise ConfigError(f"config key 'model.lora_targets': {e}") from None
   return Setup(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
-               abstract_state, batch_sharding, full, use_lora, step_schedule_fn(g, tc.seed))
+               abstract_state, batch_sharding, full, use_lora, step_schedule_fn(g, tc.seed), g)
 
 
 def _init_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:
@@ -222,17 +248,19 @@ def load_sft(setup: Setup, init_from: str, workdir: str):
   mngr, step = checkpoint.latest_step(init_from, "an editor SFT workdir")
   abstract = setup.abstract_state.frozen if setup.use_lora else setup.abstract_state.params
   key = "ema_params" if config.init_params == "ema" else "params"
-  sft_config = checkpoint.saved_config(mngr, step)
-  mismatched = sorted(k for k, v in sft_config["model"].items()
-                      if k not in FREE_MODEL_KEYS and k in config.model
-                      and _plain(config.model[k]) != _plain(v))
+  mismatched = model_mismatch(checkpoint.saved_config(mngr, step)["model"], config.model)
   if mismatched:
-    raise ConfigError("init_from was trained with a different model: " + ", ".join(
-        f"model.{k} = {sft_config['model'][k]!r} there, {config.model[k]!r} here"
-        for k in mismatched))
+    raise ConfigError("init_from was trained with a different model: " + ", ".join(mismatched))
   params = checkpoint.restore_subtree(mngr, step, key, abstract)
   logging.info("initialised from %s (step %d, %s)", init_from, step, key)
   return params
+
+
+def model_mismatch(saved, model) -> list[str]:
+  """'model.K = A there, B here' for every architecture key (not FREE_MODEL_KEYS) of a
+  saved run's model section that differs from `model`."""
+  return [f"model.{k} = {saved[k]!r} there, {model[k]!r} here" for k in sorted(saved)
+          if k not in FREE_MODEL_KEYS and k in model and _plain(model[k]) != _plain(saved[k])]
 
 
 def _plain(value):
@@ -281,7 +309,7 @@ def trajectory_sharding(setup: Setup):
 
 def make_rollout(setup: Setup):
   """jitted (trained, frozen, chunk, levels, rng) -> images (uint8), latents, log_probs."""
-  g = setup.config.grpo
+  g = setup.rollouts
   velocity = make_velocity(setup.model, g.guidance_scale)
   times = flow.sigmas(g.num_steps, setup.config.sample.shift)
 
@@ -344,8 +372,9 @@ def make_update(setup: Setup):
             "text": {"ids": take(data["ids"], 0), "mask": take(data["mask"], 0)},
             "advantages": take(advantages, 0)}
       loss, grads, metrics = flow_grpo.minibatch_grads(
-          policy_velocity, params, ref_velocity, mb, trained_steps, times, levels,
-          sde_type=g.sde_type, clip_range=g.clip_range, kl_beta=g.kl_beta)
+          lambda p, j: flow_grpo.step_loss(
+              policy_velocity, p, ref_velocity, mb, j, times, levels, sde_type=g.sde_type,
+              clip_range=g.clip_range, kl_beta=g.kl_beta), params, trained_steps)
       updates, opt_state = setup.tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       count = state.step * updates_per_step + i  # optimizer updates so far
@@ -376,13 +405,13 @@ def make_update(setup: Setup):
 # Rollouts scored on the host.
 # ------------------------------------------------------------------------------------------
 def rollout_and_score(setup: Setup, rollout, reward_fn, state: GRPOState, prompts: dict,
-                      levels, rng):
+                      levels, rng, device_fields=("source_image", "ids", "mask")):
   """Samples G edits of each of this process's prompts in `rollout_chunks` jitted calls.
   Chunk j's images go to the host rewards while the device samples chunk j + 1.
 
-  Returns (chunks for the update, host dict of the rollout: images, rewards, parts, and
-  the per-sample prompt fields)."""
-  g = setup.config.grpo
+  Returns (chunks for the update: `device_fields`, latents, log-probs, rewards; host dict
+  of the rollout: images, rewards, parts, and the per-sample prompt fields)."""
+  g = setup.rollouts
   grouped = {k: np.repeat(np.asarray(v), g.group_size, axis=0) for k, v in prompts.items()}
   size = len(grouped["ids"]) // g.rollout_chunks
   pieces = [{k: v[j * size:(j + 1) * size] for k, v in grouped.items()}
@@ -395,9 +424,11 @@ def rollout_and_score(setup: Setup, rollout, reward_fn, state: GRPOState, prompt
     pending.append(reward_fn.submit(local, pieces[j]))
 
   for j, piece in enumerate(pieces):
-    inputs.append(sharding.global_batch({k: piece[k] for k in ("source_image", "ids", "mask")},
+    inputs.append(sharding.global_batch({k: piece[k] for k in device_fields},
                                         setup.batch_sharding))
-    outs.append(rollout(state.params, state.frozen, inputs[j], levels, jax.random.fold_in(rng, j)))
+    outs.append(rollout(state.params, state.frozen,
+                        {k: inputs[j][k] for k in ("source_image", "ids", "mask")}, levels,
+                        jax.random.fold_in(rng, j)))
     if j:
       score(j - 1)
   score(len(pieces) - 1)
@@ -428,11 +459,23 @@ def make_rewards(config, world) -> rewards_lib.Rewards:
 # ------------------------------------------------------------------------------------------
 # Training loop.
 # ------------------------------------------------------------------------------------------
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What differs between the trainers that learn on the editor's own SDE rollouts."""
+  name: str
+  make_setup: Callable  # (config, workdir, devices=None) -> Setup
+  make_update: Callable  # setup -> update(state, chunks, levels, trained_steps)
+  # (setup, prompts) -> prompts with the extra per-prompt fields the update needs on device
+  add_fields: Callable = lambda setup, prompts: prompts
+  device_fields: tuple[str, ...] = ("source_image", "ids", "mask")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None = None) -> dict:
   from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
 
+  method = method or GRPO
   os.makedirs(workdir, exist_ok=True)
-  tc, g = config.train, config.grpo
+  tc = config.train
   mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
   resuming = mngr.latest_step() is not None
   if not resuming:
@@ -440,18 +483,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       raise ConfigError("config key 'init_from' must name an editor SFT workdir to start "
                         "from (--config.init_from=DIR)")
     copy_tokenizer(config.init_from, workdir)
-  setup = make_setup(config, workdir)
+  setup = method.make_setup(config, workdir)
+  g = setup.rollouts
   reward_fn = make_rewards(config, setup.world)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   n_trained = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
-  logging.info("GRPO: %.3fM trained parameters (%s), %d prompts x %d samples per step, mesh %s",
-               n_trained / 1e6, "LoRA" if setup.use_lora else "full", g.prompts_per_step,
-               g.group_size, dict(setup.mesh.shape))
+  logging.info("%s: %.3fM trained parameters (%s), %d prompts x %d samples per step, mesh %s",
+               method.name, n_trained / 1e6, "LoRA" if setup.use_lora else "full",
+               g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
 
   # ---- Data: prompts of the train split ----
   data = make_dataset(setup.source("train"), g.prompts_per_step // jax.process_count(),
                       seed=tc.seed, fields=PROMPT_FIELDS, kinds=tc.example_kinds,
-                      map_fn=functools.partial(_tokenize, setup), worker_count=tc.worker_count)
+                      tasks=tc.tasks, map_fn=functools.partial(_tokenize, setup),
+                      worker_count=tc.worker_count)
   data_iter = iter(data)
 
   # ---- State: resume, or start from the SFT run ----
@@ -462,7 +507,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = init_state(setup, load_sft(setup, config.init_from, workdir))
   start = int(state.step)
 
-  rollout, update = make_rollout(setup), make_update(setup)
+  rollout, update = make_rollout(setup), method.make_update(setup)
   sampler = editor_sft.make_sampler(setup, config.sample.num_steps, config.sample.shift,
                                     config.sample.guidance_scale)
   val_batches = editor_sft.eval_batches(setup, "validation", tc.example_kinds,
@@ -497,8 +542,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       levels, trained = setup.levels_and_steps(step)
       rng = jax.random.fold_in(base_rng, step)
       with jax.profiler.StepTraceAnnotation("rollout", step_num=step):
-        chunks, host = rollout_and_score(setup, rollout, reward_fn, state, next(data_iter),
-                                         levels, rng)
+        chunks, host = rollout_and_score(setup, rollout, reward_fn, state,
+                                         method.add_fields(setup, next(data_iter)), levels,
+                                         rng, method.device_fields)
       with jax.profiler.StepTraceAnnotation("update", step_num=step):
         state, metrics = update(state, chunks, levels, trained)
       progress(step)
@@ -541,11 +587,11 @@ def write_rollout_grid(writer, workdir: str, step: int, host: dict, group_size: 
 # ------------------------------------------------------------------------------------------
 # Evaluation: the GRPO policy and, on the same noise, the SFT model it started from.
 # ------------------------------------------------------------------------------------------
-def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run_eval(config: ml_collections.ConfigDict, workdir: str, method: Method | None = None) -> dict:
   """Scores the latest checkpoint on `eval.split`, before (the SFT reference) and after
-  GRPO; writes DIR/eval/metrics.json (after's figures at the top level, `before`, and the
-  change) and PNG grids."""
-  setup = make_setup(config, workdir)
+  training; writes DIR/eval/metrics.json (after's figures at the top level, `before`, and
+  the change) and PNG grids."""
+  setup = (method or GRPO).make_setup(config, workdir)
   reward_fn = make_rewards(config, setup.world)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints, async_save=False)
   step = mngr.latest_step()
@@ -577,3 +623,6 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
   print(json.dumps(summary, indent=1), flush=True)
   return summary
+
+
+GRPO = Method("GRPO", make_setup, make_update)

@@ -1,0 +1,239 @@
+"""Online policy distillation for the editor (DESIGN.md section 7): task teachers distilled
+into one student along the student's own rollouts.
+
+    jaxedit train --config configs/shapes_editor_opd.py --workdir DIR --config.init_from=SFT_DIR \
+        --config.opd.teachers.colour=TEACHER_DIR --config.opd.teachers.geometry=TEACHER_DIR
+    jaxedit eval  --config configs/shapes_editor_opd.py --workdir DIR
+
+Each iteration the student samples its edits with the SDE sampler (or the ODE, noise level
+0); each sample's teacher, chosen by the prompt's task tag (or round robin), gives its
+velocity at every trained step from the student's own x_t, once, held fixed; then
+`inner_epochs` x `minibatches` updates minimise the closed-form per-step KL between the two
+equal-variance Gaussians (mean matching for the ODE). No reward enters the loss; the
+rewards of the student's rollouts are only logged. Teachers are editor SFT or GRPO runs of
+the same architecture and tokenizer (their LoRA merged), sharded like the student's base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxedit import flow, flow_grpo, lora, opd, sharding
+from jaxedit.config import ConfigError
+from jaxedit.models.editor import Editor
+from jaxedit.shapes.edits import TASKS
+from jaxedit.trainers import editor_grpo
+from jaxedit.trainers.editor_grpo import GRPOState, Setup
+
+
+def reference_config() -> ml_collections.ConfigDict:
+  c = editor_grpo.reference_config()
+  c.trainer = "editor_opd"
+  del c.grpo  # rewards stay: they are logged, not trained on
+  c.train.num_steps = 100  # iterations (rollout + update)
+  c.opd = ml_collections.ConfigDict({
+      # task tag -> the teacher's workdir (an editor SFT or GRPO run); "" for none
+      "teachers": {task: "" for task in TASKS if task != "mixed"},
+      "routing": "task",  # task: each prompt's task tag picks its teacher | round_robin
+      "prompts_per_step": 16,  # global
+      "group_size": 1,  # student samples per prompt
+      "shared_noise": False,
+      "rollout_chunks": 2,
+      "num_steps": 8,
+      "guidance_scale": 1.0,
+      "sde_type": "sde",  # sde | cps
+      "noise_level": 0.7,  # 0: ODE rollouts and pure mean matching
+      "timestep_fraction": 0.99,
+      "window_size": 0,
+      "window_start": -1,
+      "inner_epochs": 1,
+      "minibatches": 2,
+  })
+  return c
+
+
+def teacher_tasks(config: ml_collections.ConfigDict) -> list[str]:
+  """The task tags that have a teacher, in config order (the teacher index)."""
+  return [task for task, workdir in config.opd.teachers.items() if workdir]
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  editor_grpo.check_rollouts(config, "opd")
+  o = config.opd
+  if o.routing not in ("task", "round_robin"):
+    raise ConfigError(f"opd.routing must be 'task' or 'round_robin', got {o.routing!r}")
+  if o.noise_level < 0:
+    raise ConfigError(f"opd.noise_level must be >= 0, got {o.noise_level}")
+  tasks = teacher_tasks(config)
+  if not tasks:
+    raise ConfigError("no teacher: set opd.teachers.<task>=WORKDIR for at least one of "
+                      f"{list(o.teachers)}")
+  if o.routing == "task":
+    trained = config.train.tasks or [t for t in TASKS if t != "mixed"]
+    missing = [t for t in trained if t not in tasks]
+    if missing:
+      raise ConfigError(f"prompts of task {missing[0]!r} have no teacher: set "
+                        f"opd.teachers.{missing[0]}=WORKDIR or train.tasks to the tasks that "
+                        "have one")
+
+
+@dataclasses.dataclass
+class OPDSetup(Setup):
+  teacher_model: Editor  # the student's architecture without LoRA: teachers are merged
+
+  @property
+  def teacher_shardings(self):
+    """A teacher's parameters are sharded like the student's base (LoRA) or reference."""
+    return self.state_shardings.frozen
+
+
+def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> OPDSetup:
+  check_config(config)
+  setup = editor_grpo.build_setup(config, workdir, devices, "opd")
+  cfg = setup.model.cfg
+  plain = dataclasses.replace(cfg, flux=dataclasses.replace(cfg.flux, lora_rank=0,
+                                                            lora_targets=()))
+  return OPDSetup(**{f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)},
+                  teacher_model=Editor(plain))
+
+
+# ------------------------------------------------------------------------------------------
+# Teachers.
+# ------------------------------------------------------------------------------------------
+def load_teacher(setup: OPDSetup, workdir: str):
+  """A teacher's parameters (EMA where its eval uses them; LoRA merged) in the student's
+  shardings. It must share the student's architecture and tokenizer."""
+  from jaxedit import inference
+
+  loaded = inference.load_editor(workdir, batch_size=setup.config.eval.batch_size)
+  if loaded.setup.tokenizer.to_str() != setup.tokenizer.to_str():
+    raise ConfigError(f"teacher {workdir} uses another tokenizer than the student: token ids "
+                      "would mean different words (start both from the same SFT run)")
+  mismatched = editor_grpo.model_mismatch(loaded.setup.config.model, setup.config.model)
+  if mismatched:
+    raise ConfigError(f"teacher {workdir} has another architecture: " + ", ".join(mismatched))
+  params = loaded.params
+  model = loaded.setup.config.model
+  if model.lora_rank:
+    params = lora.merge(params, model.lora_rank, model.lora_alpha or model.lora_rank)
+  return jax.device_put(params, setup.teacher_shardings)
+
+
+def load_teachers(setup: OPDSetup) -> list:
+  return [load_teacher(setup, setup.config.opd.teachers[task])
+          for task in teacher_tasks(setup.config)]
+
+
+def add_routes(setup: OPDSetup, prompts: dict) -> dict:
+  routes = opd.route([str(t) for t in prompts["task"]], teacher_tasks(setup.config),
+                     setup.config.opd.routing)
+  return {**prompts, "route": np.asarray(routes, np.int32)}
+
+
+# ------------------------------------------------------------------------------------------
+# The update: teacher velocities once, then KL steps.
+# ------------------------------------------------------------------------------------------
+def make_update(setup: OPDSetup, teachers=None):
+  """jitted (state, chunks, levels, trained_steps) -> (state, metrics), the teachers bound.
+
+  The teachers' velocities at the trained steps of the student's trajectories are computed
+  once per iteration (each sample's routed teacher) and held fixed; the student then
+  minimises the per-step KL (per dimension: divided by the image size) over
+  inner_epochs x minibatches updates, EMA after each."""
+  config, o = setup.config, setup.config.opd
+  teachers = load_teachers(setup) if teachers is None else teachers
+  names = teacher_tasks(config)
+  velocity = editor_grpo.make_velocity(setup.model, o.guidance_scale)
+  teacher_velocity = editor_grpo.make_velocity(setup.teacher_model, o.guidance_scale)
+  times = flow.sigmas(o.num_steps, config.sample.shift)
+  base_rng = jax.random.key(config.train.seed + 1)
+  traj = editor_grpo.trajectory_sharding(setup)
+  updates_per_step = o.inner_epochs * o.minibatches
+
+  def update(state: GRPOState, teachers, chunks, levels, trained_steps):
+    data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
+                                                                       "log_probs") else 0)
+            for k in chunks[0]}
+    source = flow.to_model_space(data["source_image"])
+    text = {"ids": data["ids"], "mask": data["mask"]}
+
+    def teacher_at(j):
+      x = data["latents"][j]
+      t = jnp.full((x.shape[0],), times[j], x.dtype)
+      per_teacher = jnp.stack([teacher_velocity(p, x, t, source, text) for p in teachers])
+      return opd.routed(per_teacher, data["route"])
+
+    v_teacher = jax.lax.stop_gradient(jax.lax.map(teacher_at, trained_steps))  # (S, N, ...)
+    v_teacher = jax.lax.with_sharding_constraint(v_teacher, traj)
+    n = data["route"].shape[0]
+    rng = jax.random.fold_in(base_rng, state.step)
+    order = jnp.concatenate([jax.random.permutation(k, n) for k in
+                             jax.random.split(rng, o.inner_epochs)])
+    order = order.reshape(updates_per_step, n // o.minibatches)
+    frozen = state.frozen
+    dims = float(np.prod(data["latents"].shape[2:]))
+
+    def one_update(carry, xs):
+      params, ema, opt_state = carry
+      i, idx = xs
+      take = lambda x, axis: jnp.take(x, idx, axis=axis)
+      latents = jax.lax.with_sharding_constraint(take(data["latents"], 1), traj)
+      v_t = jax.lax.with_sharding_constraint(take(v_teacher, 1), traj)
+      mb_source = jax.lax.with_sharding_constraint(take(source, 0), setup.batch_sharding)
+      mb_text = {"ids": take(data["ids"], 0), "mask": take(data["mask"], 0)}
+      routes = jax.nn.one_hot(take(data["route"], 0), len(names))  # (n, K)
+
+      def step_loss(p, k):
+        j = trained_steps[k]
+        x = latents[j]
+        t = jnp.full((x.shape[0],), times[j], x.dtype)
+        v_s = velocity(setup.policy(p, frozen), x, t, mb_source, mb_text)
+        kl = opd.step_kl(x, v_s, v_t[k], times[j], times[j + 1], levels[j], o.sde_type) / dims
+        per_teacher = (routes * kl[:, None]).sum(0) / jnp.maximum(routes.sum(0), 1.0)
+        return jnp.mean(kl), {"kl": jnp.mean(kl),
+                              **{f"kl_{name}": per_teacher[m] for m, name in enumerate(names)}}
+
+      loss, grads, metrics = flow_grpo.minibatch_grads(step_loss, params,
+                                                       jnp.arange(trained_steps.shape[0]))
+      updates, opt_state = setup.tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      count = state.step * updates_per_step + i
+      decay = jnp.minimum(config.train.ema_decay, (1.0 + count) / (10.0 + count))
+      ema = optax.incremental_update(params, ema, 1.0 - decay)
+      return (params, ema, opt_state), {**metrics, "loss": loss,
+                                        "grad_norm": optax.tree.norm(grads)}
+
+    (params, ema, opt_state), per_update = jax.lax.scan(
+        one_update, (state.params, state.ema_params, state.opt_state),
+        (jnp.arange(updates_per_step), order))
+    metrics = jax.tree.map(jnp.mean, per_update)
+    return GRPOState(state.step + 1, params, ema, opt_state, frozen), metrics
+
+  ss = setup.state_shardings
+  fn = jax.jit(update, in_shardings=(ss, [setup.teacher_shardings] * len(teachers), None, None,
+                                     None),
+               out_shardings=(ss, sharding.replicated(setup.mesh)), donate_argnums=0)
+  fn = sharding.in_context(fn, setup.mesh, setup.rules)
+
+  def bound(state, chunks, levels, trained_steps):
+    return fn(state, teachers, chunks, levels, trained_steps)
+  return bound
+
+
+OPD = editor_grpo.Method("OPD", make_setup, make_update, add_routes,
+                         ("source_image", "ids", "mask", "route"))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  return editor_grpo.train(config, workdir, OPD)
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Like GRPO's: the student after, the SFT start before, per task (edit_success_by_task)."""
+  return editor_grpo.run_eval(config, workdir, OPD)
