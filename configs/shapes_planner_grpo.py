@@ -30,6 +30,9 @@ def get_config(arg=None):
     config.train.eval_every = 10
     config.train.checkpoint_every = 10
     config.eval.num_examples = 256
+  elif arg in ("colour", "geometry", "mixed"):  # a task teacher for shapes_planner_opd.py
+    config.train.tasks = (arg,)
   elif arg not in (None, "", "scene_text"):
-    raise ValueError(f"unknown config arg {arg!r}; use 'scene_text', 'demo' or nothing")
+    raise ValueError(f"unknown config arg {arg!r}; use 'scene_text', 'demo', 'colour', "
+                     "'geometry', 'mixed' or nothing")
   return config.lock()

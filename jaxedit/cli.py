@@ -27,7 +27,8 @@ TRAINERS = {"editor_sft": "jaxedit.trainers.editor_sft",
             "editor_grpo": "jaxedit.trainers.editor_grpo",
             "editor_opd": "jaxedit.trainers.editor_opd",
             "planner_sft": "jaxedit.trainers.planner_sft",
-            "planner_grpo": "jaxedit.trainers.planner_grpo"}
+            "planner_grpo": "jaxedit.trainers.planner_grpo",
+            "planner_opd": "jaxedit.trainers.planner_opd"}
 
 
 def _data_job():

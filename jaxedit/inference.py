@@ -28,7 +28,7 @@ from jaxedit.shapes.detect import detect
 from jaxedit.text import tokenizer as tokenizer_lib
 
 EDITORS = ("editor_sft", "editor_grpo", "editor_opd")
-PLANNERS = ("planner_sft", "planner_grpo")
+PLANNERS = ("planner_sft", "planner_grpo", "planner_opd")
 
 
 def saved_run(workdir: str, trainers: Sequence[str], what: str):
@@ -136,7 +136,7 @@ def load_planner(workdir: str, batch_size: int = 64, devices=None) -> LoadedPlan
 
   mngr, step, config = saved_run(workdir, PLANNERS, "a planner workdir (planner_sft or "
                                  "planner_grpo)")
-  sft_config = planner_grpo.as_sft_config(config) if config.trainer == "planner_grpo" else config
+  sft_config = planner_grpo.as_sft_config(config) if config.trainer != "planner_sft" else config
   sft_config.eval.batch_size = batch_size
   setup = planner_sft.make_setup(sft_config, workdir, devices)
   key = "ema_params" if config.eval.use_ema else "params"

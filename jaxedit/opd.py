@@ -37,6 +37,19 @@ def route(tasks, teacher_tasks, routing: str):
   return [index[task] for task in tasks]
 
 
+def check_teachers(teacher_tasks, trained_tasks, routing: str) -> None:
+  """Raises ValueError naming what is wrong: no teacher at all, or (routing by task) a task
+  of the training prompts without one."""
+  if not teacher_tasks:
+    raise ValueError("no teacher: set opd.teachers.<task>=WORKDIR")
+  if routing == "task":
+    missing = [t for t in trained_tasks if t not in teacher_tasks]
+    if missing:
+      raise ValueError(f"prompts of task {missing[0]!r} have no teacher: set "
+                       f"opd.teachers.{missing[0]}=WORKDIR, or train.tasks to the tasks that "
+                       "have one")
+
+
 def routed(per_teacher, routes):
   """Each sample's value from its routed teacher: per_teacher (K, B, ...), routes (B,)."""
   pick = jax.nn.one_hot(routes, per_teacher.shape[0], dtype=per_teacher.dtype)  # (B, K)

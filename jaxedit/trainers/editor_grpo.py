@@ -163,6 +163,10 @@ def check_rollouts(config: ml_collections.ConfigDict, section: str) -> None:
     raise ConfigError(f"{section}.sde_type must be one of {flow.SDE_TYPES}, got {g.sde_type!r}")
   if config.init_params not in ("ema", "params"):
     raise ConfigError(f"init_params must be 'ema' or 'params', got {config.init_params!r}")
+  check_tasks(config)
+
+
+def check_tasks(config: ml_collections.ConfigDict) -> None:
   unknown = sorted(set(config.train.tasks) - set(TASKS))
   if unknown:
     raise ConfigError(f"config key 'train.tasks': unknown task {unknown[0]!r}; the tasks are "

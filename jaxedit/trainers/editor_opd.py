@@ -70,17 +70,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"opd.routing must be 'task' or 'round_robin', got {o.routing!r}")
   if o.noise_level < 0:
     raise ConfigError(f"opd.noise_level must be >= 0, got {o.noise_level}")
-  tasks = teacher_tasks(config)
-  if not tasks:
-    raise ConfigError("no teacher: set opd.teachers.<task>=WORKDIR for at least one of "
-                      f"{list(o.teachers)}")
-  if o.routing == "task":
-    trained = config.train.tasks or [t for t in TASKS if t != "mixed"]
-    missing = [t for t in trained if t not in tasks]
-    if missing:
-      raise ConfigError(f"prompts of task {missing[0]!r} have no teacher: set "
-                        f"opd.teachers.{missing[0]}=WORKDIR or train.tasks to the tasks that "
-                        "have one")
+  try:  # atomic edits are colour or geometry edits
+    opd.check_teachers(teacher_tasks(config), config.train.tasks or list(o.teachers),
+                       o.routing)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 @dataclasses.dataclass

@@ -11,10 +11,12 @@ Every parameter trains (the planner is small); the reference is a frozen copy of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +31,11 @@ from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.detect import detect
 from jaxedit.shapes.world import Scene
 from jaxedit.trainers import planner_sft
-from jaxedit.trainers.editor_grpo import GRPOState, copy_tokenizer
+from jaxedit.trainers.editor_grpo import GRPOState, check_tasks, copy_tokenizer
 from jaxedit.trainers.editor_sft import check_batch_size, write_metrics_line
 
-ROLLOUT_FIELDS = planner_sft.RECORD_FIELDS + ("checklist", "source_scene", "num_steps")
+ROLLOUT_FIELDS = planner_sft.RECORD_FIELDS + ("checklist", "source_scene", "num_steps", "task")
+BATCH_FIELDS = ("source_image", "prompt", "prompt_valid", "plan", "plan_valid")
 
 
 def reference_config() -> ml_collections.ConfigDict:
@@ -64,6 +67,7 @@ def reference_config() -> ml_collections.ConfigDict:
   c.train.warmup_steps = 10
   c.train.weight_decay = 0.0
   c.train.example_kinds = ("abstract",)
+  c.train.tasks = ()  # task tags of the training prompts (e.g. ("colour",)); () for all
   c.train.eval_every = 50
   c.train.checkpoint_every = 50
   return c
@@ -87,19 +91,28 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       "key 'editor' to an editor workdir")
   if config.init_params not in ("ema", "raw"):
     raise ConfigError("config key 'init_params' must be 'ema' or 'raw'")
+  check_tasks(config)
+
+
+def rollouts(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config section of the rollouts: `grpo`, or `opd` for distillation."""
+  return config.grpo if "grpo" in config else config.opd
 
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
+  check_config(config)
+  return build_setup(config, workdir, devices)
+
+
+def build_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
   """planner_sft's Setup built for P * G rollouts (batch size), with the tokenizer of
   `init_from`."""
-  check_config(config)
   copy_tokenizer(config.init_from, workdir)
-  g = config.grpo
   sft_like = as_sft_config(config)
   setup = planner_sft.make_setup(sft_like, workdir, devices)
-  check_batch_size("a minibatch (P * G / grpo.minibatches)",
-                               sft_like.train.batch_size // g.minibatches, setup.mesh,
-                               setup.batch_sharding)
+  check_batch_size("a minibatch (P * G / minibatches)",
+                   sft_like.train.batch_size // rollouts(config).minibatches, setup.mesh,
+                   setup.batch_sharding)
   return setup
 
 
@@ -107,7 +120,8 @@ def as_sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
   """The planner_sft config this run's Setup is built from: a batch of P * G rollouts and a
   constant learning rate after warm-up."""
   sft_like = ml_collections.ConfigDict(config.to_dict())
-  sft_like.train.batch_size = config.grpo.prompts_per_step * config.grpo.group_size
+  g = rollouts(config)
+  sft_like.train.batch_size = g.prompts_per_step * g.group_size
   sft_like.train.end_lr_fraction = 1.0
   return sft_like
 
@@ -115,20 +129,24 @@ def as_sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def load_start(setup, init_from: str, key: str):
   """The planner SFT run's parameters in this run's shardings."""
   mngr, step = checkpoint.latest_step(init_from, "a planner SFT workdir")
-  saved = checkpoint.saved_config(mngr, step)
-  ours = setup.config.model.to_dict()
-  mismatched = sorted(k for k, v in saved["model"].items()
-                      if k in ours and json.dumps(ours[k]) != json.dumps(v))
-  if saved["prompt"]["scene_as_text"] != setup.config.prompt.scene_as_text:
-    raise ConfigError(f"init_from was trained with prompt.scene_as_text = "
-                      f"{saved['prompt']['scene_as_text']}, this run has "
-                      f"{setup.config.prompt.scene_as_text}")
+  mismatched = model_mismatch(checkpoint.saved_config(mngr, step), setup.config)
   if mismatched:
-    raise ConfigError("init_from was trained with a different model: " + ", ".join(
-        f"model.{k} = {saved['model'][k]!r} there, {ours[k]!r} here" for k in mismatched))
+    raise ConfigError("init_from was trained with a different model: " + ", ".join(mismatched))
   params = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
   logging.info("initialised from %s (step %d, %s)", init_from, step, key)
   return params
+
+
+def model_mismatch(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
+  """'KEY = A there, B here' for each model key, and the prompt mode, where a saved run's
+  config differs from `config`: its parameters would not mean the same."""
+  ours = config.model.to_dict()
+  out = [f"model.{k} = {v!r} there, {ours[k]!r} here" for k, v in sorted(saved["model"].items())
+         if k in ours and json.dumps(ours[k]) != json.dumps(v)]
+  if saved["prompt"]["scene_as_text"] != config.prompt.scene_as_text:
+    out.append(f"prompt.scene_as_text = {saved['prompt']['scene_as_text']} there, "
+               f"{config.prompt.scene_as_text} here")
+  return out
 
 
 def init_state(setup, start_params) -> GRPOState:
@@ -233,7 +251,7 @@ def abstract_state_shardings(setup) -> GRPOState:
 
 def rollout(setup, sampler, params, records: dict, rng):
   """G plans per prompt: (model inputs with the sampled plans, plan texts, records repeated)."""
-  g = setup.config.grpo
+  g = rollouts(setup.config)
   repeated = {k: np.repeat(np.asarray(v), g.group_size, axis=0) for k, v in records.items()}
   arrays = setup.examples(repeated)
   samples = sampler(params, sharding.global_batch(
@@ -249,19 +267,31 @@ def rollout(setup, sampler, params, records: dict, rng):
 # ------------------------------------------------------------------------------------------
 # Training loop.
 # ------------------------------------------------------------------------------------------
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What differs between the trainers that learn on the planner's own sampled plans."""
+  name: str
+  make_setup: Callable  # (config, workdir, devices=None) -> Setup
+  make_update: Callable  # setup -> update(state, batch, rewards) -> (state, metrics)
+  # (setup, records repeated per sample) -> extra per-sample device arrays for the update
+  extra_fields: Callable = lambda setup, records: {}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None = None) -> dict:
   from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
 
+  method = method or GRPO
   os.makedirs(workdir, exist_ok=True)
-  setup = make_setup(config, workdir)
-  tc, g = config.train, config.grpo
+  setup = method.make_setup(config, workdir)
+  tc, g = config.train, rollouts(config)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  logging.info("planner GRPO: %d prompts x %d plans per step, mesh %s", g.prompts_per_step,
-               g.group_size, dict(setup.mesh.shape))
+  logging.info("planner %s: %d prompts x %d plans per step, mesh %s", method.name,
+               g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
 
   # ---- Data ----
   data = make_dataset(setup.source("train"), g.prompts_per_step // jax.process_count(),
-                      seed=tc.seed, fields=ROLLOUT_FIELDS, kinds=tc.example_kinds)
+                      seed=tc.seed, fields=ROLLOUT_FIELDS, kinds=tc.example_kinds,
+                      tasks=tc.tasks)
   data_iter = iter(data)
 
   # ---- State: resume, or start from the SFT planner ----
@@ -274,7 +304,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = init_state(setup, load_start(setup, config.init_from, key))
   start = int(state.step)
 
-  update = make_update(setup)
+  update = method.make_update(setup)
   sampler = planner_sft.make_plan_sampler(setup)
   editor = (inference.load_editor(config.editor, g.prompts_per_step * g.group_size)
             if config.rewards.visual.weight else None)
@@ -314,8 +344,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         visual = visual_rewards(editor, texts, records, config.eval.e2e_max_steps, step)
         rewards = rewards + config.rewards.visual.weight * visual
       batch = sharding.global_batch(
-          {k: arrays[k] for k in ("source_image", "prompt", "prompt_valid", "plan",
-                                  "plan_valid")}, setup.batch_sharding)
+          {**{k: arrays[k] for k in BATCH_FIELDS}, **method.extra_fields(setup, records)},
+          setup.batch_sharding)
       state, metrics = update(state, batch, sharding.global_batch(
           {"r": rewards}, setup.batch_sharding)["r"])
       progress(step)
@@ -339,10 +369,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"step": step, "curve": curve}
 
 
-def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Scores the GRPO planner (EMA) and the SFT planner it started from on `eval.split`;
+def run_eval(config: ml_collections.ConfigDict, workdir: str, method: Method | None = None) -> dict:
+  """Scores the trained planner (EMA) and the SFT planner it started from on `eval.split`;
   writes DIR/eval/metrics.json (after's figures at the top level, `before`, `change`)."""
-  setup = make_setup(config, workdir)
+  setup = (method or GRPO).make_setup(config, workdir)
   mngr = checkpoint.manager(workdir, config.train.keep_checkpoints, async_save=False)
   step = mngr.latest_step()
   if step is None:
@@ -385,3 +415,6 @@ def _change(before: dict, after: dict) -> dict:
     elif isinstance(v, dict) and isinstance(before.get(k), dict):
       out[k] = _change(before[k], v)
   return out
+
+
+GRPO = Method("GRPO", make_setup, make_update)
