@@ -12,7 +12,7 @@ import pytest
 
 from jaxedit import lora, opd
 from jaxedit.config import ConfigError
-from jaxedit.trainers import editor_grpo, editor_opd, editor_sft
+from jaxedit.trainers import editor_grpo, editor_opd
 
 from conftest import tiny_editor_config
 
@@ -120,10 +120,8 @@ def test_token_kls():
 # The editor OPD trainer on a tiny model.
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sft_dir(small_data_dir, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("sft"))
-  editor_sft.train(tiny_editor_config(small_data_dir, num_steps=4), workdir)
-  return workdir
+def sft_dir(tiny_editor_dir):
+  return tiny_editor_dir
 
 
 def opd_config(data_dir, init_from, teachers, **overrides):
@@ -132,6 +130,7 @@ def opd_config(data_dir, init_from, teachers, **overrides):
   for section in ("data", "tokenizer", "model", "sample"):
     config[section] = sft[section]
   config.eval.batch_size, config.eval.num_examples = 8, 8
+  config.model.text_max_len = 64  # as in tiny_editor_dir
   config.init_from = init_from
   config.init_params = "params"  # the teachers are the SFT run's EMA: the two differ
   for task, workdir in teachers.items():
@@ -232,13 +231,11 @@ def test_update_on_eight_devices_matches_one(one_device, small_data_dir, sft_dir
     np.testing.assert_allclose(m1[k], m8[k], rtol=1e-3, atol=1e-7, err_msg=k)
 
 
-def test_train_resume_and_eval(small_data_dir, sft_dir, tmp_path):
-  teachers = {"colour": sft_dir, "geometry": sft_dir}
-  config = opd_config(small_data_dir, sft_dir, teachers)
+def test_train_and_eval(small_data_dir, sft_dir, tmp_path):
+  """(Resuming is GRPO's loop, tested in test_editor_grpo_trainer.)"""
+  config = opd_config(small_data_dir, sft_dir, {"colour": sft_dir, "geometry": sft_dir})
   workdir = str(tmp_path / "run")
-  editor_opd.train(opd_config(small_data_dir, sft_dir, teachers, **{"train.num_steps": 1}),
-                   workdir)
-  editor_opd.train(config, workdir)  # resumes at step 1
+  editor_opd.train(config, workdir)
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in rows] == [1, 2]
   for key in ("train/kl", "train/kl_colour", "train/kl_geometry", "reward/mean"):
