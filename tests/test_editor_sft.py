@@ -114,18 +114,24 @@ def wait_for_steps(path, n, proc, timeout=300):
   raise TimeoutError(path)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
-def test_killed_run_resumes_step_for_step(finished_run, small_data_dir, tmp_path, sig):
+def test_killed_run_resumes_step_for_step(finished_run, small_data_dir, tmp_path):
+  """SIGTERM (a preemption: save and exit 0), resume, SIGKILL (no warning: back to the last
+  periodic checkpoint), resume to the end: the losses are the uninterrupted run's."""
   command = train_command(small_data_dir, tmp_path, num_steps=8)
-  proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  wait_for_steps(os.path.join(tmp_path, "metrics.jsonl"), 3, proc)
-  proc.send_signal(sig)
-  _, err = proc.communicate(timeout=300)
-  if sig == signal.SIGTERM:
-    assert proc.returncode == 0, err[-3000:]
-    assert "preempted at step" in err
-  done = len(losses(tmp_path))
-  assert done < 8, "the run finished before the signal arrived"
+  metrics = os.path.join(tmp_path, "metrics.jsonl")
+  for sig, lines in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_steps(metrics, lines, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    if sig == signal.SIGTERM:
+      assert proc.returncode == 0, err[-3000:]
+      assert "preempted at step" in err
+    else:
+      assert proc.returncode == -signal.SIGKILL
+      assert "resumed from step" in err
+    assert max(losses(tmp_path)) < 8, "the run finished before the signal arrived"
   out = subprocess.run(command, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "resumed from step" in out.stderr
