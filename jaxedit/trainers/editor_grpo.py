@@ -167,7 +167,8 @@ def check_rollouts(config: ml_collections.ConfigDict, section: str) -> None:
 
 
 def check_tasks(config: ml_collections.ConfigDict) -> None:
-  unknown = sorted(set(config.train.tasks) - set(TASKS))
+  # (.get: configs saved by runs from before train.tasks existed still load for inference)
+  unknown = sorted(set(config.train.get("tasks", ())) - set(TASKS))
   if unknown:
     raise ConfigError(f"config key 'train.tasks': unknown task {unknown[0]!r}; the tasks are "
                       f"{list(TASKS)}")
