@@ -380,16 +380,11 @@ def make_update(setup: Setup):
           lambda p, j: flow_grpo.step_loss(
               policy_velocity, p, ref_velocity, mb, j, times, levels, sde_type=g.sde_type,
               clip_range=g.clip_range, kl_beta=g.kl_beta), params, trained_steps)
-      updates, opt_state = setup.tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      count = state.step * updates_per_step + i  # optimizer updates so far
-      decay = jnp.minimum(config.train.ema_decay, (1.0 + count) / (10.0 + count))
-      new_ema = optax.incremental_update(params, ema, 1.0 - decay)
-      if g.accumulate > 1:  # only where MultiSteps applied an update
-        applied = setup.tx.has_updated(opt_state)
-        new_ema = jax.tree.map(lambda a, b: jnp.where(applied, a, b), new_ema, ema)
+      params, ema, opt_state = optimizer_step(
+          setup.tx, params, ema, opt_state, grads, state.step * updates_per_step + i,
+          config.train.ema_decay, accumulating=g.accumulate > 1)
       metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-      return (params, new_ema, opt_state), metrics
+      return (params, ema, opt_state), metrics
 
     (params, ema, opt_state), per_update = jax.lax.scan(
         one_update, (state.params, state.ema_params, state.opt_state),
@@ -404,6 +399,22 @@ def make_update(setup: Setup):
   fn = jax.jit(update, in_shardings=(ss, None, None, None),
                out_shardings=(ss, sharding.replicated(setup.mesh)), donate_argnums=0)
   return sharding.in_context(fn, setup.mesh, setup.rules)
+
+
+def optimizer_step(tx, params, ema, opt_state, grads, count, ema_decay: float,
+                   accumulating: bool = False):
+  """One optimizer update, then the EMA of the parameters. The EMA decay warms up as
+  min(ema_decay, (1 + n) / (10 + n)) over the `count` updates done before; when
+  accumulating (optax.MultiSteps) the EMA moves only where an update was applied.
+  Shared by the trainers on the policy's own rollouts (GRPO, OPD; editor and planner)."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  decay = jnp.minimum(ema_decay, (1.0 + count) / (10.0 + count))
+  new_ema = optax.incremental_update(params, ema, 1.0 - decay)
+  if accumulating:
+    applied = tx.has_updated(opt_state)
+    new_ema = jax.tree.map(lambda a, b: jnp.where(applied, a, b), new_ema, ema)
+  return params, new_ema, opt_state
 
 
 # ------------------------------------------------------------------------------------------

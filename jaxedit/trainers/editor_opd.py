@@ -195,11 +195,9 @@ def make_update(setup: OPDSetup, teachers=None):
 
       loss, grads, metrics = flow_grpo.minibatch_grads(step_loss, params,
                                                        jnp.arange(trained_steps.shape[0]))
-      updates, opt_state = setup.tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      count = state.step * updates_per_step + i
-      decay = jnp.minimum(config.train.ema_decay, (1.0 + count) / (10.0 + count))
-      ema = optax.incremental_update(params, ema, 1.0 - decay)
+      params, ema, opt_state = editor_grpo.optimizer_step(
+          setup.tx, params, ema, opt_state, grads, state.step * updates_per_step + i,
+          config.train.ema_decay)
       return (params, ema, opt_state), {**metrics, "loss": loss,
                                         "grad_norm": optax.tree.norm(grads)}
 

@@ -31,7 +31,7 @@ from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.detect import detect
 from jaxedit.shapes.world import Scene
 from jaxedit.trainers import planner_sft
-from jaxedit.trainers.editor_grpo import GRPOState, check_tasks, copy_tokenizer
+from jaxedit.trainers.editor_grpo import GRPOState, check_tasks, copy_tokenizer, optimizer_step
 from jaxedit.trainers.editor_sft import check_batch_size, write_metrics_line
 
 ROLLOUT_FIELDS = planner_sft.RECORD_FIELDS + ("checklist", "source_scene", "num_steps", "task")
@@ -221,11 +221,9 @@ def make_update(setup):
                                       mb["plan_valid"], clip_range=g.clip_range,
                                       kl_beta=g.kl_beta, aggregation=g.aggregation)
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      updates, opt_state = setup.tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      count = state.step * updates_per_step + i
-      decay = jnp.minimum(config.train.ema_decay, (1.0 + count) / (10.0 + count))
-      ema = optax.incremental_update(params, ema, 1.0 - decay)
+      params, ema, opt_state = optimizer_step(
+          setup.tx, params, ema, opt_state, grads, state.step * updates_per_step + i,
+          config.train.ema_decay)
       return (params, ema, opt_state), {**metrics, "loss": loss,
                                         "grad_norm": optax.tree.norm(grads)}
 
