@@ -84,3 +84,11 @@ def token_policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip_range:
   metrics = {"policy_loss": reduce(surrogate), "kl": reduce(kl), "ratio_mean": reduce(ratio),
              "ratio_min": small, "ratio_max": big, "clip_fraction": reduce(clipped)}
   return reduce(per_token), metrics
+
+
+def minibatch_order(rng, n: int, inner_epochs: int, minibatches: int):
+  """(inner_epochs * minibatches, n // minibatches) sample indices: a fresh permutation of
+  the n samples per epoch, cut into minibatches."""
+  order = jnp.concatenate([jax.random.permutation(k, n)
+                           for k in jax.random.split(rng, inner_epochs)])
+  return order.reshape(inner_epochs * minibatches, n // minibatches)

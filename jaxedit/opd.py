@@ -37,6 +37,12 @@ def route(tasks, teacher_tasks, routing: str):
   return [index[task] for task in tasks]
 
 
+def teacher_tasks(teachers) -> list[str]:
+  """The task tags of `opd.teachers` (tag -> workdir) that have a teacher, in config order:
+  a teacher's index."""
+  return [task for task, workdir in teachers.items() if workdir]
+
+
 def check_teachers(teacher_tasks, trained_tasks, routing: str) -> None:
   """Raises ValueError naming what is wrong: no teacher at all, or (routing by task) a task
   of the training prompts without one."""

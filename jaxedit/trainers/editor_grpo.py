@@ -357,9 +357,7 @@ def make_update(setup: Setup):
                                        clip=g.adv_clip)
     n = advantages.shape[0]
     rng = jax.random.fold_in(base_rng, state.step)
-    order = jnp.concatenate([jax.random.permutation(k, n) for k in
-                             jax.random.split(rng, g.inner_epochs)])
-    order = order.reshape(updates_per_step, n // g.minibatches)
+    order = grpo.minibatch_order(rng, n, g.inner_epochs, g.minibatches)
     frozen = state.frozen
     ref_params = jax.lax.stop_gradient(setup.reference(state.params, frozen))
     ref_velocity = lambda x, t, source, text: velocity(ref_params, x, t, source, text)

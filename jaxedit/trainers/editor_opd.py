@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import flow, flow_grpo, lora, opd, sharding
+from jaxedit import flow, flow_grpo, grpo, lora, opd, sharding
 from jaxedit.config import ConfigError
 from jaxedit.models.editor import Editor
 from jaxedit.shapes.edits import TASKS
@@ -58,11 +58,6 @@ def reference_config() -> ml_collections.ConfigDict:
   return c
 
 
-def teacher_tasks(config: ml_collections.ConfigDict) -> list[str]:
-  """The task tags that have a teacher, in config order (the teacher index)."""
-  return [task for task, workdir in config.opd.teachers.items() if workdir]
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   editor_grpo.check_rollouts(config, "opd")
   o = config.opd
@@ -71,7 +66,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if o.noise_level < 0:
     raise ConfigError(f"opd.noise_level must be >= 0, got {o.noise_level}")
   try:  # atomic edits are colour or geometry edits
-    opd.check_teachers(teacher_tasks(config), config.train.tasks or list(o.teachers),
+    opd.check_teachers(opd.teacher_tasks(o.teachers), config.train.tasks or list(o.teachers),
                        o.routing)
   except ValueError as e:
     raise ConfigError(str(e)) from None
@@ -121,11 +116,12 @@ def load_teacher(setup: OPDSetup, workdir: str):
 
 def load_teachers(setup: OPDSetup) -> list:
   return [load_teacher(setup, setup.config.opd.teachers[task])
-          for task in teacher_tasks(setup.config)]
+          for task in opd.teacher_tasks(setup.config.opd.teachers)]
 
 
 def add_routes(setup: OPDSetup, prompts: dict) -> dict:
-  routes = opd.route([str(t) for t in prompts["task"]], teacher_tasks(setup.config),
+  teachers = opd.teacher_tasks(setup.config.opd.teachers)
+  routes = opd.route([str(t) for t in prompts["task"]], teachers,
                      setup.config.opd.routing)
   return {**prompts, "route": np.asarray(routes, np.int32)}
 
@@ -142,7 +138,7 @@ def make_update(setup: OPDSetup, teachers=None):
   inner_epochs x minibatches updates, EMA after each."""
   config, o = setup.config, setup.config.opd
   teachers = load_teachers(setup) if teachers is None else teachers
-  names = teacher_tasks(config)
+  names = opd.teacher_tasks(config.opd.teachers)
   velocity = editor_grpo.make_velocity(setup.model, o.guidance_scale)
   teacher_velocity = editor_grpo.make_velocity(setup.teacher_model, o.guidance_scale)
   times = flow.sigmas(o.num_steps, config.sample.shift)
@@ -167,9 +163,7 @@ def make_update(setup: OPDSetup, teachers=None):
     v_teacher = jax.lax.with_sharding_constraint(v_teacher, traj)
     n = data["route"].shape[0]
     rng = jax.random.fold_in(base_rng, state.step)
-    order = jnp.concatenate([jax.random.permutation(k, n) for k in
-                             jax.random.split(rng, o.inner_epochs)])
-    order = order.reshape(updates_per_step, n // o.minibatches)
+    order = grpo.minibatch_order(rng, n, o.inner_epochs, o.minibatches)
     frozen = state.frozen
     dims = float(np.prod(data["latents"].shape[2:]))
 

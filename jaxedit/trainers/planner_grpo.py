@@ -205,9 +205,7 @@ def make_update(setup):
     ref = jax.lax.stop_gradient(logprobs(state.frozen, batch))
     n = advantages.shape[0]
     rng = jax.random.fold_in(base_rng, state.step)
-    order = jnp.concatenate([jax.random.permutation(k, n)
-                             for k in jax.random.split(rng, g.inner_epochs)])
-    order = order.reshape(updates_per_step, n // g.minibatches)
+    order = grpo.minibatch_order(rng, n, g.inner_epochs, g.minibatches)
 
     def one_update(carry, xs):
       params, ema, opt_state = carry

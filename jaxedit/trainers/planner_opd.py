@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import opd, sharding
+from jaxedit import grpo, opd, sharding
 from jaxedit.config import ConfigError
 from jaxedit.shapes.edits import TASKS
 from jaxedit.trainers import editor_grpo, planner_grpo, planner_sft
@@ -47,10 +47,6 @@ def reference_config() -> ml_collections.ConfigDict:
   return c
 
 
-def teacher_tasks(config: ml_collections.ConfigDict) -> list[str]:
-  return [task for task, workdir in config.opd.teachers.items() if workdir]
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   o = config.opd
   if not config.init_from:
@@ -68,7 +64,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if o.routing not in ("task", "round_robin"):
     raise ConfigError(f"opd.routing must be 'task' or 'round_robin', got {o.routing!r}")
   try:
-    opd.check_teachers(teacher_tasks(config), config.train.tasks or TASKS, o.routing)
+    opd.check_teachers(opd.teacher_tasks(o.teachers), config.train.tasks or TASKS, o.routing)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   editor_grpo.check_tasks(config)
@@ -96,8 +92,9 @@ def load_teacher(setup, workdir: str):
 
 
 def routes(setup, records: dict) -> dict:
-  """Per sample: the index of its teacher among `teacher_tasks`."""
-  route = opd.route([str(t) for t in records["task"]], teacher_tasks(setup.config),
+  """Per sample: the index of its teacher among `opd.teacher_tasks`."""
+  teachers = opd.teacher_tasks(setup.config.opd.teachers)
+  route = opd.route([str(t) for t in records["task"]], teachers,
                     setup.config.opd.routing)
   return {"route": np.asarray(route, np.int32)}
 
@@ -106,7 +103,7 @@ def make_update(setup, teachers=None):
   """jitted (state, batch, rewards) -> (state, metrics); rewards are not used. Teachers'
   log-probs of the student's tokens (routed per sample) are held fixed."""
   config, o = setup.config, setup.config.opd
-  names = teacher_tasks(config)
+  names = opd.teacher_tasks(config.opd.teachers)
   if teachers is None:
     teachers = [load_teacher(setup, o.teachers[task]) for task in names]
   base_rng = jax.random.key(config.train.seed + 1)
@@ -117,9 +114,7 @@ def make_update(setup, teachers=None):
     del rewards
     n = batch["route"].shape[0]
     rng = jax.random.fold_in(base_rng, state.step)
-    order = jnp.concatenate([jax.random.permutation(k, n)
-                             for k in jax.random.split(rng, o.inner_epochs)])
-    order = order.reshape(updates_per_step, n // o.minibatches)
+    order = grpo.minibatch_order(rng, n, o.inner_epochs, o.minibatches)
 
     def one_update(carry, xs):
       params, ema, opt_state = carry
