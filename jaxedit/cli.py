@@ -4,6 +4,7 @@
     jaxedit train --config configs/shapes_editor_sft.py --workdir DIR
     jaxedit eval  --config configs/shapes_editor_sft.py --workdir DIR
     jaxedit edit  --workdir PLANNER_DIR --image IN.png --instruction "..." --out OUT.png
+    jaxedit export --workdir DIR --to diffusers|transformers --out OUT [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import importlib
 
 from jaxedit.config import ConfigError, apply_overrides, load_file, validate
 from jaxedit.data.pipeline import CorruptRecordError
+from jaxedit.interop.torch_names import MappingError
 from jaxedit.shapes.world import SceneError
 
 CONFIG_PREFIX = "--config."
@@ -73,6 +75,14 @@ def parser() -> argparse.ArgumentParser:
                  "planner's config names in 'editor')")
   e.add_argument("--seed", type=int, default=0)
   e.add_argument("--max_steps", type=int, default=8, help="longer plans are refused")
+  x = sub.add_parser("export", help="write the model in DIR as a diffusers (editor) or "
+                     "transformers (planner) folder of safetensors")
+  x.add_argument("--workdir", required=True, help="an editor or planner workdir")
+  x.add_argument("--to", required=True, choices=("diffusers", "transformers"))
+  x.add_argument("--out", required=True, help="the folder to write")
+  x.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+  x.add_argument("--weights", default="eval", choices=("eval", "ema", "raw"),
+                 help="EMA or raw parameters (default: those the run's eval uses)")
   return p
 
 
@@ -103,12 +113,19 @@ def main(argv=None) -> int:
                              max_steps=args.max_steps)
       print(json.dumps(record, indent=1))
       return 0
+    if args.command == "export":
+      from jaxedit import export
+
+      manifest = export.export(args.workdir, args.to, args.out, dtype=args.dtype,
+                               weights=args.weights)
+      print(json.dumps(manifest, indent=1))
+      return 0
     config = load_file(args.config)
     reference, job = COMMANDS[args.command][1](config)
     validate(config, reference())
     apply_overrides(config, overrides)
     job(config, args.workdir)
-  except (ConfigError, SceneError, CorruptRecordError) as e:
+  except (ConfigError, SceneError, CorruptRecordError, MappingError) as e:
     print(f"jaxedit {args.command}: error: {e}", file=sys.stderr)
     return 2
   return 0

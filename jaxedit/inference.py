@@ -76,15 +76,26 @@ class LoadedEditor:
                        arrays, self.batch_size, self.setup.batch_sharding)
 
 
-def load_editor(workdir: str, batch_size: int = 64, devices=None) -> LoadedEditor:
-  """The editor of an SFT, GRPO or OPD workdir (EMA weights if its eval used them; adapters
-  joined onto the base)."""
+def weights_key(config: ml_collections.ConfigDict, weights: str) -> str:
+  """The train-state entry to load: `weights` is 'ema', 'raw', or 'eval' (what the run's
+  eval uses)."""
+  if weights not in ("eval", "ema", "raw"):
+    raise ConfigError(f"weights must be 'eval', 'ema' or 'raw', got {weights!r}")
+  if weights == "eval":
+    weights = "ema" if config.eval.use_ema else "raw"
+  return "ema_params" if weights == "ema" else "params"
+
+
+def load_editor(workdir: str, batch_size: int = 64, devices=None,
+                weights: str = "eval") -> LoadedEditor:
+  """The editor of an SFT, GRPO or OPD workdir (`weights`: see `weights_key`; adapters joined
+  onto the base)."""
   from jaxedit.trainers import editor_grpo, editor_opd, editor_sft
 
   mngr, step, config = saved_run(workdir, EDITORS, "an editor workdir (editor_sft, "
                                  "editor_grpo or editor_opd)")
   config.eval.batch_size = batch_size
-  key = "ema_params" if config.eval.use_ema else "params"
+  key = weights_key(config, weights)
   if config.trainer == "editor_sft":
     setup = editor_sft.make_setup(config, workdir, devices)
     params = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
@@ -130,16 +141,17 @@ class LoadedPlanner:
     return self.setup.decode(samples.tokens, samples.valid)
 
 
-def load_planner(workdir: str, batch_size: int = 64, devices=None) -> LoadedPlanner:
-  """The planner of an SFT or GRPO workdir (EMA weights if its eval used them)."""
+def load_planner(workdir: str, batch_size: int = 64, devices=None,
+                 weights: str = "eval") -> LoadedPlanner:
+  """The planner of an SFT, GRPO or OPD workdir (`weights`: see `weights_key`)."""
   from jaxedit.trainers import planner_grpo, planner_sft
 
-  mngr, step, config = saved_run(workdir, PLANNERS, "a planner workdir (planner_sft or "
-                                 "planner_grpo)")
+  mngr, step, config = saved_run(workdir, PLANNERS, "a planner workdir (planner_sft, "
+                                 "planner_grpo or planner_opd)")
   sft_config = planner_grpo.as_sft_config(config) if config.trainer != "planner_sft" else config
   sft_config.eval.batch_size = batch_size
   setup = planner_sft.make_setup(sft_config, workdir, devices)
-  key = "ema_params" if config.eval.use_ema else "params"
+  key = weights_key(config, weights)
   params = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
   return LoadedPlanner(setup, params, planner_sft.make_plan_sampler(setup), batch_size, workdir,
                        config)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import flax
+import jax
 import numpy as np
 
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
@@ -58,40 +59,117 @@ def to_torch(layout: Layout, params: Mapping[str, Any]) -> dict[str, np.ndarray]
   return out
 
 
-def from_torch(layout: Layout, state_dict: Mapping[str, Any], template: Mapping[str, Any],
-               ignore: Callable[[str], bool] = lambda name: False) -> dict:
-  """State dict -> flax params shaped like `template` (e.g. from jax.eval_shape).
+class TensorSource(Protocol):
+  """Named tensors that can be read a slice at a time (a state dict, safetensors files)."""
 
-  Tensors for which `ignore(name)` holds may be absent or extra (e.g. a tied lm_head).
-  Raises MappingError naming every missing, unexpected or mis-shaped tensor.
-  """
-  flat_template = flax.traverse_util.flatten_dict(flax.linen.unbox(template))
-  wanted = {}
-  for path, leaf in flat_template.items():
-    for name, index, transpose in _torch_entries(layout, path, tuple(leaf.shape)):
-      wanted[name] = (path, index, transpose)
-  missing = sorted(n for n in set(wanted) - set(state_dict) if not ignore(n))
-  unexpected = sorted(n for n in set(state_dict) - set(wanted) if not ignore(n))
+  def names(self) -> set[str]: ...
+  def shape(self, name: str) -> tuple[int, ...]: ...
+  def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray: ...
+
+
+class StateDict:
+  """A TensorSource over an in-memory state dict (numpy arrays or torch tensors)."""
+
+  def __init__(self, state_dict: Mapping[str, Any]):
+    self._tensors = state_dict
+
+  def names(self) -> set[str]:
+    return set(self._tensors)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._tensors[name].shape)
+
+  def read(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    value = self._tensors[name]
+    value = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+    return value[index]
+
+
+def plan(layout: Layout, source: TensorSource, template: Mapping[str, Any],
+         ignore: Callable[[str], bool] = lambda name: False) -> dict:
+  """flax path -> [(torch name, layer index or None, transpose)] for every leaf of
+  `template`, after checking names and shapes (headers only, no tensor is read). Raises
+  MappingError naming every missing, unexpected or mis-shaped tensor."""
+  flat = flax.traverse_util.flatten_dict(flax.linen.unbox(template))
+  entries, wanted = {}, {}
+  for path, leaf in flat.items():
+    entries[path] = list(_torch_entries(layout, path, tuple(leaf.shape)))
+    for name, index, transpose in entries[path]:
+      want = tuple(leaf.shape) if index is None else tuple(leaf.shape)[1:]
+      wanted[name] = want[::-1] if transpose else want
+  have = source.names()
   errors = []
+  missing = sorted(n for n in set(wanted) - have if not ignore(n))
+  unexpected = sorted(n for n in have - set(wanted) if not ignore(n))
   if missing:
     errors.append(f"missing tensors: {', '.join(missing)}")
   if unexpected:
     errors.append(f"unexpected tensors: {', '.join(unexpected)}")
-  out = {path: np.zeros(leaf.shape, leaf.dtype) for path, leaf in flat_template.items()}
-  for name, (path, index, transpose) in wanted.items():
-    if name not in state_dict:
-      continue
-    value = np.asarray(state_dict[name])
-    value = value.T if transpose else value
-    want = out[path].shape if index is None else out[path].shape[1:]
-    if value.shape != want:
-      errors.append(f"tensor {name} has shape {value.shape[::-1] if transpose else value.shape}, "
-                    f"expected {want[::-1] if transpose else want}")
-      continue
-    if index is None:
-      out[path] = value.astype(out[path].dtype)
-    else:
-      out[path][index] = value
+  for name in sorted(set(wanted) & have):
+    if source.shape(name) != wanted[name]:
+      errors.append(f"tensor {name} has shape {source.shape(name)}, expected {wanted[name]}")
   if errors:
     raise MappingError("; ".join(errors))
+  return {path: [e for e in es if e[0] in have] for path, es in entries.items()}
+
+
+def _reader(source: TensorSource, entries, shape: tuple[int, ...], dtype):
+  """index (slices of the flax leaf) -> numpy block, reading only that block's tensors."""
+
+  def read(index):
+    index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+    if not entries:  # absent but allowed (ignored): zeros
+      return np.zeros([len(range(*s.indices(n))) for s, n in zip(index, shape)], dtype)
+    if entries[0][1] is None:
+      [(name, _, transpose)] = entries
+      block = source.read(name, index[::-1] if transpose else index)
+      return np.asarray(block.T if transpose else block, dtype)
+    layers, rest = index[0], index[1:]
+    by_layer = {i: (name, transpose) for name, i, transpose in entries}
+    blocks = []
+    for i in range(*layers.indices(shape[0])):
+      name, transpose = by_layer[i]
+      block = source.read(name, rest[::-1] if transpose else rest)
+      blocks.append(block.T if transpose else block)
+    return np.asarray(np.stack(blocks), dtype)
+
+  return read
+
+
+def load(layout: Layout, source: TensorSource, template: Mapping[str, Any],
+         shardings=None, ignore: Callable[[str], bool] = lambda name: False) -> dict:
+  """Params shaped like `template` (e.g. from jax.eval_shape) from `source`.
+
+  With `shardings` (a tree like `template`), each leaf is built by
+  `jax.make_array_from_callback`: every process reads only the slices its devices hold,
+  tensor by tensor, so no host holds a copy it does not need. Without, numpy arrays.
+  Tensors for which `ignore(name)` holds may be absent (they load as zeros) or extra.
+  """
+  entries = plan(layout, source, template, ignore)
+  flat = flax.traverse_util.flatten_dict(flax.linen.unbox(template))
+  flat_shardings = (flax.traverse_util.flatten_dict(flax.linen.unbox(shardings))
+                    if shardings is not None else None)
+  out = {}
+  for path, leaf in flat.items():
+    shape, dtype = tuple(leaf.shape), np.dtype(leaf.dtype)
+    read = _reader(source, entries[path], shape, dtype)
+    if flat_shardings is None:
+      out[path] = read(tuple(slice(None) for _ in shape))
+    else:
+      cache = {}  # replicated shards: read each distinct block once
+
+      def cached(index, read=read, cache=cache, shape=shape):
+        key = tuple(s.indices(n) for s, n in zip(index, shape))
+        if key not in cache:
+          cache[key] = read(index)
+        return cache[key]
+
+      out[path] = jax.make_array_from_callback(shape, flat_shardings[path], cached)
   return flax.traverse_util.unflatten_dict(out)
+
+
+def from_torch(layout: Layout, state_dict: Mapping[str, Any], template: Mapping[str, Any],
+               ignore: Callable[[str], bool] = lambda name: False) -> dict:
+  """In-memory state dict -> flax params (numpy) shaped like `template`; MappingError names
+  every missing, unexpected or mis-shaped tensor."""
+  return load(layout, StateDict(state_dict), template, ignore=ignore)
