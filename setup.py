@@ -26,6 +26,8 @@ setup(
         "numpy",
         "pillow",
         "tokenizers",
+        "safetensors",  # export and init_from (numpy side; no torch needed)
+        "ml_dtypes",  # bfloat16 tensors in safetensors
     ],
     extras_require={
         # torch==2.13.0 is the CPU wheel; any other spec pulls GBs of CUDA packages.

@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from conftest import tiny_editor_config  # noqa: E402
 from jaxedit import checkpoint, cli, export, flow, inference, sharding  # noqa: E402
 from jaxedit.interop import (flux_diffusers, lm_transformers, safetensors_io,  # noqa: E402
                              torch_names)
@@ -140,7 +141,7 @@ def test_planner_export_matches_transformers(random_planner, tmp_path):
                                                   flow.to_model_space(image))
   with torch.no_grad():
     embeds = model.get_input_embeddings()(torch.tensor(np.asarray(row)).long())
-    embeds = torch.cat([torch.from_numpy(np.asarray(prefix)), embeds], 1)
+    embeds = torch.cat([torch.tensor(np.asarray(prefix)), embeds], 1)
     ref = model(inputs_embeds=embeds).logits.numpy()
   ours = np.asarray(ours)
   assert ours.shape == ref.shape
@@ -213,3 +214,39 @@ def test_export_errors(random_editor, random_planner, tmp_path, capsys):
   assert cli.main(["export", "--workdir", str(tmp_path / "nothing"), "--to", "transformers",
                    "--out", str(tmp_path / "o")]) == 2
   assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_init_from_exported_folders(random_editor, random_planner, small_data_dir, tmp_path):
+  """`init_from` a diffusers / transformers folder streams its weights onto the run's
+  8-device shardings: an editor trained from the export at learning rate 0 holds exactly the
+  exported weights; settings no tensor shape shows are checked against config.json."""
+  from jaxedit.interop import pretrained
+
+  folder = str(tmp_path / "diffusers")
+  export.export(random_editor, "diffusers", folder, weights="raw")
+  config = tiny_editor_config(small_data_dir, num_steps=1, lr=0.0, checkpoint_every=0)
+  config.model.text_max_len = 64
+  config.init_from = folder
+  workdir = str(tmp_path / "from_export")
+  editor_sft.train(config, workdir)
+  want = host(inference.load_editor(random_editor, batch_size=8, weights="raw").params)
+  got = host(inference.load_editor(workdir, batch_size=8, weights="raw").params)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+  meta = json.load(open(os.path.join(folder, "config.json")))
+  meta["axes_dims_rope"] = [8, 4, 4]
+  json.dump(meta, open(os.path.join(folder, "config.json"), "w"))
+  setup = editor_sft.make_setup(config, str(tmp_path / "other"))
+  with pytest.raises(cli.ConfigError, match=r"axes_dims_rope = \[8, 4, 4\] there"):
+    pretrained.load_editor(folder, setup.abstract_state.params, setup.model.cfg)
+
+  lm_folder = str(tmp_path / "transformers")
+  export.export(random_planner, "transformers", lm_folder, weights="raw")
+  loaded = inference.load_planner(random_planner, batch_size=8, weights="raw")
+  abstract = loaded.setup.abstract_state.params
+  params = pretrained.load_planner(lm_folder, abstract, loaded.setup.model.cfg)
+  assert params["lm"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding == (
+      abstract["lm"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding)
+  jax.tree.map(np.testing.assert_array_equal, host(params), host(loaded.params))
+  with pytest.raises(cli.ConfigError, match="is not a transformers folder"):
+    pretrained.load_planner(folder, abstract, loaded.setup.model.cfg)

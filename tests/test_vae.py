@@ -117,8 +117,8 @@ def test_bfloat16_compute_tracks_float32():
   variables = {"params": vae_diffusers.from_diffusers(numpy_state(torch_vae(cfg)), template(cfg))}
   images, _ = inputs(cfg)
   ref = AutoencoderKL(cfg).apply(variables, images)
-  ours = jax.jit(AutoencoderKL(dataclasses.replace(cfg, dtype=jnp.bfloat16)).apply)(variables,
-                                                                                    images)
+  bf16 = AutoencoderKL(dataclasses.replace(cfg, dtype=jnp.bfloat16))
+  ours = jax.jit(bf16.apply)(variables, images)
   assert ours.dtype == jnp.bfloat16
   assert rel_err(ours, np.asarray(ref)) < 5e-2
 
@@ -165,10 +165,10 @@ def test_flux_config():
   assert VAEConfig.from_diffusers_config(FLUX_CONFIG, dtype=jnp.bfloat16).dtype == jnp.bfloat16
   assert VAEConfig().downscale == 8
   # Keys a config.json leaves out take diffusers' defaults; shift_factor None means 0.
-  sd_config = VAEConfig.from_diffusers_config({"block_out_channels": [8, 16],
-                                               "down_block_types": ["DownEncoderBlock2D"] * 2,
-                                               "up_block_types": ["UpDecoderBlock2D"] * 2})
-  assert (sd_config.latent_channels, sd_config.shift_factor, sd_config.use_quant_conv) == (4, 0, True)
+  cfg = VAEConfig.from_diffusers_config({"block_out_channels": [8, 16],
+                                         "down_block_types": ["DownEncoderBlock2D"] * 2,
+                                         "up_block_types": ["UpDecoderBlock2D"] * 2})
+  assert (cfg.latent_channels, cfg.shift_factor, cfg.use_quant_conv) == (4, 0.0, True)
 
 
 def test_unsupported_config_is_rejected():

@@ -30,8 +30,12 @@ def from_transformers(state_dict: Mapping[str, Any], template: Mapping[str, Any]
                       cfg: LMConfig) -> dict:
   """transformers state dict -> flax params shaped like `template`; MappingError names every
   missing, unexpected or mis-shaped tensor."""
-  return from_torch(LAYOUT, state_dict, template,
-                    ignore=lambda name: cfg.tie_embeddings and name == "lm_head.weight")
+  return from_torch(LAYOUT, state_dict, template, ignore=ignored(cfg))
+
+
+def ignored(cfg: LMConfig):
+  """Names loading may find or miss: a tied model's lm_head (transformers may list it)."""
+  return lambda name: cfg.tie_embeddings and name == "lm_head.weight"
 
 
 def hf_config(cfg: LMConfig, architecture: str = "qwen2", **extra) -> dict[str, Any]:

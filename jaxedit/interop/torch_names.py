@@ -29,10 +29,14 @@ class Layout:
   stacks: tuple[str, ...]
   renames: Mapping[str, str] = dataclasses.field(default_factory=dict)
   prefix: Callable[[str], str] = lambda head: ""  # torch prefix of a top-level flax module
+  native: bool = False  # jaxedit's own modules: flax path joined by '.', kernels (in, out)
 
 
 def _torch_entries(layout: Layout, path: tuple[str, ...], shape: tuple[int, ...]):
   """Yields (torch name, layer index or None, transpose) for one flax leaf."""
+  if layout.native:
+    yield ".".join(path), None, False
+    return
   head, *mid, leaf = path
   mid = [layout.renames.get(p, p) for p in mid]
   torch_leaf = _LEAVES[leaf]

@@ -18,7 +18,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any, Callable
 
@@ -34,6 +33,7 @@ from jaxedit import checkpoint, evaluation, flow, flow_grpo, grpo, lora, shardin
 from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError
 from jaxedit.data.pipeline import make_dataset
+from jaxedit.interop import pretrained
 from jaxedit.shapes.edits import TASKS
 from jaxedit.text import tokenizer as tokenizer_lib
 from jaxedit.trainers import editor_sft
@@ -250,8 +250,15 @@ def load_sft(setup: Setup, init_from: str, workdir: str):
   """The SFT run's parameters (base model, no adapters) in this run's shardings. Copies its
   tokenizer into `workdir` first: token ids must mean what they meant in SFT."""
   config = setup.config
-  mngr, step = checkpoint.latest_step(init_from, "an editor SFT workdir")
   abstract = setup.abstract_state.frozen if setup.use_lora else setup.abstract_state.params
+  if pretrained.folder_kind(init_from):
+    params = pretrained.load_editor(init_from, abstract, setup.model.cfg)
+    if set(params) != set(abstract):
+      raise ConfigError(f"init_from: {init_from} has no weights for "
+                        f"{sorted(set(abstract) - set(params))}: start from an editor SFT "
+                        "workdir, or a jaxedit export of one")
+    return params
+  mngr, step = checkpoint.latest_step(init_from, "an editor SFT workdir")
   key = "ema_params" if config.init_params == "ema" else "params"
   mismatched = model_mismatch(checkpoint.saved_config(mngr, step)["model"], config.model)
   if mismatched:
@@ -270,15 +277,6 @@ def model_mismatch(saved, model) -> list[str]:
 
 def _plain(value):
   return list(value) if isinstance(value, (tuple, list)) else value
-
-
-def copy_tokenizer(init_from: str, workdir: str) -> None:
-  src, dst = (os.path.join(d, "tokenizer.json") for d in (init_from, workdir))
-  if not os.path.exists(src):
-    raise ConfigError(f"init_from: {src} does not exist; point it at an editor SFT workdir")
-  if not os.path.exists(dst):
-    os.makedirs(workdir, exist_ok=True)
-    shutil.copyfile(src, dst)
 
 
 def init_state(setup: Setup, sft_params) -> GRPOState:
@@ -496,7 +494,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
     if not config.init_from:
       raise ConfigError("config key 'init_from' must name an editor SFT workdir to start "
                         "from (--config.init_from=DIR)")
-    copy_tokenizer(config.init_from, workdir)
+    pretrained.copy_tokenizer(config.init_from, workdir)
   setup = method.make_setup(config, workdir)
   g = setup.rollouts
   reward_fn = make_rewards(config, setup.world)

@@ -28,6 +28,7 @@ from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import ShapesSource, make_dataset
 from jaxedit.models.editor import Editor, editor_config, model_config
+from jaxedit.interop import pretrained
 from jaxedit.text import tokenizer as tokenizer_lib
 
 IMAGE_FIELDS = ("source_image", "target_image")
@@ -38,6 +39,7 @@ EVAL_SCENES = ("source_scene", "target_scene")
 def reference_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "editor_sft"
+  c.init_from = ""  # optional: a diffusers Flux transformer folder (or a jaxedit export)
   c.world = data_job.world_config()
   c.data = data_job.data_config()
   c.tokenizer = ml_collections.ConfigDict({"vocab_size": 512, "corpus_examples": 4000})
@@ -227,6 +229,13 @@ def _init_state(rng, *, model, tx, image_size, text_len) -> TrainState:
                     opt_state=tx.init(params))
 
 
+def with_params(state: TrainState, loaded: dict) -> TrainState:
+  """`state` with the top-level modules in `loaded` (e.g. a pretrained transformer) as both
+  params and EMA; the rest keeps its initialisation."""
+  params = {**state.params, **loaded}
+  return state.replace(params=params, ema_params=jax.tree.map(lambda x: x.copy(), params))
+
+
 def init_state(setup: RunSetup) -> TrainState:
   fn = jax.jit(lambda rng: nn.unbox(setup.init(rng)), out_shardings=setup.state_shardings)
   return sharding.in_context(fn, setup.mesh, setup.rules)(jax.random.key(setup.config.train.seed))
@@ -375,6 +384,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
 
   os.makedirs(workdir, exist_ok=True)
+  pretrained.copy_tokenizer(config.init_from, workdir)
   setup = make_setup(config, workdir)
   tc = config.train
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -395,6 +405,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("resumed from step %d", int(state.step))
   else:
     state = init_state(setup)
+    if config.init_from:
+      state = with_params(state, pretrained.load_editor(
+          config.init_from, setup.abstract_state.params, setup.model.cfg))
   start = int(state.step)
 
   train_step = make_train_step(setup)

@@ -26,12 +26,13 @@ import optax
 
 from jaxedit import checkpoint, evaluation, grpo, inference, plans, sharding
 from jaxedit.config import ConfigError
+from jaxedit.interop import pretrained
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.detect import detect
 from jaxedit.shapes.world import Scene
 from jaxedit.trainers import planner_sft
-from jaxedit.trainers.editor_grpo import GRPOState, check_tasks, copy_tokenizer, optimizer_step
+from jaxedit.trainers.editor_grpo import GRPOState, check_tasks, optimizer_step
 from jaxedit.trainers.editor_sft import check_batch_size, write_metrics_line
 
 ROLLOUT_FIELDS = planner_sft.RECORD_FIELDS + ("checklist", "source_scene", "num_steps", "task")
@@ -107,7 +108,7 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
 def build_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
   """planner_sft's Setup built for P * G rollouts (batch size), with the tokenizer of
   `init_from`."""
-  copy_tokenizer(config.init_from, workdir)
+  pretrained.copy_tokenizer(config.init_from, workdir)
   sft_like = as_sft_config(config)
   setup = planner_sft.make_setup(sft_like, workdir, devices)
   check_batch_size("a minibatch (P * G / minibatches)",
@@ -127,7 +128,13 @@ def as_sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def load_start(setup, init_from: str, key: str):
-  """The planner SFT run's parameters in this run's shardings."""
+  """The planner SFT run's parameters (or a transformers folder's) in this run's shardings."""
+  if pretrained.folder_kind(init_from):
+    params = pretrained.load_planner(init_from, setup.abstract_state.params, setup.model.cfg)
+    if set(params) != set(setup.abstract_state.params):
+      raise ConfigError(f"init_from: {init_from} has no vision prefix: start from a planner "
+                        "SFT workdir, or a jaxedit export of one")
+    return params
   mngr, step = checkpoint.latest_step(init_from, "a planner SFT workdir")
   mismatched = model_mismatch(checkpoint.saved_config(mngr, step), setup.config)
   if mismatched:

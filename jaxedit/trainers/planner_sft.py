@@ -28,12 +28,13 @@ from jaxedit import checkpoint, evaluation, flow, plans, sampling, sharding
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import make_dataset
+from jaxedit.interop import pretrained
 from jaxedit.models.planner import Planner, model_config, planner_config
 from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.world import Scene
 from jaxedit.text import tokenizer as tokenizer_lib
 from jaxedit.trainers.editor_sft import (RunSetup, TrainState, assemble_setup, init_state,
-                                         write_metrics_line)
+                                         with_params, write_metrics_line)
 
 RECORD_FIELDS = ("source_image", "instruction", "scene_text", "plan_steps")
 EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_family")
@@ -42,6 +43,7 @@ EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_famil
 def reference_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "planner_sft"
+  c.init_from = ""  # optional: a transformers Qwen2/Llama folder (or a jaxedit export)
   c.world = data_job.world_config()
   c.data = data_job.data_config()
   c.tokenizer = ml_collections.ConfigDict({"vocab_size": 512, "corpus_examples": 4000})
@@ -369,6 +371,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
 
   os.makedirs(workdir, exist_ok=True)
+  pretrained.copy_tokenizer(config.init_from, workdir)
   setup = make_setup(config, workdir)
   tc = config.train
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -389,6 +392,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("resumed from step %d", int(state.step))
   else:
     state = init_state(setup)
+    if config.init_from:
+      state = with_params(state, pretrained.load_planner(
+          config.init_from, setup.abstract_state.params, setup.model.cfg))
   start = int(state.step)
 
   train_step = make_train_step(setup)

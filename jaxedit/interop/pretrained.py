@@ -1,0 +1,136 @@
+"""`init_from` a PyTorch-side folder: a diffusers Flux transformer (e.g. FLUX.1-Kontext-dev's
+`transformer/`, or a `jaxedit export --to diffusers` folder) for the editor, a transformers
+Qwen2/Llama folder (e.g. Qwen2.5's, or a `jaxedit export --to transformers` folder) for the
+planner.
+
+Tensors stream from safetensors straight into the run's shardings
+(`torch_names.load(shardings=...)`): each process reads only the slices its devices hold.
+Architecture settings that no tensor shape reveals (RoPE axes, theta, ...) are compared with
+the folder's config.json, and every difference is named.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+
+import jax
+
+from jaxedit.config import ConfigError
+from jaxedit.interop import flux_diffusers, lm_transformers, torch_names
+from jaxedit.interop.safetensors_io import SafetensorsFolder
+
+FLUX_CLASS = "FluxTransformer2DModel"
+LM_TYPES = ("qwen2", "llama")
+NATIVE = torch_names.Layout(stacks=(), native=True)  # jaxedit's own modules, flax names
+
+
+def _config(folder: str) -> dict | None:
+  path = os.path.join(folder, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def folder_kind(path: str) -> str | None:
+  """'diffusers' (a Flux transformer folder, or a pipeline folder holding `transformer/`),
+  'transformers' (a Qwen2/Llama folder), or None (not a PyTorch-side folder: a workdir)."""
+  for folder in (path, os.path.join(path, "transformer")):
+    config = _config(folder) or {}
+    if config.get("_class_name") == FLUX_CLASS:
+      return "diffusers"
+  if (_config(path) or {}).get("model_type") in LM_TYPES:
+    return "transformers"
+  return None
+
+
+def copy_tokenizer(init_from: str, workdir: str) -> None:
+  """Copies `init_from`'s tokenizer.json into `workdir` (unless it has one): token ids must
+  mean what they meant there. A jaxedit workdir must have one; a PyTorch-side folder
+  without one (precomputed text embeddings) leaves the run to train its own."""
+  if not init_from:
+    return
+  src, dst = (os.path.join(d, "tokenizer.json") for d in (init_from, workdir))
+  if not os.path.exists(src):
+    if folder_kind(init_from):
+      return
+    raise ConfigError(f"init_from: {src} does not exist; point it at an SFT workdir or a "
+                      "diffusers / transformers folder")
+  if not os.path.exists(dst):
+    os.makedirs(workdir, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def _check_kind(path: str, kind: str) -> None:
+  if folder_kind(path) != kind:
+    what = {"diffusers": "a diffusers Flux transformer folder (config.json with _class_name "
+                         f"{FLUX_CLASS})",
+            "transformers": f"a transformers folder (config.json with model_type in {LM_TYPES})"}
+    raise ConfigError(f"init_from: {path} is not {what[kind]}")
+
+
+def _flux_folder(path: str) -> str:
+  return path if (_config(path) or {}).get("_class_name") == FLUX_CLASS else os.path.join(
+      path, "transformer")
+
+
+def _mismatch(theirs: dict, ours: dict, what: str) -> None:
+  diffs = [f"{k} = {theirs[k]!r} there, {ours[k]!r} here" for k in sorted(ours)
+           if k in theirs and _plain(theirs[k]) != _plain(ours[k])]
+  if diffs:
+    raise ConfigError(f"init_from: {what} differs from this run's model: " + ", ".join(diffs))
+
+
+def _plain(value):
+  return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _load(layout, folder: str, weights_name: str, abstract, **kwargs):
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  with SafetensorsFolder(folder, weights_name) as source:
+    try:
+      return torch_names.load(layout, source, abstract, shardings=shardings, **kwargs)
+    except torch_names.MappingError as e:
+      raise ConfigError(f"init_from: {folder}/{weights_name}: {e}") from None
+
+
+def load_editor(path: str, abstract_params, editor_cfg) -> dict:
+  """{'transformer': params[, 'text_encoder': params]} from a diffusers folder, in the
+  shardings of `abstract_params`. The text encoder comes only from a jaxedit export (a
+  shapes text encoder has no diffusers counterpart)."""
+  _check_kind(path, "diffusers")
+  folder = _flux_folder(path)
+  _mismatch(_config(folder), flux_diffusers.diffusers_config(editor_cfg.flux),
+            f"the Flux transformer in {folder}")
+  out = {"transformer": _load(flux_diffusers.LAYOUT, folder,
+                              "diffusion_pytorch_model.safetensors",
+                              abstract_params["transformer"])}
+  if "text_encoder" in abstract_params and os.path.exists(
+      os.path.join(path, "text_encoder.safetensors")):
+    out["text_encoder"] = _load(NATIVE, path, "text_encoder.safetensors",
+                                abstract_params["text_encoder"])
+  logging.info("initialised %s from %s", " and ".join(out), path)
+  return out
+
+
+def load_planner(path: str, abstract_params, planner_cfg) -> dict:
+  """{'lm': params[, 'vision': params]} from a transformers folder, in the shardings of
+  `abstract_params`; the vision prefix comes only from a jaxedit export."""
+  _check_kind(path, "transformers")
+  theirs = lm_transformers.lm_config(_config(path))
+  ours = planner_cfg.lm
+  keys = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+          "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "qkv_bias",
+          "tie_embeddings")
+  _mismatch({k: getattr(theirs, k) for k in keys}, {k: getattr(ours, k) for k in keys},
+            f"the language model in {path}")
+  out = {"lm": _load(lm_transformers.LAYOUT, path, "model.safetensors", abstract_params["lm"],
+                     ignore=lm_transformers.ignored(ours))}
+  if "vision" in abstract_params and os.path.exists(
+      os.path.join(path, "vision_prefix.safetensors")):
+    out["vision"] = _load(NATIVE, path, "vision_prefix.safetensors", abstract_params["vision"])
+  logging.info("initialised %s from %s", " and ".join(out), path)
+  return out
