@@ -95,7 +95,8 @@ def test_cli_reports_config_errors_cleanly(capsys, tmp_path):
     "configs/shapes_planner_sft.py", "configs/shapes_planner_sft.py:demo",
     "configs/shapes_planner_sft.py:scene_text",
     "configs/shapes_planner_grpo.py", "configs/shapes_planner_grpo.py:demo",
-    "configs/shapes_planner_grpo.py:scene_text"])
+    "configs/shapes_planner_grpo.py:scene_text",
+    "configs/flux_kontext_grpo.py", "configs/qwen2_5_planner_grpo.py"])
 def test_shipped_trainer_configs_match_their_reference(spec):
   """Every shipped config (and arg) has exactly its trainer's keys, with compatible types."""
   config = cli.load_file(spec)

@@ -18,6 +18,7 @@ import ml_collections
 
 from jaxedit.models.flux import FluxConfig, FluxTransformer, layer_norm
 from jaxedit.models.layers import dense
+from jaxedit.models.vae import VAEConfig
 
 # Flow-GRPO's Flux LoRA targets: attention projections and the double blocks' MLPs.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj",
@@ -138,6 +139,12 @@ def model_config() -> ml_collections.ConfigDict:
       "text_heads": 4,
       "text_max_len": 32,
       "context_dim": 0,  # precomputed embeddings only: their width
+      "pooled_dim": 0,  # precomputed embeddings only: the pooled embedding's width (0: same)
+      # The pixel-latent path for real images: the transformer works on the latents of a
+      # diffusers-layout AutoencoderKL (models.vae; defaults: the FLUX.1 VAE).
+      "vae": {"enabled": False, "latent_channels": 16,
+              "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+              "norm_num_groups": 32, "scaling_factor": 0.3611, "shift_factor": 0.1159},
   })
 
 
@@ -148,29 +155,46 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
   dtype, param_dtype = DTYPES[model.dtype], DTYPES[model.param_dtype]
   if model.lora_rank < 0 or (model.lora_rank and not model.lora_targets):
     raise ValueError("model.lora_rank must be >= 0, with model.lora_targets set when > 0")
-  if image_size % model.patch_size:
-    raise ValueError(f"image_size {image_size} is not divisible by model.patch_size "
-                     f"{model.patch_size}")
+  channels, size = 3, image_size
+  if model.vae.enabled:
+    channels, size = model.vae.latent_channels, image_size // vae_config(model).downscale
+    if size * vae_config(model).downscale != image_size:
+      raise ValueError(f"image_size {image_size} is not divisible by the VAE's "
+                       f"{vae_config(model).downscale}x downsampling")
+  if size % model.patch_size:
+    raise ValueError(f"the {size}x{size} {'latents' if model.vae.enabled else 'images'} are "
+                     f"not divisible by model.patch_size {model.patch_size}")
   if model.text_encoder == "shapes":
     text = TextConfig(vocab_size, model.text_width, model.text_layers, model.text_heads,
                       model.text_max_len, dtype, param_dtype)
-    context_dim = model.text_width
+    context_dim = pooled_dim = model.text_width
   elif model.text_encoder == "precomputed":
     if model.context_dim <= 0:
       raise ValueError("model.context_dim must be set (> 0) for precomputed text embeddings")
     text, context_dim = None, model.context_dim
+    pooled_dim = model.pooled_dim or model.context_dim
   else:
     raise ValueError(f"model.text_encoder must be 'shapes' or 'precomputed', got "
                      f"{model.text_encoder!r}")
   flux = FluxConfig(
-      in_channels=3 * model.patch_size**2, num_layers=model.num_layers,
+      in_channels=channels * model.patch_size**2, num_layers=model.num_layers,
       num_single_layers=model.num_single_layers, attention_head_dim=model.head_dim,
       num_attention_heads=model.num_heads, joint_attention_dim=context_dim,
-      pooled_projection_dim=context_dim, guidance_embeds=model.guidance_embeds,
+      pooled_projection_dim=pooled_dim, guidance_embeds=model.guidance_embeds,
       axes_dims_rope=tuple(model.axes_dims_rope), mlp_ratio=model.mlp_ratio,
       qk_norm_init=model.qk_norm_init, lora_rank=model.lora_rank,
       lora_alpha=model.lora_alpha or model.lora_rank, lora_targets=tuple(model.lora_targets),
       dtype=dtype,
       param_dtype=param_dtype, scan_layers=model.scan_layers, remat_policy=model.remat_policy)
-  return EditorConfig(image_size=image_size, channels=3, patch_size=model.patch_size, flux=flux,
-                      text=text)
+  return EditorConfig(image_size=size, channels=channels, patch_size=model.patch_size,
+                      flux=flux, text=text)
+
+
+def vae_config(model: ml_collections.ConfigDict) -> VAEConfig:
+  """The VAE of the `model` section (its `vae` entry), with the model's dtypes."""
+  v = model.vae
+  return VAEConfig(latent_channels=v.latent_channels,
+                   block_out_channels=tuple(v.block_out_channels),
+                   layers_per_block=v.layers_per_block, norm_num_groups=v.norm_num_groups,
+                   scaling_factor=v.scaling_factor, shift_factor=v.shift_factor,
+                   dtype=DTYPES[model.dtype], param_dtype=DTYPES[model.param_dtype])

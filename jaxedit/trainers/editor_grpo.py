@@ -198,6 +198,18 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) ->
   return build_setup(config, workdir, devices, "grpo")
 
 
+def make_optimizer(config: ml_collections.ConfigDict, section: str):
+  """(optimizer, schedule): clipped AdamW at a constant rate after linear warm-up, with
+  gradient accumulation where `config[section].accumulate` > 1."""
+  tc = config.train
+  schedule = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps) if tc.warmup_steps else tc.lr
+  tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
+                   optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+  if config[section].get("accumulate", 1) > 1:
+    tx = optax.MultiSteps(tx, config[section].accumulate)
+  return tx, schedule
+
+
 def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
                 section: str) -> Setup:
   """The setup of a trainer on the SDE rollouts configured by config section `section`
@@ -212,16 +224,10 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
                               n // g.minibatches, mesh, batch_sharding)
   editor_sft.check_batch_size("config key 'eval.batch_size'", config.eval.batch_size, mesh,
                               batch_sharding)
-  tc = config.train
-  schedule = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps) if tc.warmup_steps else tc.lr
-  tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                   optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
-  if g.get("accumulate", 1) > 1:
-    tx = optax.MultiSteps(tx, g.accumulate)
+  tx, schedule = make_optimizer(config, section)
   use_lora = config.model.lora_rank > 0
   init = functools.partial(_init_state, model=model, tx=tx, use_lora=use_lora,
-                           dummy=editor_sft.dummy_inputs(world.image_size,
-                                                         config.model.text_max_len))
+                           dummy=editor_sft.dummy_inputs(model.cfg, config.model.text_max_len))
   boxed = jax.eval_shape(init, jax.random.key(0))
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract_state = checkpoint.abstract_like(nn.unbox(boxed), state_shardings)
@@ -276,7 +282,12 @@ def model_mismatch(saved, model) -> list[str]:
 
 
 def _plain(value):
-  return list(value) if isinstance(value, (tuple, list)) else value
+  """JSON-like form for comparing a saved config value with a live one."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def init_state(setup: Setup, sft_params) -> GRPOState:

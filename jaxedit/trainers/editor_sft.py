@@ -27,7 +27,7 @@ from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import ShapesSource, make_dataset
-from jaxedit.models.editor import Editor, editor_config, model_config
+from jaxedit.models.editor import Editor, EditorConfig, editor_config, model_config
 from jaxedit.interop import pretrained
 from jaxedit.text import tokenizer as tokenizer_lib
 
@@ -142,14 +142,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config key 'train.{key}' must be > 0")
   if config.flow.changed_weight <= 0:
     raise ConfigError("config key 'flow.changed_weight' must be > 0")
-  if config.model.text_encoder != "shapes":
-    raise ConfigError("the shapes dataset carries instructions, not embeddings: "
-                      "model.text_encoder must be 'shapes' for this trainer")
 
 
 def make_model_and_mesh(config: ml_collections.ConfigDict, workdir: str, devices=None):
   """What every editor trainer builds first: (world, tokenizer, model, mesh, logical rules,
   batch sharding). The tokenizer is loaded from DIR/tokenizer.json, or trained and saved."""
+  if config.model.text_encoder != "shapes":
+    raise ConfigError("the shapes dataset carries instructions, not embeddings: "
+                      "model.text_encoder must be 'shapes' for this trainer")
+  if config.model.vae.enabled:
+    raise ConfigError("model.vae.enabled: the shapes dataset is 32x32 pixels and the trainers "
+                      "do not run the VAE yet; the latent path is for real-size configs, "
+                      "checked with `python -m jaxedit.model_report`")
   world = data_job.world_from(config)
   tok = tokenizer_lib.load_or_train(os.path.join(workdir, "tokenizer.json"), world,
                                     config.tokenizer.vocab_size,
@@ -189,7 +193,7 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) ->
   check_config(config)
   parts = make_model_and_mesh(config, workdir, devices)
   return assemble_setup(Setup, config, parts, functools.partial(
-      _init_state, image_size=parts[0].image_size, text_len=config.model.text_max_len))
+      _init_state, text_len=config.model.text_max_len))
 
 
 def assemble_setup(cls, config: ml_collections.ConfigDict, parts, init_state_fn) -> RunSetup:
@@ -216,15 +220,21 @@ def _axes(spec) -> set[str]:
   return names
 
 
-def dummy_inputs(image_size: int, text_len: int, batch: int = 1):
-  img = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
-  text = {"ids": jnp.zeros((batch, text_len), jnp.int32),
-          "mask": jnp.ones((batch, text_len), bool)}
-  return img, jnp.zeros((batch,)), img, text
+def dummy_inputs(cfg: EditorConfig, text_len: int, batch: int = 1):
+  """(x_t, t, source, text, guidance) of the editor's shapes, for init and eval_shape."""
+  img = jnp.zeros((batch, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+  if cfg.text is None:
+    text = {"context": jnp.zeros((batch, text_len, cfg.flux.joint_attention_dim)),
+            "pooled": jnp.zeros((batch, cfg.flux.pooled_projection_dim))}
+  else:
+    text = {"ids": jnp.zeros((batch, text_len), jnp.int32),
+            "mask": jnp.ones((batch, text_len), bool)}
+  guidance = jnp.ones((batch,)) if cfg.flux.guidance_embeds else None
+  return img, jnp.zeros((batch,)), img, text, guidance
 
 
-def _init_state(rng, *, model, tx, image_size, text_len) -> TrainState:
-  params = model.init(rng, *dummy_inputs(image_size, text_len))["params"]
+def _init_state(rng, *, model, tx, text_len) -> TrainState:
+  params = model.init(rng, *dummy_inputs(model.cfg, text_len))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params))
 
