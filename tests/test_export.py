@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from conftest import tiny_editor_config  # noqa: E402
 from jaxedit import checkpoint, cli, export, flow, inference, sharding  # noqa: E402
-from jaxedit.interop import (flux_diffusers, lm_transformers, safetensors_io,  # noqa: E402
+from jaxedit.interop import (flux_diffusers, safetensors_io,  # noqa: E402
                              torch_names)
 from jaxedit.models.planner import VisionPrefix  # noqa: E402
 from jaxedit.trainers import editor_sft, planner_sft  # noqa: E402

@@ -239,7 +239,8 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
     except ValueError as e:
       raise ConfigError(f"config key 'model.lora_targets': {e}") from None
   return Setup(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
-               abstract_state, batch_sharding, full, use_lora, step_schedule_fn(g, tc.seed), g)
+               abstract_state, batch_sharding, full, use_lora,
+               step_schedule_fn(g, config.train.seed), g)
 
 
 def _init_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:
