@@ -22,7 +22,7 @@ import ml_collections
 
 from jaxedit import lora, sharding
 from jaxedit.config import ConfigError, load_file
-from jaxedit.models.editor import Editor, editor_config, vae_config
+from jaxedit.models.editor import Editor, editor_config, uses_vae, vae_config
 from jaxedit.models.planner import Planner, planner_config
 from jaxedit.models.vae import AutoencoderKL
 
@@ -114,7 +114,7 @@ def report(config: ml_collections.ConfigDict) -> dict:
          "bytes_per_device": {name: _bytes_per_device(tree, mesh, rules)
                               for name, tree in fields.items()}}
   out["bytes_per_device"]["total"] = sum(out["bytes_per_device"].values())
-  if trainer in EDITORS and config.model.vae.enabled:
+  if trainer in EDITORS and uses_vae(config.model):
     vae = AutoencoderKL(vae_config(config.model))
     size = config.world.image_size
     shapes = jax.eval_shape(vae.init, jax.random.key(0),

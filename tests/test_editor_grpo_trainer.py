@@ -10,6 +10,7 @@ import pytest
 
 from jaxedit import lora
 from jaxedit.config import ConfigError
+from jaxedit.interop import pretrained
 from jaxedit.trainers import editor_grpo, editor_sft
 
 from conftest import tiny_editor_config
@@ -149,7 +150,7 @@ def test_update_on_eight_devices_matches_one(small_data_dir, sft_dir, tmp_path):
   """One rollout on one device; the same trajectories and rewards updated on a (2, 2, 2)
   mesh and on one device give the same parameters and metrics."""
   config = grpo_config(small_data_dir, sft_dir)
-  editor_grpo.copy_tokenizer(sft_dir, str(tmp_path))
+  pretrained.copy_tokenizer(sft_dir, str(tmp_path))
   one = editor_grpo.make_setup(config, str(tmp_path), devices=jax.devices()[:1])
   config8 = grpo_config(small_data_dir, sft_dir)
   config8.mesh.shape = (2, 2, 2)

@@ -83,7 +83,8 @@ def train_command(data_dir, workdir, **train):
           "sample.num_steps": 2}
   for section in ("model", "train"):
     for k, v in config[section].items():
-      flat[f"{section}.{k}"] = v
+      if not hasattr(v, "items"):  # nested sections (model.vae) keep their defaults
+        flat[f"{section}.{k}"] = v
   return args + [f"--config.{k}={v}" for k, v in flat.items()]
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from jaxedit import lora, opd
 from jaxedit.config import ConfigError
+from jaxedit.interop import pretrained
 from jaxedit.trainers import editor_grpo, editor_opd
 
 from conftest import tiny_editor_config
@@ -187,7 +188,7 @@ def one_device(small_data_dir, sft_dir, tmp_path_factory):
   # One update per iteration: its metrics are those of the rollout policy itself.
   config = opd_config(small_data_dir, sft_dir, {"colour": sft_dir, "geometry": sft_dir},
                       **{"opd.minibatches": 1, "opd.prompts_per_step": 8})
-  editor_grpo.copy_tokenizer(sft_dir, workdir)
+  pretrained.copy_tokenizer(sft_dir, workdir)
   setup = editor_opd.make_setup(config, workdir, devices=jax.devices()[:1])
   # A 4-step SFT run's output layers are still near their zero init, so the student's
   # velocity barely depends on its adapters: perturb the base for a telling gradient.

@@ -156,13 +156,13 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
   if model.lora_rank < 0 or (model.lora_rank and not model.lora_targets):
     raise ValueError("model.lora_rank must be >= 0, with model.lora_targets set when > 0")
   channels, size = 3, image_size
-  if model.vae.enabled:
+  if uses_vae(model):
     channels, size = model.vae.latent_channels, image_size // vae_config(model).downscale
     if size * vae_config(model).downscale != image_size:
       raise ValueError(f"image_size {image_size} is not divisible by the VAE's "
                        f"{vae_config(model).downscale}x downsampling")
   if size % model.patch_size:
-    raise ValueError(f"the {size}x{size} {'latents' if model.vae.enabled else 'images'} are "
+    raise ValueError(f"the {size}x{size} {'latents' if uses_vae(model) else 'images'} are "
                      f"not divisible by model.patch_size {model.patch_size}")
   if model.text_encoder == "shapes":
     text = TextConfig(vocab_size, model.text_width, model.text_layers, model.text_heads,
@@ -172,7 +172,7 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
     if model.context_dim <= 0:
       raise ValueError("model.context_dim must be set (> 0) for precomputed text embeddings")
     text, context_dim = None, model.context_dim
-    pooled_dim = model.pooled_dim or model.context_dim
+    pooled_dim = model.get("pooled_dim", 0) or model.context_dim
   else:
     raise ValueError(f"model.text_encoder must be 'shapes' or 'precomputed', got "
                      f"{model.text_encoder!r}")
@@ -188,6 +188,11 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
       param_dtype=param_dtype, scan_layers=model.scan_layers, remat_policy=model.remat_policy)
   return EditorConfig(image_size=size, channels=channels, patch_size=model.patch_size,
                       flux=flux, text=text)
+
+
+def uses_vae(model: ml_collections.ConfigDict) -> bool:
+  """Whether the editor works on VAE latents (configs saved before `model.vae` do not)."""
+  return "vae" in model and model.vae.enabled
 
 
 def vae_config(model: ml_collections.ConfigDict) -> VAEConfig:

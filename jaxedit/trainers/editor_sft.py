@@ -27,7 +27,7 @@ from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import ShapesSource, make_dataset
-from jaxedit.models.editor import Editor, EditorConfig, editor_config, model_config
+from jaxedit.models.editor import Editor, EditorConfig, editor_config, model_config, uses_vae
 from jaxedit.interop import pretrained
 from jaxedit.text import tokenizer as tokenizer_lib
 
@@ -150,7 +150,7 @@ def make_model_and_mesh(config: ml_collections.ConfigDict, workdir: str, devices
   if config.model.text_encoder != "shapes":
     raise ConfigError("the shapes dataset carries instructions, not embeddings: "
                       "model.text_encoder must be 'shapes' for this trainer")
-  if config.model.vae.enabled:
+  if uses_vae(config.model):
     raise ConfigError("model.vae.enabled: the shapes dataset is 32x32 pixels and the trainers "
                       "do not run the VAE yet; the latent path is for real-size configs, "
                       "checked with `python -m jaxedit.model_report`")
