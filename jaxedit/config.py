@@ -73,6 +73,16 @@ def _type_ok(value: Any, reference: Any) -> bool:
   return isinstance(value, type(reference))
 
 
+def plain(value: Any) -> Any:
+  """JSON-like form of a config value (ConfigDicts to dicts, tuples to lists), for comparing
+  a saved config (or a config.json) with a live one."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {k: plain(v) for k, v in value.items()}
+  return [plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
 def validate(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> None:
   """Checks that `config` has exactly the keys of `reference`, with compatible types."""
   have, want = _flatten(config), _flatten(reference)

@@ -18,7 +18,7 @@ import shutil
 
 import jax
 
-from jaxedit.config import ConfigError
+from jaxedit.config import ConfigError, plain
 from jaxedit.interop import flux_diffusers, lm_transformers, torch_names
 from jaxedit.interop.safetensors_io import SafetensorsFolder
 
@@ -79,13 +79,9 @@ def _flux_folder(path: str) -> str:
 
 def _mismatch(theirs: dict, ours: dict, what: str) -> None:
   diffs = [f"{k} = {theirs[k]!r} there, {ours[k]!r} here" for k in sorted(ours)
-           if k in theirs and _plain(theirs[k]) != _plain(ours[k])]
+           if k in theirs and plain(theirs[k]) != plain(ours[k])]
   if diffs:
     raise ConfigError(f"init_from: {what} differs from this run's model: " + ", ".join(diffs))
-
-
-def _plain(value):
-  return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def _load(layout, folder: str, weights_name: str, abstract, **kwargs):

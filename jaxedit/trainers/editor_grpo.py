@@ -31,7 +31,7 @@ import optax
 
 from jaxedit import checkpoint, evaluation, flow, flow_grpo, grpo, lora, sharding
 from jaxedit import rewards as rewards_lib
-from jaxedit.config import ConfigError
+from jaxedit.config import ConfigError, plain
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.interop import pretrained
 from jaxedit.shapes.edits import TASKS
@@ -279,16 +279,7 @@ def model_mismatch(saved, model) -> list[str]:
   """'model.K = A there, B here' for every architecture key (not FREE_MODEL_KEYS) of a
   saved run's model section that differs from `model`."""
   return [f"model.{k} = {saved[k]!r} there, {model[k]!r} here" for k in sorted(saved)
-          if k not in FREE_MODEL_KEYS and k in model and _plain(model[k]) != _plain(saved[k])]
-
-
-def _plain(value):
-  """JSON-like form for comparing a saved config value with a live one."""
-  if hasattr(value, "to_dict"):
-    value = value.to_dict()
-  if isinstance(value, dict):
-    return {k: _plain(v) for k, v in value.items()}
-  return [_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+          if k not in FREE_MODEL_KEYS and k in model and plain(model[k]) != plain(saved[k])]
 
 
 def init_state(setup: Setup, sft_params) -> GRPOState:
