@@ -22,13 +22,10 @@ import ml_collections
 
 from jaxedit import lora, sharding
 from jaxedit.config import ConfigError, load_file
+from jaxedit.inference import EDITORS, PLANNERS
 from jaxedit.models.editor import Editor, editor_config, uses_vae, vae_config
 from jaxedit.models.planner import Planner, planner_config
 from jaxedit.models.vae import AutoencoderKL
-
-EDITORS = ("editor_sft", "editor_grpo", "editor_opd")
-PLANNERS = ("planner_sft", "planner_grpo", "planner_opd")
-
 
 def abstract_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.AbstractMesh:
   shape = tuple(mesh_config.shape)

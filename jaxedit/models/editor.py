@@ -157,10 +157,11 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
     raise ValueError("model.lora_rank must be >= 0, with model.lora_targets set when > 0")
   channels, size = 3, image_size
   if uses_vae(model):
-    channels, size = model.vae.latent_channels, image_size // vae_config(model).downscale
-    if size * vae_config(model).downscale != image_size:
-      raise ValueError(f"image_size {image_size} is not divisible by the VAE's "
-                       f"{vae_config(model).downscale}x downsampling")
+    downscale = vae_config(model).downscale
+    channels, size = model.vae.latent_channels, image_size // downscale
+    if size * downscale != image_size:
+      raise ValueError(f"image_size {image_size} is not divisible by the VAE's {downscale}x "
+                       "downsampling")
   if size % model.patch_size:
     raise ValueError(f"the {size}x{size} {'latents' if uses_vae(model) else 'images'} are "
                      f"not divisible by model.patch_size {model.patch_size}")

@@ -254,8 +254,8 @@ def _init_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:
 # Starting from the SFT run.
 # ------------------------------------------------------------------------------------------
 def load_sft(setup: Setup, init_from: str, workdir: str):
-  """The SFT run's parameters (base model, no adapters) in this run's shardings. Copies its
-  tokenizer into `workdir` first: token ids must mean what they meant in SFT."""
+  """The starting parameters (base model, no adapters) in this run's shardings: an editor SFT
+  run's, or a diffusers folder's (`interop.pretrained`)."""
   config = setup.config
   abstract = setup.abstract_state.frozen if setup.use_lora else setup.abstract_state.params
   if pretrained.folder_kind(init_from):

@@ -27,8 +27,8 @@ from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import ShapesSource, make_dataset
-from jaxedit.models.editor import Editor, EditorConfig, editor_config, model_config, uses_vae
 from jaxedit.interop import pretrained
+from jaxedit.models.editor import Editor, EditorConfig, editor_config, model_config, uses_vae
 from jaxedit.text import tokenizer as tokenizer_lib
 
 IMAGE_FIELDS = ("source_image", "target_image")
