@@ -1,5 +1,5 @@
 """Flow-GRPO with LoRA on a FLUX.1-Kontext-dev-sized editor (11.9B transformer), bf16 compute,
-on a TPU v5p-256 pod slice (128 chips: data 2 x fsdp 64).
+on two TPU v5p-128 slices (128 chips: data 2 across slices over DCN x fsdp 64 within each).
 
     python -m jaxedit.model_report --config configs/flux_kontext_grpo.py   # sizes, no allocation
     jaxedit train --config configs/flux_kontext_grpo.py --workdir RL \
@@ -29,7 +29,9 @@ def get_config(arg=None):
   m.lora_rank, m.lora_alpha = 32, 64.0
   m.dtype, m.param_dtype = "bfloat16", "float32"  # bf16 compute, fp32 weights and adapters
   m.scan_layers, m.remat_policy = True, "full"
-  config.mesh.shape = (2, 64, 1)
+  # Two v5p-128 slices (64 chips each): FSDP within a slice over ICI, data parallelism
+  # across the slices over DCN, so only the gradient all-reduce leaves a slice.
+  config.mesh.shape, config.mesh.dcn_shape = (1, 64, 1), (2, 1, 1)
   g = config.grpo
   g.prompts_per_step, g.group_size = 32, 16  # 512 rollouts per iteration, 4 per chip
   g.rollout_chunks, g.minibatches = 4, 4

@@ -2,7 +2,9 @@
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames), the
 last `keep` are kept, and restoring takes abstract arrays that carry the *target*
-shardings, so a run saved on one mesh restores onto another.
+shardings, so a run saved on one mesh restores onto another. The data iterator's state is
+the same on every process (`data.pipeline.make_dataset`), so it is saved once, as JSON, and
+restores onto any number of processes.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator,
   items = {"state": ocp.args.StandardSave(state),
            "config": ocp.args.JsonSave(config.to_dict())}
   if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    items["data"] = ocp.args.JsonSave(data_iterator.get_state())
   return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -43,9 +45,20 @@ def abstract_like(tree, shardings):
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
   """Restores the state onto the shardings in `abstract_state`; the data iterator in place."""
   items = {"state": ocp.args.StandardRestore(abstract_state)}
+  legacy = False  # before the JSON data item: grain's one file per process
   if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-  return mngr.restore(step, args=ocp.args.Composite(**items)).state
+    data_dir = os.path.join(str(mngr.directory), str(step), "data")
+    legacy = any(name.startswith("process_") for name in _listdir(data_dir))
+    items["data"] = (grain.checkpoint.CheckpointRestore(data_iterator) if legacy
+                     else ocp.args.JsonRestore())
+  restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  if data_iterator is not None and not legacy:
+    data_iterator.set_state(restored.data)
+  return restored.state
+
+
+def _listdir(path: str) -> list[str]:
+  return os.listdir(path) if os.path.isdir(path) else []
 
 
 

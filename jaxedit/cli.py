@@ -124,6 +124,10 @@ def main(argv=None) -> int:
     reference, job = COMMANDS[args.command][1](config)
     validate(config, reference())
     apply_overrides(config, overrides)
+    if "distributed" in config:  # before anything starts a JAX backend
+      from jaxedit import distributed
+
+      distributed.initialize(config.distributed)
     job(config, args.workdir)
   except (ConfigError, SceneError, CorruptRecordError, MappingError) as e:
     print(f"jaxedit {args.command}: error: {e}", file=sys.stderr)

@@ -144,6 +144,18 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
       node[leaf] = _parse_value(name, text, node[leaf])
 
 
+def write_file(config: ml_collections.ConfigDict, path: str) -> str:
+  """Writes `config` as a config file whose get_config() returns it: a resolved config
+  (overrides and sweep settings applied) that a launcher ships to every worker."""
+  text = (f'"""Written by jaxedit.config.write_file."""\n\nimport ml_collections\n\n\n'
+          f"def get_config(arg=None):\n"
+          f"  return ml_collections.ConfigDict({config.to_dict()!r})\n")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    f.write(text)
+  return path
+
+
 def load(spec: str, overrides: Sequence[str] = (),
          reference: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
   """Loads a config file, applies overrides and validates against `reference`."""

@@ -55,7 +55,8 @@ def step_loss(velocity: Velocity, params, ref_velocity: Callable | None, batch: 
   """Loss of trained step `step` (traced) for a minibatch of trajectories.
 
   batch: latents (T + 1, n, ...), log_probs (T, n), advantages (n,), source, text.
-  ref_velocity(x, t, source, text): the frozen reference (None when kl_beta == 0).
+  ref_velocity(x, t, source, text): the frozen reference; None leaves the KL term out (for
+  kl_beta == 0, which may be traced).
   Returns (scalar loss, metrics)."""
   x = batch["latents"][step]
   x_next = batch["latents"][step + 1]
@@ -67,7 +68,7 @@ def step_loss(velocity: Velocity, params, ref_velocity: Callable | None, batch: 
   policy, ratio = grpo.clipped_policy_loss(logp, batch["log_probs"][step],
                                            batch["advantages"], clip_range)
   kl = jnp.zeros_like(policy)
-  if kl_beta:
+  if ref_velocity is not None:
     v_ref = ref_velocity(x, t_vec, batch["source"], batch["text"])
     mean_ref, _, _ = flow.sde_step_mean(x, v_ref, t, t_next, level, sde_type)
     kl = grpo.mean_kl(mean, mean_ref, kl_sigma)

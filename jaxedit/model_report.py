@@ -28,10 +28,13 @@ from jaxedit.models.planner import Planner, planner_config
 from jaxedit.models.vae import AutoencoderKL
 
 def abstract_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.AbstractMesh:
+  """The whole mesh: each axis is its in-slice size times its across-slices (DCN) size."""
   shape = tuple(mesh_config.shape)
   if -1 in shape:
     raise ConfigError(f"mesh.shape {shape} has a -1: give every axis its size to size a pod")
-  return jax.sharding.AbstractMesh(shape, tuple(mesh_config.axes))
+  dcn = tuple(mesh_config.get("dcn_shape") or (1,) * len(shape))
+  return jax.sharding.AbstractMesh(tuple(s * d for s, d in zip(shape, dcn)),
+                                   tuple(mesh_config.axes))
 
 
 def _count(tree) -> int:
@@ -102,8 +105,7 @@ def report(config: ml_collections.ConfigDict) -> dict:
   by_module = {}
   for k, v in base.items():
     by_module[k[0]] = by_module.get(k[0], 0) + math.prod(v.shape)
-  out = {"trainer": trainer, "mesh": dict(zip(config.mesh.axes, config.mesh.shape)),
-         "num_devices": math.prod(config.mesh.shape),
+  out = {"trainer": trainer, "mesh": dict(mesh.shape), "num_devices": mesh.size,
          "params": sum(by_module.values()), "params_by_module": by_module,
          "adapter_params": sum(math.prod(v.shape) for k, v in flat.items()
                                if lora.is_adapter(k)),

@@ -20,7 +20,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 def mesh_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({
       "axes": ("data", "fsdp", "tensor"),
-      "shape": (-1, 1, 1),  # -1: all remaining devices
+      "shape": (-1, 1, 1),  # within a slice (ICI); -1: all remaining devices
+      # Across slices (DCN), as MaxText's dcn_*_parallelism: axis sizes multiply with `shape`.
+      # Put data parallelism here: only its gradient all-reduce crosses the slow network.
+      "dcn_shape": (1, 1, 1),
+      "dcn_granule": "slice",  # what DCN connects: TPU 'slice's, or 'process'es (CPU tests)
       "rules": (
           ("batch", ("data", "fsdp")),
           ("activation_batch", ("data", "fsdp")),
@@ -33,22 +37,62 @@ def mesh_config() -> ml_collections.ConfigDict:
   })
 
 
-def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None) -> Mesh:
-  devices = np.asarray(jax.devices() if devices is None else devices)
+def _fill(shape: Sequence[int], size: int, what: str) -> list[int]:
   shape = list(shape)
-  if len(shape) != len(axes):
-    raise ValueError(f"mesh shape {tuple(shape)} does not match axes {tuple(axes)}")
   if shape.count(-1) > 1:
-    raise ValueError("at most one mesh axis may be -1")
+    raise ValueError(f"at most one {what} axis may be -1")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
-    if devices.size % known:
-      raise ValueError(f"{devices.size} devices do not divide into mesh shape {tuple(shape)}")
-    shape[shape.index(-1)] = devices.size // known
-  if math.prod(shape) != devices.size:
-    raise ValueError(f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
-                     f"have {devices.size}")
-  return Mesh(devices.reshape(shape), tuple(axes))
+    if size % known:
+      raise ValueError(f"{size} devices do not divide into {what} shape {tuple(shape)}")
+    shape[shape.index(-1)] = size // known
+  if math.prod(shape) != size:
+    raise ValueError(f"{what} shape {tuple(shape)} needs {math.prod(shape)} devices, "
+                     f"have {size}")
+  return shape
+
+
+def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None,
+              dcn_shape: Sequence[int] | None = None, dcn_granule: str = "slice") -> Mesh:
+  """A mesh of `axes`. With `dcn_shape` > 1 anywhere the mesh spans granules (slices, or
+  processes) joined by the data-centre network: each axis is `dcn_shape[i] * shape[i]`
+  long, laid out so that only the DCN part of an axis crosses granules."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  if len(shape) != len(axes) or (dcn_shape is not None and len(dcn_shape) != len(axes)):
+    raise ValueError(f"mesh shape {tuple(shape)} / dcn_shape {dcn_shape} do not match "
+                     f"axes {tuple(axes)}")
+  dcn = [int(d) for d in (dcn_shape or [1] * len(axes))]
+  if min(dcn) < 1:
+    raise ValueError(f"dcn_shape {tuple(dcn)} must be positive")
+  granules = math.prod(dcn)
+  if granules == 1:
+    return Mesh(devices.reshape(_fill(shape, devices.size, "mesh")), tuple(axes))
+  if dcn_granule not in ("slice", "process"):
+    raise ValueError(f"dcn_granule must be 'slice' or 'process', got {dcn_granule!r}")
+  if devices.size % granules:
+    raise ValueError(f"{devices.size} devices do not split into {granules} granules "
+                     f"(dcn_shape {tuple(dcn)})")
+  if dcn_granule == "process" and jax.process_count() != granules:
+    raise ValueError(f"dcn_shape {tuple(dcn)} spans {granules} processes; this run has "
+                     f"{jax.process_count()}")
+  if dcn_granule == "slice":
+    slices = {getattr(d, "slice_index", None) for d in devices.flat}
+    if None in slices or len(slices) != granules:
+      raise ValueError(f"dcn_shape {tuple(dcn)} spans {granules} slices; the devices are in "
+                       f"{'no slices' if None in slices else len(slices)} (on CPU, or to "
+                       "test: dcn_granule='process')")
+  ici = _fill(shape, devices.size // granules, "mesh (per granule)")
+  from jax.experimental import mesh_utils
+
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, list(devices.flat),
+                                              process_is_granule=dcn_granule == "process")
+  return Mesh(grid, tuple(axes))
+
+
+def mesh_from_config(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """The mesh of a config's `mesh` section (older saved configs have no DCN keys)."""
+  return make_mesh(config.axes, config.shape, devices, config.get("dcn_shape"),
+                   config.get("dcn_granule", "slice"))
 
 
 def rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
@@ -85,6 +129,34 @@ def global_batch(local: dict, sharding: NamedSharding) -> dict:
   """This process's slice of the batch -> global arrays (multi-host ready)."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}
+
+
+def global_from_full(full: dict, sharding: NamedSharding) -> dict:
+  """Global arrays from host arrays that every process holds whole (fixed eval batches):
+  each process places only the rows its devices hold."""
+  return {k: jax.make_array_from_callback(np.shape(v), sharding,
+                                          lambda index, v=np.asarray(v): v[index])
+          for k, v in full.items()}
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+  """The whole of a global array on every process's host (gathered across processes when
+  it spans several)."""
+  if array.is_fully_addressable:
+    return np.asarray(array)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def all_rows(local) -> np.ndarray:
+  """Host arrays of this process's rows -> the rows of every process, in global order
+  (for statistics over the whole batch, such as the mean reward)."""
+  if jax.process_count() == 1:
+    return np.asarray(local)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
 
 def pad_rows(array, rows: int) -> np.ndarray:

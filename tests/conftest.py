@@ -1,7 +1,9 @@
 """Shared fixtures. Tests run on 8 fake CPU devices (DESIGN.md section 8)."""
 
+import json
 import os
 import shutil
+import sys
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -144,3 +146,34 @@ def tiny_planner_dir(small_data_dir, tiny_editor_dir, tmp_path_factory):
   config.eval.baseline_editor = tiny_editor_dir
   planner_sft.train(config, workdir)
   return workdir
+
+
+def train_command(data_dir, workdir, **train):
+  """`python -m jaxedit train` of `tiny_editor_config` as command-line overrides."""
+  return [sys.executable, "-m", "jaxedit", *train_args(data_dir, workdir, **train)]
+
+
+def train_args(data_dir, workdir, **train):
+  """The `jaxedit` arguments of `train_command`."""
+  args = ["train", "--config", "configs/shapes_editor_sft.py", "--workdir", str(workdir)]
+  config = tiny_editor_config(data_dir, **train)
+  flat = {"data.data_dir": data_dir, "tokenizer.vocab_size": 300,
+          "tokenizer.corpus_examples": 400, "data.splits.train.abstract": 160,
+          "data.splits.validation.abstract": 33, "data.splits.test.abstract": 44,
+          "data.splits.train.atomic": 120, "data.splits.validation.atomic": 20,
+          "data.splits.test.atomic": 30, "eval.batch_size": 8, "eval.num_examples": 16,
+          "sample.num_steps": 2}
+  for section in ("model", "train"):
+    for k, v in config[section].items():
+      if not hasattr(v, "items"):  # nested sections (model.vae) keep their defaults
+        flat[f"{section}.{k}"] = v
+  return args + [f"--config.{k}={v}" for k, v in flat.items()]
+
+
+def losses(workdir):
+  """step -> loss of DIR/metrics.jsonl (the last line of each step)."""
+  by_step = {}
+  for line in open(os.path.join(workdir, "metrics.jsonl")):
+    row = json.loads(line)
+    by_step[row["step"]] = row["loss"]  # a resumed run rewrites steps after its checkpoint
+  return by_step

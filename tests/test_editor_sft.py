@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_editor_config
+from conftest import losses, tiny_editor_config, train_command
 from jaxedit import checkpoint, cli, evaluation, sharding
 from jaxedit.trainers import editor_sft
 
@@ -69,31 +69,6 @@ def test_checkpoint_restores_onto_another_mesh(small_data_dir, tmp_path):
                  jax.device_get(state))
     leaf = restored.params["transformer"]["x_embedder"]["kernel"]
     assert leaf.sharding == setup.state_shardings.params["transformer"]["x_embedder"]["kernel"]
-
-
-def train_command(data_dir, workdir, **train):
-  args = [sys.executable, "-m", "jaxedit", "train", "--config", "configs/shapes_editor_sft.py",
-          "--workdir", str(workdir)]
-  config = tiny_editor_config(data_dir, **train)
-  flat = {"data.data_dir": data_dir, "tokenizer.vocab_size": 300,
-          "tokenizer.corpus_examples": 400, "data.splits.train.abstract": 160,
-          "data.splits.validation.abstract": 33, "data.splits.test.abstract": 44,
-          "data.splits.train.atomic": 120, "data.splits.validation.atomic": 20,
-          "data.splits.test.atomic": 30, "eval.batch_size": 8, "eval.num_examples": 16,
-          "sample.num_steps": 2}
-  for section in ("model", "train"):
-    for k, v in config[section].items():
-      if not hasattr(v, "items"):  # nested sections (model.vae) keep their defaults
-        flat[f"{section}.{k}"] = v
-  return args + [f"--config.{k}={v}" for k, v in flat.items()]
-
-
-def losses(workdir):
-  by_step = {}
-  for line in open(os.path.join(workdir, "metrics.jsonl")):
-    row = json.loads(line)
-    by_step[row["step"]] = row["loss"]  # a resumed run rewrites steps after its checkpoint
-  return by_step
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ wrong batch.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Callable, Sequence
 
 import grain
@@ -44,6 +46,7 @@ class ShapesSource(grain.sources.RandomAccessDataSource):
                        f"config's world wants {want}")
     self._source = builder.as_data_source(split)
     self._where = f"split {split!r} of {dataset_dir}"
+    self._dir, self._split, self._index = dataset_dir, split, None
     self._world = world
 
   def __len__(self) -> int:
@@ -61,6 +64,24 @@ class ShapesSource(grain.sources.RandomAccessDataSource):
       raise CorruptRecordError(f"record {index} of {self._where} is corrupt: {e}") from e
     return record
 
+  def record_index(self) -> list[tuple[str, str]]:
+    """(kind, task) of every record, for selecting records without decoding them again:
+    read once, then cached next to the dataset (where writable)."""
+    if self._index is None:
+      cache = os.path.join(self._dir, f"jaxedit_index_{self._split}.json")
+      if os.path.exists(cache):
+        self._index = [tuple(pair) for pair in json.load(open(cache))]
+      else:
+        self._index = [(self[i]["kind"], self[i]["task"]) for i in range(len(self))]
+        try:
+          tmp = f"{cache}.tmp{os.getpid()}"
+          with open(tmp, "w") as f:
+            json.dump(self._index, f)
+          os.replace(tmp, cache)  # atomic: processes may race to write it
+        except OSError:
+          pass
+    return self._index
+
   def __repr__(self) -> str:
     return f"ShapesSource({self._where})"
 
@@ -72,13 +93,16 @@ def make_dataset(source: grain.sources.RandomAccessDataSource, batch_size: int, 
                  kinds: Sequence[str] | None = None, tasks: Sequence[str] | None = None,
                  map_fn: Callable | None = None,
                  worker_count: int = 0) -> grain.IterDataset:
-  """Batches of this process's shard; `batch_size` is per process.
+  """Batches of this process's rows of each global batch; `batch_size` is per process.
 
-  The process index and count default to JAX's. Process shards are strided slices of the
-  source: disjoint, and together they cover it. Shuffling draws a new order every epoch;
-  `num_epochs=None` repeats forever. `kinds` keeps only records of those kinds ('atomic',
-  'abstract') and `tasks` those of those task tags ('colour', 'geometry', 'mixed'); `map_fn` transforms each record after `fields` are selected. `iter(dataset)` has `get_state()`/`set_state()` for
-  checkpointing (orbax: `grain.checkpoint.CheckpointSave`).
+  The global stream (selected records, shuffled with a new order every epoch, repeated) does
+  not depend on the number of processes: process p of P gets rows [p*B, (p+1)*B) of each
+  global batch of P*B, and reads only those records. So a run on 2 hosts trains on the same
+  global batches as on 1, and the iterator state (`get_state()`, the same on every process)
+  resumes on any process count. The process index and count default to JAX's. `kinds`
+  keeps only records of those kinds ('atomic', 'abstract') and `tasks` those of those task
+  tags ('colour', 'geometry', 'mixed'), from the source's record index; `map_fn`
+  transforms each record after `fields` are selected.
   """
   if process_index is None or process_count is None:
     import jax
@@ -86,22 +110,45 @@ def make_dataset(source: grain.sources.RandomAccessDataSource, batch_size: int, 
     process_index, process_count = jax.process_index(), jax.process_count()
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} out of range for {process_count} processes")
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  ds = grain.MapDataset.source(source)
+  if kinds or tasks:
+    ds = grain.MapDataset.source(_Subset(source, selected(source, kinds, tasks)))
   if shuffle:
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
-  if kinds:
-    kinds = tuple(kinds)
-    ds = ds.filter(lambda record: record["kind"] in kinds)
-  if tasks:
-    tasks = tuple(tasks)
-    ds = ds.filter(lambda record: record["task"] in tasks)
   if fields:
     fields = tuple(fields)
     ds = ds.map(lambda record: {k: record[k] for k in fields})
   if map_fn is not None:
     ds = ds.map(map_fn)
-  ds = ds.to_iter_dataset().batch(batch_size, drop_remainder=drop_remainder)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)[process_index::process_count]
+  ds = ds.to_iter_dataset()
   if worker_count:
     ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=worker_count))
   return ds
+
+
+def selected(source, kinds: Sequence[str] | None, tasks: Sequence[str] | None) -> list[int]:
+  """Indices of the records of `kinds` and `tasks` (all when None), from the source's
+  `record_index()` (kind and task of each record) or by reading every record."""
+  index = (source.record_index() if hasattr(source, "record_index")
+           else [(source[i]["kind"], source[i]["task"]) for i in range(len(source))])
+  keep = [i for i, (kind, task) in enumerate(index)
+          if (not kinds or kind in kinds) and (not tasks or task in tasks)]
+  if not keep:
+    raise ValueError(f"{source!r} has no records of kinds {kinds} and tasks {tasks}")
+  return keep
+
+
+class _Subset(grain.sources.RandomAccessDataSource):
+  def __init__(self, source, indices: Sequence[int]):
+    self._source, self._indices = source, list(indices)
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int):
+    return self._source[self._indices[index]]
+
+  def __repr__(self) -> str:
+    return f"{self._source!r}[{len(self._indices)} selected]"

@@ -61,7 +61,9 @@ def copy_tokenizer(init_from: str, workdir: str) -> None:
                       "diffusers / transformers folder")
   if not os.path.exists(dst):
     os.makedirs(workdir, exist_ok=True)
-    shutil.copyfile(src, dst)
+    tmp = f"{dst}.tmp{os.getpid()}"  # atomic: every process of a run copies it
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _check_kind(path: str, kind: str) -> None:

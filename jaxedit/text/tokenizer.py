@@ -61,7 +61,7 @@ def load_or_train(path: str, world: World, vocab_size: int, num_examples: int,
     return tokenizers.Tokenizer.from_file(path)
   tok = train(corpus(world, num_examples, seed), vocab_size)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
+  tmp = f"{path}.tmp{os.getpid()}"  # per process: every process of a run may train it
   tok.save(tmp)
   os.replace(tmp, path)  # atomic: a crash never leaves half a tokenizer
   return tok

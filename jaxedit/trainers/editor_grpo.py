@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import checkpoint, evaluation, flow, flow_grpo, grpo, lora, sharding
+from jaxedit import checkpoint, evaluation, flow, flow_grpo, grpo, hparams, lora, sharding
 from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError, plain
 from jaxedit.data.pipeline import make_dataset
@@ -199,12 +199,14 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) ->
 
 
 def make_optimizer(config: ml_collections.ConfigDict, section: str):
-  """(optimizer, schedule): clipped AdamW at a constant rate after linear warm-up, with
-  gradient accumulation where `config[section].accumulate` > 1."""
+  """(optimizer, schedule): clipped AdamW at unit rate, with gradient accumulation where
+  `config[section].accumulate` > 1, and the rate relative to `train.lr` (a traced input,
+  `hparams`): a linear warm-up over optimizer updates, then constant."""
   tc = config.train
-  schedule = optax.linear_schedule(0.0, tc.lr, tc.warmup_steps) if tc.warmup_steps else tc.lr
+  warmup = optax.linear_schedule(0.0, 1.0, tc.warmup_steps) if tc.warmup_steps else None
+  schedule = warmup or (lambda count: jnp.ones((), jnp.float32))
   tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                   optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+                   optax.adamw(1.0, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
   if config[section].get("accumulate", 1) > 1:
     tx = optax.MultiSteps(tx, config[section].accumulate)
   return tx, schedule
@@ -349,7 +351,7 @@ def make_update(setup: Setup):
   traj = trajectory_sharding(setup)
   updates_per_step = g.inner_epochs * g.minibatches
 
-  def update(state: GRPOState, chunks, levels, trained_steps):
+  def update(state: GRPOState, chunks, levels, trained_steps, hp):
     # Chunks in sampling order; each holds whole groups, so groups stay consecutive.
     data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
                                                                        "log_probs") else 0)
@@ -361,7 +363,9 @@ def make_update(setup: Setup):
     order = grpo.minibatch_order(rng, n, g.inner_epochs, g.minibatches)
     frozen = state.frozen
     ref_params = jax.lax.stop_gradient(setup.reference(state.params, frozen))
-    ref_velocity = lambda x, t, source, text: velocity(ref_params, x, t, source, text)
+    ref_velocity = None  # kl_beta = 0 in the config: no reference forward pass compiled
+    if g.kl_beta:
+      ref_velocity = lambda x, t, source, text: velocity(ref_params, x, t, source, text)
     policy_velocity = lambda p, x, t, source, text: velocity(setup.policy(p, frozen), x, t,
                                                             source, text)
 
@@ -378,10 +382,10 @@ def make_update(setup: Setup):
       loss, grads, metrics = flow_grpo.minibatch_grads(
           lambda p, j: flow_grpo.step_loss(
               policy_velocity, p, ref_velocity, mb, j, times, levels, sde_type=g.sde_type,
-              clip_range=g.clip_range, kl_beta=g.kl_beta), params, trained_steps)
+              clip_range=hp["clip_range"], kl_beta=hp["kl_beta"]), params, trained_steps)
       params, ema, opt_state = optimizer_step(
-          setup.tx, params, ema, opt_state, grads, state.step * updates_per_step + i,
-          config.train.ema_decay, accumulating=g.accumulate > 1)
+          setup, hp, params, ema, opt_state, grads, state.step * updates_per_step + i,
+          accumulate=g.accumulate)
       metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
       return (params, ema, opt_state), metrics
 
@@ -395,22 +399,26 @@ def make_update(setup: Setup):
     return GRPOState(state.step + 1, params, ema, opt_state, frozen), metrics
 
   ss = setup.state_shardings
-  fn = jax.jit(update, in_shardings=(ss, None, None, None),
+  fn = jax.jit(update, in_shardings=(ss, None, None, None, None),
                out_shardings=(ss, sharding.replicated(setup.mesh)), donate_argnums=0)
-  return sharding.in_context(fn, setup.mesh, setup.rules)
+  return hparams.bind(sharding.in_context(fn, setup.mesh, setup.rules),
+                      hparams.values(config, hparams.GRPO))
 
 
-def optimizer_step(tx, params, ema, opt_state, grads, count, ema_decay: float,
-                   accumulating: bool = False):
-  """One optimizer update, then the EMA of the parameters. The EMA decay warms up as
-  min(ema_decay, (1 + n) / (10 + n)) over the `count` updates done before; when
-  accumulating (optax.MultiSteps) the EMA moves only where an update was applied.
-  Shared by the trainers on the policy's own rollouts (GRPO, OPD; editor and planner)."""
+def optimizer_step(setup, hp: dict, params, ema, opt_state, grads, count,
+                   accumulate: int = 1):
+  """One optimizer update at rate hp['lr'] * schedule, then the EMA of the parameters. The
+  EMA decay warms up as min(ema_decay, (1 + n) / (10 + n)) over the `count` minibatch
+  updates done before; when accumulating (optax.MultiSteps) the EMA moves only where an
+  update was applied. Shared by the trainers on the policy's own rollouts (GRPO, OPD;
+  editor and planner)."""
+  tx = setup.tx
   updates, opt_state = tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
-  decay = jnp.minimum(ema_decay, (1.0 + count) / (10.0 + count))
+  params = editor_sft.apply_at_rate(params, updates,
+                                    hp["lr"] * setup.schedule(count // accumulate))
+  decay = jnp.minimum(setup.config.train.ema_decay, (1.0 + count) / (10.0 + count))
   new_ema = optax.incremental_update(params, ema, 1.0 - decay)
-  if accumulating:
+  if accumulate > 1:
     applied = tx.has_updated(opt_state)
     new_ema = jax.tree.map(lambda a, b: jnp.where(applied, a, b), new_ema, ema)
   return params, new_ema, opt_state
@@ -455,6 +463,13 @@ def rollout_and_score(setup: Setup, rollout, reward_fn, state: GRPOState, prompt
           "rewards": np.concatenate([r[0] for r in results]),
           "parts": {k: np.concatenate([r[1][k] for r in results]) for k in results[0][1]}}
   return chunks, host
+
+
+def next_prompts(data_iter, g) -> dict:
+  """This process's prompts of one iteration: its rows of `rollout_chunks` global batches,
+  chunk after chunk (the order `rollout_and_score` splits them in)."""
+  batches = [next(data_iter) for _ in range(g.rollout_chunks)]
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 def _tokenize(setup: Setup, record: dict) -> dict:
@@ -508,7 +523,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
                g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
 
   # ---- Data: prompts of the train split ----
-  data = make_dataset(setup.source("train"), g.prompts_per_step // jax.process_count(),
+  # One global batch per rollout chunk: each chunk holds the same prompts on any number of
+  # processes, so a pod samples what one host would.
+  chunk_prompts = g.prompts_per_step // g.rollout_chunks
+  if chunk_prompts % jax.process_count():
+    raise ConfigError(f"{chunk_prompts} prompts per rollout chunk do not split over "
+                      f"{jax.process_count()} processes")
+  data = make_dataset(setup.source("train"), chunk_prompts // jax.process_count(),
                       seed=tc.seed, fields=PROMPT_FIELDS, kinds=tc.example_kinds,
                       tasks=tc.tasks, map_fn=functools.partial(_tokenize, setup),
                       worker_count=tc.worker_count)
@@ -558,7 +579,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       rng = jax.random.fold_in(base_rng, step)
       with jax.profiler.StepTraceAnnotation("rollout", step_num=step):
         chunks, host = rollout_and_score(setup, rollout, reward_fn, state,
-                                         method.add_fields(setup, next(data_iter)), levels,
+                                         method.add_fields(setup, next_prompts(data_iter, g)),
+                                         levels,
                                          rng, method.device_fields)
       with jax.profiler.StepTraceAnnotation("update", step_num=step):
         state, metrics = update(state, chunks, levels, trained)
@@ -566,9 +588,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       last = step == tc.num_steps
       if step % tc.log_every == 0 or last:
         scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-        scalars.update({"reward/mean": float(host["rewards"].mean()),
-                        "reward/std": float(host["rewards"].std()),
-                        **{f"reward/{k}": float(v.mean()) for k, v in host["parts"].items()}})
+        rewards = sharding.all_rows(host["rewards"])  # every process's rollouts
+        scalars.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+                        **{f"reward/{k}": float(sharding.all_rows(v).mean())
+                           for k, v in host["parts"].items()}})
         editor_sft.write_metrics_line(writer, workdir, step, scalars)
       first = None
       if (tc.eval_every and step % tc.eval_every == 0) or last:
@@ -594,9 +617,10 @@ def write_rollout_grid(writer, workdir: str, step: int, host: dict, group_size: 
   texts = [f"{host['instruction'][i]} | reward {host['rewards'][i]:.2f}" for i in range(n)]
   grid = evaluation.edit_grid(host["source_image"][:n], host["images"][:n],
                               host["target_image"][:n], texts, None, n)
-  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-  grid.save(os.path.join(workdir, "samples", f"rollout_{step:07d}.png"))
   writer.write_images(step, {"rollouts": np.asarray(grid)[None]})
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    grid.save(os.path.join(workdir, "samples", f"rollout_{step:07d}.png"))
 
 
 # ------------------------------------------------------------------------------------------

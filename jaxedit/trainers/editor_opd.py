@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import flow, flow_grpo, grpo, lora, opd, sharding
+from jaxedit import flow, flow_grpo, grpo, hparams, lora, opd, sharding
 from jaxedit.config import ConfigError
 from jaxedit.models.editor import Editor
 from jaxedit.shapes.edits import TASKS
@@ -146,7 +146,7 @@ def make_update(setup: OPDSetup, teachers=None):
   traj = editor_grpo.trajectory_sharding(setup)
   updates_per_step = o.inner_epochs * o.minibatches
 
-  def update(state: GRPOState, teachers, chunks, levels, trained_steps):
+  def update(state: GRPOState, teachers, chunks, levels, trained_steps, hp):
     data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
                                                                        "log_probs") else 0)
             for k in chunks[0]}
@@ -190,8 +190,7 @@ def make_update(setup: OPDSetup, teachers=None):
       loss, grads, metrics = flow_grpo.minibatch_grads(step_loss, params,
                                                        jnp.arange(trained_steps.shape[0]))
       params, ema, opt_state = editor_grpo.optimizer_step(
-          setup.tx, params, ema, opt_state, grads, state.step * updates_per_step + i,
-          config.train.ema_decay)
+          setup, hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
       return (params, ema, opt_state), {**metrics, "loss": loss,
                                         "grad_norm": optax.tree.norm(grads)}
 
@@ -203,13 +202,13 @@ def make_update(setup: OPDSetup, teachers=None):
 
   ss = setup.state_shardings
   fn = jax.jit(update, in_shardings=(ss, [setup.teacher_shardings] * len(teachers), None, None,
-                                     None),
+                                     None, None),
                out_shardings=(ss, sharding.replicated(setup.mesh)), donate_argnums=0)
   fn = sharding.in_context(fn, setup.mesh, setup.rules)
 
-  def bound(state, chunks, levels, trained_steps):
-    return fn(state, teachers, chunks, levels, trained_steps)
-  return bound
+  def with_teachers(state, chunks, levels, trained_steps, hp):
+    return fn(state, teachers, chunks, levels, trained_steps, hp)
+  return hparams.bind(with_teachers, hparams.values(config, hparams.OPD))
 
 
 OPD = editor_grpo.Method("OPD", make_setup, make_update, add_routes,

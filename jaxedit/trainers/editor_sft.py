@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import checkpoint, evaluation, flow, sharding
+from jaxedit import checkpoint, distributed, evaluation, flow, hparams, sharding
 from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
@@ -76,6 +76,7 @@ def reference_config() -> ml_collections.ConfigDict:
       "split": "test", "example_kinds": ("atomic",), "num_examples": 0,  # 0: the whole split
       "batch_size": 128, "use_ema": True, "seed": 1})
   c.mesh = sharding.mesh_config()
+  c.distributed = distributed.config()
   return c
 
 
@@ -163,7 +164,7 @@ def make_model_and_mesh(config: ml_collections.ConfigDict, workdir: str, devices
   except ValueError as e:
     raise ConfigError(str(e)) from None
   try:
-    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape, devices)
+    mesh = sharding.mesh_from_config(config.mesh, devices)
   except ValueError as e:
     raise ConfigError(f"config mesh: {e}") from None
   rules = sharding.rules(config.mesh)
@@ -179,14 +180,22 @@ def check_batch_size(name: str, size: int, mesh, batch_sharding) -> None:
 
 
 def make_optimizer(tc: ml_collections.ConfigDict):
-  """(AdamW with global-norm clipping, its warm-up + cosine learning-rate schedule) from the
-  `train` section."""
+  """(AdamW with global-norm clipping at unit learning rate, the warm-up + cosine schedule
+  of the rate relative to its peak) from the `train` section. The peak, `train.lr`, is a
+  traced input of the step (`hparams`, `apply_at_rate`)."""
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, tc.lr, tc.warmup_steps, max(tc.num_steps, tc.warmup_steps + 1),
-      end_value=tc.lr * tc.end_lr_fraction)
+      0.0, 1.0, tc.warmup_steps, max(tc.num_steps, tc.warmup_steps + 1),
+      end_value=tc.end_lr_fraction)
   tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                   optax.adamw(schedule, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
+                   optax.adamw(1.0, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
   return tx, schedule
+
+
+def apply_at_rate(params, updates, rate):
+  """Parameters after a unit-rate optimizer's `updates` scaled by the (traced) rate: the
+  same arithmetic as optax's AdamW at that rate."""
+  return optax.apply_updates(params, jax.tree.map(lambda u: (u * rate).astype(u.dtype),
+                                                  updates))
 
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
@@ -282,23 +291,24 @@ def make_train_step(setup: Setup):
   cfg = setup.config
   base_rng = jax.random.key(cfg.train.seed)
 
-  def step_fn(state: TrainState, batch: dict):
+  def step_fn(state: TrainState, batch: dict, hp: dict):
     rng = jax.random.fold_in(base_rng, state.step)
     loss, grads = jax.value_and_grad(loss_fn)(state.params, setup.model, batch, rng, cfg.flow,
                                               cfg.train.text_dropout)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    rate = hp["lr"] * setup.schedule(state.step)
+    params = apply_at_rate(state.params, updates, rate)
     # EMA with warm-up: early on the average must not stay anchored at the initialisation.
     decay = jnp.minimum(cfg.train.ema_decay, (1.0 + state.step) / (10.0 + state.step))
     ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": setup.schedule(state.step)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate}
     return TrainState(state.step + 1, params, ema, opt_state), metrics
 
-  step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding),
+  step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding, None),
                  out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
                  donate_argnums=0)
-  return sharding.in_context(step, setup.mesh, setup.rules)
+  return hparams.bind(sharding.in_context(step, setup.mesh, setup.rules),
+                      hparams.values(cfg, hparams.SFT))
 
 
 def make_sampler(setup: Setup, num_steps: int, shift: float, guidance_scale: float):
@@ -364,8 +374,9 @@ def evaluate(setup, params, batches, sampler, seed: int, reward_fn=None):
   first = None
   for i, (arrays, info) in enumerate(batches):
     n = len(info["instruction"])
-    edited = np.asarray(sampler(params, sharding.global_batch(arrays, setup.batch_sharding),
-                                jax.random.key(seed + i)))[:n]
+    edited = sharding.to_host(sampler(
+        params, sharding.global_from_full(arrays, setup.batch_sharding),
+        jax.random.key(seed + i)))[:n]
     prompts = {**info, "source_image": arrays["source_image"][:n]}
     pending = reward_fn.submit(edited, prompts) if reward_fn is not None else None
     s = evaluation.score_edits(edited, info["checklist"], setup.world)
@@ -486,9 +497,11 @@ def write_metrics_line(writer, workdir: str, step: int, scalars: dict) -> None:
 def write_grid(writer, workdir: str, step: int, images, limit: int) -> None:
   sources, edits, targets, texts, success = images
   grid = evaluation.edit_grid(sources, edits, targets, texts, success, limit)
+  writer.write_images(step, {"samples": np.asarray(grid)[None]})
+  if jax.process_index():
+    return
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   grid.save(os.path.join(workdir, "samples", f"step_{step:07d}.png"))
-  writer.write_images(step, {"samples": np.asarray(grid)[None]})
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import checkpoint, evaluation, grpo, inference, plans, sharding
+from jaxedit import checkpoint, evaluation, grpo, hparams, inference, plans, sharding
 from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
 from jaxedit.data.pipeline import make_dataset
@@ -205,7 +205,7 @@ def make_update(setup):
   updates_per_step = g.inner_epochs * g.minibatches
   logprobs = lambda p, b: sequence_logprobs(p, setup.model, b, g.temperature)
 
-  def update(state: GRPOState, batch: dict, rewards):
+  def update(state: GRPOState, batch: dict, rewards, hp):
     advantages = grpo.group_advantages(rewards, g.group_size, std_scope=g.std_scope,
                                        clip=g.adv_clip)
     old = jax.lax.stop_gradient(logprobs(state.params, batch))
@@ -223,12 +223,11 @@ def make_update(setup):
 
       def loss_fn(p):
         return grpo.token_policy_loss(logprobs(p, mb), take(old), take(ref), take(advantages),
-                                      mb["plan_valid"], clip_range=g.clip_range,
-                                      kl_beta=g.kl_beta, aggregation=g.aggregation)
+                                      mb["plan_valid"], clip_range=hp["clip_range"],
+                                      kl_beta=hp["kl_beta"], aggregation=g.aggregation)
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       params, ema, opt_state = optimizer_step(
-          setup.tx, params, ema, opt_state, grads, state.step * updates_per_step + i,
-          config.train.ema_decay)
+          setup, hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
       return (params, ema, opt_state), {**metrics, "loss": loss,
                                         "grad_norm": optax.tree.norm(grads)}
 
@@ -242,9 +241,11 @@ def make_update(setup):
     return GRPOState(state.step + 1, params, ema, opt_state, state.frozen), metrics
 
   shardings = abstract_state_shardings(setup)
-  fn = jax.jit(update, in_shardings=(shardings, setup.batch_sharding, setup.batch_sharding),
+  fn = jax.jit(update, in_shardings=(shardings, setup.batch_sharding, setup.batch_sharding,
+                                     None),
                out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
-  return sharding.in_context(fn, setup.mesh, setup.rules)
+  return hparams.bind(sharding.in_context(fn, setup.mesh, setup.rules),
+                      hparams.values(config, hparams.GRPO))
 
 
 def abstract_state_shardings(setup) -> GRPOState:
@@ -356,9 +357,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       if step % tc.log_every == 0 or last:
         scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
         if editor is not None:
-          scalars["reward/visual"] = float(visual.mean())
-        scalars.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-                        "rollout/plan_tokens": float(arrays["plan_valid"].sum(1).mean())})
+          scalars["reward/visual"] = float(sharding.all_rows(visual).mean())
+        every = sharding.all_rows(rewards)  # every process's rollouts
+        scalars.update({"reward/mean": float(every.mean()), "reward/std": float(every.std()),
+                        "rollout/plan_tokens": float(
+                            sharding.all_rows(arrays["plan_valid"].sum(1)).mean())})
         write_metrics_line(writer, workdir, step, scalars)
       if (tc.eval_every and step % tc.eval_every == 0) or last:
         validate(step)

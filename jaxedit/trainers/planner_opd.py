@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import grpo, opd, sharding
+from jaxedit import grpo, hparams, opd, sharding
 from jaxedit.config import ConfigError
 from jaxedit.shapes.edits import TASKS
 from jaxedit.trainers import editor_grpo, planner_grpo, planner_sft
@@ -110,7 +110,7 @@ def make_update(setup, teachers=None):
   updates_per_step = o.inner_epochs * o.minibatches
   logits_of = lambda p, b: planner_sft.completion_logits(p, setup.model, b) / o.temperature
 
-  def update(state: GRPOState, teachers, batch: dict, rewards):
+  def update(state: GRPOState, teachers, batch: dict, rewards, hp):
     del rewards
     n = batch["route"].shape[0]
     rng = jax.random.fold_in(base_rng, state.step)
@@ -143,8 +143,7 @@ def make_update(setup, teachers=None):
 
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
       params, ema, opt_state = editor_grpo.optimizer_step(
-          setup.tx, params, ema, opt_state, grads, state.step * updates_per_step + i,
-          config.train.ema_decay)
+          setup, hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
       return (params, ema, opt_state), {**metrics, "loss": loss,
                                         "grad_norm": optax.tree.norm(grads)}
 
@@ -157,13 +156,13 @@ def make_update(setup, teachers=None):
 
   shardings = planner_grpo.abstract_state_shardings(setup)
   fn = jax.jit(update, in_shardings=(shardings, [setup.state_shardings.params] * len(teachers),
-                                     setup.batch_sharding, setup.batch_sharding),
+                                     setup.batch_sharding, setup.batch_sharding, None),
                out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
   fn = sharding.in_context(fn, setup.mesh, setup.rules)
 
-  def bound(state, batch, rewards):
-    return fn(state, teachers, batch, rewards)
-  return bound
+  def with_teachers(state, batch, rewards, hp):
+    return fn(state, teachers, batch, rewards, hp)
+  return hparams.bind(with_teachers, hparams.values(config, hparams.OPD))
 
 
 OPD = planner_grpo.Method("OPD", make_setup, make_update, routes)

@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import checkpoint, evaluation, flow, plans, sampling, sharding
+from jaxedit import (checkpoint, distributed, evaluation, flow, hparams, plans, sampling,
+                     sharding)
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import make_dataset
@@ -33,8 +34,8 @@ from jaxedit.models.planner import Planner, model_config, planner_config
 from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.world import Scene
 from jaxedit.text import tokenizer as tokenizer_lib
-from jaxedit.trainers.editor_sft import (RunSetup, TrainState, assemble_setup, init_state,
-                                         with_params, write_metrics_line)
+from jaxedit.trainers.editor_sft import (RunSetup, TrainState, apply_at_rate, assemble_setup,
+                                         init_state, with_params, write_metrics_line)
 
 RECORD_FIELDS = ("source_image", "instruction", "scene_text", "plan_steps")
 EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_family")
@@ -93,6 +94,7 @@ def reference_config() -> ml_collections.ConfigDict:
       # Also run the reference plans with `editor`: the ceiling that editor sets.
       "e2e_reference_plans": False})
   c.mesh = sharding.mesh_config()
+  c.distributed = distributed.config()
   return c
 
 
@@ -189,7 +191,7 @@ def make_model_and_mesh(config: ml_collections.ConfigDict, workdir: str, devices
   except ValueError as e:
     raise ConfigError(f"config model: {e}") from None
   try:
-    mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape, devices)
+    mesh = sharding.mesh_from_config(config.mesh, devices)
   except ValueError as e:
     raise ConfigError(f"config mesh: {e}") from None
   rules = sharding.rules(config.mesh)
@@ -240,21 +242,22 @@ def loss_fn(params, model: Planner, batch: dict):
 def make_train_step(setup: Setup):
   cfg = setup.config
 
-  def step_fn(state: TrainState, batch: dict):
+  def step_fn(state: TrainState, batch: dict, hp: dict):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, setup.model,
                                                                    batch)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    rate = hp["lr"] * setup.schedule(state.step)
+    params = apply_at_rate(state.params, updates, rate)
     decay = jnp.minimum(cfg.train.ema_decay, (1.0 + state.step) / (10.0 + state.step))
     ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": setup.schedule(state.step), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate, **aux}
     return TrainState(state.step + 1, params, ema, opt_state), metrics
 
-  step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding),
+  step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding, None),
                  out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
                  donate_argnums=0)
-  return sharding.in_context(step, setup.mesh, setup.rules)
+  return hparams.bind(sharding.in_context(step, setup.mesh, setup.rules),
+                      hparams.values(cfg, hparams.SFT))
 
 
 def make_plan_sampler(setup: Setup):
@@ -340,9 +343,10 @@ def plan_texts(setup: Setup, params, batches, sampler, seed: int = 0) -> list[li
   out = []
   for i, (arrays, info) in enumerate(batches):
     n = len(info["instruction"])
-    samples = sampler(params, sharding.global_batch(arrays, setup.batch_sharding),
+    samples = sampler(params, sharding.global_from_full(arrays, setup.batch_sharding),
                       jax.random.key(seed + i))
-    out.append(setup.decode(np.asarray(samples.tokens)[:n], np.asarray(samples.valid)[:n]))
+    out.append(setup.decode(sharding.to_host(samples.tokens)[:n],
+                            sharding.to_host(samples.valid)[:n]))
   return out
 
 

@@ -1,0 +1,50 @@
+"""Hyperparameters that change no shape are arguments of the jitted steps, not constants.
+
+A step compiled with the learning rate, KL beta or clip range folded in as constants is a
+new program for every value; passed as float32 scalars they are inputs, so a sweep over
+them, a resume with another value, or K values trained at once (`population`) reuses one
+compiled program (and the persistent compilation cache across processes). Noise levels and
+reward weights never reach a compiled program as constants either: the noise levels are an
+input array and the rewards are computed on the host.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import ml_collections
+import numpy as np
+
+# Per trainer: hyperparameter name -> its config key. The keys a sweep can vary for free.
+SFT = {"lr": "train.lr"}
+GRPO = {"lr": "train.lr", "kl_beta": "grpo.kl_beta", "clip_range": "grpo.clip_range"}
+OPD = {"lr": "train.lr"}
+BY_TRAINER = {"editor_sft": SFT, "planner_sft": SFT, "editor_grpo": GRPO,
+              "planner_grpo": GRPO, "editor_opd": OPD, "planner_opd": OPD}
+# Keys that change no compiled program because they stay on the host.
+HOST_SIDE = ("grpo.noise_level", "opd.noise_level", "rewards.")
+
+
+def get(config: ml_collections.ConfigDict, key: str):
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def values(config: ml_collections.ConfigDict, keys: Mapping[str, str]) -> dict:
+  """{name: float32 scalar} of a config's traced hyperparameters."""
+  return {name: np.float32(get(config, key)) for name, key in keys.items()}
+
+
+def free_keys(trainer: str) -> tuple[str, ...]:
+  """Config keys a sweep may vary without compiling anything new (prefixes end in '.')."""
+  return tuple(BY_TRAINER.get(trainer, {}).values()) + HOST_SIDE
+
+
+def bind(fn: Callable, hp: dict) -> Callable:
+  """`fn(*args, hp)` as `f(*args)`, with `hp` (the traced values) fixed."""
+  def bound(*args):
+    return fn(*args, hp)
+  bound.hparams, bound.unbound = hp, fn
+  return bound

@@ -1,0 +1,1 @@
+"""Launchers that run jaxedit jobs on TPU pods, GKE clusters and local process groups."""

@@ -1,0 +1,125 @@
+"""Multi-host (DESIGN.md section 8), simulated: 2 local processes with 4 CPU devices each,
+joined by jax.distributed (gloo), against one process with 8 devices. The pod's mesh puts
+the data axis across the processes (DCN) and fsdp within each, as on a multi-slice pod."""
+
+import json
+import os
+
+import pytest
+
+from conftest import losses, tiny_editor_config
+from jaxedit import config as config_lib
+from jaxedit import distributed, sharding
+from jaxedit.config import ConfigError
+from jaxedit.trainers import editor_grpo, editor_sft
+from launch import local
+from test_editor_grpo_trainer import grpo_config
+
+POD_MESH = {"shape": (1, 4, 1), "dcn_shape": (2, 1, 1), "dcn_granule": "process"}  # (2, 4, 1)
+
+
+def with_mesh(config, shape, **mesh):
+  config.mesh.shape = shape
+  for k, v in mesh.items():  # dcn_shape, dcn_granule
+    config.mesh[k] = v
+  return config
+
+
+def run_pod(config, workdir, tmp_path):
+  path = config_lib.write_file(config, str(tmp_path / f"{os.path.basename(workdir)}.py"))
+  code = local.run(["train", "--config", path, "--workdir", str(workdir)], num_processes=2,
+                   devices_per_process=4, logdir=str(tmp_path / "logs"), timeout=600,
+                   echo=False)
+  log = (tmp_path / "logs" / "process_0.log").read_text()
+  assert code == 0, log[-3000:]
+  assert "process 0 of 2 joined (4 local devices, 8 in all)" in log
+  return log
+
+
+def metric(workdir, key):
+  out = {}
+  for line in open(os.path.join(workdir, "metrics.jsonl")):
+    row = json.loads(line)
+    out[row["step"]] = row[key]
+  return out
+
+
+def test_two_processes_train_like_one_and_resume_on_another_mesh(small_data_dir, tmp_path):
+  # ---- Editor SFT: reference on 1 process, 8 devices ----
+  ref = str(tmp_path / "sft_ref")
+  sft = lambda **t: tiny_editor_config(small_data_dir, checkpoint_every=2, **t)
+  editor_sft.train(with_mesh(sft(num_steps=4), (4, 2, 1)), ref)  # the resume's mesh:
+  # the persistent compilation cache then compiles its programs once
+
+  # ---- The same run on 2 processes x 4 devices to its step-2 checkpoint ----
+  pod = tmp_path / "sft_pod"
+  run_pod(with_mesh(sft(num_steps=2), **POD_MESH), pod, tmp_path)
+  assert sorted(os.listdir(pod / "checkpoints")) == ["2"]
+  # ---- ... resumed on 1 process with 8 devices on another mesh shape ----
+  editor_sft.train(with_mesh(sft(num_steps=4), (4, 2, 1)), str(pod))
+  expected, got = losses(ref), losses(pod)
+  assert sorted(got) == [1, 2, 3, 4]
+  for step in expected:
+    assert got[step] == pytest.approx(expected[step], rel=1e-5), step
+
+  # ---- Editor GRPO (LoRA) from the SFT run: 1 process, then 2 processes + resume ----
+  grpo = lambda steps: grpo_config(small_data_dir, ref, **{
+      "train.num_steps": steps, "train.eval_every": 0, "train.sample_every": 0,
+      "train.log_every": 1, "grpo.rollout_chunks": 2})
+  gref = str(tmp_path / "grpo_ref")
+  editor_grpo.train(with_mesh(grpo(2), (8, 1, 1)), gref)
+  gpod = tmp_path / "grpo_pod"
+  run_pod(with_mesh(grpo(1), **POD_MESH), gpod, tmp_path)
+  editor_grpo.train(with_mesh(grpo(2), (8, 1, 1)), str(gpod))
+  for key in ("reward/mean", "train/loss", "train/kl"):
+    expected, got = metric(gref, key), metric(gpod, key)
+    assert sorted(got) == [1, 2], key
+    for step in expected:
+      assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-6), (key, step)
+
+
+def test_distributed_settings_come_from_config_then_environment(monkeypatch):
+  for name in (distributed.ENV_ADDRESS, distributed.ENV_COUNT, distributed.ENV_ID,
+               distributed.ENV_AUTO):
+    monkeypatch.delenv(name, raising=False)
+  cfg = distributed.config()
+  assert distributed.resolve(cfg) is None  # a single process
+  monkeypatch.setenv(distributed.ENV_ADDRESS, "host0:1234")
+  monkeypatch.setenv(distributed.ENV_COUNT, "4")
+  monkeypatch.setenv(distributed.ENV_ID, "3")
+  got = distributed.resolve(cfg)
+  assert (got["coordinator_address"], got["num_processes"], got["process_id"]) == \
+      ("host0:1234", 4, 3)
+  cfg.coordinator_address, cfg.num_processes = "10.0.0.2:8476", 2
+  with pytest.raises(ConfigError, match="process id 3 is out of range for 2 processes"):
+    distributed.resolve(cfg)
+  monkeypatch.setenv(distributed.ENV_ID, "1")
+  assert distributed.resolve(cfg)["coordinator_address"] == "10.0.0.2:8476"
+  cfg.initialize = "never"
+  assert distributed.resolve(cfg) is None
+  cfg = distributed.config()
+  for name in (distributed.ENV_ADDRESS, distributed.ENV_COUNT, distributed.ENV_ID):
+    monkeypatch.delenv(name)
+  monkeypatch.setenv(distributed.ENV_AUTO, "1")  # what the pod launchers set
+  assert "coordinator_address" not in distributed.resolve(cfg)  # JAX detects the cluster
+  monkeypatch.setenv(distributed.ENV_ADDRESS, "host0:1234")
+  with pytest.raises(ConfigError, match="num_processes .* and process_id"):
+    distributed.resolve(cfg)
+  cfg.initialize = "sometimes"
+  with pytest.raises(ConfigError, match="distributed.initialize"):
+    distributed.resolve(cfg)
+
+
+def test_mesh_across_slices_names_what_does_not_fit():
+  import jax
+
+  axes = ("data", "fsdp", "tensor")
+  with pytest.raises(ValueError, match="do not split into 3 granules"):
+    sharding.make_mesh(axes, (1, -1, 1), jax.devices(), dcn_shape=(3, 1, 1))
+  with pytest.raises(ValueError, match="dcn_granule"):
+    sharding.make_mesh(axes, (1, -1, 1), jax.devices(), dcn_shape=(2, 1, 1), dcn_granule="rack")
+  with pytest.raises(ValueError, match="spans 2 processes; this run has 1"):
+    sharding.make_mesh(axes, (1, -1, 1), jax.devices(), dcn_shape=(2, 1, 1),
+                       dcn_granule="process")
+  with pytest.raises(ValueError, match="spans 2 slices; the devices are in no slices"):
+    sharding.make_mesh(axes, (1, -1, 1), jax.devices(), dcn_shape=(2, 1, 1))
