@@ -7,12 +7,16 @@
 The default run takes < 30 min on 2 CPU cores; `:demo` a few minutes. `:colour` and
 `:geometry` train on the prompts of one task only: the task teachers that
 configs/shapes_editor_opd.py distils into one student.
+
+    python launch/sweep.py --config configs/shapes_editor_grpo.py --workdir SWEEP -- \
+        --config.init_from=SFT     # learning rate x KL beta: one compiled program for all
 """
 
 import os
 
 import ml_collections
 
+from jaxedit import sweep
 from jaxedit.config import load_file
 from jaxedit.trainers import editor_grpo
 
@@ -44,3 +48,10 @@ def get_config(arg=None):
   elif arg:
     raise ValueError(f"unknown config arg {arg!r}; use 'demo', 'colour', 'geometry' or nothing")
   return config.lock()
+
+
+def get_sweep(arg=None):
+  """Learning rate x KL beta; both are traced inputs of the update (jaxedit.hparams)."""
+  del arg
+  return sweep.product(sweep.values("train.lr", [3e-4, 1e-3]),
+                       sweep.values("grpo.kl_beta", [0.01, 0.04]))

@@ -1,7 +1,7 @@
 """The `jaxedit` command: one entry point, a subcommand per job.
 
     jaxedit data  --config configs/shapes_data.py --workdir DIR [--config.key=value ...]
-    jaxedit train --config configs/shapes_editor_sft.py --workdir DIR
+    jaxedit train --config configs/shapes_editor_sft.py --workdir DIR [--dry_run]
     jaxedit eval  --config configs/shapes_editor_sft.py --workdir DIR
     jaxedit edit  --workdir PLANNER_DIR --image IN.png --instruction "..." --out OUT.png
     jaxedit export --workdir DIR --to diffusers|transformers --out OUT [--dtype bfloat16]
@@ -65,6 +65,9 @@ def parser() -> argparse.ArgumentParser:
                        epilog="Override any config key with --config.KEY=VALUE.")
     c.add_argument("--config", required=True, help="config file, as path/to/file.py[:arg]")
     c.add_argument("--workdir", required=True, help="folder for outputs")
+    if name == "train":
+      c.add_argument("--dry_run", action="store_true", help="compile the step on the run's "
+                     "mesh and print parameters, FLOPs and bytes per device; train nothing")
   e = sub.add_parser("edit", help="plan with the planner in DIR, run the plan with an editor; "
                      "writes OUT.png, OUT.plan.json and OUT.step_K.png")
   e.add_argument("--workdir", required=True, help="a planner workdir (SFT or GRPO)")
@@ -128,6 +131,10 @@ def main(argv=None) -> int:
       from jaxedit import distributed
 
       distributed.initialize(config.distributed)
+    if getattr(args, "dry_run", False):
+      from jaxedit import dry_run
+
+      job = dry_run.main
     job(config, args.workdir)
   except (ConfigError, SceneError, CorruptRecordError, MappingError) as e:
     print(f"jaxedit {args.command}: error: {e}", file=sys.stderr)

@@ -112,6 +112,7 @@ def in_context(fn, mesh: Mesh, axis_rules):
   def wrapped(*args, **kwargs):
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
       return fn(*args, **kwargs)
+  wrapped.jitted = fn  # to lower and compile without running (dry_run)
   return wrapped
 
 

@@ -20,6 +20,10 @@ import sys
 import threading
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from launch import common  # noqa: E402
+
 
 def free_port() -> int:
   with socket.socket() as s:
@@ -112,9 +116,7 @@ def _stop(procs, grace: float = 30.0) -> None:
 
 
 def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  cut = argv.index("--") if "--" in argv else len(argv)
-  own, rest = argv[:cut], argv[cut + 1:]
+  own, rest = common.split_at_dashes(sys.argv[1:] if argv is None else argv)
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               usage="%(prog)s [options] -- JAXEDIT_SUBCOMMAND [ARGS ...]")
   p.add_argument("--num_processes", type=int, default=2)

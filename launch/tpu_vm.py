@@ -249,6 +249,14 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def spec_from(args: argparse.Namespace) -> PodSpec:
+  """The PodSpec of parsed `parser()` arguments (also used by launch/sweep.py)."""
+  return PodSpec(name=args.name, zone=args.zone, accelerator=args.accelerator,
+                 version=args.version, project=args.project, spot=args.spot,
+                 num_slices=args.num_slices, keep=args.keep, reuse=args.reuse, logs=args.logs,
+                 repo_dir=args.repo_dir, extras=args.extras)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   own, jaxedit_args = common.split_at_dashes(sys.argv[1:] if argv is None else argv)
   p = parser()
@@ -256,10 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not jaxedit_args:
     p.error("give the jaxedit command after `--`, e.g. -- train --config configs/X.py ...")
   try:
-    spec = PodSpec(name=args.name, zone=args.zone, accelerator=args.accelerator,
-                   version=args.version, project=args.project, spot=args.spot,
-                   num_slices=args.num_slices, keep=args.keep, reuse=args.reuse, logs=args.logs,
-                   repo_dir=args.repo_dir, extras=args.extras)
+    spec = spec_from(args)
   except ValueError as e:
     p.error(str(e))
   runner = common.Runner(dry_run=args.dry_run)

@@ -110,16 +110,21 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def spec_from(args: argparse.Namespace) -> WorkloadSpec:
+  """The WorkloadSpec of parsed `parser()` arguments (also used by launch/sweep.py)."""
+  return WorkloadSpec(cluster=args.cluster, workload=args.workload, tpu_type=args.tpu_type,
+                      docker_image=args.docker_image, num_slices=args.num_slices,
+                      project=args.project, zone=args.zone, repo_dir=args.repo_dir,
+                      timeout_s=args.timeout, delete=args.delete)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   own, jaxedit_args = common.split_at_dashes(sys.argv[1:] if argv is None else argv)
   p = parser()
   args = p.parse_args(own)
   if not jaxedit_args:
     p.error("give the jaxedit command after `--`, e.g. -- train --config configs/X.py ...")
-  spec = WorkloadSpec(cluster=args.cluster, workload=args.workload, tpu_type=args.tpu_type,
-                      docker_image=args.docker_image, num_slices=args.num_slices,
-                      project=args.project, zone=args.zone, repo_dir=args.repo_dir,
-                      timeout_s=args.timeout, delete=args.delete)
+  spec = spec_from(args)
   runner = common.Runner(dry_run=args.dry_run)
   try:
     return run_on_cluster(spec, jaxedit_args, runner)

@@ -383,10 +383,10 @@ def make_update(setup: Setup):
           lambda p, j: flow_grpo.step_loss(
               policy_velocity, p, ref_velocity, mb, j, times, levels, sde_type=g.sde_type,
               clip_range=hp["clip_range"], kl_beta=hp["kl_beta"]), params, trained_steps)
-      params, ema, opt_state = optimizer_step(
+      params, ema, opt_state, rate = optimizer_step(
           setup, hp, params, ema, opt_state, grads, state.step * updates_per_step + i,
           accumulate=g.accumulate)
-      metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+      metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate}
       return (params, ema, opt_state), metrics
 
     (params, ema, opt_state), per_update = jax.lax.scan(
@@ -411,17 +411,17 @@ def optimizer_step(setup, hp: dict, params, ema, opt_state, grads, count,
   EMA decay warms up as min(ema_decay, (1 + n) / (10 + n)) over the `count` minibatch
   updates done before; when accumulating (optax.MultiSteps) the EMA moves only where an
   update was applied. Shared by the trainers on the policy's own rollouts (GRPO, OPD;
-  editor and planner)."""
+  editor and planner). Returns (params, ema, opt_state, the rate used)."""
   tx = setup.tx
   updates, opt_state = tx.update(grads, opt_state, params)
-  params = editor_sft.apply_at_rate(params, updates,
-                                    hp["lr"] * setup.schedule(count // accumulate))
+  rate = hp["lr"] * setup.schedule(count // accumulate)
+  params = editor_sft.apply_at_rate(params, updates, rate)
   decay = jnp.minimum(setup.config.train.ema_decay, (1.0 + count) / (10.0 + count))
   new_ema = optax.incremental_update(params, ema, 1.0 - decay)
   if accumulate > 1:
     applied = tx.has_updated(opt_state)
     new_ema = jax.tree.map(lambda a, b: jnp.where(applied, a, b), new_ema, ema)
-  return params, new_ema, opt_state
+  return params, new_ema, opt_state, rate
 
 
 # ------------------------------------------------------------------------------------------

@@ -226,9 +226,9 @@ def make_update(setup):
                                       mb["plan_valid"], clip_range=hp["clip_range"],
                                       kl_beta=hp["kl_beta"], aggregation=g.aggregation)
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      params, ema, opt_state = optimizer_step(
+      params, ema, opt_state, rate = optimizer_step(
           setup, hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
-      return (params, ema, opt_state), {**metrics, "loss": loss,
+      return (params, ema, opt_state), {**metrics, "loss": loss, "lr": rate,
                                         "grad_norm": optax.tree.norm(grads)}
 
     (params, ema, opt_state), per_update = jax.lax.scan(

@@ -142,9 +142,9 @@ def make_update(setup, teachers=None):
             "kl": token_mean(kl), **{f"kl_{name}": per_teacher[m] for m, name in enumerate(names)}}
 
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      params, ema, opt_state = editor_grpo.optimizer_step(
+      params, ema, opt_state, rate = editor_grpo.optimizer_step(
           setup, hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
-      return (params, ema, opt_state), {**metrics, "loss": loss,
+      return (params, ema, opt_state), {**metrics, "loss": loss, "lr": rate,
                                         "grad_norm": optax.tree.norm(grads)}
 
     (params, ema, opt_state), per_update = jax.lax.scan(

@@ -1,0 +1,158 @@
+"""`jaxedit train ... --dry_run`: what a run would cost, compiled on the run's own mesh but
+never executed: parameter count, matmul FLOPs per step (`jaxedit.flops`: XLA's cost
+analysis counts a scanned layer stack once), bytes per device of
+parameters and optimizer state, and the compiled step's memory analysis (arguments, outputs,
+temporaries). Nothing is allocated beyond compilation; no data is read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxedit import flops, hparams
+from jaxedit.config import ConfigError
+from jaxedit.interop import pretrained
+
+GiB = 2.0 ** 30
+
+
+def _abstract(shape, dtype, sharding_):
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_)
+
+
+def _per_device(tree) -> int:
+  """Bytes one device holds of a tree of sharded abstract arrays (the most loaded one)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _program(name: str, jitted, setup, args) -> dict:
+  """Matmul FLOPs (whole program) and compiled memory (per device) of one step program."""
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    count = flops.count(jitted, *args)
+    memory = jitted.lower(*args).compile().memory_analysis()
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "alias_size_in_bytes", "generated_code_size_in_bytes")
+  out = {"program": name, "flops": count}
+  if memory is not None:
+    out.update({f.removesuffix("_in_bytes"): int(getattr(memory, f, 0)) for f in fields})
+    out["peak_estimate"] = (out["argument_size"] + out["output_size"] + out["temp_size"]
+                            - out["alias_size"])
+  return out
+
+
+def _editor_sft(setup):
+  from jaxedit.trainers import editor_sft
+
+  c, bs = setup.config, setup.batch_sharding
+  n, size = c.train.batch_size, setup.world.image_size
+  batch = {"source_image": _abstract((n, size, size, 3), jnp.uint8, bs),
+           "target_image": _abstract((n, size, size, 3), jnp.uint8, bs),
+           "ids": _abstract((n, c.model.text_max_len), jnp.int32, bs),
+           "mask": _abstract((n, c.model.text_max_len), jnp.bool_, bs)}
+  step = editor_sft.make_train_step(setup)
+  return [("train_step", step.unbound.jitted, (setup.abstract_state, batch, step.hparams))]
+
+
+def _planner_sft(setup):
+  from jaxedit.trainers import planner_sft
+
+  c, bs = setup.config, setup.batch_sharding
+  n, size, p = c.train.batch_size, setup.world.image_size, c.prompt
+  batch = {"source_image": _abstract((n, size, size, 3), jnp.uint8, bs),
+           "prompt": _abstract((n, p.max_prompt_len), jnp.int32, bs),
+           "prompt_valid": _abstract((n, p.max_prompt_len), jnp.bool_, bs),
+           "plan": _abstract((n, p.max_plan_len), jnp.int32, bs),
+           "plan_valid": _abstract((n, p.max_plan_len), jnp.bool_, bs)}
+  step = planner_sft.make_train_step(setup)
+  return [("train_step", step.unbound.jitted, (setup.abstract_state, batch, step.hparams))]
+
+
+def _editor_grpo(setup):
+  from jaxedit.trainers import editor_grpo
+
+  c, bs, g = setup.config, setup.batch_sharding, setup.rollouts
+  n, size = g.prompts_per_step * g.group_size // g.rollout_chunks, setup.world.image_size
+  chunk = {"source_image": _abstract((n, size, size, 3), jnp.uint8, bs),
+           "ids": _abstract((n, c.model.text_max_len), jnp.int32, bs),
+           "mask": _abstract((n, c.model.text_max_len), jnp.bool_, bs)}
+  levels, trained = setup.levels_and_steps(1)
+  rollout = editor_grpo.make_rollout(setup)
+  ss, key = setup.abstract_state, jax.random.key(0)
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    out = jax.eval_shape(rollout.jitted, ss.params, ss.frozen, chunk, levels, key)
+  chunks = [{**chunk, "latents": out["latents"], "log_probs": out["log_probs"],
+             "rewards": _abstract((n,), jnp.float32, bs)}] * g.rollout_chunks
+  update = editor_grpo.make_update(setup)
+  return [("rollout", rollout.jitted, (ss.params, ss.frozen, chunk, levels, key)),
+          ("update", update.unbound.jitted, (ss, chunks, levels, trained, update.hparams))]
+
+
+PROGRAMS = {"editor_sft": _editor_sft, "planner_sft": _planner_sft,
+            "editor_grpo": _editor_grpo}
+
+
+def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Compiles the run's step programs on its mesh; returns (and prints) the figures."""
+  import importlib
+
+  trainer = config.trainer
+  if trainer not in PROGRAMS:
+    raise ConfigError(f"--dry_run supports {sorted(PROGRAMS)}; for {trainer} use "
+                      "`python -m jaxedit.model_report` (sizes without compiling)")
+  module = importlib.import_module(f"jaxedit.trainers.{trainer}")
+  with tempfile.TemporaryDirectory() as scratch:  # the run's folder is left untouched
+    for source in (workdir, config.get("init_from", "")):
+      if source and os.path.exists(os.path.join(source, "tokenizer.json")):
+        pretrained.copy_tokenizer(source, scratch)
+        break
+    setup = module.make_setup(config, scratch)
+    programs = [_program(name, fn, setup, args) for name, fn, args in PROGRAMS[trainer](setup)]
+  state = setup.abstract_state
+  out = {"trainer": trainer, "mesh": dict(setup.mesh.shape), "devices": setup.mesh.size,
+         "parameters": int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))),
+         "bytes_per_device": {k: _per_device(getattr(state, k)) for k in
+                              ("params", "ema_params", "opt_state", "frozen")
+                              if hasattr(state, k)},
+         "hparams (traced)": {k: float(v) for k, v in hparams.values(
+             config, hparams.BY_TRAINER[trainer]).items()},
+         "programs": programs}
+  print(format_report(out), flush=True)
+  return out
+
+
+def format_report(out: dict) -> str:
+  lines = [f"{out['trainer']}: {out['parameters']:,} trained parameters; mesh {out['mesh']} "
+           f"= {out['devices']} devices",
+           "bytes per device: " + ", ".join(f"{k} {v / GiB:.3f} GiB"
+                                            for k, v in out["bytes_per_device"].items())]
+  for p in out["programs"]:
+    line = (f"  {p['program']:<11} {p['flops']:.3e} matmul FLOPs "
+            f"({p['flops'] / out['devices']:.3e} per device)")
+    if "peak_estimate" in p:
+      line += (f"; memory: arguments {p['argument_size'] / GiB:.3f} GiB, outputs "
+               f"{p['output_size'] / GiB:.3f}, temporaries {p['temp_size'] / GiB:.3f}, "
+               f"peak ~{p['peak_estimate'] / GiB:.3f} GiB")
+    lines.append(line)
+  return "\n".join(lines)
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  out = report(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "dry_run.json"), "w") as f:
+      json.dump(out, f, indent=1)
+  return out
