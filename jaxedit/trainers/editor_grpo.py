@@ -54,6 +54,7 @@ def reference_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # the editor SFT workdir to start from (its latest checkpoint)
   c.init_params = "ema"  # ema | params: which of its parameters
   del c.flow  # the SFT loss
+  del c.population  # K copies of the policy and the frozen base: SFT only
   for key in ("batch_size", "text_dropout", "end_lr_fraction"):
     del c.train[key]
   c.train.num_steps = 100  # GRPO iterations (rollout + update)

@@ -40,6 +40,8 @@ def reference_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.trainer = "editor_sft"
   c.init_from = ""  # optional: a diffusers Flux transformer folder (or a jaxedit export)
+  # JSON list of settings of traced hyperparameters (train.lr) trained at once: population.py
+  c.population = ""
   c.world = data_job.world_config()
   c.data = data_job.data_config()
   c.tokenizer = ml_collections.ConfigDict({"vocab_size": 512, "corpus_examples": 4000})
@@ -287,7 +289,8 @@ def loss_fn(params, model: Editor, batch: dict, rng, flow_cfg, text_dropout: flo
   return flow.sft_loss(v, x0, eps, weights)
 
 
-def make_train_step(setup: Setup):
+def train_step_fn(setup: Setup):
+  """The (unjitted) step (state, batch, hp) -> (state, metrics); `hp`: traced hparams."""
   cfg = setup.config
   base_rng = jax.random.key(cfg.train.seed)
 
@@ -303,8 +306,13 @@ def make_train_step(setup: Setup):
     ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate}
     return TrainState(state.step + 1, params, ema, opt_state), metrics
+  return step_fn
 
-  step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding, None),
+
+def make_train_step(setup: Setup):
+  cfg = setup.config
+  step = jax.jit(train_step_fn(setup),
+                 in_shardings=(setup.state_shardings, setup.batch_sharding, None),
                  out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
                  donate_argnums=0)
   return hparams.bind(sharding.in_context(step, setup.mesh, setup.rules),
@@ -404,6 +412,10 @@ def evaluate(setup, params, batches, sampler, seed: int, reward_fn=None):
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
 
+  if config.get("population"):
+    from jaxedit import population
+
+    return population.train(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   pretrained.copy_tokenizer(config.init_from, workdir)
   setup = make_setup(config, workdir)
