@@ -32,6 +32,7 @@ setup(
     extras_require={
         # torch==2.13.0 is the CPU wheel; any other spec pulls GBs of CUDA packages.
         "torch": TORCH,
+        "tpu": ["jax[tpu]"],  # on TPU VMs: python launch/tpu_vm.py ... --extras tpu
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", *TORCH],
     },
     entry_points={"console_scripts": ["jaxedit=jaxedit.cli:main"]},
