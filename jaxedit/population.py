@@ -146,6 +146,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       w.flush()
 
   # ---- Every member's validation: the numbers to compare ----
+  if tc.eval_every < 0:
+    return {"step": step, "members": [{"member": i, "settings": p} for i, p in enumerate(points)]}
   sampler = editor_sft.make_sampler(setup, config.sample.num_steps, config.sample.shift,
                                     config.sample.guidance_scale)
   val = editor_sft.eval_batches(setup, "validation", tc.example_kinds, tc.eval_examples,

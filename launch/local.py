@@ -62,9 +62,11 @@ def _echo(path: str, proc: subprocess.Popen) -> None:
 
 def run(jaxedit_args: list[str], num_processes: int, devices_per_process: int | None = None,
         logdir: str = "local_pod_logs", timeout: float | None = None, echo: bool = True,
-        env: dict | None = None) -> int:
-  """Runs `jaxedit JAXEDIT_ARGS` as `num_processes` joined processes; the first non-zero
-  exit code, or 0. `timeout` (seconds) stops them all and returns 124."""
+        env: dict | None = None, program: list[str] | None = None) -> int:
+  """Runs `jaxedit JAXEDIT_ARGS` (or `program`, e.g. a Python script that calls the
+  trainers after `jaxedit.distributed.initialize`) as `num_processes` joined processes;
+  the first non-zero exit code, or 0. `timeout` (seconds) stops them all and returns 124."""
+  program = program or [sys.executable, "-m", "jaxedit", *jaxedit_args]
   os.makedirs(logdir, exist_ok=True)
   port = free_port()
   procs, logs = [], []
@@ -72,7 +74,7 @@ def run(jaxedit_args: list[str], num_processes: int, devices_per_process: int | 
     logs.append(os.path.join(logdir, f"process_{i}.log"))
     with open(logs[i], "w") as log:
       procs.append(subprocess.Popen(
-          [sys.executable, "-m", "jaxedit", *jaxedit_args], stdout=log,
+          program, stdout=log,
           stderr=subprocess.STDOUT,
           env=process_env(i, num_processes, port, devices_per_process, env)))
   follower = threading.Thread(target=_echo, args=(logs[0], procs[0]), daemon=True)

@@ -4,6 +4,7 @@ the data axis across the processes (DCN) and fsdp within each, as on a multi-sli
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -25,11 +26,28 @@ def with_mesh(config, shape, **mesh):
   return config
 
 
-def run_pod(config, workdir, tmp_path):
-  path = config_lib.write_file(config, str(tmp_path / f"{os.path.basename(workdir)}.py"))
-  code = local.run(["train", "--config", path, "--workdir", str(workdir)], num_processes=2,
-                   devices_per_process=4, logdir=str(tmp_path / "logs"), timeout=600,
-                   echo=False)
+DRIVER = """
+import logging
+import sys
+from jaxedit import config, distributed
+from jaxedit.trainers import editor_grpo, editor_sft
+
+logging.basicConfig(level=logging.INFO)
+distributed.initialize(None)  # from the launcher's JAXEDIT_* variables
+editor_sft.train(config.load_file(sys.argv[1]), sys.argv[2])
+editor_grpo.train(config.load_file(sys.argv[3]), sys.argv[4])
+"""
+
+
+def run_pod(sft_config, sft_dir, grpo_config_, grpo_dir, tmp_path):
+  """SFT, then GRPO, on 2 processes x 4 CPU devices (one launch: one start-up)."""
+  files = [config_lib.write_file(c, str(tmp_path / f"{name}.py"))
+           for c, name in ((sft_config, "pod_sft"), (grpo_config_, "pod_grpo"))]
+  (tmp_path / "driver.py").write_text(DRIVER)
+  program = [sys.executable, str(tmp_path / "driver.py"), files[0], str(sft_dir), files[1],
+             str(grpo_dir)]
+  code = local.run([], num_processes=2, devices_per_process=4, logdir=str(tmp_path / "logs"),
+                   timeout=600, echo=False, program=program)
   log = (tmp_path / "logs" / "process_0.log").read_text()
   assert code == 0, log[-3000:]
   assert "process 0 of 2 joined (4 local devices, 8 in all)" in log
@@ -45,32 +63,30 @@ def metric(workdir, key):
 
 
 def test_two_processes_train_like_one_and_resume_on_another_mesh(small_data_dir, tmp_path):
-  # ---- Editor SFT: reference on 1 process, 8 devices ----
-  ref = str(tmp_path / "sft_ref")
-  sft = lambda **t: tiny_editor_config(small_data_dir, checkpoint_every=2, **t)
-  editor_sft.train(with_mesh(sft(num_steps=4), (4, 2, 1)), ref)  # the resume's mesh:
-  # the persistent compilation cache then compiles its programs once
+  # ---- References on 1 process with 8 devices: SFT 4 steps, GRPO (LoRA) 2 steps ----
+  # (on the mesh the resumed runs use: the compilation cache compiles their steps once)
+  sft = lambda steps: tiny_editor_config(small_data_dir, num_steps=steps, checkpoint_every=2,
+                                         eval_every=-1, sample_every=-1)
+  grpo = lambda steps: grpo_config(small_data_dir, ref, **{
+      "train.num_steps": steps, "train.eval_every": -1, "train.sample_every": -1,
+      "train.log_every": 1, "grpo.rollout_chunks": 2})
+  ref, gref = str(tmp_path / "sft_ref"), str(tmp_path / "grpo_ref")
+  editor_sft.train(with_mesh(sft(4), (4, 2, 1)), ref)
+  editor_grpo.train(with_mesh(grpo(2), (8, 1, 1)), gref)
 
-  # ---- The same run on 2 processes x 4 devices to its step-2 checkpoint ----
-  pod = tmp_path / "sft_pod"
-  run_pod(with_mesh(sft(num_steps=2), **POD_MESH), pod, tmp_path)
+  # ---- The same runs on 2 processes x 4 devices, data axis across them, to step 2 / 1 ----
+  pod, gpod = tmp_path / "sft_pod", tmp_path / "grpo_pod"
+  run_pod(with_mesh(sft(2), **POD_MESH), pod, with_mesh(grpo(1), **POD_MESH), gpod, tmp_path)
   assert sorted(os.listdir(pod / "checkpoints")) == ["2"]
-  # ---- ... resumed on 1 process with 8 devices on another mesh shape ----
-  editor_sft.train(with_mesh(sft(num_steps=4), (4, 2, 1)), str(pod))
+  assert sorted(os.listdir(gpod / "checkpoints")) == ["1"]
+
+  # ---- ... resumed on 1 process with 8 devices, on another mesh shape ----
+  editor_sft.train(with_mesh(sft(4), (4, 2, 1)), str(pod))
+  editor_grpo.train(with_mesh(grpo(2), (8, 1, 1)), str(gpod))
   expected, got = losses(ref), losses(pod)
   assert sorted(got) == [1, 2, 3, 4]
   for step in expected:
     assert got[step] == pytest.approx(expected[step], rel=1e-5), step
-
-  # ---- Editor GRPO (LoRA) from the SFT run: 1 process, then 2 processes + resume ----
-  grpo = lambda steps: grpo_config(small_data_dir, ref, **{
-      "train.num_steps": steps, "train.eval_every": 0, "train.sample_every": 0,
-      "train.log_every": 1, "grpo.rollout_chunks": 2})
-  gref = str(tmp_path / "grpo_ref")
-  editor_grpo.train(with_mesh(grpo(2), (8, 1, 1)), gref)
-  gpod = tmp_path / "grpo_pod"
-  run_pod(with_mesh(grpo(1), **POD_MESH), gpod, tmp_path)
-  editor_grpo.train(with_mesh(grpo(2), (8, 1, 1)), str(gpod))
   for key in ("reward/mean", "train/loss", "train/kl"):
     expected, got = metric(gref, key), metric(gpod, key)
     assert sorted(got) == [1, 2], key

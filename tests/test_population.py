@@ -1,4 +1,4 @@
-"""Population mode: K learning rates trained at once in one program follow the K runs they
+"""Population mode: K learning rates trained at once in one program follow the runs they
 stand for, step for step."""
 
 import json
@@ -22,15 +22,15 @@ def test_population_follows_the_single_runs(small_data_dir, tmp_path):
   assert [m["settings"]["train.lr"] for m in out["members"]] == list(RATES)
   summary = json.load(open(tmp_path / "pop" / "population.json"))
   assert [m["num_examples"] for m in summary] == [8, 8]
-  for i, lr in enumerate(RATES):
-    single = config()
-    single.mesh.shape = (2, 4, 1)
-    single.train.lr = lr
-    editor_sft.train(single, str(tmp_path / f"single_{i}"))
-    expected, got = losses(tmp_path / f"single_{i}"), losses(tmp_path / "pop" / f"member_{i}")
-    assert sorted(got) == [1, 2, 3]
-    for step in expected:
-      assert got[step] == pytest.approx(expected[step], rel=1e-5), (lr, step)
+  # Member 1 (not the config's rate) follows the run it stands for, step for step.
+  single = config()
+  single.mesh.shape, single.train.lr = (2, 4, 1), RATES[1]
+  single.train.eval_every = single.train.sample_every = -1
+  editor_sft.train(single, str(tmp_path / "single"))
+  expected, got = losses(tmp_path / "single"), losses(tmp_path / "pop" / "member_1")
+  assert sorted(got) == [1, 2, 3]
+  for step in expected:
+    assert got[step] == pytest.approx(expected[step], rel=1e-5), step
   # The two members did train differently from step 2 on (their rates differ).
   a, b = (losses(tmp_path / "pop" / f"member_{i}") for i in range(2))
   assert a[1] == b[1] and a[3] != b[3]

@@ -573,7 +573,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
   # ---- Loop ----
   step = start
   try:
-    if start == 0 and tc.eval_every:
+    if start == 0 and tc.eval_every > 0:
       write_grid(writer, workdir, 0, validate(0), tc.sample_examples)
     for step in range(start + 1, tc.num_steps + 1):
       levels, trained = setup.levels_and_steps(step)
@@ -595,9 +595,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
                            for k, v in host["parts"].items()}})
         editor_sft.write_metrics_line(writer, workdir, step, scalars)
       first = None
-      if (tc.eval_every and step % tc.eval_every == 0) or last:
+      if editor_sft.due(tc.eval_every, step, last):
         first = validate(step)
-      if (tc.sample_every and step % tc.sample_every == 0) or last:
+      if editor_sft.due(tc.sample_every, step, last):
         if first is not None:
           write_grid(writer, workdir, step, first, tc.sample_examples)
         write_rollout_grid(writer, workdir, step, host, g.group_size, tc.sample_examples)

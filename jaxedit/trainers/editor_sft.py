@@ -65,9 +65,9 @@ def reference_config() -> ml_collections.ConfigDict:
       "ema_decay": 0.999,
       "text_dropout": 0.0,  # > 0 trains the unconditional branch for guidance
       "log_every": 20,
-      "sample_every": 500,
+      "sample_every": 500,  # as eval_every
       "sample_examples": 16,
-      "eval_every": 500,
+      "eval_every": 500,  # and at the end; 0: only at the end; -1: never
       "eval_examples": 256,  # validation examples scored during training
       "checkpoint_every": 500,
       "keep_checkpoints": 2,
@@ -471,7 +471,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         write_metrics_line(writer, workdir, step,
                            {k: float(v) for k, v in jax.device_get(metrics).items()})
       first = None  # the first validation batch's edits, reused for the sample grid
-      if (tc.eval_every and step % tc.eval_every == 0) or last:
+      if due(tc.eval_every, step, last):
         eval_start = time.time()
         summary, first = evaluate(setup, state.ema_params, val_batches, sampler, seed=10_000)
         eval_seconds += time.time() - eval_start
@@ -483,7 +483,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("step %d (%.1f min): validation %s", step, minutes, summary)
         if jax.process_index() == 0:
           evaluation.write_metrics(curve_path, curve)
-      if (tc.sample_every and step % tc.sample_every == 0) or last:
+      if due(tc.sample_every, step, last):
         if first is None:
           _, first = evaluate(setup, state.ema_params, val_batches[:1], sampler, seed=10_000)
         write_grid(writer, workdir, step, first, tc.sample_examples)
@@ -496,6 +496,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
   return {"step": step, "curve": curve,
           "final_loss": None if metrics is None else float(metrics["loss"])}
+
+
+def due(every: int, step: int, last: bool) -> bool:
+  """Whether a periodic action (validation, sample grids) runs at `step`: every `every`
+  steps and at the last; 0: at the last only; < 0: never."""
+  return (every > 0 and step % every == 0) or (last and every >= 0)
 
 
 def write_metrics_line(writer, workdir: str, step: int, scalars: dict) -> None:

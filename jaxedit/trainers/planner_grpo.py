@@ -33,7 +33,7 @@ from jaxedit.shapes.detect import detect
 from jaxedit.shapes.world import Scene
 from jaxedit.trainers import planner_sft
 from jaxedit.trainers.editor_grpo import GRPOState, check_tasks, optimizer_step
-from jaxedit.trainers.editor_sft import check_batch_size, write_metrics_line
+from jaxedit.trainers.editor_sft import check_batch_size, due, write_metrics_line
 
 ROLLOUT_FIELDS = planner_sft.RECORD_FIELDS + ("checklist", "source_scene", "num_steps", "task")
 BATCH_FIELDS = ("source_image", "prompt", "prompt_valid", "plan", "plan_valid")
@@ -333,7 +333,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
     if jax.process_index() == 0:
       evaluation.write_metrics(curve_path, curve)
 
-  if start == 0:
+  if start == 0 and tc.eval_every >= 0:
     validate(0)
 
   # ---- Loop ----
@@ -363,7 +363,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
                         "rollout/plan_tokens": float(
                             sharding.all_rows(arrays["plan_valid"].sum(1)).mean())})
         write_metrics_line(writer, workdir, step, scalars)
-      if (tc.eval_every and step % tc.eval_every == 0) or last:
+      if due(tc.eval_every, step, last):
         validate(step)
       if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
                                 last=last, preemption=preemption):

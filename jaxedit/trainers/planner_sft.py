@@ -35,7 +35,7 @@ from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.world import Scene
 from jaxedit.text import tokenizer as tokenizer_lib
 from jaxedit.trainers.editor_sft import (RunSetup, TrainState, apply_at_rate, assemble_setup,
-                                         init_state, with_params, write_metrics_line)
+                                         due, init_state, with_params, write_metrics_line)
 
 RECORD_FIELDS = ("source_image", "instruction", "scene_text", "plan_steps")
 EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_family")
@@ -425,7 +425,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % tc.log_every == 0 or last:
         write_metrics_line(writer, workdir, step,
                            {k: float(v) for k, v in jax.device_get(metrics).items()})
-      if (tc.eval_every and step % tc.eval_every == 0) or last:
+      if due(tc.eval_every, step, last):
         summary, samples = evaluate(setup, state.ema_params, val_batches, sampler)
         minutes = (time.time() - t0) / 60
         curve.append({"step": step, "minutes": round(minutes, 2), **summary})
