@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import pytest
@@ -52,7 +53,10 @@ def test_dry_run_reports_without_training(small_data_dir, tmp_path, capsys):
   assert step["program"] == "train_step" and step["peak_estimate"] > 0
   # The same FLOPs with the layers scanned or unrolled: the scan body counts per layer.
   config.model.scan_layers = not config.model.scan_layers
-  assert dry_run.report(config, workdir)["programs"][0]["flops"] == step["flops"]
+  other = editor_sft.make_setup(config, str(tmp_path / "other"))
+  (name, jitted, args), = dry_run.PROGRAMS["editor_sft"](other)
+  with jax.set_mesh(other.mesh), nn.logical_axis_rules(other.rules):
+    assert flops.count(jitted, *args) == step["flops"]
   printed = capsys.readouterr().out
   assert "matmul FLOPs" in printed and "bytes per device" in printed
 

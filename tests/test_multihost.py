@@ -27,13 +27,14 @@ def with_mesh(config, shape, **mesh):
 
 
 DRIVER = """
-import logging
 import sys
+import jax
 from jaxedit import config, distributed
 from jaxedit.trainers import editor_grpo, editor_sft
 
-logging.basicConfig(level=logging.INFO)
 distributed.initialize(None)  # from the launcher's JAXEDIT_* variables
+print("processes", jax.process_count(), "devices", jax.local_device_count(), jax.device_count(),
+      flush=True)
 editor_sft.train(config.load_file(sys.argv[1]), sys.argv[2])
 editor_grpo.train(config.load_file(sys.argv[3]), sys.argv[4])
 """
@@ -50,7 +51,7 @@ def run_pod(sft_config, sft_dir, grpo_config_, grpo_dir, tmp_path):
                    timeout=600, echo=False, program=program)
   log = (tmp_path / "logs" / "process_0.log").read_text()
   assert code == 0, log[-3000:]
-  assert "process 0 of 2 joined (4 local devices, 8 in all)" in log
+  assert "processes 2 devices 4 8" in log
   return log
 
 

@@ -84,3 +84,18 @@ def test_a_sweep_over_lr_and_kl_beta_compiles_the_step_once(small_data_dir, tiny
   table = (root / "sweep_summary.md").read_text()
   assert len(table.splitlines()) == 4 and "| lr=0.003,kl_beta=0.1 |" in table
   assert sweep_launcher.read_metrics(str(root / results[0]["name"]))["train/lr"] == rates[0]
+
+
+def test_a_sweep_on_one_tpu_pod_creates_it_once_and_deletes_it_last(capsys):
+  code = sweep_launcher.main([
+      "--config", "configs/shapes_editor_grpo.py", "--workdir", "gs://bucket/sweep",
+      "--on", "tpu_vm", "--pod", "--name s1 --zone us-east5-a --accelerator v5p-8",
+      "--dry_run", "--", "--config.init_from=gs://bucket/sft"])
+  assert code == 0
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[dry run] gcloud")]
+  creates = [l for l in lines if " tpu-vm create s1 " in l]
+  runs = [l for l in lines if "jaxedit train" in l]
+  deletes = [l for l in lines if " tpu-vm delete s1 " in l]
+  assert len(creates) == 1 and len(deletes) == 1 and len(runs) == 4
+  assert lines.index(creates[0]) < lines.index(runs[0]) and lines[-1] == deletes[0]
+  assert "lr=0.001,kl_beta=0.04" in runs[3] and "init_from=gs://bucket/sft" in runs[3]
