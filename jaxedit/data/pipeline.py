@@ -17,6 +17,7 @@ import grain
 from jaxedit.data.examples import check_record
 from jaxedit.shapes.world import World
 
+PREFETCH_BATCHES = 4  # batches read ahead, each by its own thread
 TEXT_FIELDS = ("id", "kind", "family", "task", "instruction", "scene_text", "plan",
                "plan_steps", "checklist")
 
@@ -122,7 +123,10 @@ def make_dataset(source: grain.sources.RandomAccessDataSource, batch_size: int, 
   if map_fn is not None:
     ds = ds.map(map_fn)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)[process_index::process_count]
-  ds = ds.to_iter_dataset()
+  # Elements are whole batches here: grain's default read-ahead (500 elements, 16 threads)
+  # would decode hundreds of batches ahead and starve the training step of CPU.
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=PREFETCH_BATCHES,
+                                            prefetch_buffer_size=PREFETCH_BATCHES))
   if worker_count:
     ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=worker_count))
   return ds
