@@ -85,6 +85,16 @@ def split_at_dashes(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return argv[:cut], argv[cut + 1:]
 
 
+def parse_with_command(p, argv: Sequence[str]):
+  """(the launcher's parsed arguments, the jaxedit command after `--`); a usage error
+  when the command is missing."""
+  own, jaxedit_args = split_at_dashes(argv)
+  args = p.parse_args(own)
+  if not jaxedit_args:
+    p.error("give the jaxedit command after `--`, e.g. -- train --config configs/X.py ...")
+  return args, jaxedit_args
+
+
 def remote_env(env: Mapping[str, str]) -> str:
   """`K=V ...` to prefix a shell command with, each value quoted."""
   for key in env:

@@ -258,11 +258,8 @@ def spec_from(args: argparse.Namespace) -> PodSpec:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  own, jaxedit_args = common.split_at_dashes(sys.argv[1:] if argv is None else argv)
   p = parser()
-  args = p.parse_args(own)
-  if not jaxedit_args:
-    p.error("give the jaxedit command after `--`, e.g. -- train --config configs/X.py ...")
+  args, jaxedit_args = common.parse_with_command(p, sys.argv[1:] if argv is None else argv)
   try:
     spec = spec_from(args)
   except ValueError as e:
