@@ -21,9 +21,8 @@ class ConfigError(ValueError):
   """A config that cannot be used: unknown key, wrong type, bad value, unloadable file."""
 
 
-def load_file(spec: str) -> ml_collections.ConfigDict:
-  """Loads `path.py[:arg]` by calling its `get_config(arg)`."""
-  path, _, arg = spec.partition(":")
+def load_module(path: str):
+  """The module of a config file (which holds get_config and maybe get_sweep)."""
   if not os.path.isfile(path):
     raise ConfigError(f"config file {path!r} does not exist")
   module_spec = importlib.util.spec_from_file_location("_jaxedit_config", path)
@@ -32,6 +31,13 @@ def load_file(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
   except Exception as e:
     raise ConfigError(f"config file {path!r} failed to load: {e!r}") from e
+  return module
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path.py[:arg]` by calling its `get_config(arg)`."""
+  path, _, arg = spec.partition(":")
+  module = load_module(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config() function")
   try:

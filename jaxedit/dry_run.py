@@ -7,6 +7,7 @@ temporaries). Nothing is allocated beyond compilation; no data is read.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -16,9 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from jaxedit import flops, hparams
+from jaxedit import flops, hparams, sharding
 from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
 
@@ -27,15 +27,6 @@ GiB = 2.0 ** 30
 
 def _abstract(shape, dtype, sharding_):
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_)
-
-
-def _per_device(tree) -> int:
-  """Bytes one device holds of a tree of sharded abstract arrays (the most loaded one)."""
-  total = 0
-  for leaf in jax.tree.leaves(tree):
-    shard = leaf.sharding.shard_shape(leaf.shape)
-    total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
-  return total
 
 
 def _program(name: str, jitted, setup, args) -> dict:
@@ -106,8 +97,6 @@ PROGRAMS = {"editor_sft": _editor_sft, "planner_sft": _planner_sft,
 
 def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Compiles the run's step programs on its mesh; returns (and prints) the figures."""
-  import importlib
-
   trainer = config.trainer
   if trainer not in PROGRAMS:
     raise ConfigError(f"--dry_run supports {sorted(PROGRAMS)}; for {trainer} use "
@@ -123,7 +112,7 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = setup.abstract_state
   out = {"trainer": trainer, "mesh": dict(setup.mesh.shape), "devices": setup.mesh.size,
          "parameters": int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))),
-         "bytes_per_device": {k: _per_device(getattr(state, k)) for k in
+         "bytes_per_device": {k: sharding.bytes_per_device(getattr(state, k)) for k in
                               ("params", "ema_params", "opt_state", "frozen")
                               if hasattr(state, k)},
          "hparams (traced)": {k: float(v) for k, v in hparams.values(

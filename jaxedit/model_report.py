@@ -42,10 +42,8 @@ def _count(tree) -> int:
 
 
 def _bytes_per_device(boxed, mesh, rules) -> int:
-  shardings = sharding.logical_shardings(boxed, mesh, rules)
-  leaves = jax.tree.leaves(nn.unbox(boxed))
-  return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-             for x, s in zip(leaves, jax.tree.leaves(shardings)))
+  return sharding.bytes_per_device(nn.unbox(boxed),
+                                   sharding.logical_shardings(boxed, mesh, rules))
 
 
 def editor_state(config: ml_collections.ConfigDict):

@@ -26,7 +26,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxedit import checkpoint, evaluation, hparams, sharding, sweep
 from jaxedit.config import ConfigError, apply_overrides
-from jaxedit.data.pipeline import make_dataset
 from jaxedit.interop import pretrained
 
 
@@ -101,11 +100,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
              for d in dirs]
   logging.info("population of %d: %s", k, points)
 
-  data = make_dataset(setup.source("train"), tc.batch_size // jax.process_count(),
-                      seed=tc.seed, fields=editor_sft.IMAGE_FIELDS + ("instruction",),
-                      kinds=tc.example_kinds, map_fn=setup.tokenize,
-                      worker_count=tc.worker_count)
-  data_iter = iter(data)
+  data_iter = iter(editor_sft.train_data(setup))
   mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
   shardings = stacked(setup.state_shardings)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct((k, *a.shape), a.dtype, sharding=s),
@@ -114,11 +109,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = checkpoint.restore(mngr, mngr.latest_step(), abstract, data_iter)
     logging.info("resumed from step %d", int(state.step[0]))
   else:
-    one = editor_sft.init_state(setup)
-    if config.init_from:
-      one = editor_sft.with_params(one, pretrained.load_editor(
-          config.init_from, setup.abstract_state.params, setup.model.cfg))
-    state = replicate_members(one, k, setup)
+    state = replicate_members(editor_sft.start_state(setup), k, setup)
   start = int(state.step[0])
 
   step_fn = make_step(setup)

@@ -106,6 +106,16 @@ def logical_shardings(boxed_tree, mesh: Mesh, axis_rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
 
 
+def bytes_per_device(tree, shardings=None) -> int:
+  """Bytes one device holds of a tree of arrays or ShapeDtypeStructs, sharded by their own
+  `.sharding` or by `shardings` (the most loaded device when shards are uneven)."""
+  leaves = jax.tree.leaves(tree)
+  shards = (jax.tree.leaves(shardings) if shardings is not None
+            else [x.sharding for x in leaves])
+  return sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x, s in zip(leaves, shards))
+
+
 def in_context(fn, mesh: Mesh, axis_rules):
   """Calls (and so traces) the jitted `fn` with the mesh and logical rules active, so
   activation constraints (`nn.with_logical_constraint`) resolve to mesh axes."""

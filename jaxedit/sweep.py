@@ -15,7 +15,7 @@ compiles each step once (the persistent compilation cache carries it across proc
 from __future__ import annotations
 
 import builtins
-import importlib.util
+import copy
 import itertools
 import os
 import re
@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from jaxedit.config import ConfigError, apply_overrides, load_file
+from jaxedit import hparams
+from jaxedit.config import ConfigError, apply_overrides, load_file, load_module
 
 Point = dict[str, Any]
 
@@ -55,9 +56,7 @@ def zip(*axes: list[Point]) -> list[Point]:  # noqa: A001 (the sweep vocabulary'
 def load(spec: str) -> list[Point]:
   """The points of `path.py[:arg]`'s get_sweep(arg); ConfigError if it has none."""
   path, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_jaxedit_sweep", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = load_module(path)
   if not hasattr(module, "get_sweep"):
     raise ConfigError(f"config file {path!r} declares no sweep (no get_sweep() function)")
   points = module.get_sweep(arg) if arg else module.get_sweep()
@@ -74,13 +73,13 @@ def overrides(point: Point) -> list[str]:
 def check(spec: str, points: list[Point]) -> ml_collections.ConfigDict:
   """Applies every point to the config before anything runs, so a misspelt key or a bad
   value fails the sweep at once, naming the point. Returns the unswept config."""
+  base = load_file(spec)
   for i, point in enumerate(points):
-    config = load_file(spec)
     try:
-      apply_overrides(config, overrides(point))
+      apply_overrides(copy.deepcopy(base), overrides(point))
     except ConfigError as e:
       raise ConfigError(f"sweep point {i} {point}: {e}") from None
-  return load_file(spec)
+  return base
 
 
 def name(point: Point) -> str:
@@ -92,8 +91,6 @@ def name(point: Point) -> str:
 
 def recompiling_keys(trainer: str, points: list[Point]) -> list[str]:
   """Swept keys that change a compiled program (not traced, not host-side)."""
-  from jaxedit import hparams
-
   free = hparams.free_keys(trainer)
   swept = sorted({k for p in points for k in p})
   return [k for k in swept

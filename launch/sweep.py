@@ -64,8 +64,8 @@ def read_metrics(workdir: str) -> dict:
   if os.path.exists(eval_path):
     scores = json.load(open(eval_path))
     out.update(scores.get("after", scores))  # GRPO/OPD evals hold before/after
-  elif os.path.exists(curve_path) and json.load(open(curve_path)):
-    out.update(json.load(open(curve_path))[-1])
+  elif os.path.exists(curve_path):
+    out.update((json.load(open(curve_path)) or [{}])[-1])
   lines = os.path.join(workdir, "metrics.jsonl")
   if os.path.exists(lines):
     rows = open(lines).read().splitlines()
@@ -78,7 +78,8 @@ def program_names(entries) -> list[str]:
   return sorted(e.split("-")[0].removeprefix("jit_") for e in entries)
 
 
-def run_point(args, result: Result, extra: list[str], cache_dir: str) -> Result:
+def run_point(args, result: Result, extra: list[str], cache_dir: str,
+              sequential: bool) -> Result:
   os.makedirs(result.workdir, exist_ok=True)
   before, start = sweep.cache_entries(cache_dir), time.time()
   for jaxedit_args in commands(args.config, result.workdir, result.point, extra, args.eval):
@@ -93,7 +94,7 @@ def run_point(args, result: Result, extra: list[str], cache_dir: str) -> Result:
     if result.code:
       break
   result.minutes = round((time.time() - start) / 60, 2)
-  if not args.parallel or args.parallel == 1:  # entries of concurrent runs would mix
+  if sequential:  # the cache entries of concurrent runs would mix
     result.compiled = program_names(sweep.cache_entries(cache_dir) - before)
   result.metrics = read_metrics(result.workdir)
   status = "ok" if not result.code else f"exit code {result.code}"
@@ -110,17 +111,20 @@ def run_on_pods(args, results: list[Result], extra: list[str]) -> None:
   runner = common.Runner(dry_run=args.dry_run)
   module = tpu_vm if args.on == "tpu_vm" else xpk
   spec = module.spec_from(module.parser().parse_args(shlex.split(args.pod)))
+  launched = 0
   try:
     for i, result in enumerate(results):
       start = time.time()
       for jaxedit_args in commands(args.config, result.workdir, result.point, extra,
                                    args.eval):
-        if args.on == "tpu_vm":
-          point_spec = dataclasses.replace(spec, reuse=spec.reuse or i > 0, keep=True)
+        if args.on == "tpu_vm":  # created by the first command, reused by the rest
+          point_spec = dataclasses.replace(spec, reuse=spec.reuse or launched > 0, keep=True)
           result.code = tpu_vm.run_on_pod(point_spec, jaxedit_args, runner)
-        else:
-          point_spec = dataclasses.replace(spec, workload=f"{spec.workload}-{i}")
+        else:  # a workload per command (train, eval): names must not clash
+          point_spec = dataclasses.replace(
+              spec, workload=f"{spec.workload}-{i}-{jaxedit_args[0]}")
           result.code = xpk.run_on_cluster(point_spec, jaxedit_args, runner)
+        launched += 1
         if result.code:
           break
       result.minutes = round((time.time() - start) / 60, 2)
@@ -184,12 +188,13 @@ def main(argv=None) -> int:
                                       os.path.join(os.path.abspath(args.workdir), "xla_cache"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-    if args.in_process or args.parallel <= 1:  # in the main thread (SIGTERM handling)
+    sequential = args.in_process or args.parallel <= 1
+    if sequential:  # in the main thread (SIGTERM handling)
       for r in results:
-        run_point(args, r, extra, cache_dir)
+        run_point(args, r, extra, cache_dir, sequential)
     else:
       with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-        list(pool.map(lambda r: run_point(args, r, extra, cache_dir), results))
+        list(pool.map(lambda r: run_point(args, r, extra, cache_dir, sequential), results))
   os.makedirs(args.workdir, exist_ok=True)
   with open(os.path.join(args.workdir, "sweep_summary.json"), "w") as f:
     json.dump([dataclasses.asdict(r) for r in results], f, indent=1)

@@ -425,11 +425,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("editor: %.2fM parameters, mesh %s", n_params / 1e6, dict(setup.mesh.shape))
 
   # ---- Data ----
-  local_batch = tc.batch_size // jax.process_count()
-  train_data = make_dataset(setup.source("train"), local_batch, seed=tc.seed,
-                            fields=IMAGE_FIELDS + ("instruction",), kinds=tc.example_kinds,
-                            map_fn=setup.tokenize, worker_count=tc.worker_count)
-  data_iter = iter(train_data)
+  data_iter = iter(train_data(setup))
 
   # ---- State: restore the latest checkpoint or initialise ----
   mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
@@ -437,10 +433,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state, data_iter)
     logging.info("resumed from step %d", int(state.step))
   else:
-    state = init_state(setup)
-    if config.init_from:
-      state = with_params(state, pretrained.load_editor(
-          config.init_from, setup.abstract_state.params, setup.model.cfg))
+    state = start_state(setup)
   start = int(state.step)
 
   train_step = make_train_step(setup)
@@ -496,6 +489,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.flush()
   return {"step": step, "curve": curve,
           "final_loss": None if metrics is None else float(metrics["loss"])}
+
+
+def train_data(setup: Setup):
+  """This process's share of the training batches (source, target, tokenized instruction)."""
+  tc = setup.config.train
+  return make_dataset(setup.source("train"), tc.batch_size // jax.process_count(),
+                      seed=tc.seed, fields=IMAGE_FIELDS + ("instruction",),
+                      kinds=tc.example_kinds, map_fn=setup.tokenize,
+                      worker_count=tc.worker_count)
+
+
+def start_state(setup: Setup) -> TrainState:
+  """A fresh run's state: initialised, with `init_from`'s transformer when it names one."""
+  state = init_state(setup)
+  if setup.config.init_from:
+    state = with_params(state, pretrained.load_editor(
+        setup.config.init_from, setup.abstract_state.params, setup.model.cfg))
+  return state
 
 
 def due(every: int, step: int, last: bool) -> bool:
