@@ -16,6 +16,7 @@ import signal
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -23,13 +24,32 @@ def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointM
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
       item_names=("state", "data", "config"),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(
+          type_handler_registry=_type_handlers(jax.default_backend() == "tpu"))},
       options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                            enable_async_checkpointing=async_save))
 
 
+def _type_handlers(replica_parallel: bool) -> ocp.type_handlers.TypeHandlerRegistry:
+  """Orbax's standard handlers, with replica-parallel array writes only on TPU.
+
+  Replica-parallel writes split every replicated shard among its replicas, which pays off
+  when many hosts hold replicas of large arrays; elsewhere it costs one eagerly dispatched
+  slice (and a compile per shape) per array and replica: 10k slices and a third of a
+  tiny 8-step run on 8 CPU devices. Off, replica 0 writes each shard whole.
+  """
+  th = ocp.type_handlers
+  scalar = th.ScalarHandler()
+  return th.create_type_handler_registry(
+      (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
+      (np.ndarray, th.NumpyHandler()),
+      (jax.Array, th.ArrayHandler(use_replica_parallel=replica_parallel)),
+      (str, th.StringHandler()))
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator,
          config: ml_collections.ConfigDict, force: bool = False) -> bool:
-  items = {"state": ocp.args.StandardSave(state),
+  items = {"state": ocp.args.PyTreeSave(state),
            "config": ocp.args.JsonSave(config.to_dict())}
   if data_iterator is not None:
     items["data"] = ocp.args.JsonSave(data_iterator.get_state())
@@ -44,7 +64,7 @@ def abstract_like(tree, shardings):
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
   """Restores the state onto the shardings in `abstract_state`; the data iterator in place."""
-  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  items = {"state": _pytree_restore(abstract_state)}
   legacy = False  # before the JSON data item: grain's one file per process
   if data_iterator is not None:
     data_dir = os.path.join(str(mngr.directory), str(step), "data")
@@ -82,11 +102,15 @@ def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
 def restore_subtree(mngr: ocp.CheckpointManager, step: int, key: str, abstract):
   """One entry of a saved train state (e.g. `ema_params`) onto the shardings of `abstract`,
   without reading the rest (optimizer state, ...)."""
-  target = {key: abstract}
-  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-      partial_restore=True)))
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=_pytree_restore({key: abstract}, partial_restore=True)))
   return restored.state[key]
+
+
+def _pytree_restore(abstract, **kwargs) -> ocp.args.PyTreeRestore:
+  """Restore arguments placing every array onto the sharding its abstract value carries."""
+  return ocp.args.PyTreeRestore(
+      abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), **kwargs)
 
 
 class Preemption:
