@@ -86,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
   x.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
   x.add_argument("--weights", default="eval", choices=("eval", "ema", "raw"),
                  help="EMA or raw parameters (default: those the run's eval uses)")
+  b = sub.add_parser("bench", help="benchmark suites against their PyTorch references; "
+                     "prints a table, writes JSON")
+  from jaxedit import bench  # argparse only; the suites import their libraries when run
+
+  bench.add_arguments(b)
   return p
 
 
@@ -115,6 +120,11 @@ def main(argv=None) -> int:
                              editor_workdir=args.editor, seed=args.seed,
                              max_steps=args.max_steps)
       print(json.dumps(record, indent=1))
+      return 0
+    if args.command == "bench":
+      from jaxedit import bench
+
+      bench.run(args)
       return 0
     if args.command == "export":
       from jaxedit import export

@@ -1,7 +1,7 @@
 """Benchmark: Flow-GRPO rollout throughput, jaxedit vs a PyTorch loop over diffusers.
 
     python -m jaxedit.benchmarks.grpo_rollout [--config configs/shapes_editor_sft.py]
-        [--batch 32] [--steps 8] [--repeats 5] [--out grpo_rollout.json]
+        [--set KEY=VALUE] [--batch 32] [--steps 8] [--repeats 5] [--out grpo_rollout.json]
 
 Both sides run the same SDE sampling loop (DESIGN.md section 5: the Flow-GRPO mean, noise,
 per-step log-prob, the trajectory kept for training) over the same Flux transformer with the
@@ -15,20 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit import flow
+from jaxedit import flops, flow
+from jaxedit.benchmarks import common
 from jaxedit.config import load_file
-from jaxedit.interop import flux_diffusers
-from jaxedit.models.editor import editor_config
-from jaxedit.models.flux import FluxTransformer, position_ids
+from jaxedit.models.flux import FluxTransformer
 
 
 def jax_rollout(cfg, grid, times, levels):
@@ -69,98 +65,82 @@ def torch_rollout(model, x1, source, context, pooled, img_ids, txt_ids, times, l
   return x, torch.stack(latents), torch.stack(log_probs)
 
 
-def timed(fn, repeats: int) -> list[float]:
-  out = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - start)
-  return out
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--config", default="configs/shapes_editor_sft.py")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override, e.g. model.num_layers=4 (repeatable)")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--steps", type=int, default=8)
   p.add_argument("--noise_level", type=float, default=0.7)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--out", default="grpo_rollout.json")
   args = p.parse_args(argv)
+  return run(args.config, args.set, args.batch, args.steps, args.noise_level, args.repeats,
+             args.out)
 
-  import torch
+
+def run(config: str, overrides, batch: int, steps: int, noise_level: float, repeats: int,
+        out: str = "") -> dict:
   import diffusers
+  import torch
 
   torch.set_num_threads(os.cpu_count())
-  config = load_file(args.config)
-  editor = editor_config(config.model, config.world.image_size, config.tokenizer.vocab_size)
-  cfg, grid = editor.flux, editor.grid
-  S, L, D = grid[0] * grid[1], config.model.text_max_len, cfg.joint_attention_dim
-  rng = np.random.default_rng(0)
-  f = lambda *shape: rng.normal(size=shape).astype(np.float32)
-  x1, source = f(args.batch, S, cfg.in_channels), f(args.batch, S, cfg.in_channels)
-  context, pooled = f(args.batch, L, D), f(args.batch, cfg.pooled_projection_dim)
-  params = FluxTransformer(cfg).init(jax.random.key(0), x1[:1], jnp.ones((1,)), context[:1],
-                                     pooled[:1], grid, source_tokens=source[:1])["params"]
-  # Random weights everywhere (zero-initialised gates would make the model trivial).
-  leaves, tree = jax.tree.flatten(jax.tree.map(np.asarray, jax.device_get(
-      nn.unbox(params))))
-  params = jax.tree.unflatten(tree, [f(*x.shape) * 0.05 for x in leaves])
-
-  model = diffusers.FluxTransformer2DModel(**flux_diffusers.diffusers_config(cfg)).eval()
-  model.load_state_dict({k: torch.from_numpy(v) for k, v in
-                         flux_diffusers.to_diffusers(params).items()}, strict=True)
-  img_ids = torch.from_numpy(np.concatenate([position_ids(*grid, 0),
-                                             position_ids(*grid, 1)]).astype(np.float32))
-  txt_ids = torch.zeros(L, 3)
-  times = np.asarray(flow.sigmas(args.steps, config.sample.shift))
-  levels = np.full(args.steps, args.noise_level, np.float32)
-  t_in = [torch.from_numpy(a) for a in (x1, source, context, pooled)]
-  j_in = [jnp.asarray(a) for a in (x1, source, context, pooled)]
+  bench = common.flux_bench(config, batch, overrides)
+  cfg, grid, params = bench.cfg, bench.grid, bench.params
+  model = bench.torch_model().eval()
+  img_ids, txt_ids = bench.torch_ids()
+  shift = load_file(config).sample.shift
+  times = np.asarray(flow.sigmas(steps, shift))
+  levels = np.full(steps, noise_level, np.float32)
+  names = ("x", "source", "context", "pooled")
+  t_in = [torch.from_numpy(bench.inputs[k]) for k in names]
+  j_in = [jnp.asarray(bench.inputs[k]) for k in names]
 
   # ---- Same computation: a deterministic rollout on both sides ----
-  ode = jax_rollout(cfg, grid, jnp.asarray(times), jnp.zeros(args.steps))
+  ode = jax_rollout(cfg, grid, jnp.asarray(times), jnp.zeros(steps))
   ours = np.asarray(ode(params, *j_in, jax.random.key(0))["sample"])
   with torch.no_grad():
-    ref = torch_rollout(model, *t_in, img_ids, txt_ids, times, np.zeros(args.steps),
+    ref = torch_rollout(model, *t_in, img_ids, txt_ids, times, np.zeros(steps),
                         None)[0].numpy()
   rel_err = float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
 
   # ---- Throughput of the SDE rollout ----
   sde = jax_rollout(cfg, grid, jnp.asarray(times), jnp.asarray(levels))
+  model_flops = flops.count(sde, params, *j_in, jax.random.key(1))
   start = time.perf_counter()
   jax.block_until_ready(sde(params, *j_in, jax.random.key(1)))
   compile_s = time.perf_counter() - start
-  jax_s = timed(lambda: jax.block_until_ready(sde(params, *j_in, jax.random.key(1))),
-                args.repeats)
+  jax_s = common.timed(lambda: jax.block_until_ready(sde(params, *j_in, jax.random.key(1))),
+                       repeats)
   generator = torch.Generator().manual_seed(0)
   with torch.no_grad():
     torch_rollout(model, *t_in, img_ids, txt_ids, times, levels, generator)  # warm-up
-    torch_s = timed(lambda: torch_rollout(model, *t_in, img_ids, txt_ids, times, levels,
-                                          generator), args.repeats)
+    torch_s = common.timed(lambda: torch_rollout(model, *t_in, img_ids, txt_ids, times,
+                                                 levels, generator), repeats)
 
-  jax_med, torch_med = statistics.median(jax_s), statistics.median(torch_s)
+  jax_med, torch_med = common.median(jax_s), common.median(torch_s)
   result = {
-      "suite": "grpo_rollout", "batch": args.batch, "steps": args.steps, "tokens": 2 * S + L,
-      "config": args.config, "device": jax.devices()[0].device_kind,
-      "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+      "suite": "grpo_rollout", "batch": batch, "steps": steps, "tokens": bench.tokens,
+      "params": bench.num_params, "config": bench.config_name,
+      "device": jax.devices()[0].device_kind, "machine": common.machine(),
       "jaxedit_s": jax_med, "reference_s": torch_med, "speedup": torch_med / jax_med,
-      "jaxedit_samples_per_s": args.batch / jax_med,
-      "reference_samples_per_s": args.batch / torch_med,
-      "jax_compile_s": compile_s, "ode_rollout_rel_err": rel_err,
+      "jaxedit_samples_per_s": batch / jax_med, "reference_samples_per_s": batch / torch_med,
+      "model_flops": model_flops, "jax_compile_s": compile_s, "ode_rollout_rel_err": rel_err,
       "jax_times_s": jax_s, "reference_times_s": torch_s,
       "versions": {"jax": jax.__version__, "torch": torch.__version__,
                    "diffusers": diffusers.__version__},
   }
-  print(f"GRPO rollout: {args.batch} samples x {args.steps} SDE steps, {2 * S + L} tokens, "
+  print(f"GRPO rollout: {batch} samples x {steps} SDE steps, {bench.tokens} tokens, "
         f"{result['machine']}")
   print(f"{'implementation':<34}{'s / rollout':>12}{'samples/s':>11}")
-  print(f"{'jaxedit (jit, lax.scan)':<34}{jax_med:>12.3f}{args.batch / jax_med:>11.1f}")
-  print(f"{'PyTorch loop, diffusers Flux':<34}{torch_med:>12.3f}{args.batch / torch_med:>11.1f}")
+  print(f"{'jaxedit (jit, lax.scan)':<34}{jax_med:>12.3f}{batch / jax_med:>11.1f}")
+  print(f"{'PyTorch loop, diffusers Flux':<34}{torch_med:>12.3f}{batch / torch_med:>11.1f}")
   print(f"speedup (reference_s / jaxedit_s): {result['speedup']:.2f}x; JAX compile "
         f"{compile_s:.1f} s; ODE rollouts agree to {rel_err:.1e} relative")
-  with open(args.out, "w") as fh:
-    json.dump(result, fh, indent=1)
+  if out:
+    with open(out, "w") as fh:
+      json.dump(result, fh, indent=1)
   return result
 
 

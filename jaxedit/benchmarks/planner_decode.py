@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jaxedit import sampling
-from jaxedit.benchmarks.grpo_rollout import timed
+from jaxedit.benchmarks.common import timed
 from jaxedit.config import load_file
 from jaxedit.interop import lm_transformers
 from jaxedit.models.planner import Planner, PlannerConfig, planner_config
@@ -107,8 +107,9 @@ def main(argv=None):
   print(f"{'transformers generate (greedy)':<38}{torch_med:>10.3f}{tokens / torch_med:>10.0f}")
   print(f"speedup (reference_s / jaxedit_s): {result['speedup']:.2f}x; JAX first call "
         f"{start:.1f} s; greedy tokens agree {agree:.1%}")
-  with open(args.out, "w") as fh:
-    json.dump(result, fh, indent=1)
+  if args.out:
+    with open(args.out, "w") as fh:
+      json.dump(result, fh, indent=1)
   return result
 
 

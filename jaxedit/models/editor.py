@@ -133,6 +133,7 @@ def model_config() -> ml_collections.ConfigDict:
       "param_dtype": "float32",
       "scan_layers": True,
       "remat_policy": "none",
+      "attention": "auto",  # auto (cuDNN flash attention on GPU in bf16/fp16) | xla | cudnn
       "text_encoder": "shapes",  # shapes | precomputed
       "text_width": 128,
       "text_layers": 2,
@@ -186,7 +187,8 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
       qk_norm_init=model.qk_norm_init, lora_rank=model.lora_rank,
       lora_alpha=model.lora_alpha or model.lora_rank, lora_targets=tuple(model.lora_targets),
       dtype=dtype,
-      param_dtype=param_dtype, scan_layers=model.scan_layers, remat_policy=model.remat_policy)
+      param_dtype=param_dtype, scan_layers=model.scan_layers, remat_policy=model.remat_policy,
+      attention=model.get("attention", "auto"))  # runs saved before the key: auto
   return EditorConfig(image_size=size, channels=channels, patch_size=model.patch_size,
                       flux=flux, text=text)
 

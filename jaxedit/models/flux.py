@@ -49,6 +49,7 @@ class FluxConfig:
   param_dtype: Dtype = jnp.float32
   scan_layers: bool = True
   remat_policy: str = "none"  # none | full | dots (jax.checkpoint_policies names)
+  attention: str = "auto"  # auto | xla | cudnn (attention_implementation)
 
   @property
   def inner_dim(self) -> int:
@@ -108,9 +109,25 @@ def apply_rope(x: jax.Array, rope) -> jax.Array:
   return (x32 * cos[None, :, None] + rotated * sin[None, :, None]).astype(x.dtype)
 
 
-def attention(q, k, v) -> jax.Array:
-  """(B, S, N, H) -> (B, S, N*H); the backend's fused attention where it has one."""
-  out = jax.nn.dot_product_attention(q, k, v)
+ATTENTION = ("auto", "xla", "cudnn")
+
+
+def attention_implementation(choice: str, dtype) -> str | None:
+  """jax.nn.dot_product_attention's `implementation`: "auto" is cuDNN's fused (flash)
+  attention on a GPU in 16-bit compute, which it requires, and XLA's elsewhere (JAX's own
+  default is XLA's everywhere, which materialises the S x S scores)."""
+  if choice not in ATTENTION:
+    raise ValueError(f"model.attention must be one of {ATTENTION}, got {choice!r}")
+  if choice == "auto":
+    sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else None
+  return None if choice == "xla" else choice
+
+
+def attention(cfg: "FluxConfig", q, k, v) -> jax.Array:
+  """(B, S, N, H) -> (B, S, N*H), by the implementation `cfg.attention` picks."""
+  out = jax.nn.dot_product_attention(
+      q, k, v, implementation=attention_implementation(cfg.attention, q.dtype))
   return out.reshape(*out.shape[:2], -1)
 
 
@@ -188,7 +205,7 @@ class JointAttention(nn.Module):
     q, k, v = qkv(self.cfg, x)
     cq, ck, cv = qkv(self.cfg, context, context=True)
     q, k, v = (jnp.concatenate([a, b], axis=1) for a, b in ((cq, q), (ck, k), (cv, v)))
-    out = attention(apply_rope(q, rope), apply_rope(k, rope), v)
+    out = attention(self.cfg, apply_rope(q, rope), apply_rope(k, rope), v)
     text_out, image_out = out[:, :n_text], out[:, n_text:]
     image_out = dense(self.cfg, self.cfg.inner_dim, ("heads", "embed"), "to_out_0")(image_out)
     text_out = dense(self.cfg, self.cfg.inner_dim, ("heads", "embed"), "to_add_out")(text_out)
@@ -203,7 +220,7 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x, rope):
     q, k, v = qkv(self.cfg, x)
-    return attention(apply_rope(q, rope), apply_rope(k, rope), v)
+    return attention(self.cfg, apply_rope(q, rope), apply_rope(k, rope), v)
 
 
 class DoubleBlock(nn.Module):

@@ -45,7 +45,7 @@ PROMPT_FIELDS = ("source_image", "target_image", "instruction", "checklist", "so
 ACROSS_UPDATES = {"ratio_min": jnp.min, "ratio_max": jnp.max}
 # Model keys that may differ from the SFT run being fine-tuned; all others must match it.
 FREE_MODEL_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "dtype", "param_dtype",
-                   "scan_layers", "remat_policy")
+                   "scan_layers", "remat_policy", "attention")
 
 
 def reference_config() -> ml_collections.ConfigDict:
