@@ -13,7 +13,6 @@ one entry per suite (jaxedit_s, reference_s, speedup = reference_s / jaxedit_s, 
 from __future__ import annotations
 
 import argparse
-import json
 
 SUITES = ("editor_sft_step", "grpo_rollout", "grpo_update", "planner_decode", "opd_step")
 
@@ -72,9 +71,8 @@ def run(args: argparse.Namespace) -> list[dict]:
       result["mfu"] = result["model_flops"] / result["jaxedit_s"] / peak
     results.append(result)
   print(table(results))
+  common.write_json(results, args.out)
   if args.out:
-    with open(args.out, "w") as fh:
-      json.dump(results, fh, indent=1)
     print(f"wrote {args.out}")
   return results
 

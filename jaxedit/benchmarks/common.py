@@ -5,6 +5,7 @@ measured in the same run, peak memory, and a Flux editor with random weights on 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import resource
@@ -34,6 +35,13 @@ def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
 
 def median(times: Sequence[float]) -> float:
   return statistics.median(times)
+
+
+def write_json(result, path: str) -> None:
+  """The benchmark's result as JSON at `path` (nothing for an empty path)."""
+  if path:
+    with open(path, "w") as fh:
+      json.dump(result, fh, indent=1)
 
 
 def machine() -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import time
 
@@ -257,9 +256,7 @@ def run(suite: str, config: str, overrides, batch: int, repeats: int, out: str =
   print(f"  jaxedit {jax_med:.4f} s, PyTorch ({device}) {torch_med:.4f} s: "
         f"{result['speedup']:.2f}x; {model_flops / 1e9:.1f} GFLOP per step; first losses "
         f"agree to {result['first_loss_rel_err']:.1e}")
-  if out:
-    with open(out, "w") as fh:
-      json.dump(result, fh, indent=1)
+  common.write_json(result, out)
   return result
 
 

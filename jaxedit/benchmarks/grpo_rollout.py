@@ -13,7 +13,6 @@ A deterministic (ODE) rollout of both is compared first, so the two compute the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -138,9 +137,7 @@ def run(config: str, overrides, batch: int, steps: int, noise_level: float, repe
   print(f"{'PyTorch loop, diffusers Flux':<34}{torch_med:>12.3f}{batch / torch_med:>11.1f}")
   print(f"speedup (reference_s / jaxedit_s): {result['speedup']:.2f}x; JAX compile "
         f"{compile_s:.1f} s; ODE rollouts agree to {rel_err:.1e} relative")
-  if out:
-    with open(out, "w") as fh:
-      json.dump(result, fh, indent=1)
+  common.write_json(result, out)
   return result
 
 

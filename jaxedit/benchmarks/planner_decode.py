@@ -14,7 +14,6 @@ medians after a warm-up; JAX's compile time is reported apart.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,7 +23,7 @@ import jax
 import numpy as np
 
 from jaxedit import sampling
-from jaxedit.benchmarks.common import timed
+from jaxedit.benchmarks.common import timed, write_json
 from jaxedit.config import load_file
 from jaxedit.interop import lm_transformers
 from jaxedit.models.planner import Planner, PlannerConfig, planner_config
@@ -107,9 +106,7 @@ def main(argv=None):
   print(f"{'transformers generate (greedy)':<38}{torch_med:>10.3f}{tokens / torch_med:>10.0f}")
   print(f"speedup (reference_s / jaxedit_s): {result['speedup']:.2f}x; JAX first call "
         f"{start:.1f} s; greedy tokens agree {agree:.1%}")
-  if args.out:
-    with open(args.out, "w") as fh:
-      json.dump(result, fh, indent=1)
+  write_json(result, args.out)
   return result
 
 
