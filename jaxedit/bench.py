@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> list[dict]:
   import jax.numpy as jnp
 
   from jaxedit.benchmarks import common, editor_step, grpo_rollout, planner_decode
-  from jaxedit.config import load_file
+  from jaxedit.config import apply_overrides, load_file
   from jaxedit.models.editor import DTYPES
 
   suites = [s for s in args.suites.split(",") if s]
@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> list[dict]:
   if unknown:
     raise SystemExit(f"jaxedit bench: unknown suite(s) {unknown}; choose from {SUITES}")
   editor = load_file(args.editor_config)
-  dtype = DTYPES[dict(s.split("=", 1) for s in args.set).get("model.dtype", editor.model.dtype)]
+  apply_overrides(editor, args.set)
+  dtype = DTYPES[editor.model.dtype]
   peak = common.matmul_peak(dtype)
   print(f"matmul peak ({jnp.dtype(dtype).name}, measured): {peak / 1e12:.3f} TFLOP/s on "
         f"{common.machine()}")

@@ -8,7 +8,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -74,11 +73,6 @@ def jax_peak_bytes() -> int | None:
   return stats.get("peak_bytes_in_use")
 
 
-def host_peak_bytes() -> int:
-  """Peak resident memory of this process (on CPU, the models' memory lives here)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 @dataclasses.dataclass
 class FluxBench:
   """One Flux transformer with the same random weights in jaxedit and diffusers, and random
@@ -87,6 +81,7 @@ class FluxBench:
   grid: tuple[int, int]
   params: Any  # float32 numpy tree (jaxedit layout)
   inputs: dict  # float32 numpy: x, source, context, pooled
+  config: Any  # the ConfigDict, overrides applied
   config_name: str
 
   @property
@@ -149,4 +144,4 @@ def flux_bench(config_path: str, batch: int, overrides: Sequence[str] = (),
   params = jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.05).astype(np.float32),
                         nn.unbox(abstract))
   name = config_path + "".join(f" {o}" for o in overrides)
-  return FluxBench(cfg, grid, params, inputs, name)
+  return FluxBench(cfg, grid, params, inputs, config, name)

@@ -22,7 +22,6 @@ import numpy as np
 
 from jaxedit import flops, flow
 from jaxedit.benchmarks import common
-from jaxedit.config import load_file
 from jaxedit.models.flux import FluxTransformer
 
 
@@ -89,8 +88,7 @@ def run(config: str, overrides, batch: int, steps: int, noise_level: float, repe
   cfg, grid, params = bench.cfg, bench.grid, bench.params
   model = bench.torch_model().eval()
   img_ids, txt_ids = bench.torch_ids()
-  shift = load_file(config).sample.shift
-  times = np.asarray(flow.sigmas(steps, shift))
+  times = np.asarray(flow.sigmas(steps, bench.config.sample.shift))
   levels = np.full(steps, noise_level, np.float32)
   names = ("x", "source", "context", "pooled")
   t_in = [torch.from_numpy(bench.inputs[k]) for k in names]
