@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+from etils import epath
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jaxedit import sweep  # noqa: E402  (imports no JAX: the cache is configured first)
@@ -59,16 +61,16 @@ def read_metrics(workdir: str) -> dict:
   """The headline figures of a finished run: eval/metrics.json, else its last validation
   point, plus the last logged training metrics."""
   out = {}
-  eval_path, curve_path = (os.path.join(workdir, p) for p in ("eval/metrics.json",
-                                                             "curve.json"))
-  if os.path.exists(eval_path):
-    scores = json.load(open(eval_path))
+  root = epath.Path(workdir)  # a local folder or a bucket (gs://) of a pod run
+  eval_path, curve_path = root / "eval/metrics.json", root / "curve.json"
+  if eval_path.exists():
+    scores = json.loads(eval_path.read_text())
     out.update(scores.get("after", scores))  # GRPO/OPD evals hold before/after
-  elif os.path.exists(curve_path):
-    out.update((json.load(open(curve_path)) or [{}])[-1])
-  lines = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(lines):
-    rows = open(lines).read().splitlines()
+  elif curve_path.exists():
+    out.update((json.loads(curve_path.read_text()) or [{}])[-1])
+  lines = root / "metrics.jsonl"
+  if lines.exists():
+    rows = lines.read_text().splitlines()
     out.update(json.loads(rows[-1]) if rows else {})
   return {k: out[k] for k in METRICS if isinstance(out.get(k), (int, float))}
 
@@ -128,6 +130,8 @@ def run_on_pods(args, results: list[Result], extra: list[str]) -> None:
         if result.code:
           break
       result.minutes = round((time.time() - start) / 60, 2)
+      if not args.dry_run:
+        result.metrics = read_metrics(result.workdir)
   finally:
     if args.on == "tpu_vm" and not spec.keep:
       tpu_vm.delete(runner, spec)
@@ -183,6 +187,8 @@ def main(argv=None) -> int:
     return 0
   if args.on != "local":
     run_on_pods(args, results, extra)
+    if args.dry_run:  # nothing ran: no summary to write
+      return 0
   else:
     cache_dir = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                       os.path.join(os.path.abspath(args.workdir), "xla_cache"))
@@ -195,12 +201,12 @@ def main(argv=None) -> int:
     else:
       with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         list(pool.map(lambda r: run_point(args, r, extra, cache_dir, sequential), results))
-  os.makedirs(args.workdir, exist_ok=True)
-  with open(os.path.join(args.workdir, "sweep_summary.json"), "w") as f:
-    json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
+  root = epath.Path(args.workdir)  # gs:// for pod runs: not a local folder named "gs:"
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "sweep_summary.json").write_text(
+      json.dumps([dataclasses.asdict(r) for r in results], indent=1))
   text = table(results, swept)
-  with open(os.path.join(args.workdir, "sweep_summary.md"), "w") as f:
-    f.write(text + "\n")
+  (root / "sweep_summary.md").write_text(text + "\n")
   print(text, flush=True)
   return max((r.code for r in results), default=0)
 

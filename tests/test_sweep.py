@@ -99,3 +99,5 @@ def test_a_sweep_on_one_tpu_pod_creates_it_once_and_deletes_it_last(capsys):
   assert len(creates) == 1 and len(deletes) == 1 and len(runs) == 4
   assert lines.index(creates[0]) < lines.index(runs[0]) and lines[-1] == deletes[0]
   assert "lr=0.001,kl_beta=0.04" in runs[3] and "init_from=gs://bucket/sft" in runs[3]
+  # A dry run writes no summary, and a gs:// root never becomes a local folder "gs:".
+  assert not os.path.exists("gs:")
