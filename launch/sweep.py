@@ -130,8 +130,6 @@ def run_on_pods(args, results: list[Result], extra: list[str]) -> None:
         if result.code:
           break
       result.minutes = round((time.time() - start) / 60, 2)
-      if not args.dry_run:
-        result.metrics = read_metrics(result.workdir)
   finally:
     if args.on == "tpu_vm" and not spec.keep:
       tpu_vm.delete(runner, spec)
@@ -189,6 +187,8 @@ def main(argv=None) -> int:
     run_on_pods(args, results, extra)
     if args.dry_run:  # nothing ran: no summary to write
       return 0
+    for r in results:  # after every launch: a bucket read that fails stops no point
+      r.metrics = read_metrics(r.workdir)
   else:
     cache_dir = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                       os.path.join(os.path.abspath(args.workdir), "xla_cache"))
