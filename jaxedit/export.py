@@ -81,7 +81,8 @@ def export_editor(workdir: str, out: str, dtype: str, weights: str) -> dict:
                     os.path.join(out, "tokenizer.json"))
     meta["text_encoder"] = {"vocab_size": cfg.text.vocab_size, "width": cfg.text.width,
                             "num_layers": cfg.text.num_layers, "num_heads": cfg.text.num_heads,
-                            "max_len": cfg.text.max_len, "text_len": setup.text_len}
+                            "max_len": cfg.text.max_len, "text_len": setup.text_len,
+                            "layout_grid": cfg.text.layout_grid}
   _write_json(os.path.join(out, EDITOR_META), meta)
   return {"files": files + ["config.json", EDITOR_META], **meta}
 

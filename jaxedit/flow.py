@@ -5,11 +5,13 @@ x_t = (1 - t) x0 + t eps, target velocity v = eps - x0, sampling from t = 1 down
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import einops
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def shift_time(t, shift: float):
@@ -49,10 +51,28 @@ def changed_patch_weights(source, target, patch: int, changed_weight: float):
   differs from source, 1 elsewhere. In editing most pixels are copies; this puts the gradient
   on the edit. Where the target is a function of (source, instruction), as in the shapes
   world, the minimiser is unchanged; with ambiguous targets it leans towards the edits."""
-  diff = jnp.abs(target.astype(jnp.float32) - source.astype(jnp.float32))
-  changed = einops.reduce(diff, "b (h ph) (w pw) c -> b h w", "max", ph=patch, pw=patch) > 0
+  changed = changed_regions(source, target, source.shape[1] // patch, source.shape[2] // patch)
   changed = einops.repeat(changed, "b h w -> b (h ph) (w pw) 1", ph=patch, pw=patch)
   return jnp.where(changed, changed_weight, 1.0)
+
+
+def changed_regions(source, target, rows: int, cols: int):
+  """(B, rows, cols) bool: whether target differs from source anywhere in each of the
+  rows x cols equal regions of the (B, H, W, C) images."""
+  diff = jnp.abs(target.astype(jnp.float32) - source.astype(jnp.float32))
+  return einops.reduce(diff, "b (h ph) (w pw) c -> b h w", "max", h=rows, w=cols) > 0
+
+
+def grounding_loss(cell_logits, source, target, keep=None):
+  """Where-the-edit-acts loss: per-cell sigmoid cross-entropy of the editor's cell logits
+  (B, n*n), predicted from the instruction alone, against the n x n regions that target
+  changes, summed over cells, averaged over the examples `keep` selects (default all)."""
+  n = math.isqrt(cell_logits.shape[-1])
+  changed = changed_regions(source, target, n, n).reshape(cell_logits.shape)
+  per_example = optax.sigmoid_binary_cross_entropy(cell_logits.astype(jnp.float32),
+                                                   changed.astype(jnp.float32)).sum(-1)
+  keep = jnp.ones(per_example.shape, bool) if keep is None else keep
+  return jnp.where(keep, per_example, 0.0).sum() / jnp.maximum(keep.sum(), 1)
 
 
 def sigmas(num_steps: int, shift: float = 1.0):

@@ -71,6 +71,7 @@ def tiny_editor_config(data_dir, **train):
   m.patch_size, m.num_heads, m.head_dim, m.axes_dims_rope = 8, 2, 16, (4, 6, 6)
   m.num_layers, m.num_single_layers = 1, 1
   m.text_width, m.text_layers, m.text_heads, m.text_max_len = 32, 1, 2, 40
+  m.text_layout_grid = 2  # grounding on, as in configs/shapes_editor_sft.py
   t = config.train
   t.batch_size, t.num_steps, t.warmup_steps = 8, 6, 2
   t.log_every, t.eval_every, t.sample_every, t.checkpoint_every = 1, 0, 0, 2

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit.models.editor import Editor, editor_config, model_config, patchify, unpatchify
+from jaxedit.models.editor import (Editor, TextEncoder, editor_config, layout_ids, model_config,
+                                    patchify, unpatchify)
 
 
 def tiny_model(**overrides):
@@ -100,3 +101,41 @@ def test_qk_norm_init_sets_every_q_and_k_norm_weight():
            or "'norm_added_q'" in k or "'norm_added_k'" in k}
   assert len(norms) == 6  # double blocks: 4 (image and text stream); single blocks: 2
   assert all(np.all(np.asarray(x) == 2.0) for x in norms.values())
+
+
+def test_layout_tokens_sit_at_cell_centres_and_carry_the_grounding():
+  assert np.array_equal(layout_ids(2, (4, 6)), [[0, 0.5, 1], [0, 0.5, 4], [0, 2.5, 1],
+                                                 [0, 2.5, 4]])
+  model = Editor(editor_config(tiny_model(text_layout_grid=2), 32, 100))
+  x, t, source, text = inputs()
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), x, t, source, text)["params"])
+  rng = np.random.default_rng(0)  # random everywhere: zero-initialised outputs hide paths
+  params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32),
+                        params)
+  v, logits = model.apply({"params": params}, x, t, source, text, with_cell_logits=True)
+  assert v.shape == x.shape and logits.shape == (2, 4)
+  context, pooled, logits_again = TextEncoder(model.cfg.text).apply(
+      {"params": params["text_encoder"]}, text["ids"], text["mask"])
+  np.testing.assert_allclose(logits_again, logits, rtol=1e-6)
+  g = params["text_encoder"]["grounding"]
+  expected = g["layout_base"] + jax.nn.sigmoid(logits)[..., None] * g["layout_here"]
+  np.testing.assert_allclose(context[:, 12:], expected, rtol=1e-5, atol=1e-6)
+
+  # Only the grounding loss trains the grounding's encoder and head: the flow output gives
+  # them no gradient ...
+  with_g = lambda g: {**params, "text_encoder": {**params["text_encoder"], "grounding": g}}
+  trained = {k: g[k] for k in ("encoder", "fc", "out")}
+  flow_grad = jax.grad(lambda tr: jnp.sum(model.apply(
+      {"params": with_g({**g, **tr})}, x, t, source, text) ** 2))(trained)
+  assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree.leaves(flow_grad))
+  # ... but the gates' values reach the transformer.
+  shifted = with_g({**g, "out": jax.tree.map(lambda b: b + 3.0, g["out"])})
+  assert float(jnp.abs(model.apply({"params": shifted}, x, t, source, text) - v).max()) > 1e-4
+
+
+def test_layout_grid_errors_name_the_problem():
+  with pytest.raises(ValueError, match="text_layout_grid 3 must divide the 4x4 token grid"):
+    editor_config(tiny_model(text_layout_grid=3), 32, 100)
+  with pytest.raises(ValueError, match="text_layout_grid needs the 'shapes' text encoder"):
+    editor_config(tiny_model(text_encoder="precomputed", context_dim=40, text_layout_grid=2),
+                  32, 100)

@@ -39,7 +39,7 @@ def test_eight_devices_match_one(small_data_dir, tmp_path):
   rng = jax.random.key(3)
   results = []
   for setup, state in ((one, state1), (eight, state8)):
-    loss_fn = lambda p, b, r, s=setup: editor_sft.loss_fn(p, s.model, b, r, s.config.flow, 0.0)
+    loss_fn = lambda p, b, r, s=setup: editor_sft.loss_fn(p, s.model, b, r, s.config.flow, 0.0)[0]
     grad_fn = sharding.in_context(jax.jit(jax.value_and_grad(loss_fn)), setup.mesh, setup.rules)
     loss, grads = grad_fn(state.params, sharding.global_batch(batch, setup.batch_sharding), rng)
     new_state, metrics = editor_sft.make_train_step(setup)(
@@ -160,3 +160,6 @@ def test_bad_trainer_configs_are_named(small_data_dir, tmp_path, capsys):
       capsys.readouterr().err
   assert cli.main(base + ["--config.model.patch_size=5"]) == 2
   assert "not divisible by model.patch_size" in capsys.readouterr().err
+  assert cli.main(base + ["--config.flow.grounding_weight=0"]) == 2
+  assert "'flow.grounding_weight' must be > 0 with model.text_layout_grid set" in \
+      capsys.readouterr().err

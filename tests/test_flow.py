@@ -77,3 +77,22 @@ def test_changed_patch_weights_and_weighted_loss_against_numpy():
   assert float(unweighted) == pytest.approx(err.mean(), rel=1e-5)
   assert float(flow.sft_loss(*(jnp.asarray(a, jnp.float32) for a in (v, x0, eps)),
                              jnp.ones((2, 8, 8, 1)))) == pytest.approx(err.mean(), rel=1e-5)
+
+
+def test_grounding_loss_against_float64():
+  rng = np.random.default_rng(1)
+  source = rng.integers(0, 256, (3, 8, 8, 3)).astype(np.uint8)
+  target = source.copy()
+  target[0, 1, 6, 0] += 1  # cell (0, 1) of a 2x2 grid
+  target[1, 4:, :4] = 0  # cell (1, 0); example 2 unchanged
+  changed = np.array([[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], np.float64)
+  np.testing.assert_array_equal(flow.changed_regions(source, target, 2, 2).reshape(3, 4),
+                                changed.astype(bool))
+  logits = rng.normal(size=(3, 4)) * 3
+  p = 1 / (1 + np.exp(-logits))
+  per_example = -(changed * np.log(p) + (1 - changed) * np.log(1 - p)).sum(-1)
+  got = flow.grounding_loss(jnp.asarray(logits, jnp.float32), source, target)
+  assert float(got) == pytest.approx(per_example.mean(), rel=1e-5)
+  keep = jnp.asarray([True, False, True])
+  got = flow.grounding_loss(jnp.asarray(logits, jnp.float32), source, target, keep)
+  assert float(got) == pytest.approx(per_example[[0, 2]].mean(), rel=1e-5)

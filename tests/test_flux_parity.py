@@ -50,17 +50,30 @@ def randomized_params(cfg, seed=0):
   return jax.tree.unflatten(tree, leaves)
 
 
+# Text position ids as the editor's layout tokens use them: fractional (row, column) centres.
+TEXT_IDS = np.stack([np.zeros(L), np.linspace(0, 3, L), np.linspace(5, 0.5, L)], -1)
+
+
 @pytest.mark.parametrize("scan", [True, False])
 @pytest.mark.parametrize("with_source", [True, False])
 @pytest.mark.parametrize("guidance", [False, True])
 def test_forward_matches_diffusers(scan, with_source, guidance):
+  check_forward(scan, with_source, guidance, text_ids=None)
+
+
+@pytest.mark.parametrize("guidance", [False, True])
+def test_forward_with_text_position_ids_matches_diffusers(guidance):
+  check_forward(True, True, guidance, text_ids=TEXT_IDS)
+
+
+def check_forward(scan, with_source, guidance, text_ids):
   cfg = tiny(scan, guidance)
   params = randomized_params(cfg)
   x = random_inputs()
   ours = FluxTransformer(cfg).apply(
       {"params": params}, x["tokens"], x["t"], x["context"], x["pooled"], (H, W),
       source_tokens=x["source"] if with_source else None,
-      guidance=x["guidance"] if guidance else None)
+      guidance=x["guidance"] if guidance else None, text_ids=text_ids)
 
   img_ids = np.asarray(position_ids(H, W, 0))
   hidden = x["tokens"]
@@ -74,7 +87,7 @@ def test_forward_matches_diffusers(scan, with_source, guidance):
         pooled_projections=torch.from_numpy(x["pooled"]),
         timestep=torch.from_numpy(x["t"]),
         img_ids=torch.from_numpy(img_ids.copy()).float(),
-        txt_ids=torch.zeros(L, 3),
+        txt_ids=torch.zeros(L, 3) if text_ids is None else torch.from_numpy(text_ids).float(),
         guidance=torch.from_numpy(x["guidance"]) if guidance else None,
         return_dict=False)[0].numpy()[:, :H * W]
   rel = np.linalg.norm(np.asarray(ours) - ref) / np.linalg.norm(ref)

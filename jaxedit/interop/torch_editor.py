@@ -29,16 +29,30 @@ def _layer_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 
 class TextEncoder(torch.nn.Module):
   """jaxedit's shapes text encoder (models.editor.TextEncoder): pre-LN transformer over ids,
-  returning (hidden states, masked-mean pooled). Weights keep flax names and (in, out)."""
+  returning (hidden states, masked-mean pooled); with a layout grid the hidden states end
+  with the layout tokens of its grounding (models.editor.CellGrounding: an encoder of the
+  same architecture, an MLP head, gated shared vectors). Weights keep flax names and
+  (in, out)."""
 
-  def __init__(self, weights: dict[str, torch.Tensor], num_layers: int, num_heads: int):
+  def __init__(self, weights: dict[str, torch.Tensor], num_layers: int, num_heads: int,
+               layout_grid: int = 0):
     super().__init__()
-    self.w = torch.nn.ParameterDict({k.replace(".", "/"): torch.nn.Parameter(v, False)
-                                     for k, v in weights.items()})
-    self.num_layers, self.num_heads = num_layers, num_heads
+    weights = {k.replace(".", "/"): v for k, v in weights.items()}
+    own = {k: v for k, v in weights.items() if not k.startswith("grounding/")}
+    self.w = torch.nn.ParameterDict({k: torch.nn.Parameter(v, False) for k, v in own.items()})
+    self.num_layers, self.num_heads, self.layout_grid = num_layers, num_heads, layout_grid
+    if layout_grid:
+      sub = lambda prefix: {k[len(prefix):]: v for k, v in weights.items()
+                            if k.startswith(prefix)}
+      self.grounding_encoder = TextEncoder(sub("grounding/encoder/"), num_layers, num_heads)
+      self.grounding = torch.nn.ParameterDict(
+          {k.replace("/", "_"): torch.nn.Parameter(v, False)
+           for k, v in sub("grounding/").items() if not k.startswith("encoder/")})
 
-  def _dense(self, name: str, x: torch.Tensor) -> torch.Tensor:
-    return x @ self.w[f"{name}/kernel"] + self.w[f"{name}/bias"]
+  def _dense(self, name: str, x: torch.Tensor, w=None) -> torch.Tensor:
+    w = self.w if w is None else w
+    sep = "/" if w is self.w else "_"
+    return x @ w[f"{name}{sep}kernel"] + w[f"{name}{sep}bias"]
 
   def forward(self, ids: torch.Tensor, mask: torch.Tensor):
     x = self.w["embed/embedding"][ids] + self.w["position"][:ids.shape[1]]
@@ -54,7 +68,21 @@ class TextEncoder(torch.nn.Module):
       x = x + self._dense(f"layer_{i}_fc2", h)
     x = _layer_norm(x)
     weights = mask[..., None].to(x.dtype)
-    return x, (x * weights).sum(1) / weights.sum(1).clamp(min=1)
+    pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)
+    if not self.layout_grid:
+      return x, pooled
+    g = self.grounding
+    h = F.gelu(self._dense("fc", self.grounding_encoder(ids, mask)[1], g), approximate="tanh")
+    gate = torch.sigmoid(self._dense("out", h, g))[..., None]
+    return torch.cat([x, g["layout_base"] + gate * g["layout_here"]], 1), pooled
+
+
+def layout_ids(layout_grid: int, grid: int) -> torch.Tensor:
+  """(n*n, 3) RoPE ids of the layout tokens: (0, row, column) at their cells' centres."""
+  centres = (torch.arange(layout_grid, dtype=torch.float64) + 0.5) * (grid / layout_grid) - 0.5
+  rows, cols = torch.meshgrid(centres, centres, indexing="ij")
+  return torch.stack([torch.zeros(rows.numel(), dtype=torch.float64), rows.reshape(-1),
+                      cols.reshape(-1)], -1).float()
 
 
 @dataclasses.dataclass
@@ -76,7 +104,8 @@ def load(folder: str, dtype: torch.dtype = torch.float32) -> ExportedEditor:
   weights = {k: v.to(dtype) for k, v in
              load_file(os.path.join(folder, "text_encoder.safetensors")).items()}
   te = meta["text_encoder"]
-  text_encoder = TextEncoder(weights, te["num_layers"], te["num_heads"]).eval()
+  text_encoder = TextEncoder(weights, te["num_layers"], te["num_heads"],
+                             te.get("layout_grid", 0)).eval()
   tok = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
   return ExportedEditor(transformer, text_encoder, tok, meta)
 
@@ -118,6 +147,8 @@ def sample(editor: ExportedEditor, sources: np.ndarray, instructions: list[str],
   uncond = editor.text_encoder(torch.zeros_like(ids), torch.zeros_like(mask))
   img_ids = torch.cat([position_ids(grid, grid, 0), position_ids(grid, grid, 1)])
   txt_ids = torch.zeros(ids.shape[1], 3)
+  if editor.text_encoder.layout_grid:
+    txt_ids = torch.cat([txt_ids, layout_ids(editor.text_encoder.layout_grid, grid)])
   n = grid * grid
 
   def velocity(x, t, text):

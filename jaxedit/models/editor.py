@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from jaxedit.models.flux import FluxConfig, FluxTransformer, layer_norm
 from jaxedit.models.layers import dense
@@ -33,6 +34,9 @@ class TextConfig:
   num_layers: int = 2
   num_heads: int = 4
   max_len: int = 32
+  # Grounding: n > 0 adds a head predicting which cells of an n x n grid over the image the
+  # instruction's edit acts on, and n * n layout tokens that carry it (TextEncoder).
+  layout_grid: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -52,7 +56,9 @@ class EditorConfig:
 
 
 class TextEncoder(nn.Module):
-  """Pre-LN bidirectional transformer over token ids; returns (hidden states, pooled)."""
+  """Pre-LN bidirectional transformer over token ids; returns (hidden states, pooled, cell
+  logits). With `layout_grid` > 0 the hidden states end with `CellGrounding`'s layout
+  tokens and the cell logits are its; None otherwise."""
 
   cfg: TextConfig
 
@@ -81,7 +87,53 @@ class TextEncoder(nn.Module):
     x = layer_norm(x, 1e-5)
     weights = mask[..., None].astype(x.dtype)
     pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
-    return x, pooled
+    if not cfg.layout_grid:
+      return x, pooled, None
+    layout, cell_logits = CellGrounding(cfg, name="grounding")(ids, mask)
+    return jnp.concatenate([x, layout], axis=1), pooled, cell_logits
+
+
+class CellGrounding(nn.Module):
+  """Which cells of an n x n grid over the image (n = `layout_grid`) the instruction's edit
+  acts on, and n * n layout tokens that tell the transformer; returns (tokens, logits).
+
+  Its own text encoder (the same architecture, without a grid) and an MLP on its pooled
+  embedding give logits (B, n * n), trained by `flow.grounding_loss` from the pixels each
+  edit changes. Layout token i is a shared learned vector plus a shared "here" vector
+  scaled by cell i's probability, and `layout_ids` puts it at cell i's RoPE position. Why:
+  a Flux transformer places content at a cell within a hundred steps when a token at that
+  cell carries one cell-independent signal, but does not learn to bind "row 2, column 3" to
+  a position from the flow loss alone (README, Editor SFT). The probabilities enter the
+  tokens without gradient and the encoder is the grounding's own (sharing the editor's
+  encoder halved validation success at step 750), so the grounding loss trains only this.
+  """
+
+  cfg: TextConfig
+
+  @nn.compact
+  def __call__(self, ids, mask):
+    cfg = self.cfg
+    _, pooled, _ = TextEncoder(dataclasses.replace(cfg, layout_grid=0), name="encoder")(
+        ids, mask)
+    h = jax.nn.gelu(dense(cfg, cfg.width, ("embed", "mlp"), "fc")(pooled))
+    cell_logits = dense(cfg, cfg.layout_grid**2, ("mlp", None), "out")(h)
+    base, here = (self.param(name, nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                ("embed",)),
+                             (cfg.width,), cfg.param_dtype).astype(cfg.dtype)
+                  for name in ("layout_base", "layout_here"))
+    gate = jax.nn.sigmoid(jax.lax.stop_gradient(cell_logits))[..., None].astype(cfg.dtype)
+    return base + gate * here, cell_logits
+
+
+def layout_ids(layout_grid: int, grid: tuple[int, int]) -> np.ndarray:
+  """(n*n, 3) RoPE ids of the layout tokens: (0, row, column) at the centre of the image
+  tokens each cell covers, so a layout token sits where its cell's target tokens sit."""
+  if grid[0] % layout_grid or grid[1] % layout_grid:
+    raise ValueError(f"model.text_layout_grid {layout_grid} must divide the "
+                     f"{grid[0]}x{grid[1]} token grid")
+  centres = [(np.arange(layout_grid) + 0.5) * (g / layout_grid) - 0.5 for g in grid]
+  rows, cols = np.meshgrid(*centres, indexing="ij")
+  return np.stack([np.zeros(rows.size), rows.reshape(-1), cols.reshape(-1)], -1)
 
 
 def patchify(images, p: int):
@@ -100,17 +152,24 @@ class Editor(nn.Module):
   cfg: EditorConfig
 
   @nn.compact
-  def __call__(self, x_t, t, source, text: dict, guidance=None):
+  def __call__(self, x_t, t, source, text: dict, guidance=None, with_cell_logits=False):
+    """The velocity; with `with_cell_logits`, (velocity, cell logits or None)."""
     cfg = self.cfg
+    cell_logits = text_ids = None
     if cfg.text is not None:
-      context, pooled = TextEncoder(cfg.text, name="text_encoder")(text["ids"], text["mask"])
+      context, pooled, cell_logits = TextEncoder(cfg.text, name="text_encoder")(
+          text["ids"], text["mask"])
+      if cfg.text.layout_grid:
+        text_ids = np.concatenate([np.zeros((text["ids"].shape[1], 3)),
+                                   layout_ids(cfg.text.layout_grid, cfg.grid)])
     else:
       context, pooled = text["context"], text["pooled"]
     p = cfg.patch_size
     v = FluxTransformer(cfg.flux, name="transformer")(
         patchify(x_t, p), t, context, pooled, cfg.grid, source_tokens=patchify(source, p),
-        guidance=guidance)
-    return unpatchify(v, p, cfg.grid).astype(jnp.float32)
+        guidance=guidance, text_ids=text_ids)
+    v = unpatchify(v, p, cfg.grid).astype(jnp.float32)
+    return (v, cell_logits) if with_cell_logits else v
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -139,6 +198,9 @@ def model_config() -> ml_collections.ConfigDict:
       "text_layers": 2,
       "text_heads": 4,
       "text_max_len": 32,
+      # n > 0: ground the instruction on an n x n grid over the image (TextEncoder); trained
+      # by the SFT loss's grounding term (flow.grounding_weight). Shapes encoder only.
+      "text_layout_grid": 0,
       "context_dim": 0,  # precomputed embeddings only: their width
       "pooled_dim": 0,  # precomputed embeddings only: the pooled embedding's width (0: same)
       # The pixel-latent path for real images: the transformer works on the latents of a
@@ -167,10 +229,16 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
     raise ValueError(f"the {size}x{size} {'latents' if uses_vae(model) else 'images'} are "
                      f"not divisible by model.patch_size {model.patch_size}")
   if model.text_encoder == "shapes":
+    layout_grid = model.get("text_layout_grid", 0)  # runs saved before the key: none
+    if layout_grid < 0:
+      raise ValueError(f"model.text_layout_grid must be >= 0, got {layout_grid}")
     text = TextConfig(vocab_size, model.text_width, model.text_layers, model.text_heads,
-                      model.text_max_len, dtype, param_dtype)
+                      model.text_max_len, layout_grid, dtype, param_dtype)
     context_dim = pooled_dim = model.text_width
   elif model.text_encoder == "precomputed":
+    if model.get("text_layout_grid", 0):
+      raise ValueError("model.text_layout_grid needs the 'shapes' text encoder; precomputed "
+                       "embeddings carry no grounding head")
     if model.context_dim <= 0:
       raise ValueError("model.context_dim must be set (> 0) for precomputed text embeddings")
     text, context_dim = None, model.context_dim
@@ -189,6 +257,8 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
       dtype=dtype,
       param_dtype=param_dtype, scan_layers=model.scan_layers, remat_policy=model.remat_policy,
       attention=model.get("attention", "auto"))  # runs saved before the key: auto
+  if text is not None and text.layout_grid:
+    layout_ids(text.layout_grid, (size // model.patch_size,) * 2)  # raises if it cannot fit
   return EditorConfig(image_size=size, channels=channels, patch_size=model.patch_size,
                       flux=flux, text=text)
 

@@ -286,15 +286,20 @@ class FluxTransformer(nn.Module):
     grid: (h, w) of the token grid.
     source_tokens: optional (B, h*w, in_channels) source image tokens (Kontext), appended
       after the target tokens with position-id axis 0 equal to 1.
+    text_ids: optional static (L, 3) RoPE ids of the context tokens (diffusers' txt_ids);
+      zeros by default, as in Flux.
   """
 
   cfg: FluxConfig
 
   @nn.compact
-  def __call__(self, tokens, t, context, pooled, grid, source_tokens=None, guidance=None):
+  def __call__(self, tokens, t, context, pooled, grid, source_tokens=None, guidance=None,
+               text_ids=None):
     cfg = self.cfg
     n_target = tokens.shape[1]
-    ids = [np.zeros((context.shape[1], 3), np.int64), position_ids(*grid, 0)]
+    if text_ids is None:
+      text_ids = np.zeros((context.shape[1], 3))
+    ids = [np.asarray(text_ids, np.float64), position_ids(*grid, 0)]
     if source_tokens is not None:
       tokens = jnp.concatenate([tokens, source_tokens], axis=1)
       ids.append(position_ids(*grid, 1))

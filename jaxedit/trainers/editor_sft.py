@@ -48,7 +48,9 @@ def reference_config() -> ml_collections.ConfigDict:
   c.model = model_config()
   c.flow = ml_collections.ConfigDict({
       "timesteps": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "shift": 1.0,
-      "changed_weight": 1.0})  # loss weight of the patches the edit changes (1: plain mean)
+      "changed_weight": 1.0,  # loss weight of the patches the edit changes (1: plain mean)
+      # weight of the grounding loss (flow.grounding_loss) when model.text_layout_grid > 0
+      "grounding_weight": 1.0})
   c.sample = ml_collections.ConfigDict({"num_steps": 16, "shift": 1.0, "guidance_scale": 1.0})
   c.train = ml_collections.ConfigDict({
       "seed": 0,
@@ -145,6 +147,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config key 'train.{key}' must be > 0")
   if config.flow.changed_weight <= 0:
     raise ConfigError("config key 'flow.changed_weight' must be > 0")
+  if config.model.text_layout_grid and config.flow.grounding_weight <= 0:
+    raise ConfigError("config key 'flow.grounding_weight' must be > 0 with "
+                      "model.text_layout_grid set: only that loss trains the grounding head")
 
 
 def make_model_and_mesh(config: ml_collections.ConfigDict, workdir: str, devices=None):
@@ -274,6 +279,8 @@ def text_inputs(batch: dict, keep=None) -> dict:
 
 
 def loss_fn(params, model: Editor, batch: dict, rng, flow_cfg, text_dropout: float):
+  """(loss, parts): the SFT flow loss, plus the grounding loss where the editor grounds
+  instructions (model.text_layout_grid), over the examples whose text was kept."""
   r_t, r_eps, r_drop = jax.random.split(rng, 3)
   x0 = flow.to_model_space(batch["target_image"])
   source = flow.to_model_space(batch["source_image"])
@@ -281,12 +288,17 @@ def loss_fn(params, model: Editor, batch: dict, rng, flow_cfg, text_dropout: flo
                        std=flow_cfg.logit_std, shift=flow_cfg.shift)
   eps = jax.random.normal(r_eps, x0.shape)
   keep = jax.random.uniform(r_drop, (x0.shape[0],)) >= text_dropout
-  v = model.apply({"params": params}, flow.interpolate(x0, eps, t), t, source,
-                  text_inputs(batch, keep))
+  v, cell_logits = model.apply({"params": params}, flow.interpolate(x0, eps, t), t, source,
+                               text_inputs(batch, keep), with_cell_logits=True)
   weights = None
   if flow_cfg.changed_weight != 1.0:
     weights = flow.changed_patch_weights(source, x0, model.cfg.patch_size, flow_cfg.changed_weight)
-  return flow.sft_loss(v, x0, eps, weights)
+  parts = {"flow_loss": flow.sft_loss(v, x0, eps, weights)}
+  loss = parts["flow_loss"]
+  if cell_logits is not None:
+    parts["grounding_loss"] = flow.grounding_loss(cell_logits, source, x0, keep)
+    loss = loss + flow_cfg.get("grounding_weight", 1.0) * parts["grounding_loss"]
+  return loss, parts
 
 
 def train_step_fn(setup: Setup):
@@ -296,15 +308,15 @@ def train_step_fn(setup: Setup):
 
   def step_fn(state: TrainState, batch: dict, hp: dict):
     rng = jax.random.fold_in(base_rng, state.step)
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, setup.model, batch, rng, cfg.flow,
-                                              cfg.train.text_dropout)
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, setup.model, batch, rng, cfg.flow, cfg.train.text_dropout)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     rate = hp["lr"] * setup.schedule(state.step)
     params = apply_at_rate(state.params, updates, rate)
     # EMA with warm-up: early on the average must not stay anchored at the initialisation.
     decay = jnp.minimum(cfg.train.ema_decay, (1.0 + state.step) / (10.0 + state.step))
     ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate, **parts}
     return TrainState(state.step + 1, params, ema, opt_state), metrics
   return step_fn
 
