@@ -115,7 +115,7 @@ def test_layout_tokens_sit_at_cell_centres_and_carry_the_grounding():
   v, logits = model.apply({"params": params}, x, t, source, text, with_cell_logits=True)
   assert v.shape == x.shape and logits.shape == (2, 4)
   context, pooled, logits_again = TextEncoder(model.cfg.text).apply(
-      {"params": params["text_encoder"]}, text["ids"], text["mask"])
+      {"params": params["text_encoder"]}, text["ids"], text["mask"], source)
   np.testing.assert_allclose(logits_again, logits, rtol=1e-6)
   g = params["text_encoder"]["grounding"]
   expected = g["layout_base"] + jax.nn.sigmoid(logits)[..., None] * g["layout_here"]
@@ -124,13 +124,16 @@ def test_layout_tokens_sit_at_cell_centres_and_carry_the_grounding():
   # Only the grounding loss trains the grounding's encoder and head: the flow output gives
   # them no gradient ...
   with_g = lambda g: {**params, "text_encoder": {**params["text_encoder"], "grounding": g}}
-  trained = {k: g[k] for k in ("encoder", "fc", "out")}
+  trained = {k: v for k, v in g.items() if k not in ("layout_base", "layout_here")}
   flow_grad = jax.grad(lambda tr: jnp.sum(model.apply(
       {"params": with_g({**g, **tr})}, x, t, source, text) ** 2))(trained)
   assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree.leaves(flow_grad))
   # ... but the gates' values reach the transformer.
-  shifted = with_g({**g, "out": jax.tree.map(lambda b: b + 3.0, g["out"])})
+  shifted = with_g({**g, "text_out": jax.tree.map(lambda b: b + 3.0, g["text_out"])})
   assert float(jnp.abs(model.apply({"params": shifted}, x, t, source, text) - v).max()) > 1e-4
+  # The grounding reads the source image: another source, other cell logits.
+  _, other = model.apply({"params": params}, x, t, source[::-1], text, with_cell_logits=True)
+  assert float(jnp.abs(other - logits).max()) > 1e-4  # same texts, swapped sources
 
 
 def test_layout_grid_errors_name_the_problem():

@@ -30,9 +30,8 @@ def _layer_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 class TextEncoder(torch.nn.Module):
   """jaxedit's shapes text encoder (models.editor.TextEncoder): pre-LN transformer over ids,
   returning (hidden states, masked-mean pooled); with a layout grid the hidden states end
-  with the layout tokens of its grounding (models.editor.CellGrounding: an encoder of the
-  same architecture, an MLP head, gated shared vectors). Weights keep flax names and
-  (in, out)."""
+  with the layout tokens of its grounding on the source image (models.editor.CellGrounding).
+  Weights keep flax names and (in, out)."""
 
   def __init__(self, weights: dict[str, torch.Tensor], num_layers: int, num_heads: int,
                layout_grid: int = 0):
@@ -54,7 +53,8 @@ class TextEncoder(torch.nn.Module):
     sep = "/" if w is self.w else "_"
     return x @ w[f"{name}{sep}kernel"] + w[f"{name}{sep}bias"]
 
-  def forward(self, ids: torch.Tensor, mask: torch.Tensor):
+  def forward(self, ids: torch.Tensor, mask: torch.Tensor, source: torch.Tensor | None = None):
+    """`source`: (B, H, W, C) in [-1, 1], needed with a layout grid."""
     x = self.w["embed/embedding"][ids] + self.w["position"][:ids.shape[1]]
     bias = torch.where(mask[:, None, None, :], 0.0, -1e9).to(x.dtype)
     heads = lambda y: einops.rearrange(y, "b l (h d) -> b h l d", h=self.num_heads)
@@ -71,9 +71,14 @@ class TextEncoder(torch.nn.Module):
     pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)
     if not self.layout_grid:
       return x, pooled
-    g = self.grounding
-    h = F.gelu(self._dense("fc", self.grounding_encoder(ids, mask)[1], g), approximate="tanh")
-    gate = torch.sigmoid(self._dense("out", h, g))[..., None]
+    g, n, gelu = self.grounding, self.layout_grid, lambda y: F.gelu(y, approximate="tanh")
+    text = self.grounding_encoder(ids, mask)[1]
+    by_text = self._dense("text_out", gelu(self._dense("text_fc", text, g)), g)
+    cells = einops.rearrange(source, "b (h ph) (w pw) c -> b (h w) (c ph pw)", h=n, w=n)
+    e = self._dense("cell_embed", cells, g) + g["cell_position"]
+    h = gelu(self._dense("cell_fc", e, g) + self._dense("text_proj", text, g)[:, None])
+    logits = self._dense("match_out", gelu(self._dense("match_fc", h, g)), g)[..., 0] + by_text
+    gate = torch.sigmoid(logits)[..., None]
     return torch.cat([x, g["layout_base"] + gate * g["layout_here"]], 1), pooled
 
 
@@ -139,12 +144,13 @@ def sample(editor: ExportedEditor, sources: np.ndarray, instructions: list[str],
   dtype = editor.transformer.dtype
   pack = lambda x: einops.rearrange(x, "b (h ph) (w pw) c -> b (h w) (c ph pw)", ph=p, pw=p)
   grid = size // p
-  source = pack(torch.from_numpy(np.asarray(sources, np.float32) / 127.5 - 1.0).to(dtype))
+  image = torch.from_numpy(np.asarray(sources, np.float32) / 127.5 - 1.0).to(dtype)
+  source = pack(image)
   ids, mask = tokenizer_lib.encode(editor.tokenizer, list(instructions),
                                    m["text_encoder"]["text_len"])
   ids, mask = torch.from_numpy(ids).long(), torch.from_numpy(mask)
-  cond = editor.text_encoder(ids, mask)
-  uncond = editor.text_encoder(torch.zeros_like(ids), torch.zeros_like(mask))
+  cond = editor.text_encoder(ids, mask, image)
+  uncond = editor.text_encoder(torch.zeros_like(ids), torch.zeros_like(mask), image)
   img_ids = torch.cat([position_ids(grid, grid, 0), position_ids(grid, grid, 1)])
   txt_ids = torch.zeros(ids.shape[1], 3)
   if editor.text_encoder.layout_grid:
