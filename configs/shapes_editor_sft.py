@@ -23,7 +23,7 @@ def get_config(arg=None):
   config.model.text_max_len = 24  # atomic instructions fit; longer ones raise a clear error
   # Ground instructions on the world's grid: without it, edits that name a cell ("add ... at
   # row 2, column 3", move) stayed at 0% (README, "Where add and move fail").
-  config.model.text_layout_grid = config.world.get_ref("grid_size")
+  config.model.text_layout_grid = config.world.grid_size
   # Weight high noise levels: there the model must read the source tokens.
   config.flow.shift = 3.0
   config.sample.shift = 3.0
