@@ -1,7 +1,7 @@
 """Editor SFT on single atomic edits of the shapes world.
 
-    jaxedit train --config configs/shapes_editor_sft.py --workdir DIR        # ~20 min, 2 CPU cores
-    jaxedit train --config configs/shapes_editor_sft.py:demo --workdir DIR   # < 5 min
+    jaxedit train --config configs/shapes_editor_sft.py --workdir DIR        # ~16 min, 2 CPU cores
+    jaxedit train --config configs/shapes_editor_sft.py:demo --workdir DIR   # ~5 min
     jaxedit eval  --config configs/shapes_editor_sft.py --workdir DIR
 """
 
@@ -34,7 +34,7 @@ def get_config(arg=None):
   config.train.batch_size = 32
   config.train.lr = 2e-3
   config.train.warmup_steps = 50
-  config.train.num_steps = 1100  # ~20 min on 2 CPU cores
+  config.train.num_steps = 1100  # ~15 min on 2 CPU cores (96% test success)
   config.train.eval_every = 250
   config.train.checkpoint_every = 250
   config.train.eval_examples = 128
@@ -42,10 +42,13 @@ def get_config(arg=None):
     config.data.splits.train.atomic = 8_000
     config.data.splits.validation.abstract = 0
     config.data.splits.test.abstract = 0
-    config.train.num_steps = 200
-    config.train.eval_every = 100
-    config.train.sample_every = 100
-    config.train.checkpoint_every = 100
+    # A higher peak rate gets 320 steps past the knee of the curve: validation 31% at the end
+    # with 4e-3, against 8.6% with 2e-3 (both ~4.5 training minutes on 2 CPU cores).
+    config.train.lr = 4e-3
+    config.train.num_steps = 320
+    config.train.eval_every = 0  # only at the end
+    config.train.sample_every = 0
+    config.train.checkpoint_every = 160
     config.eval.num_examples = 256
   elif arg:
     raise ValueError(f"unknown config arg {arg!r}; use 'demo' or nothing")
