@@ -37,21 +37,17 @@ class TextEncoder(torch.nn.Module):
                layout_grid: int = 0):
     super().__init__()
     weights = {k.replace(".", "/"): v for k, v in weights.items()}
-    own = {k: v for k, v in weights.items() if not k.startswith("grounding/")}
-    self.w = torch.nn.ParameterDict({k: torch.nn.Parameter(v, False) for k, v in own.items()})
+    encoder = "grounding/encoder/"
+    self.w = torch.nn.ParameterDict({k: torch.nn.Parameter(v, False) for k, v in weights.items()
+                                     if not k.startswith(encoder)})
     self.num_layers, self.num_heads, self.layout_grid = num_layers, num_heads, layout_grid
     if layout_grid:
-      sub = lambda prefix: {k[len(prefix):]: v for k, v in weights.items()
-                            if k.startswith(prefix)}
-      self.grounding_encoder = TextEncoder(sub("grounding/encoder/"), num_layers, num_heads)
-      self.grounding = torch.nn.ParameterDict(
-          {k.replace("/", "_"): torch.nn.Parameter(v, False)
-           for k, v in sub("grounding/").items() if not k.startswith("encoder/")})
+      self.grounding_encoder = TextEncoder(
+          {k[len(encoder):]: v for k, v in weights.items() if k.startswith(encoder)},
+          num_layers, num_heads)
 
-  def _dense(self, name: str, x: torch.Tensor, w=None) -> torch.Tensor:
-    w = self.w if w is None else w
-    sep = "/" if w is self.w else "_"
-    return x @ w[f"{name}{sep}kernel"] + w[f"{name}{sep}bias"]
+  def _dense(self, name: str, x: torch.Tensor) -> torch.Tensor:
+    return x @ self.w[f"{name}/kernel"] + self.w[f"{name}/bias"]
 
   def forward(self, ids: torch.Tensor, mask: torch.Tensor, source: torch.Tensor | None = None):
     """`source`: (B, H, W, C) in [-1, 1], needed with a layout grid."""
@@ -71,15 +67,17 @@ class TextEncoder(torch.nn.Module):
     pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)
     if not self.layout_grid:
       return x, pooled
-    g, n, gelu = self.grounding, self.layout_grid, lambda y: F.gelu(y, approximate="tanh")
+    n, gelu = self.layout_grid, lambda y: F.gelu(y, approximate="tanh")
+    g = lambda name, y: self._dense(f"grounding/{name}", y)
     text = self.grounding_encoder(ids, mask)[1]
-    by_text = self._dense("text_out", gelu(self._dense("text_fc", text, g)), g)
+    by_text = g("text_out", gelu(g("text_fc", text)))
     cells = einops.rearrange(source, "b (h ph) (w pw) c -> b (h w) (c ph pw)", h=n, w=n)
-    e = self._dense("cell_embed", cells, g) + g["cell_position"]
-    h = gelu(self._dense("cell_fc", e, g) + self._dense("text_proj", text, g)[:, None])
-    logits = self._dense("match_out", gelu(self._dense("match_fc", h, g)), g)[..., 0] + by_text
-    gate = torch.sigmoid(logits)[..., None]
-    return torch.cat([x, g["layout_base"] + gate * g["layout_here"]], 1), pooled
+    e = g("cell_embed", cells) + self.w["grounding/cell_position"]
+    h = gelu(g("cell_fc", e) + g("text_proj", text)[:, None])
+    logits = g("match_out", gelu(g("match_fc", h)))[..., 0] + by_text
+    layout = (self.w["grounding/layout_base"]
+              + torch.sigmoid(logits)[..., None] * self.w["grounding/layout_here"])
+    return torch.cat([x, layout], 1), pooled
 
 
 def layout_ids(layout_grid: int, grid: int) -> torch.Tensor:

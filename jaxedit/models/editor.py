@@ -126,8 +126,7 @@ class CellGrounding(nn.Module):
         ids, mask)
     by_text = dense(cfg, n * n, ("mlp", None), "text_out")(
         jax.nn.gelu(dense(cfg, cfg.width, ("embed", "mlp"), "text_fc")(pooled)))
-    cells = einops.rearrange(source.astype(cfg.dtype), "b (h ph) (w pw) c -> b (h w) (c ph pw)",
-                             h=n, w=n)
+    cells = patchify(source.astype(cfg.dtype), source.shape[1] // n)  # (B, n*n, pixels)
     position = self.param("cell_position", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, "embed")), (n * n, cfg.width), cfg.param_dtype)
     e = dense(cfg, cfg.width, (None, "embed"), "cell_embed")(cells) + position.astype(cfg.dtype)

@@ -147,7 +147,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config key 'train.{key}' must be > 0")
   if config.flow.changed_weight <= 0:
     raise ConfigError("config key 'flow.changed_weight' must be > 0")
-  if config.model.text_layout_grid and config.flow.grounding_weight <= 0:
+  # Runs saved before grounding have neither key: no grid.
+  if config.model.get("text_layout_grid", 0) and config.flow.grounding_weight <= 0:
     raise ConfigError("config key 'flow.grounding_weight' must be > 0 with "
                       "model.text_layout_grid set: only that loss trains the grounding head")
 
@@ -297,7 +298,7 @@ def loss_fn(params, model: Editor, batch: dict, rng, flow_cfg, text_dropout: flo
   loss = parts["flow_loss"]
   if cell_logits is not None:
     parts["grounding_loss"] = flow.grounding_loss(cell_logits, source, x0, keep)
-    loss = loss + flow_cfg.get("grounding_weight", 1.0) * parts["grounding_loss"]
+    loss = loss + flow_cfg.grounding_weight * parts["grounding_loss"]
   return loss, parts
 
 
