@@ -71,7 +71,7 @@ def planner_state(config: ml_collections.ConfigDict):
   from jaxedit.trainers import editor_sft, planner_grpo, planner_sft
 
   sft_like = config if config.trainer == "planner_sft" else planner_grpo.as_sft_config(config)
-  model = Planner(planner_config(config.model, config.world.image_size))
+  model = Planner(planner_config(config.model, config.world))
   tx, _ = editor_sft.make_optimizer(sft_like.train)
   state = jax.eval_shape(functools.partial(
       planner_sft._init_state, model=model, tx=tx, image_size=config.world.image_size,

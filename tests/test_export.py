@@ -59,6 +59,16 @@ def random_planner(tiny_planner_dir, tmp_path_factory):
                         planner_sft.make_setup, scale=1.0)
 
 
+@pytest.fixture(scope="module")
+def conditioned_planner(tiny_planner_dir, tmp_path_factory):
+  # For logit parity: at scale 1.0 the attention of this 32-wide LM is nearly one-hot, and
+  # float32 rounding differences between two correct implementations grow to ~2e-5 relative
+  # at the last positions (seen on two different draws); at 0.5 they stay near 1e-6, and a
+  # wrong weight mapping still moves the logits by O(1).
+  return randomized_run(tiny_planner_dir, str(tmp_path_factory.mktemp("x") / "planner_05"),
+                        planner_sft.make_setup, scale=0.5)
+
+
 def host(tree):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), flax.linen.unbox(tree))
 
@@ -115,10 +125,10 @@ def test_editor_export_bfloat16_and_ema(random_editor, tmp_path):
   np.testing.assert_allclose(weight, ema["proj_out"]["kernel"].T, rtol=2 ** -8)
 
 
-def test_planner_export_matches_transformers(random_planner, tmp_path):
+def test_planner_export_matches_transformers(conditioned_planner, tmp_path):
   out = str(tmp_path / "transformers")
-  export.export(random_planner, "transformers", out)
-  loaded = inference.load_planner(random_planner, batch_size=8)
+  export.export(conditioned_planner, "transformers", out)
+  loaded = inference.load_planner(conditioned_planner, batch_size=8)
   setup = loaded.setup
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -248,7 +258,9 @@ def test_init_from_exported_folders(random_editor, random_planner, small_data_di
   params = pretrained.load_planner(lm_folder, abstract, loaded.setup.model.cfg)
   assert params["lm"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding == (
       abstract["lm"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding)
-  jax.tree.map(np.testing.assert_array_equal, host(params), host(loaded.params))
+  assert set(params) == {"lm", "vision"}  # not the SFT-only cell head, which keeps its init
+  jax.tree.map(np.testing.assert_array_equal, host(params),
+               host({k: loaded.params[k] for k in params}))
   with pytest.raises(cli.ConfigError, match="is not a transformers folder"):
     pretrained.load_planner(folder, abstract, loaded.setup.model.cfg)
 

@@ -56,7 +56,7 @@ def test_flux_kontext_config_is_flux_dev_sized(tmp_path, capsys):
 def test_qwen2_5_planner_config_is_qwen2_5_7b_sized():
   config = load_file("configs/qwen2_5_planner_grpo.py")
   rep = model_report.report(config)
-  lm = planner_config(config.model, config.world.image_size).lm
+  lm = planner_config(config.model, config.world).lm
   hf = transformers.Qwen2Config(**lm_transformers.hf_config(lm))
   assert rep["params_by_module"]["lm"] == meta_count(
       lambda: transformers.Qwen2ForCausalLM(hf)) == QWEN2_5_7B

@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_planner_config
 from jaxedit import sharding
 from jaxedit.config import ConfigError
+from jaxedit.models.editor import patchify
 from jaxedit.trainers import planner_sft
 
 
@@ -18,8 +19,13 @@ def test_train_and_eval_write_curves_plans_and_metrics(small_data_dir, tmp_path)
   config = tiny_planner_config(small_data_dir)
   config.mesh.shape = (2, 2, 2)
   out = planner_sft.train(config, str(tmp_path))
-  losses = [json.loads(l)["loss"] for l in open(tmp_path / "metrics.jsonl")]
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  losses = [l["loss"] for l in lines]
   assert len(losses) == 6 and losses[-1] < losses[0]
+  # The cell head is trained beside the plan (train.cell_loss_weight = 1).
+  assert lines[-1]["cell_loss"] < lines[0]["cell_loss"]
+  assert lines[-1]["loss"] == pytest.approx(lines[-1]["plan_loss"] + lines[-1]["cell_loss"],
+                                            rel=1e-5)
   assert [p["step"] for p in out["curve"]] == [3, 6]
   assert os.path.exists(tmp_path / "samples" / "plans_0000006.txt")
   assert os.path.exists(tmp_path / "tokenizer.json")
@@ -62,10 +68,12 @@ def test_loss_and_grads_on_8_devices_match_1(small_data_dir, tmp_path):
     setup = planner_sft.make_setup(config, str(tmp_path), devices=devices)
     params = planner_sft.init_state(setup).params
     batch = sharding.global_batch(batch_of(setup), setup.batch_sharding)
-    fn = jax.jit(jax.value_and_grad(lambda p, b: planner_sft.loss_fn(p, setup.model, b)[0]))
+    fn = jax.jit(jax.value_and_grad(
+        lambda p, b: planner_sft.loss_fn(p, setup.model, b, cell_loss_weight=1.0)[0]))
     with jax.default_matmul_precision("highest"):
       grads.append(jax.device_get(sharding.in_context(fn, setup.mesh, setup.rules)(params, batch)))
   (loss1, g1), (loss8, g8) = grads
+  assert np.abs(g1["cell_head"]["kernel"]).max() > 0
   np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g8, g1)
 
@@ -97,3 +105,45 @@ def test_trimmed_padding_gives_the_same_loss(small_data_dir, tmp_path):
   with jax.default_matmul_precision("highest"):
     losses = [planner_sft.loss_fn(params, setup.model, b)[0] for b in (full, trimmed)]
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_cell_loss_reads_each_patch_against_its_scene_cell(small_data_dir, tmp_path):
+  """The cell labels are in the patches' order: an occupied cell's patch has the shape's
+  pixels; the loss is the float64 cross-entropy of shapes plus that of colours."""
+  config = tiny_planner_config(small_data_dir)
+  config.mesh.shape = (1, 1, 1)
+  setup = planner_sft.make_setup(config, str(tmp_path), devices=jax.devices()[:1])
+  arrays = batch_of(setup)
+  scene = arrays["source_scene"]
+  patches = np.asarray(patchify(arrays["source_image"].astype(np.float32), 8))
+  occupied = scene.reshape(len(scene), -1, 2)[..., 0] > 0
+  background = patches[..., :3].reshape(*patches.shape[:2], -1, 3)[..., :1, :]
+  has_pixels = (np.abs(patches.reshape(*patches.shape[:2], -1, 3) - background) > 0).any((2, 3))
+  assert occupied.any() and (has_pixels == occupied).all()
+
+  classes = setup.model.cfg.vision.cell_classes
+  assert classes == (5, 7)  # 4 shapes and 6 colours, each with "empty"
+  logits = np.random.default_rng(0).normal(size=(*occupied.shape, sum(classes)))
+  loss, accuracy = planner_sft.cell_loss(jax.numpy.asarray(logits, np.float32), scene, classes)
+  labels = scene.reshape(len(scene), -1, 2)
+  want = 0.0
+  for i, part in enumerate(np.split(logits, [classes[0]], axis=-1)):
+    logp = part - np.log(np.exp(part).sum(-1, keepdims=True))
+    want += -np.take_along_axis(logp, labels[..., i:i + 1], -1).mean()
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  right = ((logits[..., :5].argmax(-1) == labels[..., 0])
+           & (logits[..., 5:].argmax(-1) == labels[..., 1]))
+  np.testing.assert_allclose(float(accuracy), right.mean())
+
+
+def test_cell_head_config_errors(small_data_dir, tmp_path):
+  config = tiny_planner_config(small_data_dir)
+  config.model.vision.cell_head = False
+  with pytest.raises(ConfigError, match="'train.cell_loss_weight' > 0 needs a cell head"):
+    planner_sft.make_setup(config, str(tmp_path))
+  config.model.vision.cell_head = True
+  config.model.vision.patch_size = 4
+  with pytest.raises(ConfigError, match="needs one patch per grid cell: patch_size 4 cuts "
+                                        "the 32px image into 8 patches a side, the grid is 4"):
+    planner_sft.make_setup(config, str(tmp_path))
+

@@ -44,7 +44,7 @@ def main(argv=None):
 
   torch.set_num_threads(os.cpu_count())
   config = load_file(args.config)
-  cfg = planner_config(config.model, config.world.image_size).lm
+  cfg = planner_config(config.model, config.world).lm
   model = Planner(PlannerConfig(cfg, vision=None))
   rng = np.random.default_rng(0)
   # Prompts of different lengths, left-padded (token 0 is padding).

@@ -4,6 +4,12 @@ The image is cut into patches (on the shapes world, one patch per grid cell), em
 given learned position embeddings and projected into the LM's embedding space by a two-layer
 GELU MLP (the LLaVA projector); these tokens precede the prompt. The LM's parameters sit
 under `lm` and export to transformers unchanged; the vision prefix is jaxedit's own.
+
+With `model.vision.cell_head` (one patch per grid cell), a linear head `cell_head` reads each
+prefix token's shape and colour (empty included); planner SFT trains it against the source
+scene, so the prefix carries what is in each cell from the first steps instead of learning it
+only through the plan tokens. Its logits are sown as `intermediates/cell_logits`; it is a
+training aid and is not exported.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import ml_collections
 from jaxedit.models.editor import patchify
 from jaxedit.models.layers import dense
 from jaxedit.models.lm import DecoderLM, LMConfig
+from jaxedit.shapes.world import COLOURS, SHAPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +31,9 @@ class VisionConfig:
   image_size: int = 32
   patch_size: int = 8
   width: int = 128  # patch embedding width before the projector
+  # Classes of each cell attribute the cell head predicts (shapes and colours, each with
+  # "empty"); () for no cell head.
+  cell_classes: tuple[int, ...] = ()
 
   @property
   def num_tokens(self) -> int:
@@ -76,6 +86,10 @@ class Planner(nn.Module):
         raise ValueError("this planner has no vision prefix (model.vision.enabled = False); "
                          "pass image=None")
       prefix = VisionPrefix(self.cfg.vision, self.cfg.lm, name="vision")(image)
+      if self.cfg.vision.cell_classes:
+        logits = dense(self.cfg.lm, sum(self.cfg.vision.cell_classes), ("embed", None),
+                       "cell_head")(prefix).astype(jnp.float32)
+        self.sow("intermediates", "cell_logits", logits)
     return DecoderLM(self.cfg.lm, name="lm")(ids, valid, cache=cache, index=index,
                                              prefix=prefix, last_only=last_only)
 
@@ -102,12 +116,16 @@ def model_config() -> ml_collections.ConfigDict:
       "param_dtype": "float32",
       "scan_layers": True,
       "remat_policy": "none",
-      "vision": {"enabled": True, "patch_size": 8, "width": 128},
+      # cell_head: predict each cell's shape and colour from its prefix token (needs one
+      # patch per grid cell); planner SFT weights its loss with train.cell_loss_weight.
+      "vision": {"enabled": True, "patch_size": 8, "width": 128, "cell_head": True},
   })
 
 
-def planner_config(model: ml_collections.ConfigDict, image_size: int) -> PlannerConfig:
-  """A PlannerConfig from the config's `model` section; bad values raise ValueError."""
+def planner_config(model: ml_collections.ConfigDict, world) -> PlannerConfig:
+  """A PlannerConfig from the config's `model` section and the world (`image_size`,
+  `grid_size`: a shapes World or the config's `world` section); bad values raise ValueError."""
+  image_size = world.image_size
   lm_keys = {f.name for f in dataclasses.fields(LMConfig)}
   lm = {k: v for k, v in model.items() if k in lm_keys}
   for key in ("dtype", "param_dtype"):
@@ -118,6 +136,14 @@ def planner_config(model: ml_collections.ConfigDict, image_size: int) -> Planner
     if image_size % model.vision.patch_size:
       raise ValueError(f"model.vision.patch_size {model.vision.patch_size} does not divide "
                        f"the image size {image_size}")
+    cell_classes = ()
+    if model.vision.get("cell_head", False):
+      if image_size // model.vision.patch_size != world.grid_size:
+        raise ValueError(f"model.vision.cell_head needs one patch per grid cell: patch_size "
+                         f"{model.vision.patch_size} cuts the {image_size}px image into "
+                         f"{image_size // model.vision.patch_size} patches a side, the grid "
+                         f"is {world.grid_size}")
+      cell_classes = (len(SHAPES) + 1, len(COLOURS) + 1)
     vision = VisionConfig(image_size=image_size, patch_size=model.vision.patch_size,
-                          width=model.vision.width)
+                          width=model.vision.width, cell_classes=cell_classes)
   return PlannerConfig(lm=LMConfig(**lm), vision=vision)

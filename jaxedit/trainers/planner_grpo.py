@@ -118,12 +118,14 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
 
 
 def as_sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The planner_sft config this run's Setup is built from: a batch of P * G rollouts and a
-  constant learning rate after warm-up."""
+  """The planner_sft config this run's Setup is built from: a batch of P * G rollouts, a
+  constant learning rate after warm-up, and no cell head (an SFT training aid)."""
   sft_like = ml_collections.ConfigDict(config.to_dict())
   g = rollouts(config)
   sft_like.train.batch_size = g.prompts_per_step * g.group_size
   sft_like.train.end_lr_fraction = 1.0
+  sft_like.train.cell_loss_weight = 0.0
+  sft_like.model.vision.cell_head = False
   return sft_like
 
 
@@ -146,9 +148,14 @@ def load_start(setup, init_from: str, key: str):
 
 def model_mismatch(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
   """'KEY = A there, B here' for each model key, and the prompt mode, where a saved run's
-  config differs from `config`: its parameters would not mean the same."""
-  ours = config.model.to_dict()
-  out = [f"model.{k} = {v!r} there, {ours[k]!r} here" for k, v in sorted(saved["model"].items())
+  config differs from `config`: its parameters would not mean the same. The vision prefix's
+  cell head (an SFT training aid, not used after it) may differ."""
+  def model_keys(model: dict) -> dict:
+    vision = {k: v for k, v in model.get("vision", {}).items() if k != "cell_head"}
+    return {**model, "vision": vision}
+  ours = model_keys(config.model.to_dict())
+  out = [f"model.{k} = {v!r} there, {ours[k]!r} here"
+         for k, v in sorted(model_keys(saved["model"]).items())
          if k in ours and json.dumps(ours[k]) != json.dumps(v)]
   if saved["prompt"]["scene_as_text"] != config.prompt.scene_as_text:
     out.append(f"prompt.scene_as_text = {saved['prompt']['scene_as_text']} there, "

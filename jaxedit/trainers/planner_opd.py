@@ -88,7 +88,8 @@ def load_teacher(setup, workdir: str):
   mismatched = planner_grpo.model_mismatch(loaded.config.to_dict(), setup.config)
   if mismatched:
     raise ConfigError(f"teacher {workdir} has another model: " + ", ".join(mismatched))
-  return jax.device_put(loaded.params, setup.state_shardings.params)
+  shardings = setup.state_shardings.params  # an SFT teacher's cell head is left behind
+  return jax.device_put({k: loaded.params[k] for k in shardings}, shardings)
 
 
 def routes(setup, records: dict) -> dict:

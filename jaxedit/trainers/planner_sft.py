@@ -64,6 +64,9 @@ def reference_config() -> ml_collections.ConfigDict:
       "batch_size": 32,  # global
       "num_steps": 2000,
       "example_kinds": ("abstract", "atomic"),
+      # Cross-entropy of the vision prefix's cell head (model.vision.cell_head) against the
+      # source scene's shapes and colours, added to the plan loss with this weight.
+      "cell_loss_weight": 1.0,
       "lr": 1e-3,
       "warmup_steps": 100,
       "end_lr_fraction": 0.05,
@@ -152,11 +155,15 @@ class Setup(RunSetup):
     return ids, valid
 
   def examples(self, batch: dict, trim: bool = False) -> dict:
-    """A batch of records -> model inputs; `trim` pads only as far as the batch needs."""
+    """A batch of records -> model inputs; `trim` pads only as far as the batch needs. The
+    source scene comes along where the batch has it and the model has a cell head."""
     prompt, prompt_valid = self.prompt_ids(batch["instruction"], batch["scene_text"], trim)
     plan, plan_valid = self.plan_ids(list(batch["plan_steps"]), trim)
-    return {"source_image": np.asarray(batch["source_image"]), "prompt": prompt,
-            "prompt_valid": prompt_valid, "plan": plan, "plan_valid": plan_valid}
+    out = {"source_image": np.asarray(batch["source_image"]), "prompt": prompt,
+           "prompt_valid": prompt_valid, "plan": plan, "plan_valid": plan_valid}
+    if "source_scene" in batch and self.model.cfg.vision and self.model.cfg.vision.cell_classes:
+      out["source_scene"] = np.asarray(batch["source_scene"], np.int32)
+    return out
 
   def decode(self, tokens: np.ndarray, valid: np.ndarray) -> list[str]:
     """Sampled plan tokens -> texts (EOS and padding dropped)."""
@@ -173,6 +180,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ("max_prompt_len", "max_plan_len"):
     if config.prompt[key] <= 0:
       raise ConfigError(f"config key 'prompt.{key}' must be > 0")
+  if config.train.cell_loss_weight > 0 and not (config.model.vision.enabled
+                                                and config.model.vision.get("cell_head")):
+    raise ConfigError("config key 'train.cell_loss_weight' > 0 needs a cell head "
+                      "(model.vision.enabled and model.vision.cell_head); set it to 0")
   if config.model.vocab_size < config.tokenizer.vocab_size:
     raise ConfigError(f"model.vocab_size {config.model.vocab_size} is smaller than "
                       f"tokenizer.vocab_size {config.tokenizer.vocab_size}")
@@ -187,7 +198,7 @@ def make_model_and_mesh(config: ml_collections.ConfigDict, workdir: str, devices
                                     config.tokenizer.corpus_examples, config.data.seed,
                                     corpus=tokenizer_lib.planner_corpus)
   try:
-    model = Planner(planner_config(config.model, world.image_size))
+    model = Planner(planner_config(config.model, world))
   except ValueError as e:
     raise ConfigError(f"config model: {e}") from None
   try:
@@ -217,34 +228,60 @@ def _init_state(rng, *, model: Planner, tx, image_size: int, prompt_len: int) ->
 # ------------------------------------------------------------------------------------------
 # The train step.
 # ------------------------------------------------------------------------------------------
-def completion_logits(params, model: Planner, batch: dict):
+def completion_logits(params, model: Planner, batch: dict, with_cells: bool = False):
   """Logits (B, N, V) predicting each completion token (teacher forcing), laid out as the
-  sampler lays out a rollout."""
+  sampler lays out a rollout; `with_cells` also returns the cell head's logits
+  (B, cells, sum(cell_classes))."""
   image = flow.to_model_space(batch["source_image"]) if model.cfg.vision else None
   ids = jnp.concatenate([batch["prompt"], batch["plan"]], axis=1)
   b, p = batch["prompt"].shape
   valid = jnp.concatenate([jnp.ones((b, model.cfg.prefix_len), bool), batch["prompt_valid"],
                            batch["plan_valid"]], axis=1)
-  logits = model.apply({"params": params}, ids, valid, image=image)
   first = model.cfg.prefix_len + p - 1  # the last prompt slot predicts the first plan token
-  return logits[:, first:first + batch["plan"].shape[1]]
+  plan_logits = lambda logits: logits[:, first:first + batch["plan"].shape[1]]
+  if not with_cells:
+    return plan_logits(model.apply({"params": params}, ids, valid, image=image))
+  logits, sown = model.apply({"params": params}, ids, valid, image=image,
+                             mutable=["intermediates"])
+  return plan_logits(logits), sown["intermediates"]["cell_logits"][0]
 
 
-def loss_fn(params, model: Planner, batch: dict):
-  logits = completion_logits(params, model, batch)
+def cell_loss(cell_logits, scene, classes: tuple[int, ...]):
+  """(mean cross-entropy, accuracy: every attribute right) of the cell head's logits
+  (B, cells, sum(classes)) against the scene arrays (B, grid, grid, attributes), whose
+  cells are in the patches' row-major order and whose 0 is "empty"."""
+  labels = scene.reshape(scene.shape[0], -1, scene.shape[-1])
+  nll, right = 0.0, True
+  for i, logits in enumerate(jnp.split(cell_logits, np.cumsum(classes)[:-1], axis=-1)):
+    nll += optax.softmax_cross_entropy_with_integer_labels(logits, labels[..., i]).mean()
+    right = right & (jnp.argmax(logits, -1) == labels[..., i])
+  return nll, right.mean()
+
+
+def loss_fn(params, model: Planner, batch: dict, cell_loss_weight: float = 0.0):
+  """Mean plan-token cross-entropy, plus `cell_loss_weight` x the cell head's loss."""
+  with_cells = cell_loss_weight > 0
+  out = completion_logits(params, model, batch, with_cells=with_cells)
+  logits = out[0] if with_cells else out
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["plan"])
   mask = batch["plan_valid"].astype(jnp.float32)
   loss = (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   accuracy = ((jnp.argmax(logits, -1) == batch["plan"]) * mask).sum() / jnp.maximum(mask.sum(), 1)
-  return loss, {"token_accuracy": accuracy}
+  aux = {"token_accuracy": accuracy}
+  if with_cells:
+    aux["plan_loss"] = loss
+    aux["cell_loss"], aux["cell_accuracy"] = cell_loss(out[1], batch["source_scene"],
+                                                       model.cfg.vision.cell_classes)
+    loss = loss + cell_loss_weight * aux["cell_loss"]
+  return loss, aux
 
 
 def make_train_step(setup: Setup):
   cfg = setup.config
 
   def step_fn(state: TrainState, batch: dict, hp: dict):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, setup.model,
-                                                                   batch)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, setup.model, batch, cfg.train.cell_loss_weight)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     rate = hp["lr"] * setup.schedule(state.step)
     params = apply_at_rate(state.params, updates, rate)
@@ -385,7 +422,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---- Data ----
   local_batch = tc.batch_size // jax.process_count()
   train_data = make_dataset(setup.source("train"), local_batch, seed=tc.seed,
-                            fields=RECORD_FIELDS, kinds=tc.example_kinds,
+                            fields=RECORD_FIELDS + ("source_scene",), kinds=tc.example_kinds,
                             worker_count=tc.worker_count)
   data_iter = iter(train_data)
 
