@@ -95,6 +95,7 @@ def tiny_planner_config(data_dir, **train):
   m = config.model
   m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 300, 32, 64, 2
   m.num_heads, m.num_kv_heads, m.head_dim, m.vision.width = 2, 1, 16, 16
+  m.vision.cell_head, config.train.cell_loss_weight = True, 1.0  # covered by the tests
   config.prompt.max_prompt_len, config.prompt.max_plan_len = 80, 128
   t = config.train
   t.batch_size, t.num_steps, t.warmup_steps = 8, 6, 2

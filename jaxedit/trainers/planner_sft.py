@@ -66,7 +66,7 @@ def reference_config() -> ml_collections.ConfigDict:
       "example_kinds": ("abstract", "atomic"),
       # Cross-entropy of the vision prefix's cell head (model.vision.cell_head) against the
       # source scene's shapes and colours, added to the plan loss with this weight.
-      "cell_loss_weight": 1.0,
+      "cell_loss_weight": 0.0,
       "lr": 1e-3,
       "warmup_steps": 100,
       "end_lr_fraction": 0.05,
