@@ -24,8 +24,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
-from jaxedit.data import job  # noqa: E402
-from jaxedit.shapes.world import World  # noqa: E402
+try:
+  from jaxedit.data import job  # noqa: E402
+  from jaxedit.shapes.world import World  # noqa: E402
+except ImportError as e:  # name the fix, not only the missing module
+  raise ImportError(f"{e}: the tests need jaxedit and its test extras in this Python; run "
+                    "`pip install -e '.[test]'` (README, second command)") from e
 
 SMALL_SPLITS = {"train": (120, 160), "validation": (20, 33), "test": (30, 44)}
 
