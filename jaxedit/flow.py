@@ -46,12 +46,15 @@ def sft_loss(v_pred, x0, eps, weights=None):
   return jnp.sum(weights * err) / jnp.sum(weights)
 
 
-def changed_patch_weights(source, target, patch: int, changed_weight: float):
-  """(B, H, W, 1) loss weights: `changed_weight` on the p x p patches (tokens) where target
-  differs from source, 1 elsewhere. In editing most pixels are copies; this puts the gradient
-  on the edit. Where the target is a function of (source, instruction), as in the shapes
-  world, the minimiser is unchanged; with ambiguous targets it leans towards the edits."""
-  changed = changed_regions(source, target, source.shape[1] // patch, source.shape[2] // patch)
+def changed_patch_weights(source, target, grid: tuple[int, int], patch: int,
+                          changed_weight: float):
+  """(B, rows * p, cols * p, 1) loss weights over the model's input (pixels or latents,
+  p = `patch` of them per token side): `changed_weight` on the tokens of the `grid` (rows,
+  cols) whose region of the images target differs from source in, 1 elsewhere. In editing
+  most pixels are copies; this puts the gradient on the edit. Where the target is a
+  function of (source, instruction), as in the shapes world, the minimiser is unchanged;
+  with ambiguous targets it leans towards the edits."""
+  changed = changed_regions(source, target, *grid)
   changed = einops.repeat(changed, "b h w -> b (h ph) (w pw) 1", ph=patch, pw=patch)
   return jnp.where(changed, changed_weight, 1.0)
 

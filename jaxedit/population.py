@@ -14,6 +14,7 @@ of every member goes to DIR/population.json.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -65,10 +66,11 @@ def make_step(setup):
   from jaxedit.trainers import editor_sft
 
   shardings = stacked(setup.state_shardings)
-  step = jax.jit(jax.vmap(editor_sft.train_step_fn(setup), in_axes=(0, None, 0)),
-                 in_shardings=(shardings, setup.batch_sharding, None),
-                 out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
-  return sharding.in_context(step, setup.mesh, setup.rules)
+  replicated = sharding.replicated(setup.mesh)
+  step = jax.jit(jax.vmap(editor_sft.train_step_fn(setup), in_axes=(None, 0, None, 0)),
+                 in_shardings=(replicated, shardings, setup.batch_sharding, None),
+                 out_shardings=(shardings, replicated), donate_argnums=1)
+  return functools.partial(sharding.in_context(step, setup.mesh, setup.rules), setup.codec)
 
 
 def replicate_members(state, k: int, setup):

@@ -61,11 +61,16 @@ def test_changed_patch_weights_and_weighted_loss_against_numpy():
   target = source.copy()
   target[0, 5, 2, 1] += 1  # one pixel in patch (1, 0) of example 0 (patch 4)
   target[1, 0:4, 4:8] = 0  # all of patch (0, 1) of example 1
-  w = np.asarray(flow.changed_patch_weights(jnp.asarray(source), jnp.asarray(target), 4, 5.0))
+  w = np.asarray(flow.changed_patch_weights(jnp.asarray(source), jnp.asarray(target), (2, 2),
+                                            4, 5.0))
   expected = np.ones((2, 8, 8, 1))
   expected[0, 4:8, 0:4] = 5.0
   expected[1, 0:4, 4:8] = 5.0
   np.testing.assert_array_equal(w, expected)
+  # 4x4 latents (a VAE's 2x downsampling), patch 2: the same tokens, read from the pixels.
+  latent_w = np.asarray(flow.changed_patch_weights(jnp.asarray(source), jnp.asarray(target),
+                                                   (2, 2), 2, 5.0))
+  np.testing.assert_array_equal(latent_w, expected[:, ::2, ::2])
 
   v, x0, eps = (rng.normal(size=(2, 8, 8, 3)) for _ in range(3))
   err = (v - (eps - x0)) ** 2

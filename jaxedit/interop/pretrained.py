@@ -1,7 +1,7 @@
 """`init_from` a PyTorch-side folder: a diffusers Flux transformer (e.g. FLUX.1-Kontext-dev's
 `transformer/`, or a `jaxedit export --to diffusers` folder) for the editor, a transformers
 Qwen2/Llama folder (e.g. Qwen2.5's, or a `jaxedit export --to transformers` folder) for the
-planner.
+planner, a diffusers AutoencoderKL folder (e.g. FLUX.1's `vae/`) for the editor's latents.
 
 Tensors stream from safetensors straight into the run's shardings
 (`torch_names.load(shardings=...)`): each process reads only the slices its devices hold.
@@ -19,10 +19,12 @@ import shutil
 import jax
 
 from jaxedit.config import ConfigError, plain
-from jaxedit.interop import flux_diffusers, lm_transformers, torch_names
+from jaxedit.interop import flux_diffusers, lm_transformers, torch_names, vae_diffusers
 from jaxedit.interop.safetensors_io import SafetensorsFolder
+from jaxedit.models.vae import VAEConfig, diffusers_config
 
 FLUX_CLASS = "FluxTransformer2DModel"
+VAE_CLASS = "AutoencoderKL"
 LM_TYPES = ("qwen2", "llama")
 NATIVE = torch_names.Layout(stacks=(), native=True)  # jaxedit's own modules, flax names
 
@@ -132,3 +134,29 @@ def load_planner(path: str, abstract_params, planner_cfg) -> dict:
     out["vision"] = _load(NATIVE, path, "vision_prefix.safetensors", abstract_params["vision"])
   logging.info("initialised %s from %s", " and ".join(out), path)
   return out
+
+
+def load_vae(path: str, abstract_params, vae_cfg) -> dict:
+  """AutoencoderKL params from a diffusers folder, in the shardings of `abstract_params`
+  (the codec replicates them). Settings the tensors do not show (scaling and shift factors,
+  quant convs, ...) are compared with its config.json. The VAE is read whole: every device
+  holds all of it."""
+  config = _config(path)
+  if (config or {}).get("_class_name") != VAE_CLASS:
+    raise ConfigError(f"model.vae.init_from: {path} is not a diffusers AutoencoderKL folder "
+                      f"(config.json with _class_name {VAE_CLASS})")
+  try:
+    theirs = diffusers_config(VAEConfig.from_diffusers_config(config))
+  except ValueError as e:
+    raise ConfigError(f"model.vae.init_from: {path}: {e}") from None
+  _mismatch(theirs, diffusers_config(vae_cfg), f"the VAE in {path}")
+  weights = "diffusion_pytorch_model.safetensors"
+  try:
+    with SafetensorsFolder(path, weights) as source:
+      state = {name: source.read(name, tuple(slice(None) for _ in source.shape(name)))
+               for name in source.names()}
+    params = vae_diffusers.from_diffusers(state, abstract_params)
+  except torch_names.MappingError as e:
+    raise ConfigError(f"model.vae.init_from: {path}/{weights}: {e}") from None
+  logging.info("VAE from %s", path)
+  return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract_params)

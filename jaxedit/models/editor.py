@@ -221,8 +221,9 @@ def model_config() -> ml_collections.ConfigDict:
       "context_dim": 0,  # precomputed embeddings only: their width
       "pooled_dim": 0,  # precomputed embeddings only: the pooled embedding's width (0: same)
       # The pixel-latent path for real images: the transformer works on the latents of a
-      # diffusers-layout AutoencoderKL (models.vae; defaults: the FLUX.1 VAE).
-      "vae": {"enabled": False, "latent_channels": 16,
+      # diffusers-layout AutoencoderKL (models.vae; defaults: the FLUX.1 VAE), frozen, with
+      # weights from the diffusers folder `init_from` ("": the `vae/` of the run's init_from).
+      "vae": {"enabled": False, "init_from": "", "latent_channels": 16,
               "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
               "norm_num_groups": 32, "scaling_factor": 0.3611, "shift_factor": 0.1159},
   })

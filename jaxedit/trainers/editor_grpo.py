@@ -45,7 +45,8 @@ PROMPT_FIELDS = ("source_image", "target_image", "instruction", "checklist", "so
 ACROSS_UPDATES = {"ratio_min": jnp.min, "ratio_max": jnp.max}
 # Model keys that may differ from the SFT run being fine-tuned; all others must match it.
 FREE_MODEL_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "dtype", "param_dtype",
-                   "scan_layers", "remat_policy", "attention")
+                   "scan_layers", "remat_policy", "attention",
+                   "vae.init_from")  # where the same VAE's weights are read from
 
 
 def reference_config() -> ml_collections.ConfigDict:
@@ -279,10 +280,12 @@ def load_sft(setup: Setup, init_from: str, workdir: str):
 
 
 def model_mismatch(saved, model) -> list[str]:
-  """'model.K = A there, B here' for every architecture key (not FREE_MODEL_KEYS) of a
-  saved run's model section that differs from `model`."""
+  """'model.K = A there, B here' for every architecture key (not FREE_MODEL_KEYS; nested
+  ones dotted, e.g. vae.latent_channels) of a saved run's model section that differs from
+  `model`."""
+  saved, model = (flax.traverse_util.flatten_dict(plain(m), sep=".") for m in (saved, model))
   return [f"model.{k} = {saved[k]!r} there, {model[k]!r} here" for k in sorted(saved)
-          if k not in FREE_MODEL_KEYS and k in model and plain(model[k]) != plain(saved[k])]
+          if k not in FREE_MODEL_KEYS and k in model and model[k] != saved[k]]
 
 
 def init_state(setup: Setup, sft_params) -> GRPOState:
@@ -317,13 +320,14 @@ def trajectory_sharding(setup: Setup):
 
 
 def make_rollout(setup: Setup):
-  """jitted (trained, frozen, chunk, levels, rng) -> images (uint8), latents, log_probs."""
+  """jitted (trained, frozen, chunk, levels, rng) -> images (uint8, decoded by the codec),
+  latents (the trajectory in the model's space), log_probs."""
   g = setup.rollouts
   velocity = make_velocity(setup.model, g.guidance_scale)
   times = flow.sigmas(g.num_steps, setup.config.sample.shift)
 
-  def rollout(trained, frozen, chunk, levels, rng):
-    source = flow.to_model_space(chunk["source_image"])
+  def rollout(codec, trained, frozen, chunk, levels, rng):
+    source = codec.encode(chunk["source_image"])
     r_noise, r_sde = jax.random.split(rng)
     if g.shared_noise:  # one initial noise per group of G consecutive samples
       x1 = jax.random.normal(r_noise, (source.shape[0] // g.group_size, *source.shape[1:]))
@@ -332,14 +336,15 @@ def make_rollout(setup: Setup):
       x1 = jax.random.normal(r_noise, source.shape)
     out = flow_grpo.rollout(velocity, setup.policy(trained, frozen), x1, source,
                             text_inputs(chunk), times, levels, r_sde, g.sde_type)
-    return {"images": flow.to_uint8(out["sample"]), "latents": out["latents"],
+    return {"images": codec.decode(out["sample"]), "latents": out["latents"],
             "log_probs": out["log_probs"]}
 
   ss, traj = setup.state_shardings, trajectory_sharding(setup)
-  fn = jax.jit(rollout, in_shardings=(ss.params, ss.frozen, setup.batch_sharding, None, None),
+  fn = jax.jit(rollout, in_shardings=(sharding.replicated(setup.mesh), ss.params, ss.frozen,
+                                      setup.batch_sharding, None, None),
                out_shardings={"images": setup.batch_sharding, "latents": traj,
                               "log_probs": traj})
-  return sharding.in_context(fn, setup.mesh, setup.rules)
+  return functools.partial(sharding.in_context(fn, setup.mesh, setup.rules), setup.codec)
 
 
 def make_update(setup: Setup):
@@ -352,11 +357,13 @@ def make_update(setup: Setup):
   traj = trajectory_sharding(setup)
   updates_per_step = g.inner_epochs * g.minibatches
 
-  def update(state: GRPOState, chunks, levels, trained_steps, hp):
+  def update(codec, state: GRPOState, chunks, levels, trained_steps, hp):
     # Chunks in sampling order; each holds whole groups, so groups stay consecutive.
     data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
                                                                        "log_probs") else 0)
             for k in chunks[0]}
+    source = jax.lax.with_sharding_constraint(codec.encode(data["source_image"]),
+                                              setup.batch_sharding)  # once per iteration
     advantages = grpo.group_advantages(data["rewards"], g.group_size, std_scope=g.std_scope,
                                        clip=g.adv_clip)
     n = advantages.shape[0]
@@ -376,8 +383,8 @@ def make_update(setup: Setup):
       take = lambda x, axis: jnp.take(x, idx, axis=axis)
       mb = {"latents": jax.lax.with_sharding_constraint(take(data["latents"], 1), traj),
             "log_probs": take(data["log_probs"], 1),
-            "source": flow.to_model_space(jax.lax.with_sharding_constraint(
-                take(data["source_image"], 0), setup.batch_sharding)),
+            "source": jax.lax.with_sharding_constraint(take(source, 0),
+                                                       setup.batch_sharding),
             "text": {"ids": take(data["ids"], 0), "mask": take(data["mask"], 0)},
             "advantages": take(advantages, 0)}
       loss, grads, metrics = flow_grpo.minibatch_grads(
@@ -399,11 +406,11 @@ def make_update(setup: Setup):
                         (advantages == 0).astype(jnp.float32))})
     return GRPOState(state.step + 1, params, ema, opt_state, frozen), metrics
 
-  ss = setup.state_shardings
-  fn = jax.jit(update, in_shardings=(ss, None, None, None, None),
-               out_shardings=(ss, sharding.replicated(setup.mesh)), donate_argnums=0)
-  return hparams.bind(sharding.in_context(fn, setup.mesh, setup.rules),
-                      hparams.values(config, hparams.GRPO))
+  ss, replicated = setup.state_shardings, sharding.replicated(setup.mesh)
+  fn = jax.jit(update, in_shardings=(replicated, ss, None, None, None, None),
+               out_shardings=(ss, replicated), donate_argnums=1)
+  fn = functools.partial(sharding.in_context(fn, setup.mesh, setup.rules), setup.codec)
+  return hparams.bind(fn, hparams.values(config, hparams.GRPO))
 
 
 def optimizer_step(setup, hp: dict, params, ema, opt_state, grads, count,

@@ -23,6 +23,8 @@ import numpy as np
 import optax
 
 from jaxedit import checkpoint, distributed, evaluation, flow, hparams, sharding
+from jaxedit import codec as codec_lib
+from jaxedit.codec import Codec
 from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
@@ -134,6 +136,12 @@ class Setup(RunSetup):
   def text_len(self) -> int:
     return self.config.model.text_max_len
 
+  @functools.cached_property
+  def codec(self) -> Codec:
+    """Pixels <-> the model's input space; a VAE's weights are read on first use, so
+    setups that only size or restore the run never read them."""
+    return codec_lib.make_codec(self.config, self.mesh)
+
   def tokenize(self, record: dict) -> dict:
     ids, mask = tokenizer_lib.encode(self.tokenizer, [record.pop("instruction")], self.text_len)
     record["ids"], record["mask"] = ids[0], mask[0]
@@ -160,9 +168,7 @@ def make_model_and_mesh(config: ml_collections.ConfigDict, workdir: str, devices
     raise ConfigError("the shapes dataset carries instructions, not embeddings: "
                       "model.text_encoder must be 'shapes' for this trainer")
   if uses_vae(config.model):
-    raise ConfigError("model.vae.enabled: the shapes dataset is 32x32 pixels and the trainers "
-                      "do not run the VAE yet; the latent path is for real-size configs, "
-                      "checked with `python -m jaxedit.model_report`")
+    codec_lib.vae_folder(config)  # a missing VAE fails here, not after compiling
   world = data_job.world_from(config)
   tok = tokenizer_lib.load_or_train(os.path.join(workdir, "tokenizer.json"), world,
                                     config.tokenizer.vocab_size,
@@ -279,12 +285,15 @@ def text_inputs(batch: dict, keep=None) -> dict:
           "mask": batch["mask"] & keep[:, None]}
 
 
-def loss_fn(params, model: Editor, batch: dict, rng, flow_cfg, text_dropout: float):
-  """(loss, parts): the SFT flow loss, plus the grounding loss where the editor grounds
-  instructions (model.text_layout_grid), over the examples whose text was kept."""
+def loss_fn(params, model: Editor, batch: dict, rng, flow_cfg, text_dropout: float,
+            codec: Codec = Codec()):
+  """(loss, parts): the SFT flow loss in `codec`'s space (pixels or VAE latents), plus the
+  grounding loss where the editor grounds instructions (model.text_layout_grid), over the
+  examples whose text was kept. Which patches and cells an edit changes is read from the
+  pixels."""
   r_t, r_eps, r_drop = jax.random.split(rng, 3)
-  x0 = flow.to_model_space(batch["target_image"])
-  source = flow.to_model_space(batch["source_image"])
+  x0 = codec.encode(batch["target_image"])
+  source = codec.encode(batch["source_image"])
   t = flow.sample_time(r_t, x0.shape[0], kind=flow_cfg.timesteps, mean=flow_cfg.logit_mean,
                        std=flow_cfg.logit_std, shift=flow_cfg.shift)
   eps = jax.random.normal(r_eps, x0.shape)
@@ -293,24 +302,28 @@ def loss_fn(params, model: Editor, batch: dict, rng, flow_cfg, text_dropout: flo
                                text_inputs(batch, keep), with_cell_logits=True)
   weights = None
   if flow_cfg.changed_weight != 1.0:
-    weights = flow.changed_patch_weights(source, x0, model.cfg.patch_size, flow_cfg.changed_weight)
+    weights = flow.changed_patch_weights(batch["source_image"], batch["target_image"],
+                                         model.cfg.grid, model.cfg.patch_size,
+                                         flow_cfg.changed_weight)
   parts = {"flow_loss": flow.sft_loss(v, x0, eps, weights)}
   loss = parts["flow_loss"]
   if cell_logits is not None:
-    parts["grounding_loss"] = flow.grounding_loss(cell_logits, source, x0, keep)
+    parts["grounding_loss"] = flow.grounding_loss(cell_logits, batch["source_image"],
+                                                  batch["target_image"], keep)
     loss = loss + flow_cfg.grounding_weight * parts["grounding_loss"]
   return loss, parts
 
 
 def train_step_fn(setup: Setup):
-  """The (unjitted) step (state, batch, hp) -> (state, metrics); `hp`: traced hparams."""
+  """The (unjitted) step (codec, state, batch, hp) -> (state, metrics); `hp`: traced
+  hparams."""
   cfg = setup.config
   base_rng = jax.random.key(cfg.train.seed)
 
-  def step_fn(state: TrainState, batch: dict, hp: dict):
+  def step_fn(codec: Codec, state: TrainState, batch: dict, hp: dict):
     rng = jax.random.fold_in(base_rng, state.step)
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, setup.model, batch, rng, cfg.flow, cfg.train.text_dropout)
+        state.params, setup.model, batch, rng, cfg.flow, cfg.train.text_dropout, codec)
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     rate = hp["lr"] * setup.schedule(state.step)
     params = apply_at_rate(state.params, updates, rate)
@@ -324,20 +337,21 @@ def train_step_fn(setup: Setup):
 
 def make_train_step(setup: Setup):
   cfg = setup.config
+  replicated = sharding.replicated(setup.mesh)
   step = jax.jit(train_step_fn(setup),
-                 in_shardings=(setup.state_shardings, setup.batch_sharding, None),
-                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
-                 donate_argnums=0)
-  return hparams.bind(sharding.in_context(step, setup.mesh, setup.rules),
-                      hparams.values(cfg, hparams.SFT))
+                 in_shardings=(replicated, setup.state_shardings, setup.batch_sharding, None),
+                 out_shardings=(setup.state_shardings, replicated), donate_argnums=1)
+  step = functools.partial(sharding.in_context(step, setup.mesh, setup.rules), setup.codec)
+  return hparams.bind(step, hparams.values(cfg, hparams.SFT))
 
 
 def make_sampler(setup: Setup, num_steps: int, shift: float, guidance_scale: float):
-  """jitted (params, batch, rng) -> uint8 edited images, by the Euler ODE."""
+  """jitted (params, batch, rng) -> uint8 edited images, by the Euler ODE (in the codec's
+  space, then decoded)."""
   model = setup.model
 
-  def sample(params, batch, rng):
-    source = flow.to_model_space(batch["source_image"])
+  def sample(codec, params, batch, rng):
+    source = codec.encode(batch["source_image"])
     text = text_inputs(batch)
     empty = text_inputs(batch, jnp.zeros(source.shape[:1], bool))
 
@@ -347,12 +361,12 @@ def make_sampler(setup: Setup, num_steps: int, shift: float, guidance_scale: flo
     x1 = jax.random.normal(rng, source.shape)
     x0 = flow.euler_sample(flow.guided(velocity, guidance_scale), x1,
                            flow.sigmas(num_steps, shift))
-    return flow.to_uint8(x0)
+    return codec.decode(x0)
 
-  sample = jax.jit(sample, in_shardings=(setup.param_shardings, setup.batch_sharding,
-                                         None),
+  sample = jax.jit(sample, in_shardings=(sharding.replicated(setup.mesh),
+                                         setup.param_shardings, setup.batch_sharding, None),
                    out_shardings=setup.batch_sharding)
-  return sharding.in_context(sample, setup.mesh, setup.rules)
+  return functools.partial(sharding.in_context(sample, setup.mesh, setup.rules), setup.codec)
 
 
 # ------------------------------------------------------------------------------------------

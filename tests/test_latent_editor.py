@@ -1,0 +1,159 @@
+"""The latent path (model.vae): the editor trainers, eval and inference on the latents of a
+frozen diffusers AutoencoderKL, read from a tiny random one saved by diffusers."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from conftest import tiny_editor_config  # noqa: E402
+from jaxedit import inference, sharding  # noqa: E402
+from jaxedit.config import ConfigError  # noqa: E402
+from jaxedit.models.vae import VAEConfig, diffusers_config  # noqa: E402
+from jaxedit.trainers import editor_grpo, editor_opd, editor_sft  # noqa: E402
+
+# 2x downsampling to 4 channels; FLUX's defaults otherwise (shift and scale, no quant convs).
+VAE = {"latent_channels": 4, "block_out_channels": (8, 16), "layers_per_block": 1,
+       "norm_num_groups": 4}
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+  torch.manual_seed(0)
+  model = diffusers.AutoencoderKL(**diffusers_config(VAEConfig(**VAE))).eval()
+  with torch.no_grad():  # random everywhere (zero-initialised biases would hide bugs)
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+  path = str(tmp_path_factory.mktemp("vae"))
+  model.save_pretrained(path, safe_serialization=True)
+  return path, model
+
+
+def latent_config(data_dir, vae_path, **train):
+  config = tiny_editor_config(data_dir, **train)
+  config.model.vae.enabled, config.model.vae.init_from = True, vae_path
+  for k, v in VAE.items():
+    config.model.vae[k] = v
+  config.model.patch_size = 4  # 16x16 latents -> 4x4 tokens, as the pixel editor's 32 / 8
+  return config
+
+
+def source_images(setup, n=8):
+  return editor_sft.eval_batches(setup, "train", ("atomic",), n, n)[0][0]
+
+
+def test_codec_equals_diffusers(small_data_dir, vae_dir, tmp_path):
+  path, model = vae_dir
+  setup = editor_sft.make_setup(latent_config(small_data_dir, path), str(tmp_path))
+  assert setup.model.cfg.image_size == 16 and setup.model.cfg.channels == 4
+  images = source_images(setup)["source_image"]
+  latents = np.asarray(jax.jit(lambda c, x: c.encode(x))(setup.codec, images))
+  cfg = VAEConfig(**VAE)
+  with torch.no_grad():
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
+    mean = model.encode(x).latent_dist.mode()
+    want = ((mean - cfg.shift_factor) * cfg.scaling_factor).permute(0, 2, 3, 1).numpy()
+    decoded = model.decode(torch.from_numpy(want).permute(0, 3, 1, 2) / cfg.scaling_factor
+                           + cfg.shift_factor).sample
+  assert latents.shape == (8, 16, 16, 4)
+  assert np.abs(latents - want).max() <= 1e-5 * np.abs(want).max()
+  want_pixels = torch.clamp(torch.round((decoded.permute(0, 2, 3, 1) + 1) * 127.5), 0,
+                            255).numpy()
+  pixels = np.asarray(jax.jit(lambda c, z: c.decode(z))(setup.codec, want))
+  assert pixels.dtype == np.uint8 and pixels.shape == images.shape
+  off = np.abs(pixels.astype(int) - want_pixels.astype(int))
+  assert off.max() <= 1 and (off > 0).mean() < 0.01  # float32 rounding at level edges
+
+
+def test_latent_step_on_eight_devices_matches_one(small_data_dir, vae_dir, tmp_path):
+  path, _ = vae_dir
+  one = editor_sft.make_setup(latent_config(small_data_dir, path), str(tmp_path),
+                              devices=jax.devices()[:1])
+  config8 = latent_config(small_data_dir, path)
+  config8.mesh.shape = (2, 2, 2)
+  config8.flow.changed_weight = one.config.flow.changed_weight = 3.0  # weights from pixels
+  eight = editor_sft.make_setup(config8, str(tmp_path))
+  state1 = editor_sft.init_state(one)
+  state8 = jax.device_put(jax.device_get(state1), eight.state_shardings)
+  batch = source_images(one)
+  out = []
+  for setup, state in ((one, state1), (eight, state8)):
+    new, metrics = editor_sft.make_train_step(setup)(
+        state, sharding.global_batch(batch, setup.batch_sharding))
+    out.append((jax.device_get(metrics), jax.device_get(new.params)))
+  (m1, p1), (m8, p8) = out
+  assert np.isfinite(m1["loss"]) and m1["grounding_loss"] > 0
+  for k in m1:
+    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p8)
+
+
+def test_sft_grpo_opd_eval_and_edit_on_latents(small_data_dir, vae_dir, tmp_path):
+  path, _ = vae_dir
+  sft_dir = str(tmp_path / "sft")
+  config = latent_config(small_data_dir, path, num_steps=2, checkpoint_every=0)
+  editor_sft.train(config, sft_dir)
+  summary = editor_sft.run_eval(config, sft_dir)
+  assert 0.0 <= summary["edit_success"] <= 1.0
+  assert os.path.exists(os.path.join(sft_dir, "eval", "edits.png"))
+
+  loaded = inference.load_editor(sft_dir, batch_size=8)
+  sources = source_images(loaded.setup, 3)["source_image"][:3]
+  edited = loaded(sources, ["remove the red circle"] * 3, seed=0)
+  assert edited.shape == (3, 32, 32, 3) and edited.dtype == np.uint8
+
+  for trainer, section in ((editor_grpo, "grpo"), (editor_opd, "opd")):
+    c = trainer.reference_config()
+    for key in ("data", "tokenizer", "model", "sample"):
+      c[key] = config[key]
+    c.init_from = sft_dir
+    if section == "opd":
+      c.opd.teachers.colour = c.opd.teachers.geometry = sft_dir
+    c.model.vae.init_from = ""  # a run must name its VAE ...
+    workdir = str(tmp_path / section)
+    with pytest.raises(ConfigError, match="model.vae.init_from"):
+      trainer.train(c, workdir)
+    c.model.vae.init_from = path  # ... which must be the SFT run's architecture
+    g = c[section]
+    g.prompts_per_step, g.group_size, g.rollout_chunks, g.num_steps = 8, 2, 2, 3
+    g.minibatches, g.inner_epochs = 2, 1
+    t = c.train
+    t.num_steps, t.eval_every, t.sample_every, t.checkpoint_every = 1, 0, 1, 1
+    t.eval_examples, t.sample_examples, t.async_checkpoints = 8, 4, False
+    c.eval.batch_size, c.eval.num_examples = 8, 8
+    c.model.lora_rank = 4
+    trainer.train(c, workdir)
+    row = json.loads(open(os.path.join(workdir, "metrics.jsonl")).readline())
+    assert np.isfinite(row["train/loss"]) and np.isfinite(row["reward/mean"]), row
+    assert os.listdir(os.path.join(workdir, "samples"))
+
+
+def test_vae_errors_name_the_problem(small_data_dir, vae_dir, tmp_path):
+  path, _ = vae_dir
+  missing = latent_config(small_data_dir, "")
+  with pytest.raises(ConfigError, match="model.vae.init_from"):
+    editor_sft.make_setup(missing, str(tmp_path))
+  other = latent_config(small_data_dir, path)
+  other.model.vae.latent_channels = 8
+  setup = editor_sft.make_setup(other, str(tmp_path))
+  with pytest.raises(ConfigError, match="latent_channels = 4 there, 8 here"):
+    setup.codec  # noqa: B018 (reading the VAE is lazy)
+  not_vae = latent_config(small_data_dir, str(tmp_path))  # a folder without a VAE
+  with pytest.raises(ConfigError, match="is not a diffusers AutoencoderKL folder"):
+    editor_sft.make_setup(not_vae, str(tmp_path)).codec  # noqa: B018
+  # A missing tensor is named.
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  from safetensors.numpy import load_file, save_file
+  tensors = load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
+  tensors.pop("decoder.conv_out.bias")
+  save_file(tensors, str(broken / "diffusion_pytorch_model.safetensors"))
+  with open(os.path.join(path, "config.json")) as f:
+    (broken / "config.json").write_text(f.read())
+  with pytest.raises(ConfigError, match="missing tensors: decoder.conv_out.bias"):
+    editor_sft.make_setup(latent_config(small_data_dir, str(broken)), str(tmp_path)).codec  # noqa
