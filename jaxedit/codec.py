@@ -14,7 +14,7 @@ jitted steps take it as an ordinary argument: no weights are baked into compiled
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -68,9 +68,9 @@ def vae_folder(config: ml_collections.ConfigDict) -> str:
   return path
 
 
-def make_codec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Codec:
-  """The run's codec; with a VAE its weights are read from `vae_folder(config)` and
-  replicated over `mesh`."""
+def abstract_codec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Codec:
+  """The run's codec with its VAE parameters as ShapeDtypeStructs replicated over `mesh`
+  (to load into, or to compile against without weights: dry runs)."""
   if not uses_vae(config.model):
     return Codec()
   cfg = vae_config(config.model)
@@ -79,7 +79,24 @@ def make_codec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Co
                             jax.ShapeDtypeStruct((1, side, side, cfg.in_channels),
                                                  jnp.float32))["params"]
   replicated = sharding.replicated(mesh)
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                         sharding=replicated),
-                          flax.linen.unbox(abstract))
-  return Codec(pretrained.load_vae(vae_folder(config), abstract, cfg), cfg)
+  return Codec(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=replicated),
+                            flax.linen.unbox(abstract)), cfg)
+
+
+def make_codec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Codec:
+  """The run's codec; with a VAE its weights are read from `vae_folder(config)` and
+  replicated over `mesh`."""
+  codec = abstract_codec(config, mesh)
+  if codec.vae is None:
+    return codec
+  return codec.replace(params=pretrained.load_vae(vae_folder(config), codec.params, codec.vae))
+
+
+def bind(jitted_fn: Callable, codec: Codec) -> Callable:
+  """`jitted_fn(codec, *args)` as `f(*args)`; `f.jitted` keeps the program (called with the
+  codec first) for dry runs."""
+  def bound(*args):
+    return jitted_fn(codec, *args)
+  bound.jitted = jitted_fn.jitted
+  return bound

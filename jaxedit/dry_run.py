@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxedit import codec as codec_lib
 from jaxedit import flops, hparams, sharding
 from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
@@ -54,7 +55,8 @@ def _editor_sft(setup):
            "ids": _abstract((n, c.model.text_max_len), jnp.int32, bs),
            "mask": _abstract((n, c.model.text_max_len), jnp.bool_, bs)}
   step = editor_sft.make_train_step(setup)
-  return [("train_step", step.unbound.jitted, (setup.abstract_state, batch, step.hparams))]
+  return [("train_step", step.unbound.jitted,
+           (setup.codec, setup.abstract_state, batch, step.hparams))]
 
 
 def _planner_sft(setup):
@@ -82,13 +84,15 @@ def _editor_grpo(setup):
   levels, trained = setup.levels_and_steps(1)
   rollout = editor_grpo.make_rollout(setup)
   ss, key = setup.abstract_state, jax.random.key(0)
+  args = (setup.codec, ss.params, ss.frozen, chunk, levels, key)
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    out = jax.eval_shape(rollout.jitted, ss.params, ss.frozen, chunk, levels, key)
+    out = jax.eval_shape(rollout.jitted, *args)
   chunks = [{**chunk, "latents": out["latents"], "log_probs": out["log_probs"],
              "rewards": _abstract((n,), jnp.float32, bs)}] * g.rollout_chunks
   update = editor_grpo.make_update(setup)
-  return [("rollout", rollout.jitted, (ss.params, ss.frozen, chunk, levels, key)),
-          ("update", update.unbound.jitted, (ss, chunks, levels, trained, update.hparams))]
+  return [("rollout", rollout.jitted, args),
+          ("update", update.unbound.jitted,
+           (setup.codec, ss, chunks, levels, trained, update.hparams))]
 
 
 PROGRAMS = {"editor_sft": _editor_sft, "planner_sft": _planner_sft,
@@ -108,6 +112,8 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pretrained.copy_tokenizer(source, scratch)
         break
     setup = module.make_setup(config, scratch)
+    if hasattr(type(setup), "codec"):  # editors: the VAE (if any) compiles without weights
+      setup.codec = codec_lib.abstract_codec(config, setup.mesh)
     programs = [_program(name, fn, setup, args) for name, fn, args in PROGRAMS[trainer](setup)]
   state = setup.abstract_state
   out = {"trainer": trainer, "mesh": dict(setup.mesh.shape), "devices": setup.mesh.size,

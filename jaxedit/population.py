@@ -14,7 +14,6 @@ of every member goes to DIR/population.json.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxedit import checkpoint, evaluation, hparams, sharding, sweep
+from jaxedit import codec as codec_lib
 from jaxedit.config import ConfigError, apply_overrides
 from jaxedit.interop import pretrained
 
@@ -70,7 +70,7 @@ def make_step(setup):
   step = jax.jit(jax.vmap(editor_sft.train_step_fn(setup), in_axes=(None, 0, None, 0)),
                  in_shardings=(replicated, shardings, setup.batch_sharding, None),
                  out_shardings=(shardings, replicated), donate_argnums=1)
-  return functools.partial(sharding.in_context(step, setup.mesh, setup.rules), setup.codec)
+  return codec_lib.bind(sharding.in_context(step, setup.mesh, setup.rules), setup.codec)
 
 
 def replicate_members(state, k: int, setup):

@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from conftest import tiny_editor_config  # noqa: E402
-from jaxedit import inference, sharding  # noqa: E402
+from jaxedit import dry_run, flops, inference, sharding  # noqa: E402
 from jaxedit.config import ConfigError  # noqa: E402
-from jaxedit.models.vae import VAEConfig, diffusers_config  # noqa: E402
+from jaxedit.models.vae import AutoencoderKL, VAEConfig, diffusers_config  # noqa: E402
 from jaxedit.trainers import editor_grpo, editor_opd, editor_sft  # noqa: E402
 
 # 2x downsampling to 4 channels; FLUX's defaults otherwise (shift and scale, no quant convs).
@@ -137,12 +137,12 @@ def test_vae_errors_name_the_problem(small_data_dir, vae_dir, tmp_path):
   path, _ = vae_dir
   missing = latent_config(small_data_dir, "")
   with pytest.raises(ConfigError, match="model.vae.init_from"):
-    editor_sft.make_setup(missing, str(tmp_path))
+    editor_sft.make_setup(missing, str(tmp_path)).codec  # noqa: B018 (reading it is lazy)
   other = latent_config(small_data_dir, path)
   other.model.vae.latent_channels = 8
   setup = editor_sft.make_setup(other, str(tmp_path))
   with pytest.raises(ConfigError, match="latent_channels = 4 there, 8 here"):
-    setup.codec  # noqa: B018 (reading the VAE is lazy)
+    setup.codec  # noqa: B018
   not_vae = latent_config(small_data_dir, str(tmp_path))  # a folder without a VAE
   with pytest.raises(ConfigError, match="is not a diffusers AutoencoderKL folder"):
     editor_sft.make_setup(not_vae, str(tmp_path)).codec  # noqa: B018
@@ -157,3 +157,16 @@ def test_vae_errors_name_the_problem(small_data_dir, vae_dir, tmp_path):
     (broken / "config.json").write_text(f.read())
   with pytest.raises(ConfigError, match="missing tensors: decoder.conv_out.bias"):
     editor_sft.make_setup(latent_config(small_data_dir, str(broken)), str(tmp_path)).codec  # noqa
+
+
+def test_dry_run_compiles_the_vae_without_weights(small_data_dir, tmp_path):
+  config = latent_config(small_data_dir, "")  # no VAE folder: a dry run needs no weights
+  out = dry_run.main(config, str(tmp_path / "run"))
+  (step,) = out["programs"]
+  vae = AutoencoderKL(VAEConfig(**VAE))
+  images = jax.ShapeDtypeStruct((config.train.batch_size, 32, 32, 3), np.float32)
+  params = jax.eval_shape(vae.init, jax.random.key(0), images)["params"]
+  encode = flops.count(lambda p, x: vae.apply({"params": p}, x,
+                                              method=AutoencoderKL.encode_latents),
+                       params, images)
+  assert encode > 0 and step["flops"] > 2 * encode  # source and target are encoded in-step

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from jaxedit import checkpoint, evaluation, flow, flow_grpo, grpo, hparams, lora, sharding
+from jaxedit import codec as codec_lib
 from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError, plain
 from jaxedit.data.pipeline import make_dataset
@@ -344,7 +345,7 @@ def make_rollout(setup: Setup):
                                       setup.batch_sharding, None, None),
                out_shardings={"images": setup.batch_sharding, "latents": traj,
                               "log_probs": traj})
-  return functools.partial(sharding.in_context(fn, setup.mesh, setup.rules), setup.codec)
+  return codec_lib.bind(sharding.in_context(fn, setup.mesh, setup.rules), setup.codec)
 
 
 def make_update(setup: Setup):
@@ -409,7 +410,7 @@ def make_update(setup: Setup):
   ss, replicated = setup.state_shardings, sharding.replicated(setup.mesh)
   fn = jax.jit(update, in_shardings=(replicated, ss, None, None, None, None),
                out_shardings=(ss, replicated), donate_argnums=1)
-  fn = functools.partial(sharding.in_context(fn, setup.mesh, setup.rules), setup.codec)
+  fn = codec_lib.bind(sharding.in_context(fn, setup.mesh, setup.rules), setup.codec)
   return hparams.bind(fn, hparams.values(config, hparams.GRPO))
 
 

@@ -30,7 +30,7 @@ from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import ShapesSource, make_dataset
 from jaxedit.interop import pretrained
-from jaxedit.models.editor import Editor, EditorConfig, editor_config, model_config, uses_vae
+from jaxedit.models.editor import Editor, EditorConfig, editor_config, model_config
 from jaxedit.text import tokenizer as tokenizer_lib
 
 IMAGE_FIELDS = ("source_image", "target_image")
@@ -138,8 +138,8 @@ class Setup(RunSetup):
 
   @functools.cached_property
   def codec(self) -> Codec:
-    """Pixels <-> the model's input space; a VAE's weights are read on first use, so
-    setups that only size or restore the run never read them."""
+    """Pixels <-> the model's input space; a VAE's weights are read on first use (setups
+    that only size a run never read them; a dry run sets an abstract codec)."""
     return codec_lib.make_codec(self.config, self.mesh)
 
   def tokenize(self, record: dict) -> dict:
@@ -167,8 +167,6 @@ def make_model_and_mesh(config: ml_collections.ConfigDict, workdir: str, devices
   if config.model.text_encoder != "shapes":
     raise ConfigError("the shapes dataset carries instructions, not embeddings: "
                       "model.text_encoder must be 'shapes' for this trainer")
-  if uses_vae(config.model):
-    codec_lib.vae_folder(config)  # a missing VAE fails here, not after compiling
   world = data_job.world_from(config)
   tok = tokenizer_lib.load_or_train(os.path.join(workdir, "tokenizer.json"), world,
                                     config.tokenizer.vocab_size,
@@ -341,7 +339,7 @@ def make_train_step(setup: Setup):
   step = jax.jit(train_step_fn(setup),
                  in_shardings=(replicated, setup.state_shardings, setup.batch_sharding, None),
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=1)
-  step = functools.partial(sharding.in_context(step, setup.mesh, setup.rules), setup.codec)
+  step = codec_lib.bind(sharding.in_context(step, setup.mesh, setup.rules), setup.codec)
   return hparams.bind(step, hparams.values(cfg, hparams.SFT))
 
 
@@ -366,7 +364,7 @@ def make_sampler(setup: Setup, num_steps: int, shift: float, guidance_scale: flo
   sample = jax.jit(sample, in_shardings=(sharding.replicated(setup.mesh),
                                          setup.param_shardings, setup.batch_sharding, None),
                    out_shardings=setup.batch_sharding)
-  return functools.partial(sharding.in_context(sample, setup.mesh, setup.rules), setup.codec)
+  return codec_lib.bind(sharding.in_context(sample, setup.mesh, setup.rules), setup.codec)
 
 
 # ------------------------------------------------------------------------------------------
