@@ -6,8 +6,9 @@ transformers Qwen2/Llama folder, so PyTorch users run them without jaxedit's JAX
 
 The editor folder loads with `FluxTransformer2DModel.from_pretrained(OUT)`; next to it go the
 parts diffusers has no class for: the shapes text encoder (`text_encoder.safetensors`, flax
-names and (in, out) kernels), its `tokenizer.json`, and `jaxedit_editor.json` (patch size,
-image size, text length, sampler settings). The planner folder loads with
+names and (in, out) kernels), its `tokenizer.json`, `jaxedit_editor.json` (patch size,
+image size, text length, sampler settings) and, for a latent editor (model.vae), its
+AutoencoderKL in `vae/`. The planner folder loads with
 `AutoModelForCausalLM` and `AutoTokenizer`; its vision prefix goes to
 `vision_prefix.safetensors`, described in `jaxedit_planner.json`. LoRA adapters are merged.
 Only safetensors are written.
@@ -26,11 +27,12 @@ import numpy as np
 
 from jaxedit import inference, lora, plans
 from jaxedit.config import ConfigError
-from jaxedit.interop import flux_diffusers, lm_transformers, safetensors_io
+from jaxedit.interop import flux_diffusers, lm_transformers, safetensors_io, vae_diffusers
 from jaxedit.text import tokenizer as tokenizer_lib
 
 TARGETS = ("diffusers", "transformers")  # editor, planner
 EDITOR_META, PLANNER_META = "jaxedit_editor.json", "jaxedit_planner.json"
+VAE_FOLDER = "vae"  # a latent editor's AutoencoderKL, as in diffusers pipeline folders
 
 
 def _merged(params, model_config) -> dict:
@@ -73,7 +75,7 @@ def export_editor(workdir: str, out: str, dtype: str, weights: str) -> dict:
   meta = {"source_workdir": os.path.abspath(workdir), "trainer": config.trainer,
           "weights": weights, "dtype": dtype, "image_size": cfg.image_size,
           "channels": cfg.channels, "patch_size": cfg.patch_size,
-          "sample": config.sample.to_dict(), "text_encoder": None}
+          "sample": config.sample.to_dict(), "text_encoder": None, "vae": None}
   if cfg.text is not None:
     files += safetensors_io.write(out, "text_encoder.safetensors",
                                   flat_names(params["text_encoder"]), dtype)
@@ -83,6 +85,16 @@ def export_editor(workdir: str, out: str, dtype: str, weights: str) -> dict:
                             "num_layers": cfg.text.num_layers, "num_heads": cfg.text.num_heads,
                             "max_len": cfg.text.max_len, "text_len": setup.text_len,
                             "layout_grid": cfg.text.layout_grid}
+  if setup.codec.vae is not None:  # a latent editor: its VAE goes to vae/ as diffusers has it
+    vae_dir = os.path.join(out, VAE_FOLDER)
+    files += [f"{VAE_FOLDER}/{f}" for f in safetensors_io.write(
+        vae_dir, "diffusion_pytorch_model.safetensors",
+        vae_diffusers.to_diffusers(jax.device_get(setup.codec.params)), dtype)]
+    _write_json(os.path.join(vae_dir, "config.json"), {
+        "_class_name": "AutoencoderKL", "_diffusers_version": _version("diffusers", "0.42.1"),
+        **vae_diffusers.diffusers_config(setup.codec.vae)})
+    files.append(f"{VAE_FOLDER}/config.json")
+    meta["vae"] = VAE_FOLDER
   _write_json(os.path.join(out, EDITOR_META), meta)
   return {"files": files + ["config.json", EDITOR_META], **meta}
 

@@ -187,3 +187,29 @@ def losses(workdir):
     row = json.loads(line)
     by_step[row["step"]] = row["loss"]  # a resumed run rewrites steps after its checkpoint
   return by_step
+
+
+def randomized_run(src: str, dst: str, make_setup, scale: float = 0.2) -> str:
+  """A copy of run `src` whose params and EMA params are replaced by random normals."""
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from jaxedit import checkpoint
+
+  shutil.copytree(src, dst)
+  mngr, step = checkpoint.latest_step(dst, "a run")
+  config = ml_collections.ConfigDict(checkpoint.saved_config(mngr, step))
+  setup = make_setup(config, dst)
+  state = checkpoint.restore(mngr, step, setup.abstract_state)
+  leaves, tree = jax.tree.flatten(state.params)
+  rng = np.random.default_rng(0)
+  fresh = [jax.device_put((rng.normal(size=x.shape) * scale).astype(x.dtype), x.sharding)
+           for x in leaves]
+  ema = [jax.device_put((rng.normal(size=x.shape) * scale).astype(x.dtype), x.sharding)
+         for x in leaves]
+  state = state.replace(params=jax.tree.unflatten(tree, fresh),
+                        ema_params=jax.tree.unflatten(tree, ema))
+  checkpoint.save(mngr, step + 1, state, None, config, force=True)
+  mngr.wait_until_finished()
+  return dst

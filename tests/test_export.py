@@ -6,11 +6,9 @@ run's workdir), so zero-initialised output layers cannot hide a mapping bug.
 
 import json
 import os
-import shutil
 
 import flax
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -18,32 +16,12 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from conftest import tiny_editor_config  # noqa: E402
-from jaxedit import checkpoint, cli, export, flow, inference, sharding  # noqa: E402
+from conftest import randomized_run, tiny_editor_config  # noqa: E402
+from jaxedit import cli, export, flow, inference, sharding  # noqa: E402
 from jaxedit.interop import (flux_diffusers, safetensors_io,  # noqa: E402
                              torch_names)
 from jaxedit.models.planner import VisionPrefix  # noqa: E402
 from jaxedit.trainers import editor_sft, planner_sft  # noqa: E402
-
-
-def randomized_run(src: str, dst: str, make_setup, scale: float = 0.2) -> str:
-  """A copy of run `src` whose params and EMA params are replaced by random normals."""
-  shutil.copytree(src, dst)
-  mngr, step = checkpoint.latest_step(dst, "a run")
-  config = ml_collections.ConfigDict(checkpoint.saved_config(mngr, step))
-  setup = make_setup(config, dst)
-  state = checkpoint.restore(mngr, step, setup.abstract_state)
-  leaves, tree = jax.tree.flatten(state.params)
-  rng = np.random.default_rng(0)
-  fresh = [jax.device_put((rng.normal(size=x.shape) * scale).astype(x.dtype), x.sharding)
-           for x in leaves]
-  ema = [jax.device_put((rng.normal(size=x.shape) * scale).astype(x.dtype), x.sharding)
-         for x in leaves]
-  state = state.replace(params=jax.tree.unflatten(tree, fresh),
-                        ema_params=jax.tree.unflatten(tree, ema))
-  checkpoint.save(mngr, step + 1, state, None, config, force=True)
-  mngr.wait_until_finished()
-  return dst
 
 
 @pytest.fixture(scope="module")

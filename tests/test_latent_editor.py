@@ -11,8 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import tiny_editor_config  # noqa: E402
-from jaxedit import dry_run, flops, inference, sharding  # noqa: E402
+from conftest import randomized_run, tiny_editor_config  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+from jaxedit import cli, dry_run, flops, inference, sharding  # noqa: E402
 from jaxedit.config import ConfigError  # noqa: E402
 from jaxedit.models.vae import AutoencoderKL, VAEConfig, diffusers_config  # noqa: E402
 from jaxedit.trainers import editor_grpo, editor_opd, editor_sft  # noqa: E402
@@ -93,11 +94,18 @@ def test_latent_step_on_eight_devices_matches_one(small_data_dir, vae_dir, tmp_p
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p8)
 
 
-def test_sft_grpo_opd_eval_and_edit_on_latents(small_data_dir, vae_dir, tmp_path):
+@pytest.fixture(scope="module")
+def latent_sft(small_data_dir, vae_dir, tmp_path_factory):
+  """(config, workdir) of a 2-step editor SFT run on the VAE's latents."""
+  workdir = str(tmp_path_factory.mktemp("latent_sft"))
+  config = latent_config(small_data_dir, vae_dir[0], num_steps=2, checkpoint_every=0)
+  editor_sft.train(config, workdir)
+  return config, workdir
+
+
+def test_sft_grpo_opd_eval_and_edit_on_latents(latent_sft, vae_dir, tmp_path):
   path, _ = vae_dir
-  sft_dir = str(tmp_path / "sft")
-  config = latent_config(small_data_dir, path, num_steps=2, checkpoint_every=0)
-  editor_sft.train(config, sft_dir)
+  config, sft_dir = latent_sft
   summary = editor_sft.run_eval(config, sft_dir)
   assert 0.0 <= summary["edit_success"] <= 1.0
   assert os.path.exists(os.path.join(sft_dir, "eval", "edits.png"))
@@ -149,7 +157,7 @@ def test_vae_errors_name_the_problem(small_data_dir, vae_dir, tmp_path):
   # A missing tensor is named.
   broken = tmp_path / "broken"
   broken.mkdir()
-  from safetensors.numpy import load_file, save_file
+  from safetensors.numpy import save_file
   tensors = load_file(os.path.join(path, "diffusion_pytorch_model.safetensors"))
   tensors.pop("decoder.conv_out.bias")
   save_file(tensors, str(broken / "diffusion_pytorch_model.safetensors"))
@@ -170,3 +178,37 @@ def test_dry_run_compiles_the_vae_without_weights(small_data_dir, tmp_path):
                                               method=AutoencoderKL.encode_latents),
                        params, images)
   assert encode > 0 and step["flops"] > 2 * encode  # source and target are encoded in-step
+
+
+def test_export_writes_the_vae_and_pytorch_edits_match(latent_sft, vae_dir, tmp_path):
+  from jaxedit.interop import torch_editor
+
+  run = randomized_run(latent_sft[1], str(tmp_path / "random"), editor_sft.make_setup)
+  out = str(tmp_path / "diffusers")
+  assert cli.main(["export", "--workdir", run, "--to", "diffusers", "--out", out,
+                   "--weights", "raw"]) == 0
+  assert sorted(os.listdir(os.path.join(out, "vae"))) == [
+      "config.json", "diffusion_pytorch_model.safetensors"]
+  # The exported VAE is the one the run read, tensor for tensor.
+  want = load_file(os.path.join(vae_dir[0], "diffusion_pytorch_model.safetensors"))
+  got = load_file(os.path.join(out, "vae", "diffusion_pytorch_model.safetensors"))
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+  # A whole latent edit in PyTorch (encode, Euler loop, decode) matches jaxedit's.
+  editor = torch_editor.load(out)
+  assert isinstance(editor.vae, diffusers.AutoencoderKL)
+  loaded = inference.load_editor(run, batch_size=8, weights="raw")
+  batch = source_images(loaded.setup)
+  rng = jax.random.key(3)
+  ours = np.asarray(loaded.sampler(loaded.params, sharding.global_batch(
+      batch, loaded.setup.batch_sharding), rng))
+  noise = np.asarray(jax.random.normal(rng, (8, 16, 16, 4)))
+  instructions = [loaded.setup.tokenizer.decode([int(i) for i, m in zip(ids, mask) if m])
+                  for ids, mask in zip(batch["ids"], batch["mask"])]
+  theirs = torch_editor.sample(editor, batch["source_image"], instructions, noise)
+  assert ours.shape == theirs.shape == (8, 32, 32, 3)
+  diff = np.abs(ours.astype(int) - theirs.astype(int))
+  assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+  assert ours.std() > 10  # the check bites: the edits are far from flat

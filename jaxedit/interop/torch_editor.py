@@ -1,6 +1,7 @@
 """An exported editor run in plain PyTorch: diffusers' FluxTransformer2DModel, the shapes text
-encoder rebuilt in torch from `text_encoder.safetensors`, and an Euler sampling loop with
-classifier-free guidance, the same maths as jaxedit's sampler (DESIGN.md sections 3, 4).
+encoder rebuilt in torch from `text_encoder.safetensors`, a latent editor's AutoencoderKL
+(`vae/`), and an Euler sampling loop with classifier-free guidance, the same maths as
+jaxedit's sampler (DESIGN.md sections 3, 4).
 
     editor = torch_editor.load("OUT")
     images = torch_editor.sample(editor, sources_uint8, ["make the red circle blue"], noise)
@@ -17,7 +18,7 @@ import numpy as np
 import tokenizers
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from safetensors.torch import load_file
 
 from jaxedit.text import tokenizer as tokenizer_lib
@@ -94,6 +95,22 @@ class ExportedEditor:
   text_encoder: TextEncoder
   tokenizer: tokenizers.Tokenizer
   meta: dict  # jaxedit_editor.json
+  vae: AutoencoderKL | None = None  # a latent editor's (the folder's vae/)
+
+  def encode(self, images: torch.Tensor) -> torch.Tensor:
+    """NHWC [-1, 1] images -> the transformer's space (normalised posterior-mean latents)."""
+    if self.vae is None:
+      return images
+    c = self.vae.config
+    mean = self.vae.encode(images.permute(0, 3, 1, 2)).latent_dist.mode()
+    return ((mean - (c.shift_factor or 0.0)) * c.scaling_factor).permute(0, 2, 3, 1)
+
+  def decode(self, x: torch.Tensor) -> torch.Tensor:
+    if self.vae is None:
+      return x
+    c = self.vae.config
+    z = x.permute(0, 3, 1, 2) / c.scaling_factor + (c.shift_factor or 0.0)
+    return self.vae.decode(z).sample.permute(0, 2, 3, 1)
 
 
 def load(folder: str, dtype: torch.dtype = torch.float32) -> ExportedEditor:
@@ -110,7 +127,11 @@ def load(folder: str, dtype: torch.dtype = torch.float32) -> ExportedEditor:
   text_encoder = TextEncoder(weights, te["num_layers"], te["num_heads"],
                              te.get("layout_grid", 0)).eval()
   tok = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
-  return ExportedEditor(transformer, text_encoder, tok, meta)
+  vae = None
+  if meta.get("vae"):
+    vae = AutoencoderKL.from_pretrained(os.path.join(folder, meta["vae"]),
+                                        torch_dtype=dtype).eval()
+  return ExportedEditor(transformer, text_encoder, tok, meta, vae)
 
 
 def position_ids(height: int, width: int, index: int) -> torch.Tensor:
@@ -129,20 +150,24 @@ def sigmas(num_steps: int, shift: float) -> np.ndarray:
 def sample(editor: ExportedEditor, sources: np.ndarray, instructions: list[str],
            noise: np.ndarray, num_steps: int | None = None, shift: float | None = None,
            guidance_scale: float | None = None) -> np.ndarray:
-  """uint8 edits of uint8 (N, H, W, 3) `sources` from `noise` (N, H, W, 3) at t = 1, by Euler
-  steps of the exported transformer (settings default to the run's `sample` section)."""
+  """uint8 edits of uint8 (N, H, W, 3) `sources` from `noise` at t = 1 (the transformer's
+  input shape: (N, H, W, 3), or a latent editor's (N, H/f, W/f, C)), by Euler steps of the
+  exported transformer (settings default to the run's `sample` section)."""
   m, s = editor.meta, editor.meta["sample"]
   num_steps = num_steps or s["num_steps"]
   shift = shift or s["shift"]
   guidance_scale = s["guidance_scale"] if guidance_scale is None else guidance_scale
   p, size = m["patch_size"], m["image_size"]
-  if sources.shape[1:] != (size, size, m["channels"]):
-    raise ValueError(f"sources must be (N, {size}, {size}, {m['channels']}), got "
-                     f"{sources.shape}")
+  pixels = size
+  if editor.vae is not None:
+    pixels = size * 2 ** (len(editor.vae.config.block_out_channels) - 1)
+  if sources.shape[1:] != (pixels, pixels, 3):
+    raise ValueError(f"sources must be (N, {pixels}, {pixels}, 3), got {sources.shape}")
   dtype = editor.transformer.dtype
   pack = lambda x: einops.rearrange(x, "b (h ph) (w pw) c -> b (h w) (c ph pw)", ph=p, pw=p)
   grid = size // p
-  image = torch.from_numpy(np.asarray(sources, np.float32) / 127.5 - 1.0).to(dtype)
+  image = editor.encode(torch.from_numpy(np.asarray(sources, np.float32) / 127.5 - 1.0).to(
+      dtype))
   source = pack(image)
   ids, mask = tokenizer_lib.encode(editor.tokenizer, list(instructions),
                                    m["text_encoder"]["text_len"])
@@ -172,5 +197,6 @@ def sample(editor: ExportedEditor, sources: np.ndarray, instructions: list[str],
       v_u = velocity(x, tt, uncond)
       v = v_u + guidance_scale * (v - v_u)
     x = x + float(t_next - t) * v
-  x = einops.rearrange(x.float(), "b (h w) (c ph pw) -> b (h ph) (w pw) c", h=grid, ph=p, pw=p)
+  x = editor.decode(einops.rearrange(x, "b (h w) (c ph pw) -> b (h ph) (w pw) c", h=grid,
+                                     ph=p, pw=p)).float()
   return torch.clamp(torch.round((x + 1.0) * 127.5), 0, 255).to(torch.uint8).numpy()
