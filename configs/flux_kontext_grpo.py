@@ -7,9 +7,10 @@ on two TPU v5p-128 slices (128 chips: data 2 across slices over DCN x fsdp 64 wi
 
 The transformer is Flux-dev's (19 double and 38 single blocks, 24 heads of 128, the guidance
 embedder), fed 16-channel VAE latents of 512x512 images packed 2x2 and precomputed T5
-(4096-wide, 512 tokens) and CLIP pooled (768) embeddings. Real-image data and the VAE inside
-the trainers are not wired yet: jaxedit trains the shapes world today, and this config is
-checked with eval_shape (tests/test_model_report.py).
+(4096-wide, 512 tokens) and CLIP pooled (768) embeddings. The trainers run the VAE (read from
+init_from's vae/), but real-image data with precomputed embeddings is not wired yet: jaxedit
+trains the shapes world today, and this config is checked with eval_shape
+(tests/test_model_report.py).
 """
 
 from jaxedit.trainers import editor_grpo
