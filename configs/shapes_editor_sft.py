@@ -3,6 +3,8 @@
     jaxedit train --config configs/shapes_editor_sft.py --workdir DIR        # ~16 min, 2 CPU cores
     jaxedit train --config configs/shapes_editor_sft.py:demo --workdir DIR   # ~5 min
     jaxedit eval  --config configs/shapes_editor_sft.py --workdir DIR
+    jaxedit train --config configs/shapes_editor_sft.py:latent --workdir DIR \
+        --config.model.vae.init_from=VAE_DIR/diffusers   # on configs/shapes_vae.py's latents
 """
 
 from jaxedit.trainers import editor_sft
@@ -50,6 +52,13 @@ def get_config(arg=None):
     config.train.sample_every = 0
     config.train.checkpoint_every = 160
     config.eval.num_examples = 256
+  elif arg == "latent":
+    # On the latents of configs/shapes_vae.py's VAE (set model.vae.init_from=VAE_DIR/diffusers):
+    # 16x16x4 latents in 2x2 patches, the same 8x8 tokens as the pixel editor's 4x4 patches.
+    v = config.model.vae
+    v.enabled, v.latent_channels, v.block_out_channels = True, 4, (32, 64)
+    v.layers_per_block, v.norm_num_groups = 1, 8
+    config.model.patch_size = 2
   elif arg:
-    raise ValueError(f"unknown config arg {arg!r}; use 'demo' or nothing")
+    raise ValueError(f"unknown config arg {arg!r}; use 'demo', 'latent' or nothing")
   return config.lock()

@@ -30,7 +30,8 @@ TRAINERS = {"editor_sft": "jaxedit.trainers.editor_sft",
             "editor_opd": "jaxedit.trainers.editor_opd",
             "planner_sft": "jaxedit.trainers.planner_sft",
             "planner_grpo": "jaxedit.trainers.planner_grpo",
-            "planner_opd": "jaxedit.trainers.planner_opd"}
+            "planner_opd": "jaxedit.trainers.planner_opd",
+            "vae": "jaxedit.trainers.vae"}
 
 
 def _data_job():

@@ -85,12 +85,12 @@ def abstract_codec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -
 
 
 def make_codec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Codec:
-  """The run's codec; with a VAE its weights are read from `vae_folder(config)` and
-  replicated over `mesh`."""
+  """The run's codec; with a VAE its weights and its latents' shift and scale are read
+  from `vae_folder(config)`, the weights replicated over `mesh`."""
   codec = abstract_codec(config, mesh)
   if codec.vae is None:
     return codec
-  return codec.replace(params=pretrained.load_vae(vae_folder(config), codec.params, codec.vae))
+  return Codec(*pretrained.load_vae(vae_folder(config), codec.params, codec.vae))
 
 
 def bind(jitted_fn: Callable, codec: Codec) -> Callable:

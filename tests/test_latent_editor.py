@@ -18,15 +18,17 @@ from jaxedit.config import ConfigError  # noqa: E402
 from jaxedit.models.vae import AutoencoderKL, VAEConfig, diffusers_config  # noqa: E402
 from jaxedit.trainers import editor_grpo, editor_opd, editor_sft  # noqa: E402
 
-# 2x downsampling to 4 channels; FLUX's defaults otherwise (shift and scale, no quant convs).
+# 2x downsampling to 4 channels, no quant convs (as FLUX's).
 VAE = {"latent_channels": 4, "block_out_channels": (8, 16), "layers_per_block": 1,
        "norm_num_groups": 4}
+SHIFT, SCALE = 0.2, 1.7  # the folder's; the codec must use them, not FLUX's defaults
 
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
   torch.manual_seed(0)
-  model = diffusers.AutoencoderKL(**diffusers_config(VAEConfig(**VAE))).eval()
+  cfg = VAEConfig(**VAE, shift_factor=SHIFT, scaling_factor=SCALE)
+  model = diffusers.AutoencoderKL(**diffusers_config(cfg)).eval()
   with torch.no_grad():  # random everywhere (zero-initialised biases would hide bugs)
     for p in model.parameters():
       p.copy_(torch.randn_like(p) * 0.2)
@@ -54,13 +56,12 @@ def test_codec_equals_diffusers(small_data_dir, vae_dir, tmp_path):
   assert setup.model.cfg.image_size == 16 and setup.model.cfg.channels == 4
   images = source_images(setup)["source_image"]
   latents = np.asarray(jax.jit(lambda c, x: c.encode(x))(setup.codec, images))
-  cfg = VAEConfig(**VAE)
+  assert (setup.codec.vae.shift_factor, setup.codec.vae.scaling_factor) == (SHIFT, SCALE)
   with torch.no_grad():
     x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).permute(0, 3, 1, 2)
     mean = model.encode(x).latent_dist.mode()
-    want = ((mean - cfg.shift_factor) * cfg.scaling_factor).permute(0, 2, 3, 1).numpy()
-    decoded = model.decode(torch.from_numpy(want).permute(0, 3, 1, 2) / cfg.scaling_factor
-                           + cfg.shift_factor).sample
+    want = ((mean - SHIFT) * SCALE).permute(0, 2, 3, 1).numpy()
+    decoded = model.decode(torch.from_numpy(want).permute(0, 3, 1, 2) / SCALE + SHIFT).sample
   assert latents.shape == (8, 16, 16, 4)
   assert np.abs(latents - want).max() <= 1e-5 * np.abs(want).max()
   want_pixels = torch.clamp(torch.round((decoded.permute(0, 2, 3, 1) + 1) * 127.5), 0,

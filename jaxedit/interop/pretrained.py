@@ -11,6 +11,7 @@ the folder's config.json, and every difference is named.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -136,20 +137,22 @@ def load_planner(path: str, abstract_params, planner_cfg) -> dict:
   return out
 
 
-def load_vae(path: str, abstract_params, vae_cfg) -> dict:
-  """AutoencoderKL params from a diffusers folder, in the shardings of `abstract_params`
-  (the codec replicates them). Settings the tensors do not show (scaling and shift factors,
-  quant convs, ...) are compared with its config.json. The VAE is read whole: every device
-  holds all of it."""
+def load_vae(path: str, abstract_params, vae_cfg) -> tuple[dict, VAEConfig]:
+  """(AutoencoderKL params in the shardings of `abstract_params`, `vae_cfg` with the folder's
+  latent shift and scale) from a diffusers folder. The architecture settings the tensors do
+  not show (quant convs, mid-block attention, ...) are compared with its config.json. The VAE
+  is read whole: every device holds all of it (the codec replicates it)."""
   config = _config(path)
   if (config or {}).get("_class_name") != VAE_CLASS:
     raise ConfigError(f"model.vae.init_from: {path} is not a diffusers AutoencoderKL folder "
                       f"(config.json with _class_name {VAE_CLASS})")
   try:
-    theirs = diffusers_config(VAEConfig.from_diffusers_config(config))
+    folder_cfg = VAEConfig.from_diffusers_config(config)
   except ValueError as e:
     raise ConfigError(f"model.vae.init_from: {path}: {e}") from None
-  _mismatch(theirs, diffusers_config(vae_cfg), f"the VAE in {path}")
+  vae_cfg = dataclasses.replace(vae_cfg, shift_factor=folder_cfg.shift_factor,
+                                scaling_factor=folder_cfg.scaling_factor)
+  _mismatch(diffusers_config(folder_cfg), diffusers_config(vae_cfg), f"the VAE in {path}")
   weights = "diffusion_pytorch_model.safetensors"
   try:
     with SafetensorsFolder(path, weights) as source:
@@ -158,5 +161,7 @@ def load_vae(path: str, abstract_params, vae_cfg) -> dict:
     params = vae_diffusers.from_diffusers(state, abstract_params)
   except torch_names.MappingError as e:
     raise ConfigError(f"model.vae.init_from: {path}/{weights}: {e}") from None
-  logging.info("VAE from %s", path)
-  return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params, abstract_params)
+  logging.info("VAE from %s (latent shift %g, scale %g)", path, vae_cfg.shift_factor,
+               vae_cfg.scaling_factor)
+  return jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), params,
+                      abstract_params), vae_cfg

@@ -222,10 +222,11 @@ def model_config() -> ml_collections.ConfigDict:
       "pooled_dim": 0,  # precomputed embeddings only: the pooled embedding's width (0: same)
       # The pixel-latent path for real images: the transformer works on the latents of a
       # diffusers-layout AutoencoderKL (models.vae; defaults: the FLUX.1 VAE), frozen, with
-      # weights from the diffusers folder `init_from` ("": the `vae/` of the run's init_from).
+      # weights from the diffusers folder `init_from` ("": the `vae/` of the run's init_from)
+      # and its latents' shift and scale from that folder's config.json (jaxedit.codec).
       "vae": {"enabled": False, "init_from": "", "latent_channels": 16,
               "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
-              "norm_num_groups": 32, "scaling_factor": 0.3611, "shift_factor": 0.1159},
+              "norm_num_groups": 32},
   })
 
 
@@ -287,10 +288,10 @@ def uses_vae(model: ml_collections.ConfigDict) -> bool:
 
 
 def vae_config(model: ml_collections.ConfigDict) -> VAEConfig:
-  """The VAE of the `model` section (its `vae` entry), with the model's dtypes."""
+  """The VAE of the `model` section (its `vae` entry), with the model's dtypes; the latents'
+  shift and scale are FLUX.1's until a folder's are read (jaxedit.codec)."""
   v = model.vae
   return VAEConfig(latent_channels=v.latent_channels,
                    block_out_channels=tuple(v.block_out_channels),
                    layers_per_block=v.layers_per_block, norm_num_groups=v.norm_num_groups,
-                   scaling_factor=v.scaling_factor, shift_factor=v.shift_factor,
                    dtype=DTYPES[model.dtype], param_dtype=DTYPES[model.param_dtype])

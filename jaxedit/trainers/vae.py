@@ -1,0 +1,354 @@
+"""VAE training on the shapes world: a diffusers-layout AutoencoderKL for the editor's latents.
+
+    jaxedit train --config configs/shapes_vae.py --workdir DIR   # writes DIR/diffusers/
+    jaxedit eval  --config configs/shapes_vae.py --workdir DIR
+
+At scale the editor's VAE is a pretrained one (FLUX.1's `vae/`); the shapes world has none,
+so this trains one: the mean squared error of decoding a posterior sample, plus
+`train.kl_weight` times the KL to N(0, I) per latent dimension. Shapes are flat colours on a
+flat background, so there is no perceptual or adversarial term.
+
+At the end the EMA weights are written to DIR/diffusers/ as a diffusers AutoencoderKL folder
+(`AutoencoderKL.from_pretrained` loads it), with `shift_factor` and `scaling_factor` set from
+the posterior means of training images (their mean and 1 / std, as the Stable Diffusion and
+FLUX VAEs' factors were chosen), so the editor (`model.vae.init_from=DIR/diffusers`) sees
+latents of zero mean and unit variance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxedit import checkpoint, distributed, evaluation, flow, sharding, viz
+from jaxedit.config import ConfigError
+from jaxedit.data import job as data_job
+from jaxedit.data.pipeline import make_dataset
+from jaxedit.interop import safetensors_io, vae_diffusers
+from jaxedit.models.editor import DTYPES
+from jaxedit.models.vae import AutoencoderKL, VAEConfig
+from jaxedit.shapes.detect import detect
+from jaxedit.trainers import editor_sft
+from jaxedit.trainers.editor_sft import TrainState
+
+EXPORT = "diffusers"  # DIR/diffusers: the trained VAE as diffusers writes one
+
+
+def reference_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.trainer = "vae"
+  c.world = data_job.world_config()
+  c.data = data_job.data_config()
+  # The AutoencoderKL (models.vae.VAEConfig fields); the editor's model.vae must match.
+  c.model = ml_collections.ConfigDict({
+      "latent_channels": 4, "block_out_channels": (32, 64), "layers_per_block": 1,
+      "norm_num_groups": 8, "dtype": "float32", "param_dtype": "float32"})
+  c.train = ml_collections.ConfigDict({
+      "seed": 0,
+      "batch_size": 32,  # global, in (source, target) pairs: 2x as many images
+      "num_steps": 1500,
+      "example_kinds": ("atomic",),
+      "lr": 1e-3,
+      "warmup_steps": 100,
+      "end_lr_fraction": 0.05,
+      "weight_decay": 0.0,
+      "b1": 0.9,
+      "b2": 0.99,
+      "grad_clip": 1.0,
+      "ema_decay": 0.999,
+      "kl_weight": 1e-4,
+      "log_every": 50,
+      "eval_every": 500,  # and at the end; 0: only at the end; -1: never
+      "eval_examples": 256,
+      "stats_examples": 2048,  # training images the latent shift and scale are measured on
+      "checkpoint_every": 500,
+      "keep_checkpoints": 2,
+      "async_checkpoints": True,
+      "worker_count": 0,
+  })
+  c.eval = ml_collections.ConfigDict({
+      "split": "test", "example_kinds": ("atomic",), "num_examples": 0,  # 0: the whole split
+      "batch_size": 128, "use_ema": True})
+  c.mesh = sharding.mesh_config()
+  c.distributed = distributed.config()
+  return c
+
+
+def vae_config(model: ml_collections.ConfigDict, shift: float = 0.0,
+               scale: float = 1.0) -> VAEConfig:
+  """The VAE of the `model` section (no quant convs, as FLUX's); `shift` and `scale`
+  normalise its latents."""
+  if model.dtype not in DTYPES or model.param_dtype not in DTYPES:
+    raise ConfigError(f"model.dtype/param_dtype must be one of {sorted(DTYPES)}")
+  bad = [c for c in model.block_out_channels if c % model.norm_num_groups]
+  if bad or model.latent_channels <= 0 or model.layers_per_block <= 0:
+    raise ConfigError(f"model: norm_num_groups {model.norm_num_groups} must divide every "
+                      f"block_out_channels {tuple(model.block_out_channels)}, and "
+                      "latent_channels and layers_per_block must be > 0")
+  return VAEConfig(latent_channels=model.latent_channels,
+                   block_out_channels=tuple(model.block_out_channels),
+                   layers_per_block=model.layers_per_block,
+                   norm_num_groups=model.norm_num_groups, scaling_factor=scale,
+                   shift_factor=shift, dtype=DTYPES[model.dtype],
+                   param_dtype=DTYPES[model.param_dtype])
+
+
+@dataclasses.dataclass
+class Setup(editor_sft.RunSetup):
+  model: AutoencoderKL
+
+
+def _init_state(rng, *, model, tx, image_size) -> TrainState:
+  params = model.init(rng, jnp.zeros((1, image_size, image_size, 3)))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params))
+
+
+def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
+  del workdir  # nothing is read from the run's folder to build it
+  data_job.check_data_config(config.data)
+  t = config.train
+  for key in ("num_steps", "batch_size", "log_every", "stats_examples"):
+    if t[key] <= 0:
+      raise ConfigError(f"config key 'train.{key}' must be > 0")
+  if t.kl_weight < 0:
+    raise ConfigError("config key 'train.kl_weight' must be >= 0")
+  world = data_job.world_from(config)
+  cfg = vae_config(config.model)
+  if world.image_size % cfg.downscale:
+    raise ConfigError(f"world.image_size {world.image_size} is not divisible by the VAE's "
+                      f"{cfg.downscale}x downsampling")
+  try:
+    mesh = sharding.mesh_from_config(config.mesh, devices)
+  except ValueError as e:
+    raise ConfigError(f"config mesh: {e}") from None
+  rules = sharding.rules(config.mesh)
+  parts = (world, None, AutoencoderKL(cfg), mesh, rules, sharding.batch_sharding(mesh, rules))
+  return editor_sft.assemble_setup(Setup, config, parts, functools.partial(
+      _init_state, image_size=world.image_size))
+
+
+# ------------------------------------------------------------------------------------------
+# The loss and the train step.
+# ------------------------------------------------------------------------------------------
+def kl_to_standard_normal(mean, logvar):
+  """KL(N(mean, exp(logvar)) || N(0, 1)), averaged over the latent dimensions."""
+  mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+  return 0.5 * jnp.mean(mean ** 2 + jnp.exp(logvar) - 1.0 - logvar)
+
+
+def loss_fn(params, model: AutoencoderKL, images, rng, kl_weight: float):
+  """(loss, parts): reconstruction MSE of a posterior sample (pixels in [-1, 1]) +
+  kl_weight * KL per latent dimension."""
+  x = flow.to_model_space(images)
+  mean, logvar = model.apply({"params": params}, x, method=AutoencoderKL.encode)
+  z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
+  recon = model.apply({"params": params}, z, method=AutoencoderKL.decode).astype(jnp.float32)
+  mse = jnp.mean((recon - x) ** 2)
+  kl = kl_to_standard_normal(mean, logvar)
+  return mse + kl_weight * kl, {"mse": mse, "kl": kl}
+
+
+def make_train_step(setup: Setup):
+  """jitted (state, batch) -> (state, metrics) on the batch's source and target images."""
+  cfg = setup.config
+  base_rng = jax.random.key(cfg.train.seed)
+
+  def step_fn(state: TrainState, batch: dict):
+    images = jnp.concatenate([batch["source_image"], batch["target_image"]])
+    rng = jax.random.fold_in(base_rng, state.step)
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, setup.model, images, rng, cfg.train.kl_weight)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    rate = cfg.train.lr * setup.schedule(state.step)
+    params = editor_sft.apply_at_rate(state.params, updates, rate)
+    decay = jnp.minimum(cfg.train.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate, **parts}
+    return TrainState(state.step + 1, params, ema, opt_state), metrics
+
+  replicated = sharding.replicated(setup.mesh)
+  step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding),
+                 out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
+  return sharding.in_context(step, setup.mesh, setup.rules)
+
+
+def make_encoder_decoder(setup: Setup):
+  """jitted (params, uint8 images) -> (raw posterior means, uint8 reconstructions)."""
+  model = setup.model
+
+  def run(params, images):
+    mean, _ = model.apply({"params": params}, flow.to_model_space(images),
+                          method=AutoencoderKL.encode)
+    recon = model.apply({"params": params}, mean, method=AutoencoderKL.decode)
+    return mean.astype(jnp.float32), flow.to_uint8(recon.astype(jnp.float32))
+
+  fn = jax.jit(run, in_shardings=(setup.param_shardings, setup.batch_sharding),
+               out_shardings=(setup.batch_sharding, setup.batch_sharding))
+  return sharding.in_context(fn, setup.mesh, setup.rules)
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation and the diffusers folder.
+# ------------------------------------------------------------------------------------------
+def image_batches(setup: Setup, split: str, kinds, num_examples: int, batch_size: int):
+  """Fixed batches of a split's source images (padded to `batch_size`), as (images, n)."""
+  ds = make_dataset(setup.source(split), batch_size, seed=0, shuffle=False, num_epochs=1,
+                    drop_remainder=False, fields=("source_image",), kinds=kinds,
+                    process_index=0, process_count=1)
+  out, seen = [], 0
+  for batch in ds:
+    n = len(batch["source_image"])
+    if num_examples:
+      n = min(n, num_examples - seen)
+    if n <= 0:
+      break
+    out.append((sharding.pad_rows(batch["source_image"][:n], batch_size), n))
+    seen += n
+  return out
+
+
+def evaluate(setup: Setup, params, batches) -> tuple[dict, tuple]:
+  """PSNR of the reconstructions (posterior mean), the fraction the detector reads as the
+  same scene as the original (what the editor's rewards need), and the posterior means'
+  statistics. Returns (summary, (originals, reconstructions) of the first batch)."""
+  run = make_encoder_decoder(setup)
+  psnr, same, means, first = [], [], [], None
+  for images, n in batches:
+    mean, recon = run(params, jax.device_put(images, setup.batch_sharding))
+    mean, recon = sharding.to_host(mean)[:n], sharding.to_host(recon)[:n]
+    originals = images[:n]
+    mse = ((recon.astype(np.float64) - originals) ** 2).mean(axis=(1, 2, 3))
+    psnr.append(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10)))
+    read, truth = (detect(x, setup.world).scenes for x in (recon, originals))
+    same.append(np.array([a == b for a, b in zip(read, truth)]))
+    means.append(mean)
+    if first is None:
+      first = (originals, recon)
+  means = np.concatenate(means)
+  return {"psnr": float(np.concatenate(psnr).mean()),
+          "detector_agreement": float(np.concatenate(same).mean()),
+          "latent_mean": float(means.mean()), "latent_std": float(means.std()),
+          "examples": int(len(means))}, first
+
+
+def write_grid(path: str, first, limit: int = 16) -> None:
+  originals, recon = first
+  rows = [([o, r], []) for o, r in zip(originals[:limit], recon[:limit])]
+  viz.image_grid(rows, header=["image", "reconstruction"], text_width=8).save(path)
+
+
+def write_diffusers(setup: Setup, params, folder: str) -> dict:
+  """The VAE as a diffusers AutoencoderKL folder, its shift and scale measured on
+  `train.stats_examples` training images (their posterior means: mean, 1 / std)."""
+  tc = setup.config.train
+  batches = image_batches(setup, "train", tc.example_kinds, tc.stats_examples,
+                          setup.config.eval.batch_size)
+  stats, _ = evaluate(setup, params, batches)
+  cfg = dataclasses.replace(setup.model.cfg, shift_factor=stats["latent_mean"],
+                            scaling_factor=1.0 / stats["latent_std"])
+  tensors = vae_diffusers.to_diffusers(jax.device_get(params))
+  if jax.process_index() == 0:
+    safetensors_io.write(folder, "diffusion_pytorch_model.safetensors", tensors, "float32")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+      json.dump({"_class_name": "AutoencoderKL", **vae_diffusers.diffusers_config(cfg)}, f,
+                indent=1)
+  return {"shift_factor": cfg.shift_factor, "scaling_factor": cfg.scaling_factor}
+
+
+# ------------------------------------------------------------------------------------------
+# Training loop.
+# ------------------------------------------------------------------------------------------
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
+
+  os.makedirs(workdir, exist_ok=True)
+  setup = make_setup(config, workdir)
+  tc = config.train
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+  logging.info("VAE: %.2fM parameters, %dx downsampling to %d channels", n_params / 1e6,
+               setup.model.cfg.downscale, setup.model.cfg.latent_channels)
+
+  # ---- Data ----
+  data_iter = iter(make_dataset(setup.source("train"), tc.batch_size // jax.process_count(),
+                                seed=tc.seed, fields=editor_sft.IMAGE_FIELDS,
+                                kinds=tc.example_kinds, worker_count=tc.worker_count))
+
+  # ---- State: restore the latest checkpoint or initialise ----
+  mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
+  if mngr.latest_step() is not None:
+    state = checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state, data_iter)
+    logging.info("resumed from step %d", int(state.step))
+  else:
+    state = editor_sft.init_state(setup)
+  start = int(state.step)
+  train_step = make_train_step(setup)
+  val = image_batches(setup, "validation", tc.example_kinds, tc.eval_examples,
+                      config.eval.batch_size)
+  progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
+  preemption = checkpoint.Preemption()
+
+  # ---- Loop ----
+  metrics, step, t0 = None, start, time.time()
+  try:
+    for step in range(start + 1, tc.num_steps + 1):
+      batch = sharding.global_batch(next(data_iter), setup.batch_sharding)
+      state, metrics = train_step(state, batch)
+      progress(step)
+      last = step == tc.num_steps
+      if step % tc.log_every == 0 or last:
+        editor_sft.write_metrics_line(writer, workdir, step, {
+            k: float(v) for k, v in jax.device_get(metrics).items()})
+      if editor_sft.due(tc.eval_every, step, last):
+        summary, first = evaluate(setup, state.ema_params, val)
+        writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()})
+        writer.write_images(step, {"reconstructions": np.concatenate(
+            [np.concatenate(first[0][:8], 1), np.concatenate(first[1][:8], 1)], 0)[None]})
+        logging.info("step %d (%.1f min): validation %s", step, (time.time() - t0) / 60,
+                     summary)
+      if checkpoint.save_if_due(mngr, step, state, data_iter, config,
+                                every=tc.checkpoint_every, last=last, preemption=preemption):
+        break
+  finally:
+    mngr.wait_until_finished()
+    preemption.restore()
+    writer.flush()
+  out = {"step": step, "final_loss": None if metrics is None else float(metrics["loss"])}
+  if step == tc.num_steps:
+    out["export"] = write_diffusers(setup, state.ema_params, os.path.join(workdir, EXPORT))
+    logging.info("wrote %s/%s: %s", workdir, EXPORT, out["export"])
+  return out
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Scores the latest checkpoint on `eval.split`: DIR/eval/metrics.json and a grid of
+  reconstructions (DIR/eval/reconstructions.png)."""
+  setup = make_setup(config, workdir)
+  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
+  state = checkpoint.restore(mngr, step, setup.abstract_state)
+  ec = config.eval
+  batches = image_batches(setup, ec.split, ec.example_kinds, ec.num_examples, ec.batch_size)
+  summary, first = evaluate(setup, state.ema_params if ec.use_ema else state.params, batches)
+  summary.update({"split": ec.split, "step": step})
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
+  write_grid(os.path.join(out, "reconstructions.png"), first)
+  print(json.dumps(summary, indent=1), flush=True)
+  return summary
