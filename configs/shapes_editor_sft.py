@@ -56,7 +56,7 @@ def get_config(arg=None):
     # On the latents of configs/shapes_vae.py's VAE (set model.vae.init_from=VAE_DIR/diffusers):
     # 16x16x4 latents in 2x2 patches, the same 8x8 tokens as the pixel editor's 4x4 patches.
     v = config.model.vae
-    v.enabled, v.latent_channels, v.block_out_channels = True, 4, (32, 64)
+    v.enabled, v.latent_channels, v.block_out_channels = True, 4, (16, 32)
     v.layers_per_block, v.norm_num_groups = 1, 8
     config.model.patch_size = 2
   elif arg:

@@ -86,14 +86,9 @@ def export_editor(workdir: str, out: str, dtype: str, weights: str) -> dict:
                             "max_len": cfg.text.max_len, "text_len": setup.text_len,
                             "layout_grid": cfg.text.layout_grid}
   if setup.codec.vae is not None:  # a latent editor: its VAE goes to vae/ as diffusers has it
-    vae_dir = os.path.join(out, VAE_FOLDER)
-    files += [f"{VAE_FOLDER}/{f}" for f in safetensors_io.write(
-        vae_dir, "diffusion_pytorch_model.safetensors",
-        vae_diffusers.to_diffusers(jax.device_get(setup.codec.params)), dtype)]
-    _write_json(os.path.join(vae_dir, "config.json"), {
-        "_class_name": "AutoencoderKL", "_diffusers_version": _version("diffusers", "0.42.1"),
-        **vae_diffusers.diffusers_config(setup.codec.vae)})
-    files.append(f"{VAE_FOLDER}/config.json")
+    files += [f"{VAE_FOLDER}/{f}" for f in vae_diffusers.write_folder(
+        os.path.join(out, VAE_FOLDER), jax.device_get(setup.codec.params), setup.codec.vae,
+        dtype)]
     meta["vae"] = VAE_FOLDER
   _write_json(os.path.join(out, EDITOR_META), meta)
   return {"files": files + ["config.json", EDITOR_META], **meta}

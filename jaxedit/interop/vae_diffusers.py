@@ -9,16 +9,19 @@ numbers only top-level stacks.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from typing import Any, Mapping
 
 import flax
 import numpy as np
 
+from jaxedit.interop import safetensors_io
 from jaxedit.interop.torch_names import MappingError
 from jaxedit.models.vae import diffusers_config
 
-__all__ = ["MappingError", "to_diffusers", "from_diffusers", "diffusers_config"]
+__all__ = ["MappingError", "to_diffusers", "from_diffusers", "diffusers_config", "write_folder"]
 
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 _KERNEL_TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0)}  # flax axes in torch order, by ndim
@@ -68,3 +71,14 @@ def from_diffusers(state_dict: Mapping[str, Any], template: Mapping[str, Any]) -
   if errors:
     raise MappingError("; ".join(errors))
   return flax.traverse_util.unflatten_dict(out)
+
+
+def write_folder(folder: str, params: Mapping[str, Any], cfg, dtype: str = "float32") -> list[str]:
+  """A diffusers AutoencoderKL folder of `params` (host or device arrays) and VAEConfig
+  `cfg`: config.json and diffusion_pytorch_model.safetensors, which
+  `AutoencoderKL.from_pretrained` loads. Returns the files written."""
+  files = safetensors_io.write(folder, "diffusion_pytorch_model.safetensors",
+                               to_diffusers(params), dtype)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump({"_class_name": "AutoencoderKL", **diffusers_config(cfg)}, f, indent=1)
+  return files + ["config.json"]

@@ -36,7 +36,7 @@ from jaxedit import checkpoint, distributed, evaluation, flow, sharding, viz
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import make_dataset
-from jaxedit.interop import safetensors_io, vae_diffusers
+from jaxedit.interop import vae_diffusers
 from jaxedit.models.editor import DTYPES
 from jaxedit.models.vae import AutoencoderKL, VAEConfig
 from jaxedit.shapes.detect import detect
@@ -53,12 +53,12 @@ def reference_config() -> ml_collections.ConfigDict:
   c.data = data_job.data_config()
   # The AutoencoderKL (models.vae.VAEConfig fields); the editor's model.vae must match.
   c.model = ml_collections.ConfigDict({
-      "latent_channels": 4, "block_out_channels": (32, 64), "layers_per_block": 1,
+      "latent_channels": 4, "block_out_channels": (16, 32), "layers_per_block": 1,
       "norm_num_groups": 8, "dtype": "float32", "param_dtype": "float32"})
   c.train = ml_collections.ConfigDict({
       "seed": 0,
-      "batch_size": 32,  # global, in (source, target) pairs: 2x as many images
-      "num_steps": 1500,
+      "batch_size": 16,  # global, in (source, target) pairs: 2x as many images
+      "num_steps": 800,
       "example_kinds": ("atomic",),
       "lr": 1e-3,
       "warmup_steps": 100,
@@ -70,10 +70,10 @@ def reference_config() -> ml_collections.ConfigDict:
       "ema_decay": 0.999,
       "kl_weight": 1e-4,
       "log_every": 50,
-      "eval_every": 500,  # and at the end; 0: only at the end; -1: never
+      "eval_every": 400,  # and at the end; 0: only at the end; -1: never
       "eval_examples": 256,
       "stats_examples": 2048,  # training images the latent shift and scale are measured on
-      "checkpoint_every": 500,
+      "checkpoint_every": 400,
       "keep_checkpoints": 2,
       "async_checkpoints": True,
       "worker_count": 0,
@@ -259,12 +259,9 @@ def write_diffusers(setup: Setup, params, folder: str) -> dict:
   stats, _ = evaluate(setup, params, batches)
   cfg = dataclasses.replace(setup.model.cfg, shift_factor=stats["latent_mean"],
                             scaling_factor=1.0 / stats["latent_std"])
-  tensors = vae_diffusers.to_diffusers(jax.device_get(params))
+  params = jax.device_get(params)
   if jax.process_index() == 0:
-    safetensors_io.write(folder, "diffusion_pytorch_model.safetensors", tensors, "float32")
-    with open(os.path.join(folder, "config.json"), "w") as f:
-      json.dump({"_class_name": "AutoencoderKL", **vae_diffusers.diffusers_config(cfg)}, f,
-                indent=1)
+    vae_diffusers.write_folder(folder, params, cfg)
   return {"shift_factor": cfg.shift_factor, "scaling_factor": cfg.scaling_factor}
 
 
