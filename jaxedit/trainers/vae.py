@@ -227,7 +227,8 @@ def evaluate(setup: Setup, params, batches) -> tuple[dict, tuple]:
   run = make_encoder_decoder(setup)
   psnr, same, means, first = [], [], [], None
   for images, n in batches:
-    mean, recon = run(params, jax.device_put(images, setup.batch_sharding))
+    mean, recon = run(params, sharding.global_from_full({"x": images},
+                                                        setup.batch_sharding)["x"])
     mean, recon = sharding.to_host(mean)[:n], sharding.to_host(recon)[:n]
     originals = images[:n]
     mse = ((recon.astype(np.float64) - originals) ** 2).mean(axis=(1, 2, 3))
