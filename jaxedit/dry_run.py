@@ -95,8 +95,16 @@ def _editor_grpo(setup):
            (setup.codec, ss, chunks, levels, trained, update.hparams))]
 
 
+def _vae(setup):
+  from jaxedit.trainers import vae
+
+  bs, n, size = setup.batch_sharding, setup.config.train.batch_size, setup.world.image_size
+  batch = {k: _abstract((n, size, size, 3), jnp.uint8, bs) for k in vae.IMAGE_FIELDS}
+  return [("train_step", vae.make_train_step(setup).jitted, (setup.abstract_state, batch))]
+
+
 PROGRAMS = {"editor_sft": _editor_sft, "planner_sft": _planner_sft,
-            "editor_grpo": _editor_grpo}
+            "editor_grpo": _editor_grpo, "vae": _vae}
 
 
 def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -122,7 +130,7 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               ("params", "ema_params", "opt_state", "frozen")
                               if hasattr(state, k)},
          "hparams (traced)": {k: float(v) for k, v in hparams.values(
-             config, hparams.BY_TRAINER[trainer]).items()},
+             config, hparams.BY_TRAINER.get(trainer, {})).items()},
          "programs": programs}
   print(format_report(out), flush=True)
   return out

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import small_data_config
-from jaxedit import cli, sharding
+from jaxedit import cli, dry_run, sharding
 from jaxedit.codec import make_codec
 from jaxedit.config import ConfigError
 from jaxedit.trainers import editor_sft, vae
@@ -112,6 +112,14 @@ def test_train_exports_a_normalised_diffusers_vae_and_eval(small_data_dir, tmp_p
                        f"--config.data.splits.{s}.{k}={v}" for s, sizes in
                        small_data_config(small_data_dir).splits.items()
                        for k, v in sizes.items()]) == 0
+
+
+def test_dry_run(small_data_dir, tmp_path):
+  out = dry_run.main(tiny_vae_config(small_data_dir), str(tmp_path / "run"))
+  (step,) = out["programs"]
+  assert step["program"] == "train_step" and step["flops"] > 0 and step["peak_estimate"] > 0
+  assert out["parameters"] == sum(x.size for x in jax.tree.leaves(
+      vae.make_setup(tiny_vae_config(small_data_dir), "").abstract_state.params))
 
 
 def test_config_errors_name_the_problem(small_data_dir, tmp_path):
