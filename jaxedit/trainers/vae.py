@@ -87,10 +87,9 @@ def reference_config() -> ml_collections.ConfigDict:
   return c
 
 
-def vae_config(model: ml_collections.ConfigDict, shift: float = 0.0,
-               scale: float = 1.0) -> VAEConfig:
-  """The VAE of the `model` section (no quant convs, as FLUX's); `shift` and `scale`
-  normalise its latents."""
+def vae_config(model: ml_collections.ConfigDict) -> VAEConfig:
+  """The VAE of the `model` section (no quant convs, as FLUX's), on raw latents: the shift
+  and scale are measured when the folder is written."""
   if model.dtype not in DTYPES or model.param_dtype not in DTYPES:
     raise ConfigError(f"model.dtype/param_dtype must be one of {sorted(DTYPES)}")
   bad = [c for c in model.block_out_channels if c % model.norm_num_groups]
@@ -101,8 +100,8 @@ def vae_config(model: ml_collections.ConfigDict, shift: float = 0.0,
   return VAEConfig(latent_channels=model.latent_channels,
                    block_out_channels=tuple(model.block_out_channels),
                    layers_per_block=model.layers_per_block,
-                   norm_num_groups=model.norm_num_groups, scaling_factor=scale,
-                   shift_factor=shift, dtype=DTYPES[model.dtype],
+                   norm_num_groups=model.norm_num_groups, scaling_factor=1.0,
+                   shift_factor=0.0, dtype=DTYPES[model.dtype],
                    param_dtype=DTYPES[model.param_dtype])
 
 
