@@ -6,7 +6,8 @@
 
 The default run takes < 30 min on 2 CPU cores; `:demo` a few minutes. `:colour` and
 `:geometry` train on the prompts of one task only: the task teachers that
-configs/shapes_editor_opd.py distils into one student.
+configs/shapes_editor_opd.py distils into one student. `:latent` starts from
+`shapes_editor_sft.py:latent` (set model.vae.init_from as there).
 
     python launch/sweep.py --config configs/shapes_editor_grpo.py --workdir SWEEP -- \
         --config.init_from=SFT     # learning rate x KL beta: one compiled program for all
@@ -25,7 +26,8 @@ def get_config(arg=None):
   config = editor_grpo.reference_config()
   # The model, data and eval sampler of the SFT run this one starts from.
   sft = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                               "shapes_editor_sft.py" + (":demo" if arg == "demo" else "")))
+                               "shapes_editor_sft.py" + (f":{arg}" if arg in ("demo", "latent")
+                                                         else "")))
   for section in ("model", "data", "sample"):
     config[section] = ml_collections.ConfigDict(sft[section].to_dict())
   config.eval.num_examples = sft.eval.num_examples
@@ -45,8 +47,9 @@ def get_config(arg=None):
     config.train.eval_every = config.train.sample_every = config.train.checkpoint_every = 5
   elif arg in ("colour", "geometry"):
     config.train.tasks = (arg,)
-  elif arg:
-    raise ValueError(f"unknown config arg {arg!r}; use 'demo', 'colour', 'geometry' or nothing")
+  elif arg and arg != "latent":
+    raise ValueError(f"unknown config arg {arg!r}; use 'demo', 'latent', 'colour', 'geometry' "
+                     "or nothing")
   return config.lock()
 
 

@@ -1,4 +1,5 @@
 import ml_collections
+import numpy as np
 import pytest
 
 from jaxedit import cli
@@ -90,7 +91,9 @@ def test_cli_reports_config_errors_cleanly(capsys, tmp_path):
 
 @pytest.mark.parametrize("spec", [
     "configs/shapes_editor_sft.py", "configs/shapes_editor_sft.py:demo",
+    "configs/shapes_editor_sft.py:latent", "configs/shapes_vae.py",
     "configs/shapes_editor_grpo.py", "configs/shapes_editor_grpo.py:demo",
+    "configs/shapes_editor_grpo.py:latent",
     "configs/shapes_editor_baseline.py",
     "configs/shapes_planner_sft.py", "configs/shapes_planner_sft.py:demo",
     "configs/shapes_planner_sft.py:scene_text",
@@ -101,6 +104,16 @@ def test_shipped_trainer_configs_match_their_reference(spec):
   """Every shipped config (and arg) has exactly its trainer's keys, with compatible types."""
   config = cli.load_file(spec)
   validate(config, cli._trainer(config).reference_config())
+
+
+def test_latent_configs_fit_the_shapes_vae():
+  """The :latent editors' VAE is the architecture configs/shapes_vae.py trains."""
+  vae = cli.load_file("configs/shapes_vae.py").model
+  for spec in ("configs/shapes_editor_sft.py:latent", "configs/shapes_editor_grpo.py:latent"):
+    editor = cli.load_file(spec).model.vae
+    assert editor.enabled
+    for key in ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups"):
+      assert tuple(np.atleast_1d(editor[key])) == tuple(np.atleast_1d(vae[key])), (spec, key)
 
 
 def test_planner_grpo_configs_build_the_model_of_their_sft_configs():
