@@ -94,6 +94,17 @@ def latest_step(workdir: str, what: str) -> tuple[ocp.CheckpointManager, int]:
   return mngr, step
 
 
+def restore_latest(workdir: str, keep: int, abstract_state):
+  """(step, state) of this run's latest checkpoint, for eval; ConfigError if it has none."""
+  from jaxedit.config import ConfigError
+
+  mngr = manager(workdir, keep, async_save=False)
+  step = mngr.latest_step()
+  if step is None:
+    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
+  return step, restore(mngr, step, abstract_state)
+
+
 def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
   """The config a run saved with its checkpoint, as a plain dict."""
   return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config

@@ -87,12 +87,11 @@ def _editor_grpo(setup):
   args = (setup.codec, ss.params, ss.frozen, chunk, levels, key)
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
     out = jax.eval_shape(rollout.jitted, *args)
-  chunks = [{**chunk, "latents": out["latents"], "log_probs": out["log_probs"],
+  chunks = [{**chunk, **{k: out[k] for k in ("source", "latents", "log_probs")},
              "rewards": _abstract((n,), jnp.float32, bs)}] * g.rollout_chunks
   update = editor_grpo.make_update(setup)
   return [("rollout", rollout.jitted, args),
-          ("update", update.unbound.jitted,
-           (setup.codec, ss, chunks, levels, trained, update.hparams))]
+          ("update", update.unbound.jitted, (ss, chunks, levels, trained, update.hparams))]
 
 
 def _vae(setup):

@@ -322,7 +322,8 @@ def trajectory_sharding(setup: Setup):
 
 def make_rollout(setup: Setup):
   """jitted (trained, frozen, chunk, levels, rng) -> images (uint8, decoded by the codec),
-  latents (the trajectory in the model's space), log_probs."""
+  source (the encoded sources, for the update), latents (the trajectory in the model's
+  space), log_probs."""
   g = setup.rollouts
   velocity = make_velocity(setup.model, g.guidance_scale)
   times = flow.sigmas(g.num_steps, setup.config.sample.shift)
@@ -337,14 +338,14 @@ def make_rollout(setup: Setup):
       x1 = jax.random.normal(r_noise, source.shape)
     out = flow_grpo.rollout(velocity, setup.policy(trained, frozen), x1, source,
                             text_inputs(chunk), times, levels, r_sde, g.sde_type)
-    return {"images": codec.decode(out["sample"]), "latents": out["latents"],
-            "log_probs": out["log_probs"]}
+    return {"images": codec.decode(out["sample"]), "source": source,
+            "latents": out["latents"], "log_probs": out["log_probs"]}
 
   ss, traj = setup.state_shardings, trajectory_sharding(setup)
   fn = jax.jit(rollout, in_shardings=(sharding.replicated(setup.mesh), ss.params, ss.frozen,
                                       setup.batch_sharding, None, None),
-               out_shardings={"images": setup.batch_sharding, "latents": traj,
-                              "log_probs": traj})
+               out_shardings={"images": setup.batch_sharding, "source": setup.batch_sharding,
+                              "latents": traj, "log_probs": traj})
   return codec_lib.bind(sharding.in_context(fn, setup.mesh, setup.rules), setup.codec)
 
 
@@ -358,13 +359,11 @@ def make_update(setup: Setup):
   traj = trajectory_sharding(setup)
   updates_per_step = g.inner_epochs * g.minibatches
 
-  def update(codec, state: GRPOState, chunks, levels, trained_steps, hp):
+  def update(state: GRPOState, chunks, levels, trained_steps, hp):
     # Chunks in sampling order; each holds whole groups, so groups stay consecutive.
     data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
                                                                        "log_probs") else 0)
             for k in chunks[0]}
-    source = jax.lax.with_sharding_constraint(codec.encode(data["source_image"]),
-                                              setup.batch_sharding)  # once per iteration
     advantages = grpo.group_advantages(data["rewards"], g.group_size, std_scope=g.std_scope,
                                        clip=g.adv_clip)
     n = advantages.shape[0]
@@ -384,7 +383,7 @@ def make_update(setup: Setup):
       take = lambda x, axis: jnp.take(x, idx, axis=axis)
       mb = {"latents": jax.lax.with_sharding_constraint(take(data["latents"], 1), traj),
             "log_probs": take(data["log_probs"], 1),
-            "source": jax.lax.with_sharding_constraint(take(source, 0),
+            "source": jax.lax.with_sharding_constraint(take(data["source"], 0),
                                                        setup.batch_sharding),
             "text": {"ids": take(data["ids"], 0), "mask": take(data["mask"], 0)},
             "advantages": take(advantages, 0)}
@@ -407,11 +406,11 @@ def make_update(setup: Setup):
                         (advantages == 0).astype(jnp.float32))})
     return GRPOState(state.step + 1, params, ema, opt_state, frozen), metrics
 
-  ss, replicated = setup.state_shardings, sharding.replicated(setup.mesh)
-  fn = jax.jit(update, in_shardings=(replicated, ss, None, None, None, None),
-               out_shardings=(ss, replicated), donate_argnums=1)
-  fn = codec_lib.bind(sharding.in_context(fn, setup.mesh, setup.rules), setup.codec)
-  return hparams.bind(fn, hparams.values(config, hparams.GRPO))
+  ss = setup.state_shardings
+  fn = jax.jit(update, in_shardings=(ss, None, None, None, None),
+               out_shardings=(ss, sharding.replicated(setup.mesh)), donate_argnums=0)
+  return hparams.bind(sharding.in_context(fn, setup.mesh, setup.rules),
+                      hparams.values(config, hparams.GRPO))
 
 
 def optimizer_step(setup, hp: dict, params, ema, opt_state, grads, count,
@@ -441,8 +440,9 @@ def rollout_and_score(setup: Setup, rollout, reward_fn, state: GRPOState, prompt
   """Samples G edits of each of this process's prompts in `rollout_chunks` jitted calls.
   Chunk j's images go to the host rewards while the device samples chunk j + 1.
 
-  Returns (chunks for the update: `device_fields`, latents, log-probs, rewards; host dict
-  of the rollout: images, rewards, parts, and the per-sample prompt fields)."""
+  Returns (chunks for the update: `device_fields`, encoded sources, latents, log-probs,
+  rewards; host dict of the rollout: images, rewards, parts, and the per-sample prompt
+  fields)."""
   g = setup.rollouts
   grouped = {k: np.repeat(np.asarray(v), g.group_size, axis=0) for k, v in prompts.items()}
   size = len(grouped["ids"]) // g.rollout_chunks
@@ -465,7 +465,7 @@ def rollout_and_score(setup: Setup, rollout, reward_fn, state: GRPOState, prompt
       score(j - 1)
   score(len(pieces) - 1)
   results = [p.result() for p in pending]
-  chunks = [{**inputs[j], "latents": outs[j]["latents"], "log_probs": outs[j]["log_probs"],
+  chunks = [{**inputs[j], **{k: outs[j][k] for k in ("source", "latents", "log_probs")},
              "rewards": sharding.global_batch({"r": results[j][0]}, setup.batch_sharding)["r"]}
             for j in range(len(pieces))]
   host = {**grouped, "images": np.concatenate(images),
@@ -641,11 +641,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, method: Method | N
   the change) and PNG grids."""
   setup = (method or GRPO).make_setup(config, workdir)
   reward_fn = make_rewards(config, setup.world)
-  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints, async_save=False)
-  step = mngr.latest_step()
-  if step is None:
-    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
-  state = checkpoint.restore(mngr, step, setup.abstract_state)
+  step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
+                                        setup.abstract_state)
   ec = config.eval
   trained = state.ema_params if ec.use_ema else state.params
   sampler = editor_sft.make_sampler(setup, config.sample.num_steps, config.sample.shift,

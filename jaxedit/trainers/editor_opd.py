@@ -146,11 +146,11 @@ def make_update(setup: OPDSetup, teachers=None):
   traj = editor_grpo.trajectory_sharding(setup)
   updates_per_step = o.inner_epochs * o.minibatches
 
-  def update(codec, state: GRPOState, teachers, chunks, levels, trained_steps, hp):
+  def update(state: GRPOState, teachers, chunks, levels, trained_steps, hp):
     data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
                                                                        "log_probs") else 0)
             for k in chunks[0]}
-    source = codec.encode(data["source_image"])
+    source = data["source"]  # encoded by the rollout
     text = {"ids": data["ids"], "mask": data["mask"]}
 
     def teacher_at(j):
@@ -200,14 +200,14 @@ def make_update(setup: OPDSetup, teachers=None):
     metrics = jax.tree.map(jnp.mean, per_update)
     return GRPOState(state.step + 1, params, ema, opt_state, frozen), metrics
 
-  ss, replicated = setup.state_shardings, sharding.replicated(setup.mesh)
-  fn = jax.jit(update, in_shardings=(replicated, ss, [setup.teacher_shardings] * len(teachers),
-                                     None, None, None, None),
-               out_shardings=(ss, replicated), donate_argnums=1)
+  ss = setup.state_shardings
+  fn = jax.jit(update, in_shardings=(ss, [setup.teacher_shardings] * len(teachers), None, None,
+                                     None, None),
+               out_shardings=(ss, sharding.replicated(setup.mesh)), donate_argnums=0)
   fn = sharding.in_context(fn, setup.mesh, setup.rules)
 
   def with_teachers(state, chunks, levels, trained_steps, hp):
-    return fn(setup.codec, state, teachers, chunks, levels, trained_steps, hp)
+    return fn(state, teachers, chunks, levels, trained_steps, hp)
   return hparams.bind(with_teachers, hparams.values(config, hparams.OPD))
 
 

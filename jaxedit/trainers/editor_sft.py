@@ -561,11 +561,8 @@ def write_grid(writer, workdir: str, step: int, images, limit: int) -> None:
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores the latest checkpoint on `eval.split`; writes DIR/eval/metrics.json and a grid."""
   setup = make_setup(config, workdir)
-  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints, async_save=False)
-  step = mngr.latest_step()
-  if step is None:
-    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
-  state = checkpoint.restore(mngr, step, setup.abstract_state)
+  step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
+                                        setup.abstract_state)
   params = state.ema_params if config.eval.use_ema else state.params
   sampler = make_sampler(setup, config.sample.num_steps, config.sample.shift,
                          config.sample.guidance_scale)

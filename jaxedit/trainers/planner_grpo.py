@@ -386,11 +386,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, method: Method | N
   """Scores the trained planner (EMA) and the SFT planner it started from on `eval.split`;
   writes DIR/eval/metrics.json (after's figures at the top level, `before`, `change`)."""
   setup = (method or GRPO).make_setup(config, workdir)
-  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints, async_save=False)
-  step = mngr.latest_step()
-  if step is None:
-    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
-  state = checkpoint.restore(mngr, step, abstract_state(setup))
+  step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
+                                        abstract_state(setup))
   ec = config.eval
   batches = planner_sft.eval_batches(setup, ec.split, ec.num_examples, ec.batch_size)
   sampler = planner_sft.make_plan_sampler(setup)

@@ -421,8 +421,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---- Data ----
   local_batch = tc.batch_size // jax.process_count()
+  cells = ("source_scene",) if tc.cell_loss_weight else ()  # the cell head's labels
   train_data = make_dataset(setup.source("train"), local_batch, seed=tc.seed,
-                            fields=RECORD_FIELDS + ("source_scene",), kinds=tc.example_kinds,
+                            fields=RECORD_FIELDS + cells, kinds=tc.example_kinds,
                             worker_count=tc.worker_count)
   data_iter = iter(train_data)
 
@@ -489,11 +490,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores the latest checkpoint's plans on `eval.split`; writes DIR/eval/metrics.json."""
   setup = make_setup(config, workdir)
-  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints, async_save=False)
-  step = mngr.latest_step()
-  if step is None:
-    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
-  state = checkpoint.restore(mngr, step, setup.abstract_state)
+  step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
+                                        setup.abstract_state)
   params = state.ema_params if config.eval.use_ema else state.params
   ec = config.eval
   start = time.time()

@@ -24,8 +24,6 @@ import logging
 import os
 import time
 
-import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -108,6 +106,11 @@ def vae_config(model: ml_collections.ConfigDict) -> VAEConfig:
 @dataclasses.dataclass
 class Setup(editor_sft.RunSetup):
   model: AutoencoderKL
+
+  @functools.cached_property
+  def encoder_decoder(self):
+    """`make_encoder_decoder(self)`, compiled once for every evaluation of the run."""
+    return make_encoder_decoder(self)
 
 
 def _init_state(rng, *, model, tx, image_size) -> TrainState:
@@ -224,7 +227,7 @@ def evaluate(setup: Setup, params, batches) -> tuple[dict, tuple]:
   """PSNR of the reconstructions (posterior mean), the fraction the detector reads as the
   same scene as the original (what the editor's rewards need), and the posterior means'
   statistics. Returns (summary, (originals, reconstructions) of the first batch)."""
-  run = make_encoder_decoder(setup)
+  run = setup.encoder_decoder
   psnr, same, means, first = [], [], [], None
   for images, n in batches:
     mean, recon = run(params, sharding.global_from_full({"x": images},
@@ -335,11 +338,8 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores the latest checkpoint on `eval.split`: DIR/eval/metrics.json and a grid of
   reconstructions (DIR/eval/reconstructions.png)."""
   setup = make_setup(config, workdir)
-  mngr = checkpoint.manager(workdir, config.train.keep_checkpoints, async_save=False)
-  step = mngr.latest_step()
-  if step is None:
-    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
-  state = checkpoint.restore(mngr, step, setup.abstract_state)
+  step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
+                                        setup.abstract_state)
   ec = config.eval
   batches = image_batches(setup, ec.split, ec.example_kinds, ec.num_examples, ec.batch_size)
   summary, first = evaluate(setup, state.ema_params if ec.use_ema else state.params, batches)
