@@ -84,15 +84,26 @@ def main(argv=None) -> None:
     runs.append(json.load(open(path)))
   summary = {"workdirs": args.workdirs, "num_runs": len(runs), **across_seeds(runs)}
   write_metrics(args.out, summary)
-  for key in ("edit_success", "checklist_score", "reward", "preservation",
-              "plan_checklist_score", "plan_exact"):
-    if key in summary:
-      s = summary[key]
-      line = f"{key}: {s['mean']:.4f} +- {s['std']:.4f} (min {s['min']:.4f}, max {s['max']:.4f})"
-      if key in summary.get("change", {}):
-        c = summary["change"][key]
-        line += f"; change {c['mean']:+.4f} +- {c['std']:.4f}"
-      print(line)
+  keys = ["edit_success", "checklist_score", "reward", "preservation", "plan_checklist_score",
+          "plan_exact"]
+  keys += [f"edit_success_by_task.{task}" for task in summary.get("edit_success_by_task", {})]
+  for key in keys:
+    s = _nested(summary, key)
+    if s is None:
+      continue
+    line = f"{key}: {s['mean']:.4f} +- {s['std']:.4f} (min {s['min']:.4f}, max {s['max']:.4f})"
+    c = _nested(summary.get("change", {}), key)
+    if c is not None:
+      line += f"; change {c['mean']:+.4f} +- {c['std']:.4f}"
+    print(line)
+
+
+def _nested(tree: dict, dotted: str):
+  for part in dotted.split("."):
+    if not isinstance(tree, dict) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ def test_train_and_eval(small_data_dir, tiny_planner_dir, tmp_path):
   saved = json.load(open(tmp_path / "eval" / "metrics.json"))
   assert saved["plan_checklist_score"] == pytest.approx(summary["plan_checklist_score"])
   assert "before" in saved and "change" in saved
+  assert set(saved["plan_checklist_score_by_task"]) <= set(TASKS)
 
 
 def test_config_errors_name_the_problem(small_data_dir, tiny_planner_dir, tmp_path):

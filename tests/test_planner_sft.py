@@ -147,3 +147,19 @@ def test_cell_head_config_errors(small_data_dir, tmp_path):
                                         "the 32px image into 8 patches a side, the grid is 4"):
     planner_sft.make_setup(config, str(tmp_path))
 
+
+
+def test_summarize_plans_by_family_and_task():
+  scores = {"plan_checklist_score": np.array([1.0, 0.5, 0.0, 0.25, 1.0], np.float32),
+            "plan_exact": np.array([1, 0, 0, 0, 1], np.float32)}
+  groups = {"family": ["a", "a", "b", "b", "c"],
+            "task": ["colour", "geometry", "colour", "mixed", "colour"]}
+  held_out = np.array([False, False, False, False, True])
+  s = planner_sft.summarize_plans(scores, groups, held_out)
+  assert s["num_examples"] == 4 and s["plan_checklist_score"] == pytest.approx(0.4375)
+  assert s["plan_checklist_score_by_task"] == pytest.approx(
+      {"colour": 0.5, "geometry": 0.5, "mixed": 0.25})
+  assert s["plan_exact_by_task"] == pytest.approx({"colour": 0.5, "geometry": 0.0, "mixed": 0.0})
+  assert s["plan_checklist_score_by_family"] == pytest.approx({"a": 0.75, "b": 0.125})
+  held = s["held_out_families"]
+  assert held["num_examples"] == 1 and held["plan_exact_by_task"] == {"colour": 1.0}

@@ -38,7 +38,7 @@ from jaxedit.trainers.editor_sft import (RunSetup, TrainState, apply_at_rate, as
                                          due, init_state, with_params, write_metrics_line)
 
 RECORD_FIELDS = ("source_image", "instruction", "scene_text", "plan_steps")
-EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_family")
+EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_family", "task")
 
 
 def reference_config() -> ml_collections.ConfigDict:
@@ -357,17 +357,21 @@ def score_plans(texts: list[str], info: dict) -> dict[str, np.ndarray]:
   return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
-def summarize_plans(scores: dict[str, np.ndarray], families: list[str],
+def summarize_plans(scores: dict[str, np.ndarray], groups: dict[str, list[str]],
                     held_out: np.ndarray) -> dict:
   """Means over the training families at the top level, and the same under
-  `held_out_families` for the families never seen in training."""
+  `held_out_families` for the families never seen in training. `groups` maps a name
+  (`family`, `task`) to one label per example and yields `plan_checklist_score_by_{name}`
+  and `plan_exact_by_{name}`."""
   def means(keep):
     s = {k: float(v[keep].mean()) if keep.any() else None for k, v in scores.items()}
     s["num_examples"] = int(keep.sum())
-    fam = np.asarray(families)
-    s["plan_checklist_score_by_family"] = {
-        f: float(scores["plan_checklist_score"][keep & (fam == f)].mean())
-        for f in sorted(set(fam[keep].tolist()))}
+    for name, labels in groups.items():
+      labels = np.asarray(labels)
+      for metric in ("plan_checklist_score", "plan_exact"):
+        s[f"{metric}_by_{name}"] = {
+            label: float(scores[metric][keep & (labels == label)].mean())
+            for label in sorted(set(labels[keep].tolist()))}
     return s
   summary = means(~held_out)
   if held_out.any():
@@ -395,10 +399,11 @@ def evaluate(setup: Setup, params, batches, sampler, seed: int = 0, texts=None,
   scores = [score_plans(t, info) for t, (_, info) in zip(texts, batches)]
   scores = {k: np.concatenate([s[k] for s in scores]) for k in scores[0]}
   scores.update(extra_scores or {})
-  families = [f for _, info in batches for f in info["family"]]
+  groups = {name: [label for _, info in batches for label in info[name]]
+            for name in ("family", "task")}
   held_out = np.asarray([bool(h) for _, info in batches for h in info["held_out_family"]])
   first = list(zip(batches[0][1]["instruction"], texts[0], batches[0][1]["plan_steps"]))
-  return summarize_plans(scores, families, held_out), first
+  return summarize_plans(scores, groups, held_out), first
 
 
 def format_samples(samples) -> str:
