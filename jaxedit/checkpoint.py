@@ -19,6 +19,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxedit.config import ConfigError
+
 
 def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
@@ -82,26 +84,24 @@ def _listdir(path: str) -> list[str]:
 
 
 
-def latest_step(workdir: str, what: str) -> tuple[ocp.CheckpointManager, int]:
-  """(manager, latest step) of another run's workdir; ConfigError if it has no checkpoint."""
-  from jaxedit.config import ConfigError
-
-  mngr = manager(workdir, keep=1, async_save=False)
+def _latest(workdir: str, keep: int, problem: str) -> tuple[ocp.CheckpointManager, int]:
+  """(manager, latest step) of `workdir`; ConfigError(`problem`) if it has no checkpoint."""
+  mngr = manager(workdir, keep, async_save=False)
   step = mngr.latest_step()
   if step is None:
-    raise ConfigError(f"init_from: no checkpoint in {os.path.abspath(workdir)}/checkpoints; "
-                      f"point it at {what}")
+    raise ConfigError(problem)
   return mngr, step
+
+
+def latest_step(workdir: str, what: str) -> tuple[ocp.CheckpointManager, int]:
+  """(manager, latest step) of another run's workdir; ConfigError if it has no checkpoint."""
+  return _latest(workdir, 1, f"init_from: no checkpoint in {os.path.abspath(workdir)}/"
+                 f"checkpoints; point it at {what}")
 
 
 def restore_latest(workdir: str, keep: int, abstract_state):
   """(step, state) of this run's latest checkpoint, for eval; ConfigError if it has none."""
-  from jaxedit.config import ConfigError
-
-  mngr = manager(workdir, keep, async_save=False)
-  step = mngr.latest_step()
-  if step is None:
-    raise ConfigError(f"no checkpoint in {workdir}/checkpoints: train first")
+  mngr, step = _latest(workdir, keep, f"no checkpoint in {workdir}/checkpoints: train first")
   return step, restore(mngr, step, abstract_state)
 
 

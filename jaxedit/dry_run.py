@@ -95,10 +95,10 @@ def _editor_grpo(setup):
 
 
 def _vae(setup):
-  from jaxedit.trainers import vae
+  from jaxedit.trainers import editor_sft, vae
 
   bs, n, size = setup.batch_sharding, setup.config.train.batch_size, setup.world.image_size
-  batch = {k: _abstract((n, size, size, 3), jnp.uint8, bs) for k in vae.IMAGE_FIELDS}
+  batch = {k: _abstract((n, size, size, 3), jnp.uint8, bs) for k in editor_sft.IMAGE_FIELDS}
   return [("train_step", vae.make_train_step(setup).jitted, (setup.abstract_state, batch))]
 
 

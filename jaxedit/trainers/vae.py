@@ -42,7 +42,6 @@ from jaxedit.trainers import editor_sft
 from jaxedit.trainers.editor_sft import TrainState
 
 EXPORT = "diffusers"  # DIR/diffusers: the trained VAE as diffusers writes one
-IMAGE_FIELDS = editor_sft.IMAGE_FIELDS  # a batch's images: both sides of each edit
 
 
 def reference_config() -> ml_collections.ConfigDict:
@@ -285,7 +284,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---- Data ----
   data_iter = iter(make_dataset(setup.source("train"), tc.batch_size // jax.process_count(),
-                                seed=tc.seed, fields=IMAGE_FIELDS,
+                                seed=tc.seed, fields=editor_sft.IMAGE_FIELDS,
                                 kinds=tc.example_kinds, worker_count=tc.worker_count))
 
   # ---- State: restore the latest checkpoint or initialise ----
