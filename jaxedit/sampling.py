@@ -58,13 +58,20 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: jax.Array,
                  settings: SamplingConfig):
-  """(token, log-prob) per row; temperature 0 is greedy (log-prob of the raw softmax)."""
-  greedy = temperature <= 0
-  scaled = logits / jnp.where(greedy, 1.0, temperature)
-  filtered = filter_logits(scaled, settings.top_k, settings.top_p)
-  token = jnp.where(greedy, jnp.argmax(logits, -1), jax.random.categorical(rng, filtered))
-  logp = jax.nn.log_softmax(jnp.where(greedy, scaled, filtered), axis=-1)
-  return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], -1)[:, 0]
+  """(token, log-prob) per row; temperature 0 is greedy (log-prob of the raw softmax).
+
+  A `lax.cond` on the traced temperature, so greedy decoding skips the filtering and the
+  Gumbel noise (on CPU the noise cost as much as a layer)."""
+  def greedy(logits):
+    return jnp.argmax(logits, -1).astype(jnp.int32), jax.nn.log_softmax(logits, axis=-1)
+
+  def sampled(logits):
+    filtered = filter_logits(logits / temperature, settings.top_k, settings.top_p)
+    return (jax.random.categorical(rng, filtered).astype(jnp.int32),
+            jax.nn.log_softmax(filtered, axis=-1))
+
+  token, logp = jax.lax.cond(temperature <= 0, greedy, sampled, logits)
+  return token, jnp.take_along_axis(logp, token[:, None], -1)[:, 0]
 
 
 class DecodeState(NamedTuple):
@@ -86,11 +93,12 @@ def make_sampler(model: Planner, settings: SamplingConfig, mesh=None, axis_rules
   n = settings.max_new_tokens
   stop = jnp.asarray(settings.stop_ids, jnp.int32)
 
-  def constrain(cache):  # (layers, batch, ...): split the batch axis like the data
+  def constrain(cache):  # ([layers,] batch, kv_heads, length, head_dim): split the batch
     if mesh is None:
       return cache
     batch = nn.logical_to_mesh_axes(("batch",), axis_rules)[0]
-    return jax.lax.with_sharding_constraint(cache, NamedSharding(mesh, P(None, batch)))
+    spec = lambda x: NamedSharding(mesh, P(*[None] * (x.ndim - 4), batch))
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec(x)), cache)
 
   def prefill(params, prompt_ids, prompt_valid, rng, temperature, image):
     b, p = prompt_ids.shape

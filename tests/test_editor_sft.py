@@ -32,7 +32,7 @@ def test_eight_devices_match_one(small_data_dir, tmp_path):
   state1 = editor_sft.init_state(one)
   state8 = jax.device_put(jax.device_get(state1), eight.state_shardings)
   # Parameters really are split: some kernel lives in pieces on several devices.
-  kernel = state8.params["transformer"]["single_transformer_blocks"]["proj_mlp"]["kernel"]
+  kernel = state8.params["transformer"]["single_transformer_blocks_0"]["proj_mlp"]["kernel"]
   assert len({str(s.index) for s in kernel.addressable_shards}) > 1
 
   batch = fixed_batch(one)

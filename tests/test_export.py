@@ -234,8 +234,8 @@ def test_init_from_exported_folders(random_editor, random_planner, small_data_di
   loaded = inference.load_planner(random_planner, batch_size=8, weights="raw")
   abstract = loaded.setup.abstract_state.params
   params = pretrained.load_planner(lm_folder, abstract, loaded.setup.model.cfg)
-  assert params["lm"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding == (
-      abstract["lm"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding)
+  assert params["lm"]["layers_0"]["self_attn"]["q_proj"]["kernel"].sharding == (
+      abstract["lm"]["layers_0"]["self_attn"]["q_proj"]["kernel"].sharding)
   assert set(params) == {"lm", "vision"}  # not the SFT-only cell head, which keeps its init
   jax.tree.map(np.testing.assert_array_equal, host(params),
                host({k: loaded.params[k] for k in params}))

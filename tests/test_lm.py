@@ -109,8 +109,8 @@ def test_lm_config_rejects_what_it_cannot_run():
     lm_transformers.lm_config({**hf, "model_type": "gpt2"})
 
 
-def planner(seed=0):
-  cfg = PlannerConfig(tiny(), VisionConfig(image_size=16, patch_size=8, width=16))
+def planner(seed=0, scan=True):
+  cfg = PlannerConfig(tiny(scan=scan), VisionConfig(image_size=16, patch_size=8, width=16))
   model = Planner(cfg)
   ids, valid = sampling.left_pad([[5, 6, 7, 8, 9], [3, 4], [10, 11, 12]], pad_id=0)
   image = np.random.default_rng(seed).uniform(-1, 1, (3, 16, 16, 3)).astype(np.float32)
@@ -123,8 +123,9 @@ def planner(seed=0):
   return model, params, ids, valid, image
 
 
-def test_cached_decoding_equals_uncached():
-  cfg = tiny()
+@pytest.mark.parametrize("scan", [True, False])  # one stacked cache, or one per layer
+def test_cached_decoding_equals_uncached(scan):
+  cfg = tiny(scan=scan)
   model = DecoderLM(cfg)
   ids, valid = sampling.left_pad([[5, 6, 7, 8, 9], [3, 4]], pad_id=0)
   params = model.init(jax.random.key(0), ids, valid)["params"]
@@ -222,8 +223,9 @@ def test_sampled_logprobs_are_those_of_the_filtered_distribution():
   np.testing.assert_allclose(np.asarray(out.logprobs)[:, 0], want, atol=1e-5)
 
 
-def test_sharded_sampler_matches_one_device():
-  model, params, ids, valid, image = planner()
+@pytest.mark.parametrize("scan", [True, False])  # one stacked cache, or one per layer
+def test_sharded_sampler_matches_one_device(scan):
+  model, params, ids, valid, image = planner(scan=scan)
   ids, valid, image = (np.concatenate([a] * 3)[:8] for a in (ids, valid, image))
   settings = sampling.SamplingConfig(5, stop_ids=(7,), pad_id=0, top_p=0.9)
   one = sampling.make_sampler(model, settings)(params, ids, valid, jax.random.key(1), 1.0,

@@ -207,7 +207,9 @@ def model_config() -> ml_collections.ConfigDict:
       "guidance_embeds": False,
       "dtype": "float32",
       "param_dtype": "float32",
-      "scan_layers": True,
+      # Scanned layers keep compile time flat in depth (configs of real models set True);
+      # unrolled, the shapes models' 2 + 4 layers train 20% faster on CPU (README, Performance).
+      "scan_layers": False,
       "remat_policy": "none",
       "attention": "auto",  # auto (cuDNN flash attention on GPU in bf16/fp16) | xla | cudnn
       "text_encoder": "shapes",  # shapes | precomputed

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.models import layers
 from jaxedit.models.layers import RMSNorm, dense, stack
 
 Dtype = Any
@@ -126,8 +127,10 @@ def attention_implementation(choice: str, dtype) -> str | None:
 
 def attention(cfg: "FluxConfig", q, k, v) -> jax.Array:
   """(B, S, N, H) -> (B, S, N*H), by the implementation `cfg.attention` picks."""
-  out = jax.nn.dot_product_attention(
-      q, k, v, implementation=attention_implementation(cfg.attention, q.dtype))
+  implementation = attention_implementation(cfg.attention, q.dtype)
+  if implementation is None:
+    return layers.attention(q, *(y.transpose(0, 2, 1, 3) for y in (k, v)))
+  out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
   return out.reshape(*out.shape[:2], -1)
 
 

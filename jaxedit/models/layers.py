@@ -1,5 +1,6 @@
 """Building blocks shared by the editor (Flux) and the planner (Qwen2/Llama): Dense layers
-with logical axis names and optional LoRA, RMSNorm, and scanned or unrolled layer stacks."""
+with logical axis names and optional LoRA, RMSNorm, attention, and scanned or unrolled layer
+stacks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -67,6 +69,27 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt((x32**2).mean(-1, keepdims=True) + self.eps)
     return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None):
+  """Softmax attention as XLA einsums: q (B, S, N, H); k, v head-major (B, K, T, H), K
+  dividing N (grouped-query); mask (B, 1, S, T) of the keys each query sees. -> (B, S, N*H).
+
+  Head-major keys and values make both dots plain batched matmuls; jax.nn.dot_product_attention
+  batches over the strided head axis of (B, T, N, H), 10% slower per Flux rollout on CPU.
+  Softmax in float32; a query with no visible key attends uniformly instead of giving NaN."""
+  b, s, n, h = q.shape
+  kv = k.shape[1]
+  # A group's queries side by side: (B, K, G*S, H), so both dots are 4-D batched matmuls.
+  q = q.transpose(0, 2, 1, 3).reshape(b, kv, -1, h)
+  logits = jnp.einsum("bkqh,bkth->bkqt", q, k).astype(jnp.float32) / np.sqrt(h)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask[:, :, None], (b, 1, n // kv, s, mask.shape[-1]))
+    logits = jnp.where(mask.reshape(b, 1, -1, mask.shape[-1]), logits,
+                       jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkqt,bkth->bkqh", probs, v).reshape(b, n, s, h)
+  return out.transpose(0, 2, 1, 3).reshape(b, s, n * h)
 
 
 def stack(block_cls, cfg, length: int, name: str, in_axes: tuple) -> Callable:

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxedit.models.layers import RMSNorm, dense, stack
+from jaxedit.models.layers import RMSNorm, attention, dense, stack
 
 Dtype = Any
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
@@ -79,10 +79,19 @@ def apply_rope(x: jax.Array, rope) -> jax.Array:
   return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
 
 
-def init_cache(cfg: LMConfig, batch: int, length: int) -> dict[str, jax.Array]:
-  """Empty KV cache {k, v}: (layers, batch, length, kv_heads, head_dim) in the compute dtype."""
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-  return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype)}
+def init_cache(cfg: LMConfig, batch: int, length: int):
+  """Empty KV cache in the compute dtype: with scanned layers one {k, v} of
+  (layers, batch, kv_heads, length, head_dim); unrolled, a tuple of per-layer {k, v} of
+  (batch, kv_heads, length, head_dim), which attention reads where they lie (slicing a layer
+  out of a stacked cache copies it every token).
+
+  Head-major, so attention reads keys and values without a transpose: with the slots
+  before the heads, every decoded token transposed the whole cache."""
+  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+  layer = lambda *lead: {"k": jnp.zeros((*lead, *shape), cfg.dtype),
+                         "v": jnp.zeros((*lead, *shape), cfg.dtype)}
+  return layer(cfg.num_layers) if cfg.scan_layers else tuple(layer() for _ in
+                                                             range(cfg.num_layers))
 
 
 class Attention(nn.Module):
@@ -97,19 +106,25 @@ class Attention(nn.Module):
     k, v = (dense(cfg, cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), name,
                   use_bias=cfg.qkv_bias)(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
             for name in ("k_proj", "v_proj"))
-    q, k = apply_rope(q, rope), apply_rope(k, rope)
-    if cache is not None:
-      # Write this call's keys/values into the whole (layers, ...) cache at (layer, index):
-      # a small in-place update, where slicing the layer out and stacking it back would copy
-      # the cache every token. Attend over this layer's slots, the new ones included.
-      new = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
-      cache = {name: jax.lax.dynamic_update_slice(cache[name], new[name][None],
-                                                  (layer, 0, index, 0, 0)) for name in new}
+    q = apply_rope(q, rope)
+    k, v = (y.transpose(0, 2, 1, 3) for y in (apply_rope(k, rope), v))  # (B, K, S, H)
+    if isinstance(cache, tuple):  # unrolled layers: `layer` is a Python int
+      # Write this call's keys/values at `index` of the layer's own buffers (in place).
+      mine = {name: jax.lax.dynamic_update_slice(cache[layer][name], new.astype(
+          cache[layer][name].dtype), (0, 0, index, 0)) for name, new in (("k", k), ("v", v))}
+      cache = cache[:layer] + (mine,) + cache[layer + 1:]
+      k, v = mine["k"], mine["v"]
+    elif cache is not None:
+      # Write into the whole (layers, ...) cache at (layer, index): a small in-place update,
+      # where slicing the layer out and stacking it back would copy the cache every token.
+      # Attend over this layer's slots, the new ones included.
+      cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype)[None],
+                                                  (layer, 0, 0, index, 0))
+               for name, new in (("k", k), ("v", v))}
       k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False)
               for name in ("k", "v"))
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
-    out = dense(cfg, cfg.hidden_size, ("heads", "embed"), "o_proj", use_bias=False)(
-        out.reshape(b, s, -1))
+    out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+    out = dense(cfg, cfg.hidden_size, ("heads", "embed"), "o_proj", use_bias=False)(out)
     return out, cache
 
 
@@ -181,9 +196,11 @@ class DecoderLM(nn.Module):
     rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     h = nn.with_logical_constraint(h, ACTIVATION)
     # The cache rides in the carry with the layer index, so each layer updates it in place.
+    # Scanned, the layer index is a traced counter; unrolled, a Python int (static indexing).
+    first_layer = jnp.zeros((), jnp.int32) if cfg.scan_layers else 0
     (h, cache, _), _ = stack(DecoderLayer, cfg, cfg.num_layers, "layers",
                              (nn.broadcast, nn.broadcast, nn.broadcast))(
-                                 (h, cache, jnp.zeros((), jnp.int32)), rope, mask, index)
+                                 (h, cache, first_layer), rope, mask, index)
     h = RMSNorm(cfg.rms_norm_eps, axis="embed", param_dtype=cfg.param_dtype, name="norm")(h)
     if last_only:
       h = h[:, -1:]

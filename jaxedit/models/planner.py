@@ -114,7 +114,9 @@ def model_config() -> ml_collections.ConfigDict:
                        "down_proj"),
       "dtype": "float32",
       "param_dtype": "float32",
-      "scan_layers": True,
+      # Unrolled, decoding keeps one KV cache per layer and reads it in place: 1.7x faster
+      # on CPU than the scanned stack (README, Performance). Real models' configs set True.
+      "scan_layers": False,
       "remat_policy": "none",
       # cell_head: predict each cell's shape and colour from its prefix token (needs one
       # patch per grid cell); planner SFT weights its loss with train.cell_loss_weight. Off:
