@@ -99,7 +99,9 @@ def test_qk_norm_init_sets_every_q_and_k_norm_weight():
   flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   norms = {k: x for k, x in flat.items() if "'norm_q'" in k or "'norm_k'" in k
            or "'norm_added_q'" in k or "'norm_added_k'" in k}
-  assert len(norms) == 6  # double blocks: 4 (image and text stream); single blocks: 2
+  # Per layer (unrolled): 4 in each of the 1 double block (image and text streams), 2 in each
+  # of the 2 single blocks.
+  assert len(norms) == 4 * 1 + 2 * 2
   assert all(np.all(np.asarray(x) == 2.0) for x in norms.values())
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit.models import layers
-from jaxedit.models.layers import RMSNorm, dense, stack
+from jaxedit.models.layers import RMSNorm, dense, remat, stack
 
 Dtype = Any
 
@@ -185,13 +185,15 @@ class FeedForward(nn.Module):
     return dense(self.cfg, self.cfg.inner_dim, ("mlp", "embed"), "net_2")(x)
 
 
-def qkv(cfg: FluxConfig, x, context: bool = False):
+def qkv(cfg: FluxConfig, x, context: bool = False, q_rows: slice = slice(None)):
   """Per-head q, k, v with RMSNorm on q and k, created in the calling module's scope so the
-  parameter names are diffusers' (to_q, ..., norm_q or add_q_proj, ..., norm_added_q)."""
+  parameter names are diffusers' (to_q, ..., norm_q or add_q_proj, ..., norm_added_q).
+  Queries only for the tokens `q_rows`."""
   names = (("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
            if context else ("to_q", "to_k", "to_v", "norm_q", "norm_k"))
   heads = lambda y: y.reshape(*y.shape[:2], cfg.num_attention_heads, cfg.attention_head_dim)
-  q, k, v = (heads(dense(cfg, cfg.inner_dim, ("embed", "heads"), n)(x)) for n in names[:3])
+  q, k, v = (heads(dense(cfg, cfg.inner_dim, ("embed", "heads"), n)(x[:, q_rows] if i == 0 else x))
+             for i, n in enumerate(names[:3]))
   q = RMSNorm(init=cfg.qk_norm_init, param_dtype=cfg.param_dtype, name=names[3])(q)
   k = RMSNorm(init=cfg.qk_norm_init, param_dtype=cfg.param_dtype, name=names[4])(k)
   return q, k, v
@@ -221,9 +223,10 @@ class SelfAttention(nn.Module):
   cfg: FluxConfig
 
   @nn.compact
-  def __call__(self, x, rope):
-    q, k, v = qkv(self.cfg, x)
-    return attention(self.cfg, apply_rope(q, rope), apply_rope(k, rope), v)
+  def __call__(self, x, rope, q_rows: slice = slice(None)):
+    q, k, v = qkv(self.cfg, x, q_rows=q_rows)
+    q_rope = tuple(table[q_rows] for table in rope)
+    return attention(self.cfg, apply_rope(q, q_rope), apply_rope(k, rope), v)
 
 
 class DoubleBlock(nn.Module):
@@ -253,21 +256,25 @@ class DoubleBlock(nn.Module):
 
 
 class SingleBlock(nn.Module):
-  """FluxSingleTransformerBlock: one stream, attention and MLP in parallel."""
+  """FluxSingleTransformerBlock: one stream, attention and MLP in parallel. With `out_rows`
+  (start, stop), only those tokens' outputs: every token's keys and values, but queries, MLP
+  and output for those rows alone (the last block, whose other rows are discarded)."""
 
   cfg: FluxConfig
+  out_rows: tuple[int, int] | None = None
 
   @nn.compact
   def __call__(self, h, temb, rope):
     cfg = self.cfg
+    rows = slice(None) if self.out_rows is None else slice(*self.out_rows)
     shift, scale, gate = AdaNorm(cfg, 3, name="norm")(temb)
     n = modulate(layer_norm(h), shift, scale)
     mlp = gelu_tanh(dense(cfg, int(cfg.inner_dim * cfg.mlp_ratio), ("embed", "mlp"),
-                          "proj_mlp")(n))
-    attn = SelfAttention(cfg, name="attn")(n, rope)
+                          "proj_mlp")(n[:, rows]))
+    attn = SelfAttention(cfg, name="attn")(n, rope, rows)
     out = dense(cfg, cfg.inner_dim, ("mlp", "embed"), "proj_out")(
         jnp.concatenate([attn, mlp], axis=-1))
-    h = h + gate[:, None] * out
+    h = h[:, rows] + gate[:, None] * out
     h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_embed"))
     return h, None
 
@@ -316,9 +323,14 @@ class FluxTransformer(nn.Module):
     (x, c), _ = stack(DoubleBlock, cfg, cfg.num_layers, "transformer_blocks", shared)(
         (x, c), temb, rope)
     h = jnp.concatenate([c, x], axis=1)
-    h, _ = stack(SingleBlock, cfg, cfg.num_single_layers, "single_transformer_blocks", shared)(
-        h, temb, rope)
-    x = h[:, c.shape[1]:c.shape[1] + n_target]
+    target = (c.shape[1], c.shape[1] + n_target)
+    name, n_single = "single_transformer_blocks", cfg.num_single_layers
+    if cfg.scan_layers or not n_single:
+      h, _ = stack(SingleBlock, cfg, n_single, name, shared)(h, temb, rope)
+      x = h[:, slice(*target)]
+    else:  # unrolled, the last block computes the target tokens alone (same parameters)
+      h, _ = stack(SingleBlock, cfg, n_single - 1, name, shared)(h, temb, rope)
+      x, _ = remat(SingleBlock, cfg)(cfg, target, name=f"{name}_{n_single - 1}")(h, temb, rope)
 
     scale, shift = AdaNorm(cfg, 2, name="norm_out")(temb)  # (scale, shift), in that order
     x = modulate(layer_norm(x), shift, scale)

@@ -92,15 +92,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
   return out.transpose(0, 2, 1, 3).reshape(b, s, n * h)
 
 
+def remat(block_cls, cfg):
+  """`block_cls` rematerialised by `cfg.remat_policy` (none | full | a jax.checkpoint_policies
+  name)."""
+  if cfg.remat_policy == "none":
+    return block_cls
+  policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies,
+                                                           cfg.remat_policy)
+  return nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
 def stack(block_cls, cfg, length: int, name: str, in_axes: tuple) -> Callable:
   """`length` blocks `block_cls(cfg)(carry, *args) -> (carry, y)` as one function
   `(carry, *args) -> (carry, ys)`: scanned (params with a leading 'layers' axis) or unrolled
   (blocks named `{name}_{i}`). `in_axes` per arg: `nn.broadcast` (shared by every layer) or
   0 (sliced per layer, e.g. a KV cache); ys are stacked on a leading layer axis."""
-  if cfg.remat_policy != "none":
-    policy = None if cfg.remat_policy == "full" else getattr(jax.checkpoint_policies,
-                                                             cfg.remat_policy)
-    block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+  block_cls = remat(block_cls, cfg)
   if cfg.scan_layers:
     scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=in_axes, length=length,
@@ -114,5 +121,5 @@ def stack(block_cls, cfg, length: int, name: str, in_axes: tuple) -> Callable:
                     for a, ax in zip(args, in_axes)]
       carry, y = block_cls(cfg, name=f"{name}_{i}")(carry, *layer_args)
       ys.append(y)
-    return carry, jax.tree.map(lambda *v: jnp.stack(v), *ys)
+    return carry, jax.tree.map(lambda *v: jnp.stack(v), *ys) if ys else None
   return unrolled
