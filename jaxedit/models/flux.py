@@ -129,7 +129,7 @@ def attention(cfg: "FluxConfig", q, k, v) -> jax.Array:
   """(B, S, N, H) -> (B, S, N*H), by the implementation `cfg.attention` picks."""
   implementation = attention_implementation(cfg.attention, q.dtype)
   if implementation is None:
-    return layers.attention(q, *(y.transpose(0, 2, 1, 3) for y in (k, v)))
+    return layers.attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))
   out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
   return out.reshape(*out.shape[:2], -1)
 

@@ -72,17 +72,20 @@ class RMSNorm(nn.Module):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None):
-  """Softmax attention as XLA einsums: q (B, S, N, H); k, v head-major (B, K, T, H), K
-  dividing N (grouped-query); mask (B, 1, S, T) of the keys each query sees. -> (B, S, N*H).
+  """Softmax attention as XLA einsums: q (B, S, N, H), keys (B, K, H, T) and values
+  (B, K, T, H), K dividing N (grouped-query); mask (B, 1, S, T) of the keys each query sees.
+  -> (B, S, N*H).
 
-  Head-major keys and values make both dots plain batched matmuls; jax.nn.dot_product_attention
-  batches over the strided head axis of (B, T, N, H), 10% slower per Flux rollout on CPU.
-  Softmax in float32; a query with no visible key attends uniformly instead of giving NaN."""
+  Keys and values laid out so that both dots are plain batched matmuls, neither operand
+  transposed: jax.nn.dot_product_attention batches over the strided head axis of
+  (B, T, N, H), 10% slower per Flux rollout on CPU, and keys as (B, K, T, H) made the logits
+  the costliest matmul of a decoded token. Softmax in float32; a query with no visible key
+  attends uniformly instead of giving NaN.""" 
   b, s, n, h = q.shape
   kv = k.shape[1]
   # A group's queries side by side: (B, K, G*S, H), so both dots are 4-D batched matmuls.
   q = q.transpose(0, 2, 1, 3).reshape(b, kv, -1, h)
-  logits = jnp.einsum("bkqh,bkth->bkqt", q, k).astype(jnp.float32) / np.sqrt(h)
+  logits = jnp.einsum("bkqh,bkht->bkqt", q, k).astype(jnp.float32) / np.sqrt(h)
   if mask is not None:
     mask = jnp.broadcast_to(mask[:, :, None], (b, 1, n // kv, s, mask.shape[-1]))
     logits = jnp.where(mask.reshape(b, 1, -1, mask.shape[-1]), logits,

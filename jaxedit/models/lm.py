@@ -80,16 +80,15 @@ def apply_rope(x: jax.Array, rope) -> jax.Array:
 
 
 def init_cache(cfg: LMConfig, batch: int, length: int):
-  """Empty KV cache in the compute dtype: with scanned layers one {k, v} of
-  (layers, batch, kv_heads, length, head_dim); unrolled, a tuple of per-layer {k, v} of
-  (batch, kv_heads, length, head_dim), which attention reads where they lie (slicing a layer
-  out of a stacked cache copies it every token).
-
-  Head-major, so attention reads keys and values without a transpose: with the slots
-  before the heads, every decoded token transposed the whole cache."""
-  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-  layer = lambda *lead: {"k": jnp.zeros((*lead, *shape), cfg.dtype),
-                         "v": jnp.zeros((*lead, *shape), cfg.dtype)}
+  """Empty KV cache in the compute dtype, keys (batch, kv_heads, head_dim, length) and values
+  (batch, kv_heads, length, head_dim), as `layers.attention` reads them: with scanned layers
+  one {k, v} with a leading layer axis; unrolled, a tuple of per-layer {k, v}, which
+  attention reads where they lie (slicing a layer out of a stacked cache copies it every
+  token)."""
+  shapes = {"k": (batch, cfg.num_kv_heads, cfg.head_dim, length),
+            "v": (batch, cfg.num_kv_heads, length, cfg.head_dim)}
+  layer = lambda *lead: {name: jnp.zeros((*lead, *shape), cfg.dtype)
+                         for name, shape in shapes.items()}
   return layer(cfg.num_layers) if cfg.scan_layers else tuple(layer() for _ in
                                                              range(cfg.num_layers))
 
@@ -107,19 +106,21 @@ class Attention(nn.Module):
                   use_bias=cfg.qkv_bias)(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
             for name in ("k_proj", "v_proj"))
     q = apply_rope(q, rope)
-    k, v = (y.transpose(0, 2, 1, 3) for y in (apply_rope(k, rope), v))  # (B, K, S, H)
+    k = apply_rope(k, rope).transpose(0, 2, 3, 1)  # (B, K, H, S)
+    v = v.transpose(0, 2, 1, 3)  # (B, K, S, H)
+    at = {"k": (0, 0, 0, index), "v": (0, 0, index, 0)}  # this call's slots in a layer's cache
     if isinstance(cache, tuple):  # unrolled layers: `layer` is a Python int
-      # Write this call's keys/values at `index` of the layer's own buffers (in place).
+      # Write this call's keys/values into the layer's own buffers (in place).
       mine = {name: jax.lax.dynamic_update_slice(cache[layer][name], new.astype(
-          cache[layer][name].dtype), (0, 0, index, 0)) for name, new in (("k", k), ("v", v))}
+          cache[layer][name].dtype), at[name]) for name, new in (("k", k), ("v", v))}
       cache = cache[:layer] + (mine,) + cache[layer + 1:]
       k, v = mine["k"], mine["v"]
     elif cache is not None:
-      # Write into the whole (layers, ...) cache at (layer, index): a small in-place update,
+      # Write into the whole (layers, ...) cache at (layer, slots): a small in-place update,
       # where slicing the layer out and stacking it back would copy the cache every token.
       # Attend over this layer's slots, the new ones included.
       cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype)[None],
-                                                  (layer, 0, 0, index, 0))
+                                                  (layer, *at[name]))
                for name, new in (("k", k), ("v", v))}
       k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False)
               for name in ("k", "v"))
