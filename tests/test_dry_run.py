@@ -12,6 +12,7 @@ import pytest
 from conftest import tiny_editor_config
 from jaxedit import cli, dry_run, flops
 from jaxedit import config as config_lib
+from jaxedit.models.flux import FluxConfig, FluxTransformer
 from jaxedit.trainers import editor_sft
 
 
@@ -51,11 +52,8 @@ def test_dry_run_reports_without_training(small_data_dir, tmp_path, capsys):
   assert b["opt_state"] == pytest.approx(2 * b["params"], rel=0.01)
   (step,) = out["programs"]
   assert step["program"] == "train_step" and step["peak_estimate"] > 0
-  # The same FLOPs with the layers scanned or unrolled: the scan body counts per layer.
-  config.model.scan_layers = not config.model.scan_layers
-  other = editor_sft.make_setup(config, str(tmp_path / "other"))
-  (name, jitted, args), = dry_run.PROGRAMS["editor_sft"](other)
-  with jax.set_mesh(other.mesh), nn.logical_axis_rules(other.rules):
+  (name, jitted, args), = dry_run.PROGRAMS["editor_sft"](setup)
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
     assert flops.count(jitted, *args) == step["flops"]
   printed = capsys.readouterr().out
   assert "matmul FLOPs" in printed and "bytes per device" in printed
@@ -69,3 +67,27 @@ def test_dry_run_from_the_command_line(small_data_dir, tmp_path, capsys):
                    "--dry_run"]) == 0
   assert "train_step" in capsys.readouterr().out
   assert os.listdir(tmp_path / "run") == ["dry_run.json"]
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_scanned_and_unrolled_flux_flops(grad):
+  """The scan body counts once per layer; unrolled, the last single block skips the queries,
+  MLP and output projection of the rows it discards (all but the 16 target tokens), exactly
+  that many FLOPs fewer (3x with the backward: dX and dW of each dot)."""
+  b, n, h, text, target = 8, 2, 16, 40, 16
+  x = jnp.zeros((b, target, 192))
+  args = (jnp.zeros((b,)), jnp.zeros((b, text, 32)), jnp.zeros((b, 32)), (4, 4))
+  counts = {}
+  for scan in (True, False):
+    model = FluxTransformer(FluxConfig(
+        in_channels=192, num_layers=1, num_single_layers=2, attention_head_dim=h,
+        num_attention_heads=n, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(4, 6, 6), scan_layers=scan))
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, *args, source_tokens=x))
+    f = lambda p: model.apply(p, x, *args, source_tokens=x).sum()
+    counts[scan] = flops.count(jax.grad(f) if grad else f, params)
+  d, seq = n * h, text + 2 * target
+  skipped = seq - target
+  # to_q (D x D), proj_mlp (D x 4D) and proj_out (5D x D); q k^T and p v per head.
+  per_pass = 2 * b * skipped * d * d * (1 + 4 + 5) + 2 * 2 * b * n * skipped * seq * h
+  assert counts[True] - counts[False] == (3 if grad else 1) * per_pass
