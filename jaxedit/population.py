@@ -100,6 +100,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dirs = [os.path.join(workdir, f"member_{i}") for i in range(k)]
   writers = [metric_writers.create_default_writer(d, just_logging=jax.process_index() > 0)
              for d in dirs]
+  # Each member's log picks its entry of the (K,) metrics.
+  logs = [editor_sft.MetricsLog(w, d, lambda values, i=i: {n: float(v[i])
+                                                           for n, v in values.items()})
+          for i, (w, d) in enumerate(zip(writers, dirs))]
   logging.info("population of %d: %s", k, points)
 
   data_iter = iter(editor_sft.train_data(setup))
@@ -125,14 +129,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress(step)
       last = step == tc.num_steps
       if step % tc.log_every == 0 or last:
-        values = jax.device_get(metrics)
-        for i in range(k):
-          editor_sft.write_metrics_line(writers[i], dirs[i], step,
-                                        {n: float(v[i]) for n, v in values.items()})
+        for log in logs:
+          log(step, metrics)
       if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
                                 last=last, preemption=preemption):
         break
   finally:
+    for log in logs:
+      log.flush()
     mngr.wait_until_finished()
     preemption.restore()
     for w in writers:

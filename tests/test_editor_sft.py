@@ -163,3 +163,28 @@ def test_bad_trainer_configs_are_named(small_data_dir, tmp_path, capsys):
   assert cli.main(base + ["--config.flow.grounding_weight=0"]) == 2
   assert "'flow.grounding_weight' must be > 0 with model.text_layout_grid set" in \
       capsys.readouterr().err
+
+
+def test_metrics_are_written_one_logged_step_late(tmp_path):
+  """The loop hands over device metrics; they are fetched when the next step is logged (the
+  host never waits on the step it just dispatched), and the last ones at flush."""
+  class Writer:
+    def __init__(self):
+      self.rows = []
+
+    def write_scalars(self, step, scalars):
+      self.rows.append((step, scalars))
+
+  writer = Writer()
+  log = editor_sft.MetricsLog(writer, str(tmp_path), lambda s: {"train/" + k: v
+                                                                for k, v in s.items()})
+  log(10, {"loss": jax.numpy.float32(0.5)}, {"reward/mean": 1.0})
+  assert writer.rows == [] and not os.path.exists(tmp_path / "metrics.jsonl")
+  log(20, {"loss": jax.numpy.float32(0.25)})
+  assert writer.rows == [(10, {"train/loss": 0.5, "reward/mean": 1.0})]
+  log.flush()
+  log.flush()  # nothing pending: writes nothing
+  assert writer.rows[1:] == [(20, {"train/loss": 0.25})]
+  lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert lines == [{"step": 10, "train/loss": 0.5, "reward/mean": 1.0},
+                   {"step": 20, "train/loss": 0.25}]

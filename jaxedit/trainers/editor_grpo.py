@@ -580,6 +580,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
 
   # ---- Loop ----
   step = start
+  log = editor_sft.MetricsLog(writer, workdir, lambda values: {f"train/{k}": v for k, v in values.items()})
   try:
     if start == 0 and tc.eval_every > 0:
       write_grid(writer, workdir, 0, validate(0), tc.sample_examples)
@@ -596,12 +597,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       progress(step)
       last = step == tc.num_steps
       if step % tc.log_every == 0 or last:
-        scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
         rewards = sharding.all_rows(host["rewards"])  # every process's rollouts
-        scalars.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-                        **{f"reward/{k}": float(sharding.all_rows(v).mean())
-                           for k, v in host["parts"].items()}})
-        editor_sft.write_metrics_line(writer, workdir, step, scalars)
+        log(step, metrics, {"reward/mean": float(rewards.mean()),
+                            "reward/std": float(rewards.std()),
+                            **{f"reward/{k}": float(sharding.all_rows(v).mean())
+                               for k, v in host["parts"].items()}})
       first = None
       if editor_sft.due(tc.eval_every, step, last):
         first = validate(step)
@@ -613,6 +613,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
                                 last=last, preemption=preemption):
         break
   finally:
+    log.flush()
     mngr.wait_until_finished()
     preemption.restore()
     writer.flush()

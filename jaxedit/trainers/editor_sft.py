@@ -478,6 +478,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---- Loop ----
   metrics = None
   step = start
+  log = MetricsLog(writer, workdir)
   try:
     for step in range(start + 1, tc.num_steps + 1):
       batch = sharding.global_batch(next(data_iter), setup.batch_sharding)
@@ -486,8 +487,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress(step)
       last = step == tc.num_steps
       if step % tc.log_every == 0 or last:
-        write_metrics_line(writer, workdir, step,
-                           {k: float(v) for k, v in jax.device_get(metrics).items()})
+        log(step, metrics)
       first = None  # the first validation batch's edits, reused for the sample grid
       if due(tc.eval_every, step, last):
         eval_start = time.time()
@@ -509,6 +509,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 last=last, preemption=preemption):
         break
   finally:
+    log.flush()
     mngr.wait_until_finished()
     preemption.restore()
     writer.flush()
@@ -540,12 +541,35 @@ def due(every: int, step: int, last: bool) -> bool:
   return (every > 0 and step % every == 0) or (last and every >= 0)
 
 
-def write_metrics_line(writer, workdir: str, step: int, scalars: dict) -> None:
-  """Scalars to the metric writer (TensorBoard) and, from process 0, to DIR/metrics.jsonl."""
-  writer.write_scalars(step, scalars)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-      f.write(json.dumps({"step": step, **scalars}) + "\n")
+class MetricsLog:
+  """Writes a logged step's metrics (to the metric writer, and from process 0 to
+  DIR/metrics.jsonl) when the next step is logged, or at `flush`.
+
+  Reading a step's device metrics right after dispatching the step blocks the host until
+  that step ends; the device then idles while the host loads and dispatches the next batch.
+  One log period later they are long computed, so the loop never waits on the device.
+  `select(scalars)` picks this log's scalars from the fetched metrics (e.g. one member's)."""
+
+  def __init__(self, writer, workdir: str, select=lambda scalars: scalars):
+    self.writer, self.workdir, self.select = writer, workdir, select
+    self._pending = None  # (step, device metrics, host scalars)
+
+  def __call__(self, step: int, metrics, host_scalars: dict | None = None) -> None:
+    self.flush()
+    self._pending = (step, metrics, host_scalars or {})
+
+  def flush(self) -> None:
+    if self._pending is None:
+      return
+    step, metrics, host_scalars = self._pending
+    self._pending = None
+    fetched = {k: float(v) if np.ndim(v) == 0 else np.asarray(v)
+               for k, v in jax.device_get(metrics).items()}
+    scalars = {**self.select(fetched), **host_scalars}
+    self.writer.write_scalars(step, scalars)  # TensorBoard
+    if jax.process_index() == 0:
+      with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": step, **scalars}) + "\n")
 
 
 def write_grid(writer, workdir: str, step: int, images, limit: int) -> None:

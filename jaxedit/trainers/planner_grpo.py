@@ -33,7 +33,7 @@ from jaxedit.shapes.detect import detect
 from jaxedit.shapes.world import Scene
 from jaxedit.trainers import planner_sft
 from jaxedit.trainers.editor_grpo import GRPOState, check_tasks, optimizer_step
-from jaxedit.trainers.editor_sft import check_batch_size, due, write_metrics_line
+from jaxedit.trainers.editor_sft import MetricsLog, check_batch_size, due
 
 ROLLOUT_FIELDS = planner_sft.RECORD_FIELDS + ("checklist", "source_scene", "num_steps", "task")
 BATCH_FIELDS = ("source_image", "prompt", "prompt_valid", "plan", "plan_valid")
@@ -345,6 +345,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
 
   # ---- Loop ----
   step = start
+  log = MetricsLog(writer, workdir, lambda values: {f"train/{k}": v for k, v in values.items()})
   try:
     for step in range(start + 1, tc.num_steps + 1):
       rng = jax.random.fold_in(base_rng, step)
@@ -362,20 +363,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       progress(step)
       last = step == tc.num_steps
       if step % tc.log_every == 0 or last:
-        scalars = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+        scalars = {}
         if editor is not None:
           scalars["reward/visual"] = float(sharding.all_rows(visual).mean())
         every = sharding.all_rows(rewards)  # every process's rollouts
         scalars.update({"reward/mean": float(every.mean()), "reward/std": float(every.std()),
                         "rollout/plan_tokens": float(
                             sharding.all_rows(arrays["plan_valid"].sum(1)).mean())})
-        write_metrics_line(writer, workdir, step, scalars)
+        log(step, metrics, scalars)
       if due(tc.eval_every, step, last):
         validate(step)
       if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
                                 last=last, preemption=preemption):
         break
   finally:
+    log.flush()
     mngr.wait_until_finished()
     preemption.restore()
     writer.flush()

@@ -35,7 +35,7 @@ from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.world import Scene
 from jaxedit.text import tokenizer as tokenizer_lib
 from jaxedit.trainers.editor_sft import (RunSetup, TrainState, apply_at_rate, assemble_setup,
-                                         due, init_state, with_params, write_metrics_line)
+                                         MetricsLog, due, init_state, with_params)
 
 RECORD_FIELDS = ("source_image", "instruction", "scene_text", "plan_steps")
 EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_family", "task")
@@ -457,6 +457,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # ---- Loop ----
   metrics = None
   step = start
+  log = MetricsLog(writer, workdir)
   try:
     for step in range(start + 1, tc.num_steps + 1):
       batch = sharding.global_batch(setup.examples(next(data_iter), trim=True),
@@ -466,8 +467,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress(step)
       last = step == tc.num_steps
       if step % tc.log_every == 0 or last:
-        write_metrics_line(writer, workdir, step,
-                           {k: float(v) for k, v in jax.device_get(metrics).items()})
+        log(step, metrics)
       if due(tc.eval_every, step, last):
         summary, samples = evaluate(setup, state.ema_params, val_batches, sampler)
         minutes = (time.time() - t0) / 60
@@ -485,6 +485,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 last=last, preemption=preemption):
         break
   finally:
+    log.flush()
     mngr.wait_until_finished()
     preemption.restore()
     writer.flush()

@@ -303,6 +303,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # ---- Loop ----
   metrics, step, t0 = None, start, time.time()
+  log = editor_sft.MetricsLog(writer, workdir)
   try:
     for step in range(start + 1, tc.num_steps + 1):
       batch = sharding.global_batch(next(data_iter), setup.batch_sharding)
@@ -310,8 +311,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress(step)
       last = step == tc.num_steps
       if step % tc.log_every == 0 or last:
-        editor_sft.write_metrics_line(writer, workdir, step, {
-            k: float(v) for k, v in jax.device_get(metrics).items()})
+        log(step, metrics)
       if editor_sft.due(tc.eval_every, step, last):
         summary, first = evaluate(setup, state.ema_params, val)
         writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()})
@@ -323,6 +323,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                 every=tc.checkpoint_every, last=last, preemption=preemption):
         break
   finally:
+    log.flush()
     mngr.wait_until_finished()
     preemption.restore()
     writer.flush()
