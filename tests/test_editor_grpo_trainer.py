@@ -137,6 +137,9 @@ def test_config_errors_name_the_problem(small_data_dir, sft_dir, tmp_path):
   with pytest.raises(ConfigError, match="model.num_layers = 1 there, 2 here"):
     editor_grpo.train(grpo_config(small_data_dir, sft_dir, **{"model.num_layers": 2}),
                       str(tmp_path / "c"))
+  with pytest.raises(ConfigError, match="model.scan_layers = False there, True here"):
+    editor_grpo.train(grpo_config(small_data_dir, sft_dir, **{"model.scan_layers": True}),
+                      str(tmp_path / "c2"))
   with pytest.raises(ConfigError, match="group_size"):
     editor_grpo.train(grpo_config(small_data_dir, sft_dir, **{"grpo.group_size": 1}),
                       str(tmp_path / "d"))

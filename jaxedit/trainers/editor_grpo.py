@@ -44,9 +44,10 @@ PROMPT_FIELDS = ("source_image", "target_image", "instruction", "checklist", "so
                  "family", "task")
 # Metrics of the updates of one iteration reduced by min/max rather than averaged.
 ACROSS_UPDATES = {"ratio_min": jnp.min, "ratio_max": jnp.max}
-# Model keys that may differ from the SFT run being fine-tuned; all others must match it.
+# Model keys that may differ from the SFT run being fine-tuned; all others must match it
+# (scan_layers too: scanned and unrolled layers are differently shaped parameter trees).
 FREE_MODEL_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "dtype", "param_dtype",
-                   "scan_layers", "remat_policy", "attention",
+                   "remat_policy", "attention",
                    "vae.init_from")  # where the same VAE's weights are read from
 
 
