@@ -144,3 +144,22 @@ def test_layout_grid_errors_name_the_problem():
   with pytest.raises(ValueError, match="text_layout_grid needs the 'shapes' text encoder"):
     editor_config(tiny_model(text_encoder="precomputed", context_dim=40, text_layout_grid=2),
                   32, 100)
+
+
+def test_initial_parameters_do_not_depend_on_the_layer_layout():
+  """The same seed draws the same weights scanned or unrolled (switching layouts for speed
+  must not change what a run trains), with the unrolled layers' logical axis names."""
+  from jaxedit.models.editor import init_params
+
+  weights = {}
+  for scan in (True, False):
+    model = Editor(editor_config(tiny_model(scan_layers=scan), 32, 100))
+    weights[scan] = init_params(model, jax.random.key(0), *inputs())
+    want = nn.get_partition_spec(model.init(jax.random.key(1), *inputs())["params"])
+    assert nn.get_partition_spec(weights[scan]) == want  # same tree and axis names
+  stacked = weights[True]["transformer"]["single_transformer_blocks"]["proj_mlp"]["kernel"]
+  layer1 = weights[False]["transformer"]["single_transformer_blocks_1"]["proj_mlp"]["kernel"]
+  np.testing.assert_array_equal(layer1.value, stacked.value[1])
+  total = lambda tree: sum(float(np.abs(np.asarray(x)).sum())
+                          for x in jax.tree.leaves(nn.unbox(tree)))
+  np.testing.assert_allclose(total(weights[False]), total(weights[True]), rtol=1e-6)

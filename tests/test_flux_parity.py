@@ -110,3 +110,35 @@ def test_round_trip_and_mismatch_errors():
   assert "missing tensors: x_embedder.weight" in msg
   assert "unexpected tensors: extra.weight" in msg
   assert "proj_out.bias has shape (5,), expected (12,)" in msg
+
+
+def test_scanned_and_unrolled_give_the_same_loss_and_gradients():
+  """The same weights, stacked or per layer: equal loss and gradients, so the unrolled
+  model's last block (target rows only) and layout change no training maths."""
+  scanned = randomized_params(tiny(True))
+  unrolled = {}
+  for name, value in scanned.items():
+    if name in ("transformer_blocks", "single_transformer_blocks"):
+      for i in range(jax.tree.leaves(value)[0].shape[0]):
+        unrolled[f"{name}_{i}"] = jax.tree.map(lambda a: a[i], value)
+    else:
+      unrolled[name] = value
+  x = random_inputs()
+
+  def loss(scan, params):
+    out = FluxTransformer(tiny(scan)).apply({"params": params}, x["tokens"], x["t"],
+                                            x["context"], x["pooled"], (H, W),
+                                            source_tokens=x["source"])
+    return (out ** 2).mean()
+
+  with jax.default_matmul_precision("highest"):
+    want, grads = jax.value_and_grad(lambda p: loss(True, p))(scanned)
+    got, got_grads = jax.value_and_grad(lambda p: loss(False, p))(unrolled)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for name, value in grads.items():
+    layers = ([(f"{name}_{i}", jax.tree.map(lambda a: a[i], value)) for i in
+               range(jax.tree.leaves(value)[0].shape[0])]
+              if name in ("transformer_blocks", "single_transformer_blocks") else [(name, value)])
+    for key, want_grad in layers:
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                   got_grads[key], want_grad)

@@ -244,3 +244,20 @@ def test_sharded_sampler_matches_one_device(scan):
   np.testing.assert_array_equal(np.asarray(many.tokens), np.asarray(one.tokens))
   np.testing.assert_array_equal(np.asarray(many.valid), np.asarray(one.valid))
   np.testing.assert_allclose(np.asarray(many.logprobs), np.asarray(one.logprobs), atol=1e-5)
+
+
+def test_planner_initial_parameters_do_not_depend_on_the_layer_layout():
+  from jaxedit.models.planner import init_params
+
+  weights = {}
+  for scan in (True, False):
+    model, _, ids, valid, image = planner(scan=scan)
+    full_valid = np.concatenate([np.ones((3, 4), bool), valid], 1)
+    weights[scan] = flax.linen.unbox(init_params(model, jax.random.key(0), ids, full_valid,
+                                                 image=image))
+  stacked = weights[True]["lm"]["layers"]["mlp"]["down_proj"]["kernel"]
+  for i in range(2):
+    np.testing.assert_array_equal(weights[False]["lm"][f"layers_{i}"]["mlp"]["down_proj"]["kernel"],
+                                  stacked[i])
+  np.testing.assert_array_equal(weights[False]["lm"]["embed_tokens"]["embedding"],
+                                weights[True]["lm"]["embed_tokens"]["embedding"])

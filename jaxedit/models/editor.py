@@ -17,8 +17,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxedit.models import layers
 from jaxedit.models.flux import FluxConfig, FluxTransformer, layer_norm
 from jaxedit.models.layers import dense
+
+FLUX_STACKS = ("transformer_blocks", "single_transformer_blocks")
 from jaxedit.models.vae import VAEConfig
 
 # Flow-GRPO's Flux LoRA targets: attention projections and the double blocks' MLPs.
@@ -187,6 +190,14 @@ class Editor(nn.Module):
         guidance=guidance, text_ids=text_ids)
     v = unpatchify(v, p, cfg.grid).astype(jnp.float32)
     return (v, cell_logits) if with_cell_logits else v
+
+
+def init_params(model: "Editor", rng, *inputs) -> dict:
+  """The editor's initial parameters (boxed), the same draw with scanned or unrolled layers."""
+  cfg = model.cfg
+  scanned = model if cfg.flux.scan_layers else Editor(
+      dataclasses.replace(cfg, flux=dataclasses.replace(cfg.flux, scan_layers=True)))
+  return layers.init_as_scanned(model, scanned, FLUX_STACKS, rng, *inputs)["params"]
 
 
 def model_config() -> ml_collections.ConfigDict:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxedit.models.editor import patchify
+from jaxedit.models import layers
 from jaxedit.models.layers import dense
 from jaxedit.models.lm import DecoderLM, LMConfig
 from jaxedit.shapes.world import COLOURS, SHAPES
@@ -92,6 +93,14 @@ class Planner(nn.Module):
         self.sow("intermediates", "cell_logits", logits)
     return DecoderLM(self.cfg.lm, name="lm")(ids, valid, cache=cache, index=index,
                                              prefix=prefix, last_only=last_only)
+
+
+def init_params(model: Planner, rng, *args, **kwargs) -> dict:
+  """The planner's initial parameters (boxed), the same draw with scanned or unrolled layers."""
+  cfg = model.cfg
+  scanned = model if cfg.lm.scan_layers else Planner(
+      dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, scan_layers=True)))
+  return layers.init_as_scanned(model, scanned, ("layers",), rng, *args, **kwargs)["params"]
 
 
 def model_config() -> ml_collections.ConfigDict:

@@ -35,6 +35,7 @@ from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError, plain
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.interop import pretrained
+from jaxedit.models import editor as editor_model
 from jaxedit.shapes.edits import TASKS
 from jaxedit.text import tokenizer as tokenizer_lib
 from jaxedit.trainers import editor_sft
@@ -250,7 +251,7 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
 
 
 def _init_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:
-  params = model.init(rng, *dummy)["params"]
+  params = editor_model.init_params(model, rng, *dummy)
   trained, frozen = lora.split(params) if use_lora else (params, params)
   return GRPOState(step=jnp.zeros((), jnp.int32), params=trained, ema_params=trained,
                    opt_state=tx.init(trained), frozen=frozen)

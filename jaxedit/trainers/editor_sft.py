@@ -30,6 +30,7 @@ from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import ShapesSource, make_dataset
 from jaxedit.interop import pretrained
+from jaxedit.models import editor as editor_model
 from jaxedit.models.editor import Editor, EditorConfig, editor_config, model_config
 from jaxedit.text import tokenizer as tokenizer_lib
 
@@ -255,7 +256,7 @@ def dummy_inputs(cfg: EditorConfig, text_len: int, batch: int = 1):
 
 
 def _init_state(rng, *, model, tx, text_len) -> TrainState:
-  params = model.init(rng, *dummy_inputs(model.cfg, text_len))["params"]
+  params = editor_model.init_params(model, rng, *dummy_inputs(model.cfg, text_len))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params))
 

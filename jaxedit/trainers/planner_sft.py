@@ -30,6 +30,7 @@ from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.interop import pretrained
+from jaxedit.models import planner as planner_model
 from jaxedit.models.planner import Planner, model_config, planner_config
 from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.world import Scene
@@ -220,7 +221,7 @@ def _init_state(rng, *, model: Planner, tx, image_size: int, prompt_len: int) ->
   image = jnp.zeros((1, image_size, image_size, 3)) if model.cfg.vision else None
   ids = jnp.zeros((1, prompt_len), jnp.int32)
   valid = jnp.ones((1, model.cfg.prefix_len + prompt_len), bool)
-  params = model.init(rng, ids, valid, image=image)["params"]
+  params = planner_model.init_params(model, rng, ids, valid, image=image)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params))
 
