@@ -192,8 +192,8 @@ def qkv(cfg: FluxConfig, x, context: bool = False, q_rows: slice = slice(None)):
   names = (("add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k")
            if context else ("to_q", "to_k", "to_v", "norm_q", "norm_k"))
   heads = lambda y: y.reshape(*y.shape[:2], cfg.num_attention_heads, cfg.attention_head_dim)
-  q, k, v = (heads(dense(cfg, cfg.inner_dim, ("embed", "heads"), n)(x[:, q_rows] if i == 0 else x))
-             for i, n in enumerate(names[:3]))
+  q, k, v = (heads(dense(cfg, cfg.inner_dim, ("embed", "heads"), n)(y))
+             for n, y in zip(names[:3], (x[:, q_rows], x, x)))
   q = RMSNorm(init=cfg.qk_norm_init, param_dtype=cfg.param_dtype, name=names[3])(q)
   k = RMSNorm(init=cfg.qk_norm_init, param_dtype=cfg.param_dtype, name=names[4])(k)
   return q, k, v

@@ -81,7 +81,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
   transposed: jax.nn.dot_product_attention batches over the strided head axis of
   (B, T, N, H), 10% slower per Flux rollout on CPU, and keys as (B, K, T, H) made the logits
   the costliest matmul of a decoded token. Softmax in float32; a query with no visible key
-  attends uniformly instead of giving NaN.""" 
+  attends uniformly instead of giving NaN."""
   b, s, n, h = q.shape
   kv = k.shape[1]
   # A group's queries side by side: (B, K, G*S, H), so both dots are 4-D batched matmuls.

@@ -119,8 +119,8 @@ class Attention(nn.Module):
       # Write into the whole (layers, ...) cache at (layer, slots): a small in-place update,
       # where slicing the layer out and stacking it back would copy the cache every token.
       # Attend over this layer's slots, the new ones included.
-      cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype)[None],
-                                                  (layer, *at[name]))
+      cache = {name: jax.lax.dynamic_update_slice(
+                   cache[name], new.astype(cache[name].dtype)[None], (layer, *at[name]))
                for name, new in (("k", k), ("v", v))}
       k, v = (jax.lax.dynamic_index_in_dim(cache[name], layer, 0, keepdims=False)
               for name in ("k", "v"))
