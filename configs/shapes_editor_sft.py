@@ -1,6 +1,6 @@
 """Editor SFT on single atomic edits of the shapes world.
 
-    jaxedit train --config configs/shapes_editor_sft.py --workdir DIR        # ~16 min, 2 CPU cores
+    jaxedit train --config configs/shapes_editor_sft.py --workdir DIR        # ~12 min, 2 CPU cores
     jaxedit train --config configs/shapes_editor_sft.py:demo --workdir DIR   # ~5 min
     jaxedit eval  --config configs/shapes_editor_sft.py --workdir DIR
     jaxedit train --config configs/shapes_editor_sft.py:latent --workdir DIR \
@@ -36,7 +36,7 @@ def get_config(arg=None):
   config.train.batch_size = 32
   config.train.lr = 2e-3
   config.train.warmup_steps = 50
-  config.train.num_steps = 1100  # ~15 min on 2 CPU cores (96% test success)
+  config.train.num_steps = 1100  # ~10 training min on 2 CPU cores (96% test success)
   config.train.eval_every = 250
   config.train.checkpoint_every = 250
   config.train.eval_examples = 128
