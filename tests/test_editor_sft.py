@@ -176,8 +176,7 @@ def test_metrics_are_written_one_logged_step_late(tmp_path):
       self.rows.append((step, scalars))
 
   writer = Writer()
-  log = editor_sft.MetricsLog(writer, str(tmp_path), lambda s: {"train/" + k: v
-                                                                for k, v in s.items()})
+  log = editor_sft.MetricsLog(writer, str(tmp_path), prefix="train/")
   log(10, {"loss": jax.numpy.float32(0.5)}, {"reward/mean": 1.0})
   assert writer.rows == [] and not os.path.exists(tmp_path / "metrics.jsonl")
   log(20, {"loss": jax.numpy.float32(0.25)})

@@ -197,7 +197,7 @@ def init_params(model: "Editor", rng, *inputs) -> dict:
   cfg = model.cfg
   scanned = model if cfg.flux.scan_layers else Editor(
       dataclasses.replace(cfg, flux=dataclasses.replace(cfg.flux, scan_layers=True)))
-  return layers.init_as_scanned(model, scanned, FLUX_STACKS, rng, *inputs)["params"]
+  return layers.init_as_scanned(model, scanned, FLUX_STACKS, rng, *inputs)
 
 
 def model_config() -> ml_collections.ConfigDict:

@@ -98,27 +98,26 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
 
 def init_as_scanned(model: nn.Module, scanned: nn.Module, stacks: tuple[str, ...], rng,
                     *args, **kwargs) -> dict:
-  """`model.init(rng, ...)`'s variables drawn as `scanned` (the same model with scanned
-  layers) draws them, in `model`'s layout: the same seed gives the same weights whether the
-  layers are scanned or unrolled (a fresh draw could land a short run elsewhere entirely)."""
-  variables = scanned.init(rng, *args, **kwargs)
-  if model is scanned:
-    return variables
-  return {"params": unstack_layers(variables["params"], stacks)}
+  """`model.init(rng, ...)["params"]` drawn as `scanned` (the same model with scanned layers)
+  draws them, in `model`'s layout: the same seed gives the same weights whether the layers
+  are scanned or unrolled (a fresh draw could land a short run elsewhere entirely)."""
+  params = scanned.init(rng, *args, **kwargs)["params"]
+  return params if model is scanned else unstack_layers(params, stacks)
 
 
 def unstack_layers(params: dict, stacks: tuple[str, ...]) -> dict:
   """Scanned parameters as unrolled ones: each `{name: leaves with a leading layer axis}` in
   `stacks` becomes `{name_0: layer 0, name_1: ...}`; boxed leaves drop the layer axis name."""
+  boxed = lambda leaf: isinstance(leaf, nn.Partitioned)
+
   def layer(leaf, i):
-    if isinstance(leaf, nn.Partitioned):
+    if boxed(leaf):
       return dataclasses.replace(leaf, value=leaf.value[i], names=leaf.names[1:])
     return leaf[i]
 
   out = {}
   for name, value in params.items():
     if name in stacks:
-      boxed = lambda x: isinstance(x, nn.Partitioned)
       first = jax.tree.leaves(value, is_leaf=boxed)[0]
       for i in range((first.value if boxed(first) else first).shape[0]):
         out[f"{name}_{i}"] = jax.tree.map(lambda leaf: layer(leaf, i), value, is_leaf=boxed)

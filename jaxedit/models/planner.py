@@ -100,7 +100,7 @@ def init_params(model: Planner, rng, *args, **kwargs) -> dict:
   cfg = model.cfg
   scanned = model if cfg.lm.scan_layers else Planner(
       dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, scan_layers=True)))
-  return layers.init_as_scanned(model, scanned, ("layers",), rng, *args, **kwargs)["params"]
+  return layers.init_as_scanned(model, scanned, ("layers",), rng, *args, **kwargs)
 
 
 def model_config() -> ml_collections.ConfigDict:

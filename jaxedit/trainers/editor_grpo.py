@@ -582,8 +582,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
 
   # ---- Loop ----
   step = start
-  log = editor_sft.MetricsLog(writer, workdir,
-                              lambda values: {f"train/{k}": v for k, v in values.items()})
+  log = editor_sft.MetricsLog(writer, workdir, prefix="train/")
   try:
     if start == 0 and tc.eval_every > 0:
       write_grid(writer, workdir, 0, validate(0), tc.sample_examples)

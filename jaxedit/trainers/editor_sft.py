@@ -549,10 +549,11 @@ class MetricsLog:
   Reading a step's device metrics right after dispatching the step blocks the host until
   that step ends; the device then idles while the host loads and dispatches the next batch.
   One log period later they are long computed, so the loop never waits on the device.
-  `select(scalars)` picks this log's scalars from the fetched metrics (e.g. one member's)."""
+  `select(scalars)` picks this log's scalars from the fetched metrics (e.g. one member's);
+  `prefix` goes before their names (not the host scalars')."""
 
-  def __init__(self, writer, workdir: str, select=lambda scalars: scalars):
-    self.writer, self.workdir, self.select = writer, workdir, select
+  def __init__(self, writer, workdir: str, select=lambda scalars: scalars, prefix: str = ""):
+    self.writer, self.workdir, self.select, self.prefix = writer, workdir, select, prefix
     self._pending = None  # (step, device metrics, host scalars)
 
   def __call__(self, step: int, metrics, host_scalars: dict | None = None) -> None:
@@ -566,7 +567,8 @@ class MetricsLog:
     self._pending = None
     fetched = {k: float(v) if np.ndim(v) == 0 else np.asarray(v)
                for k, v in jax.device_get(metrics).items()}
-    scalars = {**self.select(fetched), **host_scalars}
+    scalars = {**{self.prefix + k: v for k, v in self.select(fetched).items()},
+               **host_scalars}
     self.writer.write_scalars(step, scalars)  # TensorBoard
     if jax.process_index() == 0:
       with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:

@@ -345,7 +345,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
 
   # ---- Loop ----
   step = start
-  log = MetricsLog(writer, workdir, lambda values: {f"train/{k}": v for k, v in values.items()})
+  log = MetricsLog(writer, workdir, prefix="train/")
   try:
     for step in range(start + 1, tc.num_steps + 1):
       rng = jax.random.fold_in(base_rng, step)
