@@ -209,6 +209,17 @@ def test_filter_logits():
   np.testing.assert_array_equal(sampling.filter_logits(logits, 0, 1.0), logits)
 
 
+def test_greedy_token_is_the_first_argmax_with_its_log_softmax():
+  # Ties go to the first index, as jnp.argmax; -inf logits (filtered) are never picked.
+  logits = jnp.asarray([[0.1, 2.0, 2.0, -1.0], [-np.inf, -3.0, -np.inf, -3.0],
+                        [5.0, 1.0, 5.0, 5.0]], jnp.float32)
+  token, logp = sampling.sample_token(logits, jax.random.key(0), jnp.float32(0.0),
+                                      sampling.SamplingConfig(1, stop_ids=(), pad_id=0))
+  np.testing.assert_array_equal(token, np.argmax(np.asarray(logits), -1))
+  want = jax.nn.log_softmax(logits, -1)[np.arange(3), np.asarray(token)]
+  np.testing.assert_allclose(logp, want, rtol=1e-6)
+
+
 def test_sampled_logprobs_are_those_of_the_filtered_distribution():
   model, params, ids, valid, image = planner()
   settings = sampling.SamplingConfig(1, stop_ids=(), pad_id=0, top_k=3)

@@ -80,7 +80,8 @@ class Planner(nn.Module):
   cfg: PlannerConfig
 
   @nn.compact
-  def __call__(self, ids, valid, cache=None, index=0, image=None, last_only: bool = False):
+  def __call__(self, ids, valid, cache=None, index=0, image=None, positions=None,
+               last_only: bool = False):
     prefix = None
     if image is not None:
       if self.cfg.vision is None:
@@ -92,7 +93,8 @@ class Planner(nn.Module):
                        "cell_head")(prefix).astype(jnp.float32)
         self.sow("intermediates", "cell_logits", logits)
     return DecoderLM(self.cfg.lm, name="lm")(ids, valid, cache=cache, index=index,
-                                             prefix=prefix, last_only=last_only)
+                                             prefix=prefix, positions=positions,
+                                             last_only=last_only)
 
 
 def init_params(model: Planner, rng, *args, **kwargs) -> dict:
