@@ -56,27 +56,33 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
   return logits
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+  """`jnp.argmax(x, -1)` (the first index of the maximum) as a max and a min over the indices
+  that reach it: XLA's CPU argmax, a variadic reduce, took as long as a layer's MLP per
+  decoded token."""
+  index = jnp.arange(x.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), index, x.shape[-1]),
+                 axis=-1)
+
+
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: jax.Array,
                  settings: SamplingConfig):
   """(token, log-prob) per row; temperature 0 is greedy (log-prob of the raw softmax).
 
   A `lax.cond` on the traced temperature, so greedy decoding skips the filtering and the
-  Gumbel noise (12% of greedy decoding's time on CPU). The argmax is a max and a min over
-  the indices that reach it (the first, as `jnp.argmax`): XLA's CPU argmax, a variadic
-  reduce, took as long as a layer's MLP; the log-prob is the token's logit minus the
-  log-sum-exp, without a full log-softmax."""
+  Gumbel noise (12% of greedy decoding's time on CPU). Sampling is Gumbel-max with the noise
+  `jax.random.categorical` draws, so it picks the same tokens; the log-prob is the token's
+  logit minus the log-sum-exp, without a full log-softmax."""
   def pick(logits, token):
     return token, jnp.take_along_axis(logits, token[:, None], -1)[:, 0] - jax.nn.logsumexp(
         logits, axis=-1)
 
   def greedy(logits):
-    best = jnp.max(logits, axis=-1, keepdims=True)
-    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
-    return pick(logits, jnp.min(jnp.where(logits == best, index, logits.shape[-1]), axis=-1))
+    return pick(logits, first_argmax(logits))
 
   def sampled(logits):
     filtered = filter_logits(logits / temperature, settings.top_k, settings.top_p)
-    return pick(filtered, jax.random.categorical(rng, filtered).astype(jnp.int32))
+    return pick(filtered, first_argmax(filtered + jax.random.gumbel(rng, filtered.shape)))
 
   return jax.lax.cond(temperature <= 0, greedy, sampled, logits)
 

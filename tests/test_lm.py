@@ -220,6 +220,17 @@ def test_greedy_token_is_the_first_argmax_with_its_log_softmax():
   np.testing.assert_allclose(logp, want, rtol=1e-6)
 
 
+def test_sampled_tokens_are_those_of_jax_random_categorical():
+  logits = jax.random.normal(jax.random.key(0), (64, 50)) * 2
+  settings = sampling.SamplingConfig(1, stop_ids=(), pad_id=0)
+  for seed in range(3):
+    rng = jax.random.key(seed)
+    token, logp = sampling.sample_token(logits, rng, jnp.float32(0.5), settings)
+    np.testing.assert_array_equal(token, jax.random.categorical(rng, logits / 0.5))
+    np.testing.assert_allclose(
+        logp, jax.nn.log_softmax(logits / 0.5)[np.arange(64), np.asarray(token)], atol=1e-5)
+
+
 def test_sampled_logprobs_are_those_of_the_filtered_distribution():
   model, params, ids, valid, image = planner()
   settings = sampling.SamplingConfig(1, stop_ids=(), pad_id=0, top_k=3)
