@@ -58,8 +58,8 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
 
 def first_argmax(x: jax.Array) -> jax.Array:
   """`jnp.argmax(x, -1)` (the first index of the maximum) as a max and a min over the indices
-  that reach it: XLA's CPU argmax, a variadic reduce, took as long as a layer's MLP per
-  decoded token."""
+  that reach it: XLA's CPU argmax, a variadic reduce, took 80 us per decoded token on
+  32 x 512 logits, as long as three of a layer's matmuls."""
   index = jnp.arange(x.shape[-1], dtype=jnp.int32)
   return jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), index, x.shape[-1]),
                  axis=-1)
@@ -94,7 +94,7 @@ class DecodeState(NamedTuple):
   done: jax.Array  # (B,) a stop token has been emitted
   step: jax.Array  # tokens generated so far
   start: jax.Array  # the cache slot of the first generated token
-  prompt_len: jax.Array  # (B,) valid prompt tokens: the RoPE position of the first generated
+  prompt_len: jax.Array  # (B,) valid prompt tokens, the first generated token's position
 
 
 def make_sampler(model: Planner, settings: SamplingConfig, mesh=None, axis_rules=()) -> Callable:
