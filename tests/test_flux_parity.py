@@ -9,7 +9,9 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from jaxedit.interop import flux_diffusers  # noqa: E402
+from jaxedit.models.editor import FLUX_STACKS  # noqa: E402
 from jaxedit.models.flux import FluxConfig, FluxTransformer, position_ids  # noqa: E402
+from jaxedit.models.layers import unstack_layers  # noqa: E402
 
 B, H, W, L = 2, 4, 6, 5
 
@@ -116,13 +118,7 @@ def test_scanned_and_unrolled_give_the_same_loss_and_gradients():
   """The same weights, stacked or per layer: equal loss and gradients, so the unrolled
   model's last block (target rows only) and layout change no training maths."""
   scanned = randomized_params(tiny(True))
-  unrolled = {}
-  for name, value in scanned.items():
-    if name in ("transformer_blocks", "single_transformer_blocks"):
-      for i in range(jax.tree.leaves(value)[0].shape[0]):
-        unrolled[f"{name}_{i}"] = jax.tree.map(lambda a: a[i], value)
-    else:
-      unrolled[name] = value
+  unrolled = unstack_layers(scanned, FLUX_STACKS)
   x = random_inputs()
 
   def loss(scan, params):
@@ -135,10 +131,5 @@ def test_scanned_and_unrolled_give_the_same_loss_and_gradients():
     want, grads = jax.value_and_grad(lambda p: loss(True, p))(scanned)
     got, got_grads = jax.value_and_grad(lambda p: loss(False, p))(unrolled)
   np.testing.assert_allclose(got, want, rtol=1e-6)
-  for name, value in grads.items():
-    layers = ([(f"{name}_{i}", jax.tree.map(lambda a: a[i], value)) for i in
-               range(jax.tree.leaves(value)[0].shape[0])]
-              if name in ("transformer_blocks", "single_transformer_blocks") else [(name, value)])
-    for key, want_grad in layers:
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                   got_grads[key], want_grad)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               got_grads, unstack_layers(grads, FLUX_STACKS))

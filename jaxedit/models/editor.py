@@ -20,9 +20,10 @@ import numpy as np
 from jaxedit.models import layers
 from jaxedit.models.flux import FluxConfig, FluxTransformer, layer_norm
 from jaxedit.models.layers import dense
-
-FLUX_STACKS = ("transformer_blocks", "single_transformer_blocks")
 from jaxedit.models.vae import VAEConfig
+
+# The Flux layer stacks: scanned, one parameter tree each; unrolled, `{name}_{i}` per layer.
+FLUX_STACKS = ("transformer_blocks", "single_transformer_blocks")
 
 # Flow-GRPO's Flux LoRA targets: attention projections and the double blocks' MLPs.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj",
