@@ -1,6 +1,8 @@
 """The planner LM equals transformers Qwen2ForCausalLM / LlamaForCausalLM with the same
 weights; cached decoding equals uncached decoding; the sampler's filters and stop tokens."""
 
+import dataclasses
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -175,9 +177,11 @@ def greedy_reference():
   return (model, params, ids, valid, image), want
 
 
-def test_greedy_sampler_equals_uncached_greedy_decoding(greedy_reference):
+@pytest.mark.parametrize("attend_chunk", [0, 4])  # one segment; segments of 4 and 2 tokens
+def test_greedy_sampler_equals_uncached_greedy_decoding(greedy_reference, attend_chunk):
   (model, params, ids, valid, image), want = greedy_reference
-  sample = sampling.make_sampler(model, sampling.SamplingConfig(6, stop_ids=(), pad_id=0))
+  sample = sampling.make_sampler(model, sampling.SamplingConfig(
+      6, stop_ids=(), pad_id=0, attend_chunk=attend_chunk))
   with jax.default_matmul_precision("highest"):
     out = sample(params, ids, valid, jax.random.key(0), temperature=0.0, image=image)
   np.testing.assert_array_equal(np.asarray(out.tokens), want)
@@ -186,8 +190,9 @@ def test_greedy_sampler_equals_uncached_greedy_decoding(greedy_reference):
 
 def test_stop_tokens_end_rows(greedy_reference):
   (model, params, ids, valid, image), want = greedy_reference
-  stop = int(want[0, 2])  # row 0 stops at its third token
-  sample = sampling.make_sampler(model, sampling.SamplingConfig(6, stop_ids=(stop,), pad_id=0))
+  stop = int(want[0, 2])  # row 0 stops at its third token, in the second of three segments
+  sample = sampling.make_sampler(model, sampling.SamplingConfig(6, stop_ids=(stop,), pad_id=0,
+                                                                attend_chunk=2))
   out = jax.tree.map(np.asarray, sample(params, ids, valid, jax.random.key(0), 0.0, image))
   for r in range(3):
     hits = np.flatnonzero(want[r] == stop)
@@ -249,7 +254,8 @@ def test_sampled_logprobs_are_those_of_the_filtered_distribution():
 def test_sharded_sampler_matches_one_device(scan):
   model, params, ids, valid, image = planner(scan=scan)
   ids, valid, image = (np.concatenate([a] * 3)[:8] for a in (ids, valid, image))
-  settings = sampling.SamplingConfig(5, stop_ids=(7,), pad_id=0, top_p=0.9)
+  # Segments of 2, 2 and 1 tokens: the cache grows between them on both layouts.
+  settings = sampling.SamplingConfig(5, stop_ids=(7,), pad_id=0, top_p=0.9, attend_chunk=2)
   one = sampling.make_sampler(model, settings)(params, ids, valid, jax.random.key(1), 1.0,
                                                image)
   mesh = sharding.make_mesh(("data", "fsdp", "tensor"), (2, 2, 2))
@@ -263,9 +269,12 @@ def test_sharded_sampler_matches_one_device(scan):
   many = sampling.make_sampler(model, settings, mesh, rules)(
       sharded_params, *(jax.device_put(a, batch) for a in (ids, valid)), jax.random.key(1), 1.0,
       jax.device_put(image, batch))
-  np.testing.assert_array_equal(np.asarray(many.tokens), np.asarray(one.tokens))
-  np.testing.assert_array_equal(np.asarray(many.valid), np.asarray(one.valid))
-  np.testing.assert_allclose(np.asarray(many.logprobs), np.asarray(one.logprobs), atol=1e-5)
+  whole = sampling.make_sampler(model, dataclasses.replace(settings, attend_chunk=0))(
+      params, ids, valid, jax.random.key(1), 1.0, image)  # one segment, the whole cache
+  for other in (many, whole):
+    np.testing.assert_array_equal(np.asarray(other.tokens), np.asarray(one.tokens))
+    np.testing.assert_array_equal(np.asarray(other.valid), np.asarray(one.valid))
+    np.testing.assert_allclose(np.asarray(other.logprobs), np.asarray(one.logprobs), atol=1e-5)
 
 
 def test_planner_initial_parameters_do_not_depend_on_the_layer_layout():

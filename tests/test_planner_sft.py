@@ -88,6 +88,10 @@ def test_prompts_and_plans_too_long_are_clear_errors(small_data_dir, tmp_path):
   config.model.vocab_size = 100
   with pytest.raises(ConfigError, match="model.vocab_size 100 is smaller"):
     planner_sft.make_setup(config, str(tmp_path))
+  config.model.vocab_size = 512
+  config.sample.attend_chunk = -1
+  with pytest.raises(ConfigError, match="'sample.attend_chunk' must be >= 0"):
+    planner_sft.make_setup(config, str(tmp_path))
 
 
 def test_trimmed_padding_gives_the_same_loss(small_data_dir, tmp_path):

@@ -2,7 +2,8 @@
 `generate`.
 
     python -m jaxedit.benchmarks.planner_decode [--config configs/shapes_planner_sft.py]
-        [--batch 32] [--prompt 32] [--new 96] [--repeats 5] [--out planner_decode.json]
+        [--batch 32] [--prompt 32] [--new 96] [--attend-chunk 32] [--repeats 5]
+        [--out planner_decode.json]
 
 Both sides run the same Qwen2-layout LM (the config's `model` section, text only) with the
 same random weights (mapped by jaxedit.interop.lm_transformers) on the same left-padded
@@ -35,6 +36,8 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--prompt", type=int, default=32, help="prompt tokens (some rows padded)")
   p.add_argument("--new", type=int, default=96, help="tokens generated per row")
+  p.add_argument("--attend-chunk", type=int, default=sampling.SamplingConfig.attend_chunk,
+                 help="decode segment length (0: attend to the whole cache every token)")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--out", default="planner_decode.json")
   args = p.parse_args(argv)
@@ -64,7 +67,8 @@ def main(argv=None):
     raise RuntimeError(f"weights did not map: missing {missing}, unexpected {unexpected}")
   hf.tie_weights()
 
-  settings = sampling.SamplingConfig(args.new, stop_ids=(), pad_id=0)
+  settings = sampling.SamplingConfig(args.new, stop_ids=(), pad_id=0,
+                                     attend_chunk=args.attend_chunk)
   sample = sampling.make_sampler(model, settings)
   run_jax = lambda: jax.block_until_ready(sample(params, ids, valid, jax.random.key(0), 0.0))
   t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(valid.astype(np.int64))
@@ -88,7 +92,7 @@ def main(argv=None):
   tokens = args.batch * args.new
   result = {
       "suite": "planner_decode", "batch": args.batch, "prompt_tokens": args.prompt,
-      "new_tokens": args.new, "config": args.config,
+      "new_tokens": args.new, "attend_chunk": args.attend_chunk, "config": args.config,
       "params": int(sum(x.size for x in jax.tree.leaves(params["lm"]))),
       "device": jax.devices()[0].device_kind,
       "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

@@ -93,6 +93,23 @@ def init_cache(cfg: LMConfig, batch: int, length: int):
                                                              range(cfg.num_layers))
 
 
+def cache_length(cache) -> int:
+  """The number of slots of a cache from `init_cache`."""
+  return (cache[0] if isinstance(cache, tuple) else cache)["v"].shape[-2]
+
+
+def grow_cache(cache, length: int):
+  """The cache with empty slots appended up to `length`: a decoder attends to every slot of
+  its cache, so it grows the cache as it fills it rather than attend to empty slots."""
+  def grow(name, x):
+    axis = x.ndim - 1 if name == "k" else x.ndim - 2  # keys (..., H, T), values (..., T, H)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, pad)
+  grow_layer = lambda c: {name: grow(name, x) for name, x in c.items()}
+  return tuple(map(grow_layer, cache)) if isinstance(cache, tuple) else grow_layer(cache)
+
+
 class Attention(nn.Module):
   cfg: LMConfig
 

@@ -59,7 +59,12 @@ def reference_config() -> ml_collections.ConfigDict:
       # 0: always pad to the maximum lengths.
       "pad_multiple": 16,
   })
-  c.sample = ml_collections.ConfigDict({"temperature": 0.0, "top_k": 0, "top_p": 1.0})
+  c.sample = ml_collections.ConfigDict({
+      "temperature": 0.0, "top_k": 0, "top_p": 1.0,
+      # Decode in segments of this many tokens, each attending to the cache slots filled so
+      # far (sampling.SamplingConfig); 0: one segment over the whole cache.
+      "attend_chunk": sampling.SamplingConfig.attend_chunk,
+  })
   c.train = ml_collections.ConfigDict({
       "seed": 0,
       "batch_size": 32,  # global
@@ -181,6 +186,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ("max_prompt_len", "max_plan_len"):
     if config.prompt[key] <= 0:
       raise ConfigError(f"config key 'prompt.{key}' must be > 0")
+  if config.sample.get("attend_chunk", 0) < 0:
+    raise ConfigError("config key 'sample.attend_chunk' must be >= 0 (0: one decode segment)")
   if config.train.cell_loss_weight > 0 and not (config.model.vision.enabled
                                                 and config.model.vision.get("cell_head")):
     raise ConfigError("config key 'train.cell_loss_weight' > 0 needs a cell head "
@@ -301,8 +308,10 @@ def make_train_step(setup: Setup):
 def make_plan_sampler(setup: Setup):
   """(params, arrays, rng) -> Samples of plans for a batch of model inputs."""
   sc = setup.config.sample
+  # Configs saved before sample.attend_chunk existed decode with the default.
   settings = sampling.SamplingConfig(setup.config.prompt.max_plan_len, (setup.eos_id,),
-                                     setup.pad_id, sc.top_k, sc.top_p)
+                                     setup.pad_id, sc.top_k, sc.top_p,
+                                     sc.get("attend_chunk", sampling.SamplingConfig.attend_chunk))
   sample = sampling.make_sampler(setup.model, settings, setup.mesh, setup.rules)
   vision = setup.model.cfg.vision is not None
 
