@@ -22,12 +22,18 @@ import orbax.checkpoint as ocp
 from jaxedit.config import ConfigError
 
 
+# Optional pytree items beside the state: the behaviour policy of a rollout in flight
+# (trainers that overlap rollout and update).
+EXTRA_ITEMS = ("behaviour",)
+
+
 def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "checkpoints"),
-      item_names=("state", "data", "config"),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(
-          type_handler_registry=_type_handlers(jax.default_backend() == "tpu"))},
+      item_names=("state", "data", "config") + EXTRA_ITEMS,
+      item_handlers={name: ocp.PyTreeCheckpointHandler(
+          type_handler_registry=_type_handlers(jax.default_backend() == "tpu"))
+                     for name in ("state",) + EXTRA_ITEMS},
       options=ocp.CheckpointManagerOptions(max_to_keep=keep,
                                            enable_async_checkpointing=async_save))
 
@@ -50,11 +56,17 @@ def _type_handlers(replica_parallel: bool) -> ocp.type_handlers.TypeHandlerRegis
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator,
-         config: ml_collections.ConfigDict, force: bool = False) -> bool:
+         config: ml_collections.ConfigDict, force: bool = False, data_state=None,
+         extra: dict | None = None) -> bool:
+  """`data_state`: the iterator state to save, where it is not the iterator's current one
+  (prompts drawn for a rollout in flight); `extra`: {EXTRA_ITEMS name: pytree}."""
   items = {"state": ocp.args.PyTreeSave(state),
-           "config": ocp.args.JsonSave(config.to_dict())}
-  if data_iterator is not None:
-    items["data"] = ocp.args.JsonSave(data_iterator.get_state())
+           "config": ocp.args.JsonSave(config.to_dict()),
+           **{name: ocp.args.PyTreeSave(tree) for name, tree in (extra or {}).items()}}
+  if data_state is None and data_iterator is not None:
+    data_state = data_iterator.get_state()
+  if data_state is not None:
+    items["data"] = ocp.args.JsonSave(data_state)
   return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
@@ -83,7 +95,6 @@ def _listdir(path: str) -> list[str]:
   return os.listdir(path) if os.path.isdir(path) else []
 
 
-
 def _latest(workdir: str, keep: int, problem: str) -> tuple[ocp.CheckpointManager, int]:
   """(manager, latest step) of `workdir`; ConfigError(`problem`) if it has no checkpoint."""
   mngr = manager(workdir, keep, async_save=False)
@@ -103,6 +114,14 @@ def restore_latest(workdir: str, keep: int, abstract_state):
   """(step, state) of this run's latest checkpoint, for eval; ConfigError if it has none."""
   mngr, step = _latest(workdir, keep, f"no checkpoint in {workdir}/checkpoints: train first")
   return step, restore(mngr, step, abstract_state)
+
+
+def restore_extra(mngr: ocp.CheckpointManager, step: int, name: str, abstract):
+  """An EXTRA_ITEMS pytree onto the shardings of `abstract`; None where the step has none."""
+  if name not in _listdir(os.path.join(str(mngr.directory), str(step))):
+    return None
+  return getattr(mngr.restore(step, args=ocp.args.Composite(
+      **{name: _pytree_restore(abstract)})), name)
 
 
 def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -141,11 +160,12 @@ class Preemption:
 
 def save_if_due(mngr: ocp.CheckpointManager, step: int, state, data_iterator,
                 config: ml_collections.ConfigDict, *, every: int, last: bool,
-                preemption: Preemption) -> bool:
+                preemption: Preemption, data_state=None, extra: dict | None = None) -> bool:
   """Saves every `every` steps, at the last step and on SIGTERM; True when the loop must
-  stop (preempted)."""
+  stop (preempted). `data_state`, `extra`: as `save`'s."""
   if (every and step % every == 0) or last or preemption.requested:
-    save(mngr, step, state, data_iterator, config, force=True)
+    save(mngr, step, state, data_iterator, config, force=True, data_state=data_state,
+         extra=extra)
   if preemption.requested:
     logging.warning("preempted at step %d; checkpoint saved", step)
   return preemption.requested

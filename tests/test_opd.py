@@ -161,7 +161,7 @@ def _prompts_and_chunks(setup, config, state):
   levels, trained = setup.levels_and_steps(1)
   chunks, _ = editor_grpo.rollout_and_score(
       setup, editor_grpo.make_rollout(setup), editor_grpo.make_rewards(config, setup.world),
-      state, prompts, levels, jax.random.key(0), editor_opd.OPD.device_fields)
+      state.params, state.frozen, prompts, levels, jax.random.key(0), editor_opd.OPD.device_fields)
   return prompts, jax.device_get(chunks), levels, trained
 
 

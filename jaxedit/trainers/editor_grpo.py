@@ -13,6 +13,7 @@ parameters train and the reference is a frozen copy of the SFT parameters.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -76,6 +77,7 @@ def reference_config() -> ml_collections.ConfigDict:
       "group_size": 8,  # G samples per prompt
       "shared_noise": False,  # one initial noise per group (DanceGRPO) or one per sample
       "rollout_chunks": 2,  # rollouts per iteration; rewards of one overlap the next
+      **rollout_mesh_config(),
       "num_steps": 8,  # denoising steps of training rollouts (eval uses sample.num_steps)
       "guidance_scale": 1.0,
       "sde_type": "sde",  # sde | cps
@@ -94,6 +96,18 @@ def reference_config() -> ml_collections.ConfigDict:
   c.rewards = rewards_lib.reward_config()
   c.rewards.preservation.weight = 0.5
   return c
+
+
+def rollout_mesh_config() -> dict:
+  """Keys of a rollout section (grpo, opd) that place rollouts on devices of their own."""
+  return {
+      # > 0: each process's last `rollout_devices` devices sample the next iteration's
+      # rollouts while the others update on this one's: rollout and update overlap, and the
+      # rollouts are one update behind the policy they train (one-step off-policy). 0: both
+      # run on every device, one after the other, on-policy.
+      "rollout_devices": 0,
+      "rollout_mesh_shape": (-1, 1, 1),  # over mesh.axes, on the rollout devices
+  }
 
 
 @flax.struct.dataclass
@@ -168,6 +182,8 @@ def check_rollouts(config: ml_collections.ConfigDict, section: str) -> None:
     raise ConfigError(f"{section}.sde_type must be one of {flow.SDE_TYPES}, got {g.sde_type!r}")
   if config.init_params not in ("ema", "params"):
     raise ConfigError(f"init_params must be 'ema' or 'params', got {config.init_params!r}")
+  if g.get("rollout_devices", 0) < 0:  # (.get: configs saved before it existed still load)
+    raise ConfigError(f"config key '{section}.rollout_devices' must be >= 0")
   check_tasks(config)
 
 
@@ -248,6 +264,45 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
   return Setup(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
                abstract_state, batch_sharding, full, use_lora,
                step_schedule_fn(g, config.train.seed), g)
+
+
+def split_devices(k: int, section: str) -> tuple[list, list]:
+  """(update devices, rollout devices): the last `k` of the devices sample rollouts."""
+  if jax.process_count() > 1:
+    raise ConfigError(f"config key '{section}.rollout_devices' > 0 needs a single process: "
+                      "moving parameters and trajectories between the two meshes across "
+                      "hosts is not built yet")
+  local = jax.local_devices()
+  if not 0 < k < len(local):
+    raise ConfigError(f"config key '{section}.rollout_devices' = {k} must be in [0, "
+                      f"{len(local)}): 0 runs rollout and update on every device; k > 0 "
+                      f"rollouts on k of this process's {len(local)} devices, the update on "
+                      "the rest")
+  return local[:len(local) - k], local[len(local) - k:]
+
+
+def make_overlap_setups(method, config: ml_collections.ConfigDict, workdir: str):
+  """(update setup, rollout setup): one setup on every device, or, with `rollout_devices`,
+  the update's on the mesh `mesh.shape` over the rest and the rollouts' on
+  `rollout_mesh_shape` over those."""
+  g = config[method.section]
+  if not g.get("rollout_devices", 0):
+    setup = method.make_setup(config, workdir)
+    return setup, setup
+  update_devices, rollout_devices = split_devices(g.rollout_devices, method.section)
+  rollout_config = copy.deepcopy(config)
+  rollout_config.mesh.shape = tuple(g.rollout_mesh_shape)
+  if "dcn_shape" in rollout_config.mesh:
+    rollout_config.mesh.dcn_shape = (1,) * len(rollout_config.mesh.axes)
+  return (method.make_setup(config, workdir, devices=update_devices),
+          method.make_setup(rollout_config, workdir, devices=rollout_devices))
+
+
+def to_mesh(tree, mesh):
+  """Arrays moved onto `mesh` with the same partition specs (rollouts to the update, the
+  policy to the rollouts)."""
+  return jax.tree.map(lambda x: jax.device_put(
+      x, jax.sharding.NamedSharding(mesh, x.sharding.spec)), tree)
 
 
 def _init_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:
@@ -437,10 +492,11 @@ def optimizer_step(setup, hp: dict, params, ema, opt_state, grads, count,
 # ------------------------------------------------------------------------------------------
 # Rollouts scored on the host.
 # ------------------------------------------------------------------------------------------
-def rollout_and_score(setup: Setup, rollout, reward_fn, state: GRPOState, prompts: dict,
+def rollout_and_score(setup: Setup, rollout, reward_fn, trained, frozen, prompts: dict,
                       levels, rng, device_fields=("source_image", "ids", "mask")):
-  """Samples G edits of each of this process's prompts in `rollout_chunks` jitted calls.
-  Chunk j's images go to the host rewards while the device samples chunk j + 1.
+  """Samples G edits of each of this process's prompts in `rollout_chunks` jitted calls, with
+  the policy of parameters (trained, frozen). Chunk j's images go to the host rewards while
+  the device samples chunk j + 1.
 
   Returns (chunks for the update: `device_fields`, encoded sources, latents, log-probs,
   rewards; host dict of the rollout: images, rewards, parts, and the per-sample prompt
@@ -460,7 +516,7 @@ def rollout_and_score(setup: Setup, rollout, reward_fn, state: GRPOState, prompt
   for j, piece in enumerate(pieces):
     inputs.append(sharding.global_batch({k: piece[k] for k in device_fields},
                                         setup.batch_sharding))
-    outs.append(rollout(state.params, state.frozen,
+    outs.append(rollout(trained, frozen,
                         {k: inputs[j][k] for k in ("source_image", "ids", "mask")}, levels,
                         jax.random.fold_in(rng, j)))
     if j:
@@ -474,6 +530,21 @@ def rollout_and_score(setup: Setup, rollout, reward_fn, state: GRPOState, prompt
           "rewards": np.concatenate([r[0] for r in results]),
           "parts": {k: np.concatenate([r[1][k] for r in results]) for k in results[0][1]}}
   return chunks, host
+
+
+def train_prompts(setup: Setup):
+  """The iterator of the train split's prompts: one global batch per rollout chunk, so each
+  chunk holds the same prompts on any number of processes and a pod samples what one host
+  would."""
+  g, tc = setup.rollouts, setup.config.train
+  chunk_prompts = g.prompts_per_step // g.rollout_chunks
+  if chunk_prompts % jax.process_count():
+    raise ConfigError(f"{chunk_prompts} prompts per rollout chunk do not split over "
+                      f"{jax.process_count()} processes")
+  return iter(make_dataset(setup.source("train"), chunk_prompts // jax.process_count(),
+                           seed=tc.seed, fields=PROMPT_FIELDS, kinds=tc.example_kinds,
+                           tasks=tc.tasks, map_fn=functools.partial(_tokenize, setup),
+                           worker_count=tc.worker_count))
 
 
 def next_prompts(data_iter, g) -> dict:
@@ -509,6 +580,7 @@ class Method:
   # (setup, prompts) -> prompts with the extra per-prompt fields the update needs on device
   add_fields: Callable = lambda setup, prompts: prompts
   device_fields: tuple[str, ...] = ("source_image", "ids", "mask")
+  section: str = "grpo"  # the config section of the rollouts
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None = None) -> dict:
@@ -524,7 +596,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       raise ConfigError("config key 'init_from' must name an editor SFT workdir to start "
                         "from (--config.init_from=DIR)")
     pretrained.copy_tokenizer(config.init_from, workdir)
-  setup = method.make_setup(config, workdir)
+  setup, rollout_setup = make_overlap_setups(method, config, workdir)
+  overlap = rollout_setup is not setup
   g = setup.rollouts
   reward_fn = make_rewards(config, setup.world)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -532,29 +605,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
   logging.info("%s: %.3fM trained parameters (%s), %d prompts x %d samples per step, mesh %s",
                method.name, n_trained / 1e6, "LoRA" if setup.use_lora else "full",
                g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
+  if overlap:
+    logging.info("rollouts on their own mesh %s, one step off-policy, overlapping the update",
+                 dict(rollout_setup.mesh.shape))
 
   # ---- Data: prompts of the train split ----
-  # One global batch per rollout chunk: each chunk holds the same prompts on any number of
-  # processes, so a pod samples what one host would.
-  chunk_prompts = g.prompts_per_step // g.rollout_chunks
-  if chunk_prompts % jax.process_count():
-    raise ConfigError(f"{chunk_prompts} prompts per rollout chunk do not split over "
-                      f"{jax.process_count()} processes")
-  data = make_dataset(setup.source("train"), chunk_prompts // jax.process_count(),
-                      seed=tc.seed, fields=PROMPT_FIELDS, kinds=tc.example_kinds,
-                      tasks=tc.tasks, map_fn=functools.partial(_tokenize, setup),
-                      worker_count=tc.worker_count)
-  data_iter = iter(data)
+  data_iter = train_prompts(setup)
 
   # ---- State: resume, or start from the SFT run ----
+  behaviour = None  # overlapped: the parameters of the rollout in flight, on its mesh
   if resuming:
     state = checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state, data_iter)
     logging.info("resumed from step %d", int(state.step))
+    if overlap:
+      behaviour = checkpoint.restore_extra(mngr, mngr.latest_step(), "behaviour",
+                                           rollout_setup.abstract_state.params)
   else:
     state = init_state(setup, load_sft(setup, config.init_from, workdir))
   start = int(state.step)
 
-  rollout, update = make_rollout(setup), method.make_update(setup)
+  rollout, update = make_rollout(rollout_setup), method.make_update(setup)
   sampler = editor_sft.make_sampler(setup, config.sample.num_steps, config.sample.shift,
                                     config.sample.guidance_scale)
   val_batches = editor_sft.eval_batches(setup, "validation", tc.example_kinds,
@@ -580,6 +650,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       evaluation.write_metrics(curve_path, curve)
     return first
 
+  def roll(step, trained, frozen):
+    """The rollouts of iteration `step`, scored, on the rollout mesh."""
+    with jax.profiler.StepTraceAnnotation("rollout", step_num=step):
+      return rollout_and_score(rollout_setup, rollout, reward_fn, trained, frozen,
+                               method.add_fields(setup, next_prompts(data_iter, g)),
+                               setup.levels_and_steps(step)[0],
+                               jax.random.fold_in(base_rng, step), method.device_fields)
+
+  # Overlapped, iteration k updates on rollouts sampled (during iteration k - 1's update)
+  # with the parameters before that update, and a checkpoint holds those parameters and the
+  # data state before the prompts in flight: a resumed run samples them again.
+  data_state = None
+  if overlap and start < tc.num_steps:
+    rollout_frozen = to_mesh(state.frozen, rollout_setup.mesh)
+    if behaviour is None:  # a fresh run (or one saved without overlap): on-policy at first
+      behaviour = to_mesh(state.params, rollout_setup.mesh)
+    data_state = data_iter.get_state()
+    pending = roll(start + 1, behaviour, rollout_frozen)
+
   # ---- Loop ----
   step = start
   log = editor_sft.MetricsLog(writer, workdir, prefix="train/")
@@ -588,14 +677,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       write_grid(writer, workdir, 0, validate(0), tc.sample_examples)
     for step in range(start + 1, tc.num_steps + 1):
       levels, trained = setup.levels_and_steps(step)
-      rng = jax.random.fold_in(base_rng, step)
-      with jax.profiler.StepTraceAnnotation("rollout", step_num=step):
-        chunks, host = rollout_and_score(setup, rollout, reward_fn, state,
-                                         method.add_fields(setup, next_prompts(data_iter, g)),
-                                         levels,
-                                         rng, method.device_fields)
+      if overlap:
+        chunks, host = to_mesh(pending[0], setup.mesh), pending[1]
+        behaviour = to_mesh(state.params, rollout_setup.mesh)  # before the update donates them
+      else:
+        chunks, host = roll(step, state.params, state.frozen)
       with jax.profiler.StepTraceAnnotation("update", step_num=step):
-        state, metrics = update(state, chunks, levels, trained)
+        state, metrics = update(state, chunks, levels, trained)  # dispatched, not awaited
+      if overlap:
+        data_state = data_iter.get_state()
+        if step < tc.num_steps:
+          pending = roll(step + 1, behaviour, rollout_frozen)
       progress(step)
       last = step == tc.num_steps
       if step % tc.log_every == 0 or last:
@@ -612,7 +704,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
           write_grid(writer, workdir, step, first, tc.sample_examples)
         write_rollout_grid(writer, workdir, step, host, g.group_size, tc.sample_examples)
       if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
-                                last=last, preemption=preemption):
+                                last=last, preemption=preemption, data_state=data_state,
+                                extra={"behaviour": behaviour} if overlap else None):
         break
   finally:
     log.flush()

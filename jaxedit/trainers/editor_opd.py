@@ -45,6 +45,7 @@ def reference_config() -> ml_collections.ConfigDict:
       "group_size": 1,  # student samples per prompt
       "shared_noise": False,
       "rollout_chunks": 2,
+      **editor_grpo.rollout_mesh_config(),
       "num_steps": 8,
       "guidance_scale": 1.0,
       "sde_type": "sde",  # sde | cps
@@ -212,7 +213,7 @@ def make_update(setup: OPDSetup, teachers=None):
 
 
 OPD = editor_grpo.Method("OPD", make_setup, make_update, add_routes,
-                         ("source_image", "ids", "mask", "route"))
+                         ("source_image", "ids", "mask", "route"), section="opd")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
