@@ -176,6 +176,39 @@ def pad_rows(array, rows: int) -> np.ndarray:
   return np.concatenate([array, np.repeat(array[-1:], rows - len(array), 0)])
 
 
+def transfer(array: jax.Array, target: NamedSharding) -> jax.Array:
+  """`array` placed as `target` says, on devices that may not hold it now (from the update's
+  mesh to the rollouts' and back). One process: a device-to-device copy. Several: each
+  process assembles its target shards from the shards it holds, through host memory (JAX
+  moves arrays between different device sets of several processes only on TPU's TFRT
+  runtime); a ValueError where a target shard needs data this process does not hold."""
+  if jax.process_count() == 1:
+    return jax.device_put(array, target)
+  held = {}  # region -> host data, one copy of replicated shards
+  for shard in array.addressable_shards:
+    region = tuple(s.indices(n)[:2] for s, n in zip(shard.index, array.shape))
+    if region not in held:
+      held[region] = np.asarray(shard.data)
+
+  def assemble(index):
+    want = [s.indices(n)[:2] for s, n in zip(index, array.shape)]
+    out = np.empty([stop - start for start, stop in want], array.dtype)
+    covered = np.zeros(out.shape, bool)
+    for region, data in held.items():
+      both = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, want)]
+      if any(lo >= hi for lo, hi in both):
+        continue
+      into = tuple(slice(lo - c, hi - c) for (lo, hi), (c, _) in zip(both, want))
+      out[into] = data[tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(both, region))]
+      covered[into] = True
+    if not covered.all():
+      raise ValueError(f"process {jax.process_index()} holds too little of a {array.shape} "
+                       f"array to place it as {target.spec} on {dict(target.mesh.shape)}: "
+                       "lay both meshes out with the same rows on each process")
+    return out
+  return jax.make_array_from_callback(array.shape, target, assemble)
+
+
 def local_rows(array: jax.Array, sharding: NamedSharding) -> np.ndarray:
   """This process's rows of a global batch-sharded array: the inverse of `global_batch`."""
   from jax.experimental import multihost_utils

@@ -36,23 +36,32 @@ distributed.initialize(None)  # from the launcher's JAXEDIT_* variables
 print("processes", jax.process_count(), "devices", jax.local_device_count(), jax.device_count(),
       flush=True)
 editor_sft.train(config.load_file(sys.argv[1]), sys.argv[2])
-editor_grpo.train(config.load_file(sys.argv[3]), sys.argv[4])
+for grpo_config, workdir in zip(sys.argv[3::2], sys.argv[4::2]):
+  editor_grpo.train(config.load_file(grpo_config), workdir)
 """
 
 
-def run_pod(sft_config, sft_dir, grpo_config_, grpo_dir, tmp_path):
-  """SFT, then GRPO, on 2 processes x 4 CPU devices (one launch: one start-up)."""
-  files = [config_lib.write_file(c, str(tmp_path / f"{name}.py"))
-           for c, name in ((sft_config, "pod_sft"), (grpo_config_, "pod_grpo"))]
+def run_pod(sft_config, sft_dir, grpo_runs, tmp_path):
+  """SFT, then GRPO runs [(config, workdir)], on 2 processes x 4 CPU devices (one launch:
+  one start-up)."""
+  runs = [(sft_config, sft_dir), *grpo_runs]
+  files = [config_lib.write_file(c, str(tmp_path / f"pod_{i}.py"))
+           for i, (c, _) in enumerate(runs)]
   (tmp_path / "driver.py").write_text(DRIVER)
-  program = [sys.executable, str(tmp_path / "driver.py"), files[0], str(sft_dir), files[1],
-             str(grpo_dir)]
+  program = [sys.executable, str(tmp_path / "driver.py")]
+  for file, (_, workdir) in zip(files, runs):
+    program += [file, str(workdir)]
   code = local.run([], num_processes=2, devices_per_process=4, logdir=str(tmp_path / "logs"),
                    timeout=600, echo=False, program=program)
   log = (tmp_path / "logs" / "process_0.log").read_text()
   assert code == 0, log[-3000:]
   assert "processes 2 devices 4 8" in log
   return log
+
+
+def overlap(config, rollout_devices):
+  config.grpo.rollout_devices = rollout_devices
+  return config
 
 
 def metric(workdir, key):
@@ -71,28 +80,37 @@ def test_two_processes_train_like_one_and_resume_on_another_mesh(small_data_dir,
   grpo = lambda steps: grpo_config(small_data_dir, ref, **{
       "train.num_steps": steps, "train.eval_every": -1, "train.sample_every": -1,
       "train.log_every": 1, "grpo.rollout_chunks": 2})
-  ref, gref = str(tmp_path / "sft_ref"), str(tmp_path / "grpo_ref")
+  # GRPO with rollouts on devices of their own (2 of each process's 4 on the pod, 4 of 8
+  # here), one step off-policy: the pod saves step 1 with step 2's rollouts in flight.
+  ref, gref, oref = (str(tmp_path / name) for name in ("sft_ref", "grpo_ref", "overlap_ref"))
   editor_sft.train(with_mesh(sft(4), (4, 2, 1)), ref)
   editor_grpo.train(with_mesh(grpo(2), (8, 1, 1)), gref)
+  editor_grpo.train(with_mesh(overlap(grpo(2), 4), (4, 1, 1)), oref)
 
   # ---- The same runs on 2 processes x 4 devices, data axis across them, to step 2 / 1 ----
-  pod, gpod = tmp_path / "sft_pod", tmp_path / "grpo_pod"
-  run_pod(with_mesh(sft(2), **POD_MESH), pod, with_mesh(grpo(1), **POD_MESH), gpod, tmp_path)
+  pod, gpod, opod = tmp_path / "sft_pod", tmp_path / "grpo_pod", tmp_path / "overlap_pod"
+  run_pod(with_mesh(sft(2), **POD_MESH), pod,
+          [(with_mesh(grpo(1), **POD_MESH), gpod),
+           (with_mesh(overlap(grpo(1), 2), **{**POD_MESH, "shape": (1, 2, 1)}), opod)],
+          tmp_path)
   assert sorted(os.listdir(pod / "checkpoints")) == ["2"]
   assert sorted(os.listdir(gpod / "checkpoints")) == ["1"]
+  assert "behaviour" in os.listdir(opod / "checkpoints" / "1")
 
   # ---- ... resumed on 1 process with 8 devices, on another mesh shape ----
   editor_sft.train(with_mesh(sft(4), (4, 2, 1)), str(pod))
   editor_grpo.train(with_mesh(grpo(2), (8, 1, 1)), str(gpod))
+  editor_grpo.train(with_mesh(overlap(grpo(2), 4), (4, 1, 1)), str(opod))
   expected, got = losses(ref), losses(pod)
   assert sorted(got) == [1, 2, 3, 4]
   for step in expected:
     assert got[step] == pytest.approx(expected[step], rel=1e-5), step
-  for key in ("reward/mean", "train/loss", "train/kl"):
-    expected, got = metric(gref, key), metric(gpod, key)
-    assert sorted(got) == [1, 2], key
-    for step in expected:
-      assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-6), (key, step)
+  for want, run in ((gref, gpod), (oref, opod)):
+    for key in ("reward/mean", "train/loss", "train/kl"):
+      expected, got = metric(want, key), metric(run, key)
+      assert sorted(got) == [1, 2], key
+      for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-6), (run, key, step)
 
 
 def test_distributed_settings_come_from_config_then_environment(monkeypatch):

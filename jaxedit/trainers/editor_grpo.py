@@ -267,18 +267,17 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
 
 
 def split_devices(k: int, section: str) -> tuple[list, list]:
-  """(update devices, rollout devices): the last `k` of the devices sample rollouts."""
-  if jax.process_count() > 1:
-    raise ConfigError(f"config key '{section}.rollout_devices' > 0 needs a single process: "
-                      "moving parameters and trajectories between the two meshes across "
-                      "hosts is not built yet")
-  local = jax.local_devices()
-  if not 0 < k < len(local):
-    raise ConfigError(f"config key '{section}.rollout_devices' = {k} must be in [0, "
-                      f"{len(local)}): 0 runs rollout and update on every device; k > 0 "
-                      f"rollouts on k of this process's {len(local)} devices, the update on "
-                      "the rest")
-  return local[:len(local) - k], local[len(local) - k:]
+  """(update devices, rollout devices): the last `k` devices of every process sample
+  rollouts, so each process feeds and scores its own rows on both meshes."""
+  n = jax.local_device_count()
+  if not 0 < k < n:
+    raise ConfigError(f"config key '{section}.rollout_devices' = {k} must be in [0, {n}): 0 "
+                      "runs rollout and update on every device; k > 0 rollouts on k of each "
+                      f"process's {n} devices, the update on the rest")
+  by_process = [[d for d in jax.devices() if d.process_index == p]
+                for p in range(jax.process_count())]
+  return ([d for ds in by_process for d in ds[:n - k]],
+          [d for ds in by_process for d in ds[n - k:]])
 
 
 def make_overlap_setups(method, config: ml_collections.ConfigDict, workdir: str):
@@ -301,7 +300,7 @@ def make_overlap_setups(method, config: ml_collections.ConfigDict, workdir: str)
 def to_mesh(tree, mesh):
   """Arrays moved onto `mesh` with the same partition specs (rollouts to the update, the
   policy to the rollouts)."""
-  return jax.tree.map(lambda x: jax.device_put(
+  return jax.tree.map(lambda x: sharding.transfer(
       x, jax.sharding.NamedSharding(mesh, x.sharding.spec)), tree)
 
 
