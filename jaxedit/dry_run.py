@@ -37,7 +37,7 @@ def _program(name: str, jitted, setup, args) -> dict:
     memory = jitted.lower(*args).compile().memory_analysis()
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
             "alias_size_in_bytes", "generated_code_size_in_bytes")
-  out = {"program": name, "flops": count}
+  out = {"program": name, "flops": count, "devices": setup.mesh.size}
   if memory is not None:
     out.update({f.removesuffix("_in_bytes"): int(getattr(memory, f, 0)) for f in fields})
     out["peak_estimate"] = (out["argument_size"] + out["output_size"] + out["temp_size"]
@@ -73,25 +73,32 @@ def _planner_sft(setup):
   return [("train_step", step.unbound.jitted, (setup.abstract_state, batch, step.hparams))]
 
 
-def _editor_grpo(setup):
+def _editor_grpo(setup, rollout_setup=None):
+  """The rollout on `rollout_setup`'s mesh (its own devices with grpo.rollout_devices), the
+  update on `setup`'s."""
   from jaxedit.trainers import editor_grpo
 
-  c, bs, g = setup.config, setup.batch_sharding, setup.rollouts
+  rollout_setup = rollout_setup or setup
+  c, bs, g = setup.config, rollout_setup.batch_sharding, setup.rollouts
   n, size = g.prompts_per_step * g.group_size // g.rollout_chunks, setup.world.image_size
   chunk = {"source_image": _abstract((n, size, size, 3), jnp.uint8, bs),
            "ids": _abstract((n, c.model.text_max_len), jnp.int32, bs),
            "mask": _abstract((n, c.model.text_max_len), jnp.bool_, bs)}
   levels, trained = setup.levels_and_steps(1)
-  rollout = editor_grpo.make_rollout(setup)
-  ss, key = setup.abstract_state, jax.random.key(0)
-  args = (setup.codec, ss.params, ss.frozen, chunk, levels, key)
-  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+  rollout = editor_grpo.make_rollout(rollout_setup)
+  rs, key = rollout_setup.abstract_state, jax.random.key(0)
+  args = (rollout_setup.codec, rs.params, rs.frozen, chunk, levels, key)
+  with jax.set_mesh(rollout_setup.mesh), nn.logical_axis_rules(rollout_setup.rules):
     out = jax.eval_shape(rollout.jitted, *args)
-  chunks = [{**chunk, **{k: out[k] for k in ("source", "latents", "log_probs")},
-             "rewards": _abstract((n,), jnp.float32, bs)}] * g.rollout_chunks
+  on_update = lambda x: _abstract(x.shape, x.dtype, jax.sharding.NamedSharding(
+      setup.mesh, x.sharding.spec))  # as editor_grpo.to_mesh moves them
+  chunk = {**chunk, **{k: out[k] for k in ("source", "latents", "log_probs")},
+           "rewards": _abstract((n,), jnp.float32, bs)}
+  chunks = [jax.tree.map(on_update, chunk)] * g.rollout_chunks
   update = editor_grpo.make_update(setup)
-  return [("rollout", rollout.jitted, args),
-          ("update", update.unbound.jitted, (ss, chunks, levels, trained, update.hparams))]
+  return [("rollout", rollout.jitted, args, rollout_setup),
+          ("update", update.unbound.jitted,
+           (setup.abstract_state, chunks, levels, trained, update.hparams))]
 
 
 def _vae(setup):
@@ -118,10 +125,16 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if source and os.path.exists(os.path.join(source, "tokenizer.json")):
         pretrained.copy_tokenizer(source, scratch)
         break
-    setup = module.make_setup(config, scratch)
+    if trainer == "editor_grpo":  # the rollouts may have devices of their own
+      setup, rollout_setup = module.make_overlap_setups(module.GRPO, config, scratch)
+    else:
+      setup = rollout_setup = module.make_setup(config, scratch)
     if hasattr(type(setup), "codec"):  # editors: the VAE (if any) compiles without weights
-      setup.codec = codec_lib.abstract_codec(config, setup.mesh)
-    programs = [_program(name, fn, setup, args) for name, fn, args in PROGRAMS[trainer](setup)]
+      for s in {id(setup): setup, id(rollout_setup): rollout_setup}.values():
+        s.codec = codec_lib.abstract_codec(config, s.mesh)
+    args = (setup, rollout_setup) if rollout_setup is not setup else (setup,)
+    programs = [_program(name, fn, on[0] if on else setup, a)
+                for name, fn, a, *on in PROGRAMS[trainer](*args)]
   state = setup.abstract_state
   out = {"trainer": trainer, "mesh": dict(setup.mesh.shape), "devices": setup.mesh.size,
          "parameters": int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))),
@@ -131,18 +144,21 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
          "hparams (traced)": {k: float(v) for k, v in hparams.values(
              config, hparams.BY_TRAINER.get(trainer, {})).items()},
          "programs": programs}
+  if rollout_setup is not setup:
+    out["rollout_mesh"] = dict(rollout_setup.mesh.shape)
   print(format_report(out), flush=True)
   return out
 
 
 def format_report(out: dict) -> str:
   lines = [f"{out['trainer']}: {out['parameters']:,} trained parameters; mesh {out['mesh']} "
-           f"= {out['devices']} devices",
+           f"= {out['devices']} devices" + (f"; rollouts on their own mesh {out['rollout_mesh']}"
+                                            if "rollout_mesh" in out else ""),
            "bytes per device: " + ", ".join(f"{k} {v / GiB:.3f} GiB"
                                             for k, v in out["bytes_per_device"].items())]
   for p in out["programs"]:
     line = (f"  {p['program']:<11} {p['flops']:.3e} matmul FLOPs "
-            f"({p['flops'] / out['devices']:.3e} per device)")
+            f"({p['flops'] / p['devices']:.3e} per device)")
     if "peak_estimate" in p:
       line += (f"; memory: arguments {p['argument_size'] / GiB:.3f} GiB, outputs "
                f"{p['output_size'] / GiB:.3f}, temporaries {p['temp_size'] / GiB:.3f}, "

@@ -91,3 +91,21 @@ def test_scanned_and_unrolled_flux_flops(grad):
   # to_q (D x D), proj_mlp (D x 4D) and proj_out (5D x D); q k^T and p v per head.
   per_pass = 2 * b * skipped * d * d * (1 + 4 + 5) + 2 * 2 * b * n * skipped * seq * h
   assert counts[True] - counts[False] == (3 if grad else 1) * per_pass
+
+
+def test_grpo_dry_run_compiles_overlapped_rollouts_on_their_own_devices(small_data_dir,
+                                                                        tmp_path):
+  from test_editor_grpo_trainer import grpo_config
+
+  sft_dir = str(tmp_path / "sft")
+  editor_sft.train(tiny_editor_config(small_data_dir, num_steps=1, eval_every=-1,
+                                      sample_every=-1), sft_dir)  # the tokenizer
+  config = grpo_config(small_data_dir, sft_dir, **{"grpo.rollout_devices": 4})
+  config.mesh.shape = (2, 2, 1)
+  out = dry_run.report(config, str(tmp_path / "run"))
+  assert out["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and out["devices"] == 4
+  assert out["rollout_mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
+  rollout, update = out["programs"]
+  assert (rollout["program"], rollout["devices"]) == ("rollout", 4)
+  assert (update["program"], update["devices"]) == ("update", 4)
+  assert rollout["flops"] > 0 and update["flops"] > rollout["flops"]
