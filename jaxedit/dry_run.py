@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxedit import codec as codec_lib
-from jaxedit import flops, hparams, sharding
+from jaxedit import flops, hparams, overlap, sharding
 from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
 
@@ -91,7 +91,7 @@ def _editor_grpo(setup, rollout_setup=None):
   with jax.set_mesh(rollout_setup.mesh), nn.logical_axis_rules(rollout_setup.rules):
     out = jax.eval_shape(rollout.jitted, *args)
   on_update = lambda x: _abstract(x.shape, x.dtype, jax.sharding.NamedSharding(
-      setup.mesh, x.sharding.spec))  # as editor_grpo.to_mesh moves them
+      setup.mesh, x.sharding.spec))  # as overlap.to_mesh moves them
   chunk = {**chunk, **{k: out[k] for k in ("source", "latents", "log_probs")},
            "rewards": _abstract((n,), jnp.float32, bs)}
   chunks = [jax.tree.map(on_update, chunk)] * g.rollout_chunks
@@ -126,7 +126,8 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
         pretrained.copy_tokenizer(source, scratch)
         break
     if trainer == "editor_grpo":  # the rollouts may have devices of their own
-      setup, rollout_setup = module.make_overlap_setups(module.GRPO, config, scratch)
+      setup, rollout_setup = overlap.make_setups(module.make_setup, config, "grpo",
+                                                 scratch)
     else:
       setup = rollout_setup = module.make_setup(config, scratch)
     if hasattr(type(setup), "codec"):  # editors: the VAE (if any) compiles without weights

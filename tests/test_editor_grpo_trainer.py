@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxedit import lora
+from jaxedit import lora, overlap
 from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
 from jaxedit.trainers import editor_grpo, editor_sft
@@ -204,14 +204,14 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
 
   ref_dir = str(tmp_path / "reference")
   pretrained.copy_tokenizer(sft_dir, ref_dir)
-  setup, rollout_setup = editor_grpo.make_overlap_setups(editor_grpo.GRPO, config, ref_dir)
+  setup, rollout_setup = overlap.make_setups(editor_grpo.make_setup, config, "grpo", ref_dir)
   assert rollout_setup.mesh.devices.size == 4 and setup.mesh.devices.size == 4
   assert not set(rollout_setup.mesh.devices.flat) & set(setup.mesh.devices.flat)
   state = editor_grpo.init_state(setup, editor_grpo.load_sft(setup, sft_dir, ref_dir))
   prompts = editor_grpo.train_prompts(setup)
   rollout, update = editor_grpo.make_rollout(rollout_setup), editor_grpo.make_update(setup)
   reward_fn = editor_grpo.make_rewards(config, setup.world)
-  frozen = editor_grpo.to_mesh(state.frozen, rollout_setup.mesh)
+  frozen = overlap.to_mesh(state.frozen, rollout_setup.mesh)
 
   def rollouts(step, params):
     chunks, _ = editor_grpo.rollout_and_score(
@@ -219,7 +219,7 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
         jax.device_put(params, rollout_setup.state_shardings.params),
         frozen, editor_grpo.next_prompts(prompts, config.grpo),
         setup.levels_and_steps(step)[0], jax.random.fold_in(jax.random.key(0), step))
-    return editor_grpo.to_mesh(chunks, setup.mesh)
+    return overlap.to_mesh(chunks, setup.mesh)
 
   def update_on(state, step, chunks):
     return update(state, chunks, *setup.levels_and_steps(step))
@@ -250,4 +250,4 @@ def test_overlap_config_errors(small_data_dir, sft_dir, tmp_path):
     config = grpo_config(small_data_dir, sft_dir, **{"grpo.rollout_devices": devices})
     with pytest.raises(ConfigError, match=rf"'grpo.rollout_devices' = {devices} must be in "
                                           r"\[0, 8\): 0 runs rollout and update on every"):
-      editor_grpo.make_overlap_setups(editor_grpo.GRPO, config, str(tmp_path))
+      overlap.make_setups(editor_grpo.make_setup, config, "grpo", str(tmp_path))

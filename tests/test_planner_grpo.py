@@ -3,13 +3,14 @@ sharded, resumable, and `jaxedit eval` writes before/after."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
 from conftest import tiny_planner_grpo_config
-from jaxedit import inference, sharding
+from jaxedit import inference, overlap, sharding
 from jaxedit.config import ConfigError
 from jaxedit.trainers import planner_grpo, planner_sft
 
@@ -97,3 +98,55 @@ def test_bad_configs(small_data_dir, sft_dir, tmp_path):
   setup = planner_grpo.make_setup(config, str(tmp_path / "x"))
   with pytest.raises(ConfigError, match="model.num_layers = 2 there, 3 here"):
     planner_grpo.load_start(setup, str(sft_dir), "ema_params")
+
+
+def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_path):
+  """Plans sampled on 4 devices while the other 4 update: iteration k updates on plans of the
+  parameters before update k - 1 (before update 1 for k = 1, 2), as written out below on the
+  same meshes; resumed from step 1's checkpoint (step 2's plans in flight), the run ends the
+  same."""
+  config = tiny_planner_grpo_config(small_data_dir, sft_dir, rollout_devices=4)
+  t = config.train
+  t.num_steps, t.eval_every, t.keep_checkpoints, t.lr, t.warmup_steps = 3, -1, 3, 1e-2, 0
+  whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+  planner_grpo.train(config, str(whole))
+  shutil.copytree(whole, resumed)
+  for step in ("2", "3"):
+    shutil.rmtree(resumed / "checkpoints" / step)
+  rows = open(resumed / "metrics.jsonl").readlines()
+  open(resumed / "metrics.jsonl", "w").writelines(rows[:1])
+  planner_grpo.train(config, str(resumed))
+
+  setup, rollout_setup = overlap.make_setups(planner_grpo.make_setup, config, "grpo",
+                                             str(tmp_path / "reference"))
+  assert not set(rollout_setup.mesh.devices.flat) & set(setup.mesh.devices.flat)
+  state = planner_grpo.init_state(setup, planner_grpo.load_start(setup, str(sft_dir),
+                                                                 "ema_params"))
+  prompts = planner_grpo.train_prompts(setup)
+  sampler, update = planner_sft.make_plan_sampler(rollout_setup), planner_grpo.make_update(setup)
+
+  def plans(step, params):
+    arrays, texts, records = planner_grpo.rollout(
+        rollout_setup, sampler, jax.device_put(params, rollout_setup.state_shardings.params),
+        next(prompts), jax.random.fold_in(jax.random.key(0), step))
+    rewards = planner_grpo.cognitive_rewards(texts, records, config.rewards.cognitive)
+    return (sharding.global_batch({k: arrays[k] for k in planner_grpo.BATCH_FIELDS},
+                                  setup.batch_sharding),
+            sharding.global_batch({"r": rewards}, setup.batch_sharding)["r"])
+
+  params0 = jax.device_get(state.params)
+  first, second = plans(1, params0), plans(2, params0)
+  state, m1 = update(state, *first)
+  third = plans(3, jax.device_get(state.params))
+  state, m2 = update(state, *second)
+  state, m3 = update(state, *third)
+  want = jax.device_get(state.params)
+  for run in (whole, resumed):  # the same programs on the same devices: equal, bit for bit
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for row, metrics in zip(rows, (m1, m2, m3)):
+      for k, v in metrics.items():
+        assert row[f"train/{k}"] == float(v), (run.name, row["step"], k)
+    mngr = planner_grpo.checkpoint.manager(str(run), 3, async_save=False)
+    got = planner_grpo.checkpoint.restore(mngr, 3, planner_grpo.abstract_state(setup))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.params), want)

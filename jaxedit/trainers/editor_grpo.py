@@ -13,7 +13,6 @@ parameters train and the reference is a frozen copy of the SFT parameters.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -30,7 +29,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import checkpoint, evaluation, flow, flow_grpo, grpo, hparams, lora, sharding
+from jaxedit import (checkpoint, evaluation, flow, flow_grpo, grpo, hparams, lora, overlap,
+                     sharding)
 from jaxedit import codec as codec_lib
 from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError, plain
@@ -77,7 +77,7 @@ def reference_config() -> ml_collections.ConfigDict:
       "group_size": 8,  # G samples per prompt
       "shared_noise": False,  # one initial noise per group (DanceGRPO) or one per sample
       "rollout_chunks": 2,  # rollouts per iteration; rewards of one overlap the next
-      **rollout_mesh_config(),
+      **overlap.mesh_config(),  # rollouts on devices of their own (jaxedit.overlap)
       "num_steps": 8,  # denoising steps of training rollouts (eval uses sample.num_steps)
       "guidance_scale": 1.0,
       "sde_type": "sde",  # sde | cps
@@ -96,18 +96,6 @@ def reference_config() -> ml_collections.ConfigDict:
   c.rewards = rewards_lib.reward_config()
   c.rewards.preservation.weight = 0.5
   return c
-
-
-def rollout_mesh_config() -> dict:
-  """Keys of a rollout section (grpo, opd) that place rollouts on devices of their own."""
-  return {
-      # > 0: each process's last `rollout_devices` devices sample the next iteration's
-      # rollouts while the others update on this one's: rollout and update overlap, and the
-      # rollouts are one update behind the policy they train (one-step off-policy). 0: both
-      # run on every device, one after the other, on-policy.
-      "rollout_devices": 0,
-      "rollout_mesh_shape": (-1, 1, 1),  # over mesh.axes, on the rollout devices
-  }
 
 
 @flax.struct.dataclass
@@ -182,8 +170,7 @@ def check_rollouts(config: ml_collections.ConfigDict, section: str) -> None:
     raise ConfigError(f"{section}.sde_type must be one of {flow.SDE_TYPES}, got {g.sde_type!r}")
   if config.init_params not in ("ema", "params"):
     raise ConfigError(f"init_params must be 'ema' or 'params', got {config.init_params!r}")
-  if g.get("rollout_devices", 0) < 0:  # (.get: configs saved before it existed still load)
-    raise ConfigError(f"config key '{section}.rollout_devices' must be >= 0")
+  overlap.check(g, section)
   check_tasks(config)
 
 
@@ -264,44 +251,6 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
   return Setup(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
                abstract_state, batch_sharding, full, use_lora,
                step_schedule_fn(g, config.train.seed), g)
-
-
-def split_devices(k: int, section: str) -> tuple[list, list]:
-  """(update devices, rollout devices): the last `k` devices of every process sample
-  rollouts, so each process feeds and scores its own rows on both meshes."""
-  n = jax.local_device_count()
-  if not 0 < k < n:
-    raise ConfigError(f"config key '{section}.rollout_devices' = {k} must be in [0, {n}): 0 "
-                      "runs rollout and update on every device; k > 0 rollouts on k of each "
-                      f"process's {n} devices, the update on the rest")
-  by_process = [[d for d in jax.devices() if d.process_index == p]
-                for p in range(jax.process_count())]
-  return ([d for ds in by_process for d in ds[:n - k]],
-          [d for ds in by_process for d in ds[n - k:]])
-
-
-def make_overlap_setups(method, config: ml_collections.ConfigDict, workdir: str):
-  """(update setup, rollout setup): one setup on every device, or, with `rollout_devices`,
-  the update's on the mesh `mesh.shape` over the rest and the rollouts' on
-  `rollout_mesh_shape` over those."""
-  g = config[method.section]
-  if not g.get("rollout_devices", 0):
-    setup = method.make_setup(config, workdir)
-    return setup, setup
-  update_devices, rollout_devices = split_devices(g.rollout_devices, method.section)
-  rollout_config = copy.deepcopy(config)
-  rollout_config.mesh.shape = tuple(g.rollout_mesh_shape)
-  if "dcn_shape" in rollout_config.mesh:
-    rollout_config.mesh.dcn_shape = (1,) * len(rollout_config.mesh.axes)
-  return (method.make_setup(config, workdir, devices=update_devices),
-          method.make_setup(rollout_config, workdir, devices=rollout_devices))
-
-
-def to_mesh(tree, mesh):
-  """Arrays moved onto `mesh` with the same partition specs (rollouts to the update, the
-  policy to the rollouts)."""
-  return jax.tree.map(lambda x: sharding.transfer(
-      x, jax.sharding.NamedSharding(mesh, x.sharding.spec)), tree)
 
 
 def _init_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:
@@ -595,8 +544,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       raise ConfigError("config key 'init_from' must name an editor SFT workdir to start "
                         "from (--config.init_from=DIR)")
     pretrained.copy_tokenizer(config.init_from, workdir)
-  setup, rollout_setup = make_overlap_setups(method, config, workdir)
-  overlap = rollout_setup is not setup
+  setup, rollout_setup = overlap.make_setups(method.make_setup, config, method.section,
+                                             workdir)
+  overlapped = rollout_setup is not setup
   g = setup.rollouts
   reward_fn = make_rewards(config, setup.world)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -604,7 +554,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
   logging.info("%s: %.3fM trained parameters (%s), %d prompts x %d samples per step, mesh %s",
                method.name, n_trained / 1e6, "LoRA" if setup.use_lora else "full",
                g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
-  if overlap:
+  if overlapped:
     logging.info("rollouts on their own mesh %s, one step off-policy, overlapping the update",
                  dict(rollout_setup.mesh.shape))
 
@@ -612,11 +562,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
   data_iter = train_prompts(setup)
 
   # ---- State: resume, or start from the SFT run ----
-  behaviour = None  # overlapped: the parameters of the rollout in flight, on its mesh
+  behaviour = None  # overlapped: the parameters of the rollouts in flight, on their mesh
   if resuming:
     state = checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state, data_iter)
     logging.info("resumed from step %d", int(state.step))
-    if overlap:
+    if overlapped:
       behaviour = checkpoint.restore_extra(mngr, mngr.latest_step(), "behaviour",
                                            rollout_setup.abstract_state.params)
   else:
@@ -649,24 +599,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       evaluation.write_metrics(curve_path, curve)
     return first
 
-  def roll(step, trained, frozen):
-    """The rollouts of iteration `step`, scored, on the rollout mesh."""
-    with jax.profiler.StepTraceAnnotation("rollout", step_num=step):
-      return rollout_and_score(rollout_setup, rollout, reward_fn, trained, frozen,
-                               method.add_fields(setup, next_prompts(data_iter, g)),
-                               setup.levels_and_steps(step)[0],
-                               jax.random.fold_in(base_rng, step), method.device_fields)
+  rollout_frozen = overlap.to_mesh(state.frozen, rollout_setup.mesh) if overlapped else None
 
-  # Overlapped, iteration k updates on rollouts sampled (during iteration k - 1's update)
-  # with the parameters before that update, and a checkpoint holds those parameters and the
-  # data state before the prompts in flight: a resumed run samples them again.
-  data_state = None
-  if overlap and start < tc.num_steps:
-    rollout_frozen = to_mesh(state.frozen, rollout_setup.mesh)
-    if behaviour is None:  # a fresh run (or one saved without overlap): on-policy at first
-      behaviour = to_mesh(state.params, rollout_setup.mesh)
-    data_state = data_iter.get_state()
-    pending = roll(start + 1, behaviour, rollout_frozen)
+  def roll(step, trained):
+    """The rollouts of iteration `step`, scored, on the update's mesh."""
+    with jax.profiler.StepTraceAnnotation("rollout", step_num=step):
+      chunks, host = rollout_and_score(
+          rollout_setup, rollout, reward_fn, trained,
+          rollout_frozen if overlapped else state.frozen,
+          method.add_fields(setup, next_prompts(data_iter, g)), setup.levels_and_steps(step)[0],
+          jax.random.fold_in(base_rng, step), method.device_fields)
+    return (overlap.to_mesh(chunks, setup.mesh) if overlapped else chunks), host
+
+  schedule = overlap.Schedule(roll, rollout_setup.mesh, data_iter, tc.num_steps, overlapped)
+  schedule.start(start, state.params, behaviour)
 
   # ---- Loop ----
   step = start
@@ -676,17 +622,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       write_grid(writer, workdir, 0, validate(0), tc.sample_examples)
     for step in range(start + 1, tc.num_steps + 1):
       levels, trained = setup.levels_and_steps(step)
-      if overlap:
-        chunks, host = to_mesh(pending[0], setup.mesh), pending[1]
-        behaviour = to_mesh(state.params, rollout_setup.mesh)  # before the update donates them
-      else:
-        chunks, host = roll(step, state.params, state.frozen)
+      chunks, host = schedule.rollouts(step, state.params)
       with jax.profiler.StepTraceAnnotation("update", step_num=step):
         state, metrics = update(state, chunks, levels, trained)  # dispatched, not awaited
-      if overlap:
-        data_state = data_iter.get_state()
-        if step < tc.num_steps:
-          pending = roll(step + 1, behaviour, rollout_frozen)
+      schedule.after_update(step)  # overlapped: the next rollouts, while the update runs
       progress(step)
       last = step == tc.num_steps
       if step % tc.log_every == 0 or last:
@@ -703,8 +642,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
           write_grid(writer, workdir, step, first, tc.sample_examples)
         write_rollout_grid(writer, workdir, step, host, g.group_size, tc.sample_examples)
       if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
-                                last=last, preemption=preemption, data_state=data_state,
-                                extra={"behaviour": behaviour} if overlap else None):
+                                last=last, preemption=preemption,
+                                **schedule.checkpoint_items()):
         break
   finally:
     log.flush()

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import flow, flow_grpo, grpo, hparams, lora, opd, sharding
+from jaxedit import flow, flow_grpo, grpo, hparams, lora, opd, overlap, sharding
 from jaxedit.config import ConfigError
 from jaxedit.models.editor import Editor
 from jaxedit.shapes.edits import TASKS
@@ -45,7 +45,7 @@ def reference_config() -> ml_collections.ConfigDict:
       "group_size": 1,  # student samples per prompt
       "shared_noise": False,
       "rollout_chunks": 2,
-      **editor_grpo.rollout_mesh_config(),
+      **overlap.mesh_config(),
       "num_steps": 8,
       "guidance_scale": 1.0,
       "sde_type": "sde",  # sde | cps

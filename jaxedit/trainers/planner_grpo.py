@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import checkpoint, evaluation, grpo, hparams, inference, plans, sharding
+from jaxedit import (checkpoint, evaluation, grpo, hparams, inference, overlap, plans,
+                     sharding)
 from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
 from jaxedit.data.pipeline import make_dataset
@@ -55,6 +56,7 @@ def reference_config() -> ml_collections.ConfigDict:
       "adv_clip": 5.0,
       "inner_epochs": 1,
       "minibatches": 2,
+      **overlap.mesh_config(),  # rollouts on devices of their own (jaxedit.overlap)
   })
   c.rewards = ml_collections.ConfigDict({
       "cognitive": {"weight": 1.0, "step_penalty": 0.1, "error_penalty": 0.25},
@@ -92,12 +94,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       "key 'editor' to an editor workdir")
   if config.init_params not in ("ema", "raw"):
     raise ConfigError("config key 'init_params' must be 'ema' or 'raw'")
+  overlap.check(g, "grpo")
   check_tasks(config)
 
 
 def rollouts(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config section of the rollouts: `grpo`, or `opd` for distillation."""
-  return config.grpo if "grpo" in config else config.opd
+  return config[rollouts_name(config)]
+
+
+def rollouts_name(config: ml_collections.ConfigDict) -> str:
+  return "grpo" if "grpo" in config else "opd"
 
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
@@ -260,6 +267,15 @@ def abstract_state_shardings(setup) -> GRPOState:
   return GRPOState(s.step, s.params, s.ema_params, s.opt_state, s.params)
 
 
+def train_prompts(setup):
+  """The iterator of this process's training prompts, P per iteration over all processes."""
+  tc = setup.config.train
+  return iter(make_dataset(setup.source("train"),
+                           rollouts(setup.config).prompts_per_step // jax.process_count(),
+                           seed=tc.seed, fields=ROLLOUT_FIELDS, kinds=tc.example_kinds,
+                           tasks=tc.tasks))
+
+
 def rollout(setup, sampler, params, records: dict, rng):
   """G plans per prompt: (model inputs with the sampled plans, plan texts, records repeated)."""
   g = rollouts(setup.config)
@@ -293,30 +309,37 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
 
   method = method or GRPO
   os.makedirs(workdir, exist_ok=True)
-  setup = method.make_setup(config, workdir)
+  setup, rollout_setup = overlap.make_setups(method.make_setup, config, rollouts_name(config),
+                                             workdir)
+  overlapped = rollout_setup is not setup
   tc, g = config.train, rollouts(config)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   logging.info("planner %s: %d prompts x %d plans per step, mesh %s", method.name,
                g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
+  if overlapped:
+    logging.info("rollouts on their own mesh %s, one step off-policy, overlapping the update",
+                 dict(rollout_setup.mesh.shape))
 
   # ---- Data ----
-  data = make_dataset(setup.source("train"), g.prompts_per_step // jax.process_count(),
-                      seed=tc.seed, fields=ROLLOUT_FIELDS, kinds=tc.example_kinds,
-                      tasks=tc.tasks)
-  data_iter = iter(data)
+  data_iter = train_prompts(setup)
 
   # ---- State: resume, or start from the SFT planner ----
   mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
+  behaviour = None  # overlapped: the parameters of the rollouts in flight, on their mesh
   if mngr.latest_step() is not None:
     state = checkpoint.restore(mngr, mngr.latest_step(), abstract_state(setup), data_iter)
     logging.info("resumed from step %d", int(state.step))
+    if overlapped:
+      behaviour = checkpoint.restore_extra(mngr, mngr.latest_step(), "behaviour",
+                                           rollout_setup.abstract_state.params)
   else:
     key = "ema_params" if config.init_params == "ema" else "params"
     state = init_state(setup, load_start(setup, config.init_from, key))
   start = int(state.step)
 
   update = method.make_update(setup)
-  sampler = planner_sft.make_plan_sampler(setup)
+  sampler = planner_sft.make_plan_sampler(setup)  # validation
+  rollout_sampler = planner_sft.make_plan_sampler(rollout_setup) if overlapped else sampler
   editor = (inference.load_editor(config.editor, g.prompts_per_step * g.group_size)
             if config.rewards.visual.weight else None)
   val_batches = planner_sft.eval_batches(setup, "validation", tc.eval_examples,
@@ -343,28 +366,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
   if start == 0 and tc.eval_every >= 0:
     validate(0)
 
+  def roll(step, params):
+    """Iteration `step`'s plans (host arrays) and their rewards."""
+    arrays, texts, records = rollout(rollout_setup, rollout_sampler, params, next(data_iter),
+                                     jax.random.fold_in(base_rng, step))
+    rewards = config.rewards.cognitive.weight * cognitive_rewards(
+        texts, records, config.rewards.cognitive)
+    visual = None
+    if editor is not None:
+      visual = visual_rewards(editor, texts, records, config.eval.e2e_max_steps, step)
+      rewards = rewards + config.rewards.visual.weight * visual
+    return arrays, records, rewards, visual
+
+  schedule = overlap.Schedule(roll, rollout_setup.mesh, data_iter, tc.num_steps, overlapped)
+  schedule.start(start, state.params, behaviour)
+
   # ---- Loop ----
   step = start
   log = MetricsLog(writer, workdir, prefix="train/")
   try:
     for step in range(start + 1, tc.num_steps + 1):
-      rng = jax.random.fold_in(base_rng, step)
-      arrays, texts, records = rollout(setup, sampler, state.params, next(data_iter), rng)
-      rewards = config.rewards.cognitive.weight * cognitive_rewards(
-          texts, records, config.rewards.cognitive)
-      if editor is not None:
-        visual = visual_rewards(editor, texts, records, config.eval.e2e_max_steps, step)
-        rewards = rewards + config.rewards.visual.weight * visual
+      arrays, records, rewards, visual = schedule.rollouts(step, state.params)
       batch = sharding.global_batch(
           {**{k: arrays[k] for k in BATCH_FIELDS}, **method.extra_fields(setup, records)},
           setup.batch_sharding)
       state, metrics = update(state, batch, sharding.global_batch(
           {"r": rewards}, setup.batch_sharding)["r"])
+      schedule.after_update(step)  # overlapped: the next rollouts, while the update runs
       progress(step)
       last = step == tc.num_steps
       if step % tc.log_every == 0 or last:
         scalars = {}
-        if editor is not None:
+        if visual is not None:
           scalars["reward/visual"] = float(sharding.all_rows(visual).mean())
         every = sharding.all_rows(rewards)  # every process's rollouts
         scalars.update({"reward/mean": float(every.mean()), "reward/std": float(every.std()),
@@ -374,7 +407,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       if due(tc.eval_every, step, last):
         validate(step)
       if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
-                                last=last, preemption=preemption):
+                                last=last, preemption=preemption,
+                                **schedule.checkpoint_items()):
         break
   finally:
     log.flush()

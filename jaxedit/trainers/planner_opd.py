@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import grpo, hparams, opd, sharding
+from jaxedit import grpo, hparams, opd, overlap, sharding
 from jaxedit.config import ConfigError
 from jaxedit.shapes.edits import TASKS
 from jaxedit.trainers import editor_grpo, planner_grpo, planner_sft
@@ -43,6 +43,7 @@ def reference_config() -> ml_collections.ConfigDict:
       "temperature": 1.0,
       "inner_epochs": 1,
       "minibatches": 2,
+      **overlap.mesh_config(),  # rollouts on devices of their own (jaxedit.overlap)
   })
   return c
 
@@ -68,6 +69,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   editor_grpo.check_tasks(config)
+  overlap.check(o, "opd")
   if config.rewards.visual.weight and not config.editor:
     raise ConfigError("rewards.visual.weight > 0 needs config key 'editor'")
 

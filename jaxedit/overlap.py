@@ -1,0 +1,117 @@
+"""Rollouts on devices of their own, overlapping the update one step off-policy (the GRPO
+and on-policy distillation trainers of the editor and the planner).
+
+With `rollout_devices` = k > 0 in a trainer's rollout section, the last k devices of every
+process form the rollout mesh (`rollout_mesh_shape`) and the rest the update's (`mesh.shape`).
+Iteration t + 1's rollouts are dispatched right after iteration t's update, with the
+parameters from before that update, so the two run at once on their own devices and the
+rollouts are one update behind the policy they train. A checkpoint keeps those parameters
+(`behaviour`) and the data state from before their prompts, so a resumed run samples them
+again and continues exactly. With k = 0 both run on every device, one after the other.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from jaxedit import sharding
+from jaxedit.config import ConfigError
+
+
+def mesh_config() -> dict:
+  """The keys of a rollout section (grpo, opd) that place rollouts on devices of their own."""
+  return {
+      "rollout_devices": 0,  # per process; 0: rollout and update share every device
+      "rollout_mesh_shape": (-1, 1, 1),  # over mesh.axes, on the rollout devices
+  }
+
+
+def check(section: ml_collections.ConfigDict, name: str) -> None:
+  if section.get("rollout_devices", 0) < 0:  # (.get: configs saved before it still load)
+    raise ConfigError(f"config key '{name}.rollout_devices' must be >= 0")
+
+
+def split_devices(k: int, name: str) -> tuple[list, list]:
+  """(update devices, rollout devices): the last `k` devices of every process sample
+  rollouts, so each process feeds and scores its own rows on both meshes."""
+  n = jax.local_device_count()
+  if not 0 < k < n:
+    raise ConfigError(f"config key '{name}.rollout_devices' = {k} must be in [0, {n}): 0 "
+                      "runs rollout and update on every device; k > 0 rollouts on k of each "
+                      f"process's {n} devices, the update on the rest")
+  by_process = [[d for d in jax.devices() if d.process_index == p]
+                for p in range(jax.process_count())]
+  return ([d for ds in by_process for d in ds[:n - k]],
+          [d for ds in by_process for d in ds[n - k:]])
+
+
+def make_setups(make_setup: Callable, config: ml_collections.ConfigDict, name: str,
+                workdir: str):
+  """(update setup, rollout setup) from `make_setup(config, workdir, devices)`: the same
+  setup twice without rollout devices, else one on each side of `split_devices`."""
+  section = config[name]
+  if not section.get("rollout_devices", 0):
+    setup = make_setup(config, workdir)
+    return setup, setup
+  update_devices, rollout_devices = split_devices(section.rollout_devices, name)
+  rollout_config = copy.deepcopy(config)
+  rollout_config.mesh.shape = tuple(section.rollout_mesh_shape)
+  if "dcn_shape" in rollout_config.mesh:
+    rollout_config.mesh.dcn_shape = (1,) * len(rollout_config.mesh.axes)
+  return (make_setup(config, workdir, devices=update_devices),
+          make_setup(rollout_config, workdir, devices=rollout_devices))
+
+
+def to_mesh(tree, mesh):
+  """Arrays moved onto `mesh` with the same partition specs (rollouts to the update, the
+  policy to the rollouts)."""
+  return jax.tree.map(lambda x: sharding.transfer(
+      x, jax.sharding.NamedSharding(mesh, x.sharding.spec)), tree)
+
+
+class Schedule:
+  """Which parameters sample which iteration's rollouts, and when. Per iteration:
+  `rollouts(step, params)` before dispatching the update (it reads `params` before the
+  update donates them), then `after_update(step)`; `checkpoint_items()` for the save.
+
+  roll(step, params) -> the rollouts of iteration `step`, sampled with `params` (on the
+  rollout mesh when overlapped)."""
+
+  def __init__(self, roll: Callable, rollout_mesh, data_iter, num_steps: int,
+               overlap: bool):
+    self.roll, self.mesh, self.data_iter = roll, rollout_mesh, data_iter
+    self.num_steps, self.overlap = num_steps, overlap
+    self.behaviour: Any = None  # the parameters of the rollouts in flight
+    self.data_state = None  # the data state from before their prompts
+    self.pending = None
+
+  def start(self, step: int, params, behaviour=None) -> None:
+    """Resuming after iteration `step`, with the saved behaviour parameters, if any (a run
+    saved without overlap starts on-policy)."""
+    if self.overlap and step < self.num_steps:
+      self.behaviour = to_mesh(params, self.mesh) if behaviour is None else behaviour
+      self.data_state = self.data_iter.get_state()
+      self.pending = self.roll(step + 1, self.behaviour)
+
+  def rollouts(self, step: int, params):
+    if not self.overlap:
+      return self.roll(step, params)
+    out, self.pending = self.pending, None
+    self.behaviour = to_mesh(params, self.mesh)  # sample the next iteration with these
+    return out
+
+  def after_update(self, step: int) -> None:
+    if self.overlap:
+      self.data_state = self.data_iter.get_state()
+      if step < self.num_steps:
+        self.pending = self.roll(step + 1, self.behaviour)
+
+  def checkpoint_items(self) -> dict:
+    """`checkpoint.save_if_due`'s data_state and extra."""
+    if not self.overlap:
+      return {}
+    return {"data_state": self.data_state, "extra": {"behaviour": self.behaviour}}
