@@ -213,3 +213,26 @@ def randomized_run(src: str, dst: str, make_setup, scale: float = 0.2) -> str:
   checkpoint.save(mngr, step + 1, state, None, config, force=True)
   mngr.wait_until_finished()
   return dst
+
+
+def resume_after_step_one(workdir, copy, train) -> None:
+  """Copies a finished run to `copy` with only its step-1 checkpoint and metrics, then
+  `train(copy)` resumes it from there."""
+  shutil.copytree(workdir, copy)
+  for step in os.listdir(os.path.join(copy, "checkpoints")):
+    if step != "1":
+      shutil.rmtree(os.path.join(copy, "checkpoints", step))
+  with open(os.path.join(copy, "metrics.jsonl")) as f:
+    first = f.readline()
+  with open(os.path.join(copy, "metrics.jsonl"), "w") as f:
+    f.write(first)
+  train(str(copy))
+
+
+def assert_logged_exactly(workdir, per_step: list[dict]) -> None:
+  """DIR/metrics.jsonl's train/ metrics of steps 1, 2, ... equal `per_step`'s, bit for bit."""
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == list(range(1, len(per_step) + 1))
+  for row, metrics in zip(rows, per_step):
+    for k, v in metrics.items():
+      assert row[f"train/{k}"] == float(v), (str(workdir), row["step"], k)

@@ -3,7 +3,6 @@ before/after eval, clear config errors, and the update on 8 devices = 1 device."
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -14,7 +13,7 @@ from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
 from jaxedit.trainers import editor_grpo, editor_sft
 
-from conftest import tiny_editor_config
+from conftest import assert_logged_exactly, resume_after_step_one, tiny_editor_config
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +194,7 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
       "train.keep_checkpoints": 3, "train.lr": 1e-2})  # steps that move the policy
   whole, resumed = tmp_path / "whole", tmp_path / "resumed"
   editor_grpo.train(config, str(whole))
-  shutil.copytree(whole, resumed)
-  for step in ("2", "3"):
-    shutil.rmtree(resumed / "checkpoints" / step)
-  rows = open(resumed / "metrics.jsonl").readlines()
-  open(resumed / "metrics.jsonl", "w").writelines(rows[:1])
-  editor_grpo.train(config, str(resumed))
+  resume_after_step_one(whole, resumed, lambda workdir: editor_grpo.train(config, workdir))
 
   ref_dir = str(tmp_path / "reference")
   pretrained.copy_tokenizer(sft_dir, ref_dir)
@@ -235,11 +229,7 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
   assert max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(params1), jax.tree.leaves(want))) > 1e-3  # updates 2, 3 moved it
   for run in (whole, resumed):  # the same programs on the same devices: equal, bit for bit
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for row, metrics in zip(rows, (m1, m2, m3)):
-      for k, v in metrics.items():
-        assert row[f"train/{k}"] == float(v), (run.name, row["step"], k)
+    assert_logged_exactly(run, [m1, m2, m3])
     jax.tree.map(np.testing.assert_array_equal,
                  jax.device_get(_state(str(run), config).params), want)
 

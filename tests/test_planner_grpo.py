@@ -3,13 +3,12 @@ sharded, resumable, and `jaxedit eval` writes before/after."""
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_planner_grpo_config
+from conftest import assert_logged_exactly, resume_after_step_one, tiny_planner_grpo_config
 from jaxedit import inference, overlap, sharding
 from jaxedit.config import ConfigError
 from jaxedit.trainers import planner_grpo, planner_sft
@@ -110,12 +109,7 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
   t.num_steps, t.eval_every, t.keep_checkpoints, t.lr, t.warmup_steps = 3, -1, 3, 1e-2, 0
   whole, resumed = tmp_path / "whole", tmp_path / "resumed"
   planner_grpo.train(config, str(whole))
-  shutil.copytree(whole, resumed)
-  for step in ("2", "3"):
-    shutil.rmtree(resumed / "checkpoints" / step)
-  rows = open(resumed / "metrics.jsonl").readlines()
-  open(resumed / "metrics.jsonl", "w").writelines(rows[:1])
-  planner_grpo.train(config, str(resumed))
+  resume_after_step_one(whole, resumed, lambda workdir: planner_grpo.train(config, workdir))
 
   setup, rollout_setup = overlap.make_setups(planner_grpo.make_setup, config, "grpo",
                                              str(tmp_path / "reference"))
@@ -142,11 +136,7 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
   state, m3 = update(state, *third)
   want = jax.device_get(state.params)
   for run in (whole, resumed):  # the same programs on the same devices: equal, bit for bit
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    for row, metrics in zip(rows, (m1, m2, m3)):
-      for k, v in metrics.items():
-        assert row[f"train/{k}"] == float(v), (run.name, row["step"], k)
+    assert_logged_exactly(run, [m1, m2, m3])
     mngr = planner_grpo.checkpoint.manager(str(run), 3, async_save=False)
     got = planner_grpo.checkpoint.restore(mngr, 3, planner_grpo.abstract_state(setup))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.params), want)
