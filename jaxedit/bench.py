@@ -2,7 +2,7 @@
 
     jaxedit bench [--suites editor_sft_step,grpo_rollout,grpo_update,planner_decode,opd_step]
         [--editor_config configs/shapes_editor_sft.py] [--planner_config ...]
-        [--set KEY=VALUE ...] [--batch 32] [--repeats 5] [--out bench.json]
+        [--set KEY=VALUE ...] [--batch 32] [--repeats 5] [--cpu_devices N] [--out bench.json]
 
 Measures the device's matmul peak first (in the editor's compute dtype), then runs each
 suite (jaxedit and the reference on the same config, medians after warm-up), and quotes
@@ -13,6 +13,7 @@ one entry per suite (jaxedit_s, reference_s, speedup = reference_s / jaxedit_s, 
 from __future__ import annotations
 
 import argparse
+import os
 
 SUITES = ("editor_sft_step", "grpo_rollout", "grpo_update", "planner_decode", "opd_step")
 
@@ -36,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--out", default="bench.json")
   p.add_argument("--no_reference", action="store_true",
                  help="editor step suites: time jaxedit alone (speedup is NaN)")
+  p.add_argument("--cpu_devices", type=int, default=os.cpu_count(),
+                 help="JAX CPU devices, one per core by default: planner decoding splits "
+                      "its batch over them (0: JAX's default)")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -49,6 +53,7 @@ def run(args: argparse.Namespace) -> list[dict]:
   unknown = sorted(set(suites) - set(SUITES))
   if unknown:
     raise SystemExit(f"jaxedit bench: unknown suite(s) {unknown}; choose from {SUITES}")
+  common.expose_cpu_devices(args.cpu_devices)  # before any JAX operation
   editor = load_file(args.editor_config)
   apply_overrides(editor, args.set)
   dtype = DTYPES[editor.model.dtype]
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     else:
       result = planner_decode.main(["--config", args.planner_config, "--batch",
                                     str(args.batch), "--repeats", str(args.repeats),
-                                    "--out", ""])
+                                    "--cpu_devices", "0", "--out", ""])
     result["matmul_peak_flops"] = peak
     if result.get("model_flops"):
       result["mfu"] = result["model_flops"] / result["jaxedit_s"] / peak

@@ -21,9 +21,10 @@ def test_every_suite_runs_against_its_reference_and_writes_json(tmp_path):
   sets = [a for s in TINY for a in ("--set", s)]
   bench.main(["--suites", ",".join(bench.SUITES), "--batch", "2", "--repeats", "1",
               "--rollout_steps", "2", "--planner_config", "configs/shapes_planner_sft.py",
-              *sets, "--out", str(out)])
+              "--cpu_devices", "0", *sets, "--out", str(out)])  # the tests' 8 devices
   results = {r["suite"]: r for r in json.load(open(out))}
   assert list(results) == list(bench.SUITES)
+  assert results["planner_decode"]["devices"] == 2  # the batch of 2, split
   for r in results.values():
     assert r["jaxedit_s"] > 0 and r["reference_s"] > 0
     assert r["speedup"] == pytest.approx(r["reference_s"] / r["jaxedit_s"])

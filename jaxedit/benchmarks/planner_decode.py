@@ -3,18 +3,21 @@
 
     python -m jaxedit.benchmarks.planner_decode [--config configs/shapes_planner_sft.py]
         [--batch 32] [--prompt 32] [--new 96] [--attend-chunk 32] [--repeats 5]
-        [--out planner_decode.json]
+        [--devices 0] [--cpu_devices N] [--out planner_decode.json]
 
 Both sides run the same Qwen2-layout LM (the config's `model` section, text only) with the
 same random weights (mapped by jaxedit.interop.lm_transformers) on the same left-padded
 prompts, greedily, for exactly `--new` tokens (no stop token), on this machine. The two
 greedy outputs are compared token for token first, so both compute the same thing. Times are
-medians after a warm-up; JAX's compile time is reported apart.
+medians after a warm-up; JAX's compile time is reported apart. jaxedit splits the batch over
+the devices (on CPU, one JAX device per core: `--cpu_devices`), as transformers spreads its
+matmuls over the cores' threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -23,8 +26,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxedit import sampling
-from jaxedit.benchmarks.common import timed, write_json
+from jaxedit import sampling, sharding
+from jaxedit.benchmarks import common
 from jaxedit.config import load_file
 from jaxedit.interop import lm_transformers
 from jaxedit.models.planner import Planner, PlannerConfig, planner_config
@@ -39,8 +42,13 @@ def main(argv=None):
   p.add_argument("--attend-chunk", type=int, default=sampling.SamplingConfig.attend_chunk,
                  help="decode segment length (0: attend to the whole cache every token)")
   p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--devices", type=int, default=0,
+                 help="devices the batch is split over (0: as many as divide it)")
+  p.add_argument("--cpu_devices", type=int, default=os.cpu_count(),
+                 help="JAX CPU devices to expose, one per core by default (0: JAX's default)")
   p.add_argument("--out", default="planner_decode.json")
   args = p.parse_args(argv)
+  common.expose_cpu_devices(args.cpu_devices)  # before any JAX operation
 
   import torch
   import transformers
@@ -69,8 +77,17 @@ def main(argv=None):
 
   settings = sampling.SamplingConfig(args.new, stop_ids=(), pad_id=0,
                                      attend_chunk=args.attend_chunk)
-  sample = sampling.make_sampler(model, settings)
-  run_jax = lambda: jax.block_until_ready(sample(params, ids, valid, jax.random.key(0), 0.0))
+  # Data parallel over the devices: on CPU, one per core (XLA runs the decode loop's small
+  # matmuls on one core per device).
+  devices = args.devices or math.gcd(args.batch, jax.device_count())
+  mesh = sharding.make_mesh(("data",), (devices,), jax.devices()[:devices])
+  rules = (("batch", "data"), ("activation_batch", "data"))
+  sample = sampling.make_sampler(model, settings, mesh, rules)
+  rows = sharding.batch_sharding(mesh, rules)
+  j_params = jax.device_put(params, sharding.replicated(mesh))
+  j_ids, j_valid = jax.device_put(ids, rows), jax.device_put(valid, rows)
+  run_jax = lambda: jax.block_until_ready(sample(j_params, j_ids, j_valid, jax.random.key(0),
+                                                 0.0))
   t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(valid.astype(np.int64))
 
   def run_torch():
@@ -80,19 +97,20 @@ def main(argv=None):
                          eos_token_id=None)
 
   # ---- Same computation: greedy tokens agree ----
-  start = timed(run_jax, 1)[0]  # the first call compiles
+  start = common.timed(run_jax, 1)[0]  # the first call compiles
   ours = np.asarray(run_jax().tokens)
   ref = run_torch()[:, args.prompt:].numpy()
   agree = float((ours == ref).mean())
 
   # ---- Throughput ----
-  jax_s = timed(run_jax, args.repeats)
-  torch_s = timed(run_torch, args.repeats)
+  jax_s = common.timed(run_jax, args.repeats)
+  torch_s = common.timed(run_torch, args.repeats)
   jax_med, torch_med = statistics.median(jax_s), statistics.median(torch_s)
   tokens = args.batch * args.new
   result = {
       "suite": "planner_decode", "batch": args.batch, "prompt_tokens": args.prompt,
-      "new_tokens": args.new, "attend_chunk": args.attend_chunk, "config": args.config,
+      "new_tokens": args.new, "attend_chunk": args.attend_chunk, "devices": devices,
+      "config": args.config,
       "params": int(sum(x.size for x in jax.tree.leaves(params["lm"]))),
       "device": jax.devices()[0].device_kind,
       "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -106,11 +124,12 @@ def main(argv=None):
   print(f"planner decode: batch {args.batch}, {args.prompt}-token prompts, {args.new} new "
         f"tokens, {result['params'] / 1e6:.2f}M parameters, {result['machine']}")
   print(f"{'implementation':<38}{'s / batch':>10}{'tokens/s':>10}")
-  print(f"{'jaxedit (prefill + while_loop, cache)':<38}{jax_med:>10.3f}{tokens / jax_med:>10.0f}")
+  name = f"jaxedit (KV cache, {devices} device{'s' * (devices > 1)})"
+  print(f"{name:<38}{jax_med:>10.3f}{tokens / jax_med:>10.0f}")
   print(f"{'transformers generate (greedy)':<38}{torch_med:>10.3f}{tokens / torch_med:>10.0f}")
   print(f"speedup (reference_s / jaxedit_s): {result['speedup']:.2f}x; JAX first call "
         f"{start:.1f} s; greedy tokens agree {agree:.1%}")
-  write_json(result, args.out)
+  common.write_json(result, args.out)
   return result
 
 
