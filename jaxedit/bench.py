@@ -38,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no_reference", action="store_true",
                  help="editor step suites: time jaxedit alone (speedup is NaN)")
   p.add_argument("--cpu_devices", type=int, default=os.cpu_count(),
-                 help="JAX CPU devices, one per core by default: planner decoding splits "
-                      "its batch over them (0: JAX's default)")
+                 help="JAX CPU devices, one per core by default: the rollout and planner "
+                      "decoding split their batch over them (0: JAX's default)")
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                reference=not args.no_reference)
     elif suite == "grpo_rollout":
       result = grpo_rollout.run(args.editor_config, args.set, args.batch, args.rollout_steps,
-                                0.7, args.repeats)
+                                0.7, args.repeats)  # split over the devices, as decoding
     else:
       result = planner_decode.main(["--config", args.planner_config, "--batch",
                                     str(args.batch), "--repeats", str(args.repeats),

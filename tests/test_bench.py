@@ -24,7 +24,8 @@ def test_every_suite_runs_against_its_reference_and_writes_json(tmp_path):
               "--cpu_devices", "0", *sets, "--out", str(out)])  # the tests' 8 devices
   results = {r["suite"]: r for r in json.load(open(out))}
   assert list(results) == list(bench.SUITES)
-  assert results["planner_decode"]["devices"] == 2  # the batch of 2, split
+  for name in ("grpo_rollout", "planner_decode"):
+    assert results[name]["devices"] == 2, name  # the batch of 2, split
   for r in results.values():
     assert r["jaxedit_s"] > 0 and r["reference_s"] > 0
     assert r["speedup"] == pytest.approx(r["reference_s"] / r["jaxedit_s"])
