@@ -42,8 +42,8 @@ from jaxedit.text import tokenizer as tokenizer_lib
 from jaxedit.trainers import editor_sft
 from jaxedit.trainers.editor_sft import text_inputs, write_grid
 
-PROMPT_FIELDS = ("source_image", "target_image", "instruction", "checklist", "source_scene", "target_scene",
-                 "family", "task")
+PROMPT_FIELDS = ("source_image", "target_image", "instruction", "checklist", "source_scene",
+                 "target_scene", "family", "task")
 # Metrics of the updates of one iteration reduced by min/max rather than averaged.
 ACROSS_UPDATES = {"ratio_min": jnp.min, "ratio_max": jnp.max}
 # Model keys that may differ from the SFT run being fine-tuned; all others must match it
