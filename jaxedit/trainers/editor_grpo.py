@@ -8,7 +8,9 @@ host scores chunk j with the rewards while the device samples chunk j + 1), adva
 normalised per group, then `inner_epochs` x `minibatches` clipped-ratio updates run in one
 jitted program with the KL to a frozen reference. With `model.lora_rank` > 0 only the
 adapters train and the reference is the SFT model itself (adapters disabled); otherwise all
-parameters train and the reference is a frozen copy of the SFT parameters.
+parameters train and the reference is a frozen copy of the SFT parameters. With
+`grpo.rollout_devices` the rollouts run on devices of their own, one iteration ahead of the
+update (`jaxedit.overlap`).
 """
 
 from __future__ import annotations

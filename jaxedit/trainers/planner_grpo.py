@@ -7,6 +7,8 @@ the detected final scene scored by the checklist).
     jaxedit eval  --config configs/shapes_planner_grpo.py --workdir DIR
 
 Every parameter trains (the planner is small); the reference is a frozen copy of the start.
+With `grpo.rollout_devices` the plans are sampled on devices of their own, one iteration
+ahead of the update (`jaxedit.overlap`).
 """
 
 from __future__ import annotations
