@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                                reference=not args.no_reference)
     elif suite == "grpo_rollout":
       result = grpo_rollout.run(args.editor_config, args.set, args.batch, args.rollout_steps,
-                                0.7, args.repeats)  # split over the devices, as decoding
+                                0.7, args.repeats)
     else:
       result = planner_decode.main(["--config", args.planner_config, "--batch",
                                     str(args.batch), "--repeats", str(args.repeats),

@@ -13,12 +13,13 @@ again and continues exactly. With k = 0 both run on every device, one after the 
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any, Callable
 
 import jax
 import ml_collections
 
-from jaxedit import sharding
+from jaxedit import checkpoint, sharding
 from jaxedit.config import ConfigError
 
 
@@ -62,8 +63,11 @@ def make_setups(make_setup: Callable, config: ml_collections.ConfigDict, name: s
   rollout_config.mesh.shape = tuple(section.rollout_mesh_shape)
   if "dcn_shape" in rollout_config.mesh:
     rollout_config.mesh.dcn_shape = (1,) * len(rollout_config.mesh.axes)
-  return (make_setup(config, workdir, devices=update_devices),
-          make_setup(rollout_config, workdir, devices=rollout_devices))
+  setups = (make_setup(config, workdir, devices=update_devices),
+            make_setup(rollout_config, workdir, devices=rollout_devices))
+  logging.info("rollouts on their own mesh %s, one step off-policy, overlapping the update "
+               "on %s", dict(setups[1].mesh.shape), dict(setups[0].mesh.shape))
+  return setups
 
 
 def to_mesh(tree, mesh):
@@ -74,26 +78,30 @@ def to_mesh(tree, mesh):
 
 
 class Schedule:
-  """Which parameters sample which iteration's rollouts, and when. Per iteration:
-  `rollouts(step, params)` before dispatching the update (it reads `params` before the
-  update donates them), then `after_update(step)`; `checkpoint_items()` for the save.
+  """Which parameters sample which iteration's rollouts, and when. `start` once, then per
+  iteration `rollouts(step, params)` before dispatching the update (it reads `params` before
+  the update donates them) and `after_update(step)`; `checkpoint_items()` for the save.
 
   roll(step, params) -> the rollouts of iteration `step`, sampled with `params` (on the
-  rollout mesh when overlapped)."""
+  rollout setup's mesh when overlapped, i.e. when `rollout_setup` is not the update's)."""
 
-  def __init__(self, roll: Callable, rollout_mesh, data_iter, num_steps: int,
+  def __init__(self, roll: Callable, rollout_setup, data_iter, num_steps: int,
                overlap: bool):
-    self.roll, self.mesh, self.data_iter = roll, rollout_mesh, data_iter
+    self.roll, self.setup, self.data_iter = roll, rollout_setup, data_iter
     self.num_steps, self.overlap = num_steps, overlap
     self.behaviour: Any = None  # the parameters of the rollouts in flight
     self.data_state = None  # the data state from before their prompts
     self.pending = None
 
-  def start(self, step: int, params, behaviour=None) -> None:
-    """Resuming after iteration `step`, with the saved behaviour parameters, if any (a run
-    saved without overlap starts on-policy)."""
+  def start(self, step: int, params, mngr) -> None:
+    """After iteration `step` (0: a fresh run): the rollouts in flight, sampled with the
+    behaviour parameters `mngr` saved at that step, else with `params` (a fresh run, or one
+    saved without overlap, starts on-policy)."""
     if self.overlap and step < self.num_steps:
-      self.behaviour = to_mesh(params, self.mesh) if behaviour is None else behaviour
+      self.behaviour = checkpoint.restore_extra(mngr, step, "behaviour",
+                                                self.setup.abstract_state.params)
+      if self.behaviour is None:
+        self.behaviour = to_mesh(params, self.setup.mesh)
       self.data_state = self.data_iter.get_state()
       self.pending = self.roll(step + 1, self.behaviour)
 
@@ -101,7 +109,7 @@ class Schedule:
     if not self.overlap:
       return self.roll(step, params)
     out, self.pending = self.pending, None
-    self.behaviour = to_mesh(params, self.mesh)  # sample the next iteration with these
+    self.behaviour = to_mesh(params, self.setup.mesh)  # sample the next iteration with these
     return out
 
   def after_update(self, step: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -30,6 +31,26 @@ def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
     fn()
     out.append(time.perf_counter() - start)
   return out
+
+
+def add_device_arguments(p) -> None:
+  """`--devices` and `--cpu_devices` of the suites that split their batch (`batch_mesh`)."""
+  p.add_argument("--devices", type=int, default=0,
+                 help="devices the batch is split over (0: as many as divide it)")
+  p.add_argument("--cpu_devices", type=int, default=os.cpu_count(),
+                 help="JAX CPU devices to expose, one per core by default (0: JAX's default)")
+
+
+def batch_mesh(batch: int, devices: int = 0) -> jax.sharding.Mesh:
+  """A ("data",) mesh to split a batch over, data parallel: `devices` devices (0: as many
+  as divide `batch`). On CPU, with one JAX device per core (`expose_cpu_devices`), both cores
+  run a rollout's or decode loop's matmuls."""
+  devices = devices or math.gcd(batch, jax.device_count())
+  return jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+
+
+def devices_label(n: int) -> str:
+  return f"{n} device{'s' * (n > 1)}"
 
 
 def expose_cpu_devices(n: int) -> None:

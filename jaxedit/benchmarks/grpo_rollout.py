@@ -15,7 +15,6 @@ A deterministic (ODE) rollout of both is compared first, so the two compute the 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 
@@ -75,10 +74,7 @@ def main(argv=None):
   p.add_argument("--steps", type=int, default=8)
   p.add_argument("--noise_level", type=float, default=0.7)
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--devices", type=int, default=0,
-                 help="devices the batch is split over (0: as many as divide it)")
-  p.add_argument("--cpu_devices", type=int, default=os.cpu_count(),
-                 help="JAX CPU devices to expose, one per core by default (0: JAX's default)")
+  common.add_device_arguments(p)
   p.add_argument("--out", default="grpo_rollout.json")
   args = p.parse_args(argv)
   common.expose_cpu_devices(args.cpu_devices)  # before any JAX operation
@@ -88,9 +84,8 @@ def main(argv=None):
 
 def run(config: str, overrides, batch: int, steps: int, noise_level: float, repeats: int,
         out: str = "", devices: int = 0) -> dict:
-  """`devices`: the batch split over that many devices, data parallel (0: as many as divide
-  it); on CPU, with one JAX device per core, both cores run the rollout's matmuls (on one
-  device XLA keeps 1.8 of 2 cores busy)."""
+  """`devices`: the batch split over that many devices (`common.batch_mesh`); on one CPU
+  device XLA keeps 1.8 of 2 cores busy."""
   import diffusers
   import torch
 
@@ -103,8 +98,8 @@ def run(config: str, overrides, batch: int, steps: int, noise_level: float, repe
   levels = np.full(steps, noise_level, np.float32)
   names = ("x", "source", "context", "pooled")
   t_in = [torch.from_numpy(bench.inputs[k]) for k in names]
-  devices = devices or math.gcd(batch, jax.device_count())
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), ("data",))
+  mesh = common.batch_mesh(batch, devices)
+  devices = mesh.size
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   j_in = [jax.device_put(bench.inputs[k], rows) for k in names]
   params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -147,7 +142,7 @@ def run(config: str, overrides, batch: int, steps: int, noise_level: float, repe
   print(f"GRPO rollout: {batch} samples x {steps} SDE steps, {bench.tokens} tokens, "
         f"{result['machine']}")
   print(f"{'implementation':<34}{'s / rollout':>12}{'samples/s':>11}")
-  name = f"jaxedit (jit, lax.scan, {devices} device{'s' * (devices > 1)})"
+  name = f"jaxedit (jit, lax.scan, {common.devices_label(devices)})"
   print(f"{name:<34}{jax_med:>12.3f}{batch / jax_med:>11.1f}")
   print(f"{'PyTorch loop, diffusers Flux':<34}{torch_med:>12.3f}{batch / torch_med:>11.1f}")
   print(f"speedup (reference_s / jaxedit_s): {result['speedup']:.2f}x; JAX compile "

@@ -17,7 +17,6 @@ matmuls over the cores' threads.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -42,10 +41,7 @@ def main(argv=None):
   p.add_argument("--attend-chunk", type=int, default=sampling.SamplingConfig.attend_chunk,
                  help="decode segment length (0: attend to the whole cache every token)")
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--devices", type=int, default=0,
-                 help="devices the batch is split over (0: as many as divide it)")
-  p.add_argument("--cpu_devices", type=int, default=os.cpu_count(),
-                 help="JAX CPU devices to expose, one per core by default (0: JAX's default)")
+  common.add_device_arguments(p)
   p.add_argument("--out", default="planner_decode.json")
   args = p.parse_args(argv)
   common.expose_cpu_devices(args.cpu_devices)  # before any JAX operation
@@ -79,8 +75,8 @@ def main(argv=None):
                                      attend_chunk=args.attend_chunk)
   # Data parallel over the devices: on CPU, one per core (XLA runs the decode loop's small
   # matmuls on one core per device).
-  devices = args.devices or math.gcd(args.batch, jax.device_count())
-  mesh = sharding.make_mesh(("data",), (devices,), jax.devices()[:devices])
+  mesh = common.batch_mesh(args.batch, args.devices)
+  devices = mesh.size
   rules = (("batch", "data"), ("activation_batch", "data"))
   sample = sampling.make_sampler(model, settings, mesh, rules)
   rows = sharding.batch_sharding(mesh, rules)
@@ -124,7 +120,7 @@ def main(argv=None):
   print(f"planner decode: batch {args.batch}, {args.prompt}-token prompts, {args.new} new "
         f"tokens, {result['params'] / 1e6:.2f}M parameters, {result['machine']}")
   print(f"{'implementation':<38}{'s / batch':>10}{'tokens/s':>10}")
-  name = f"jaxedit (KV cache, {devices} device{'s' * (devices > 1)})"
+  name = f"jaxedit (KV cache, {common.devices_label(devices)})"
   print(f"{name:<38}{jax_med:>10.3f}{tokens / jax_med:>10.0f}")
   print(f"{'transformers generate (greedy)':<38}{torch_med:>10.3f}{tokens / torch_med:>10.0f}")
   print(f"speedup (reference_s / jaxedit_s): {result['speedup']:.2f}x; JAX first call "

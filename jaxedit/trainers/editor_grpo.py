@@ -556,21 +556,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
   logging.info("%s: %.3fM trained parameters (%s), %d prompts x %d samples per step, mesh %s",
                method.name, n_trained / 1e6, "LoRA" if setup.use_lora else "full",
                g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
-  if overlapped:
-    logging.info("rollouts on their own mesh %s, one step off-policy, overlapping the update",
-                 dict(rollout_setup.mesh.shape))
 
   # ---- Data: prompts of the train split ----
   data_iter = train_prompts(setup)
 
   # ---- State: resume, or start from the SFT run ----
-  behaviour = None  # overlapped: the parameters of the rollouts in flight, on their mesh
   if resuming:
     state = checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state, data_iter)
     logging.info("resumed from step %d", int(state.step))
-    if overlapped:
-      behaviour = checkpoint.restore_extra(mngr, mngr.latest_step(), "behaviour",
-                                           rollout_setup.abstract_state.params)
   else:
     state = init_state(setup, load_sft(setup, config.init_from, workdir))
   start = int(state.step)
@@ -613,8 +606,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
           jax.random.fold_in(base_rng, step), method.device_fields)
     return (overlap.to_mesh(chunks, setup.mesh) if overlapped else chunks), host
 
-  schedule = overlap.Schedule(roll, rollout_setup.mesh, data_iter, tc.num_steps, overlapped)
-  schedule.start(start, state.params, behaviour)
+  schedule = overlap.Schedule(roll, rollout_setup, data_iter, tc.num_steps, overlapped)
+  schedule.start(start, state.params, mngr)
 
   # ---- Loop ----
   step = start

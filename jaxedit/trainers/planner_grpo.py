@@ -318,22 +318,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   logging.info("planner %s: %d prompts x %d plans per step, mesh %s", method.name,
                g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
-  if overlapped:
-    logging.info("rollouts on their own mesh %s, one step off-policy, overlapping the update",
-                 dict(rollout_setup.mesh.shape))
 
   # ---- Data ----
   data_iter = train_prompts(setup)
 
   # ---- State: resume, or start from the SFT planner ----
   mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
-  behaviour = None  # overlapped: the parameters of the rollouts in flight, on their mesh
   if mngr.latest_step() is not None:
     state = checkpoint.restore(mngr, mngr.latest_step(), abstract_state(setup), data_iter)
     logging.info("resumed from step %d", int(state.step))
-    if overlapped:
-      behaviour = checkpoint.restore_extra(mngr, mngr.latest_step(), "behaviour",
-                                           rollout_setup.abstract_state.params)
   else:
     key = "ema_params" if config.init_params == "ema" else "params"
     state = init_state(setup, load_start(setup, config.init_from, key))
@@ -380,8 +373,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
       rewards = rewards + config.rewards.visual.weight * visual
     return arrays, records, rewards, visual
 
-  schedule = overlap.Schedule(roll, rollout_setup.mesh, data_iter, tc.num_steps, overlapped)
-  schedule.start(start, state.params, behaviour)
+  schedule = overlap.Schedule(roll, rollout_setup, data_iter, tc.num_steps, overlapped)
+  schedule.start(start, state.params, mngr)
 
   # ---- Loop ----
   step = start
