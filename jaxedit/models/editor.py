@@ -223,7 +223,10 @@ def model_config() -> ml_collections.ConfigDict:
       # unrolled, the shapes models' 2 + 4 layers train 25% faster on CPU (README, Performance).
       "scan_layers": False,
       "remat_policy": "none",
-      "attention": "auto",  # auto (cuDNN flash attention on GPU in bf16/fp16) | xla | cudnn
+      # auto: a fused (flash) kernel where the backend has one, splash on TPU, cuDNN on GPU
+      # in bf16/fp16, else XLA's | xla | cudnn | splash (off TPU: Pallas' interpreter, tests)
+      "attention": "auto",
+      "splash_block": 512,  # splash attention's largest block of the (padded) sequence
       "text_encoder": "shapes",  # shapes | precomputed
       "text_width": 128,
       "text_layers": 2,
@@ -249,6 +252,10 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
   if model.dtype not in DTYPES or model.param_dtype not in DTYPES:
     raise ValueError(f"model.dtype/param_dtype must be one of {sorted(DTYPES)}")
   dtype, param_dtype = DTYPES[model.dtype], DTYPES[model.param_dtype]
+  splash_block = model.get("splash_block", 512)
+  if splash_block < 128 or splash_block % 128:
+    raise ValueError(f"model.splash_block must be a positive multiple of 128 (the TPU's lane "
+                     f"width), got {splash_block}")
   if model.lora_rank < 0 or (model.lora_rank and not model.lora_targets):
     raise ValueError("model.lora_rank must be >= 0, with model.lora_targets set when > 0")
   channels, size = 3, image_size
@@ -289,7 +296,8 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
       lora_alpha=model.lora_alpha or model.lora_rank, lora_targets=tuple(model.lora_targets),
       dtype=dtype,
       param_dtype=param_dtype, scan_layers=model.scan_layers, remat_policy=model.remat_policy,
-      attention=model.get("attention", "auto"))  # runs saved before the key: auto
+      attention=model.get("attention", "auto"),  # runs saved before the keys: defaults
+      splash_block=splash_block)
   if text is not None and text.layout_grid:
     layout_ids(text.layout_grid, (size // model.patch_size,) * 2)  # raises if it cannot fit
   return EditorConfig(image_size=size, channels=channels, patch_size=model.patch_size,

@@ -50,7 +50,8 @@ class FluxConfig:
   param_dtype: Dtype = jnp.float32
   scan_layers: bool = True
   remat_policy: str = "none"  # none | full | dots (jax.checkpoint_policies names)
-  attention: str = "auto"  # auto | xla | cudnn (attention_implementation)
+  attention: str = "auto"  # auto | xla | cudnn | splash (attention_implementation)
+  splash_block: int = 512  # splash attention's largest sequence block (layers.splash_attention)
 
   @property
   def inner_dim(self) -> int:
@@ -110,18 +111,20 @@ def apply_rope(x: jax.Array, rope) -> jax.Array:
   return (x32 * cos[None, :, None] + rotated * sin[None, :, None]).astype(x.dtype)
 
 
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 
 
 def attention_implementation(choice: str, dtype) -> str | None:
-  """jax.nn.dot_product_attention's `implementation`: "auto" is cuDNN's fused (flash)
-  attention on a GPU in 16-bit compute, which it requires, and XLA's elsewhere (JAX's own
-  default is XLA's everywhere, which materialises the S x S scores)."""
+  """The attention kernel: None (XLA's), "cudnn" (jax.nn.dot_product_attention's) or
+  "splash" (the TPU's Pallas kernel). "auto" is a fused (flash) kernel where the backend
+  has one: splash on TPU, cuDNN on a GPU in 16-bit compute (which it requires); XLA's
+  elsewhere, which materialises the S x S scores."""
   if choice not in ATTENTION:
     raise ValueError(f"model.attention must be one of {ATTENTION}, got {choice!r}")
   if choice == "auto":
     sixteen_bit = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if jax.default_backend() == "gpu" and sixteen_bit else None
+    backend = jax.default_backend()
+    return {"tpu": "splash", "gpu": "cudnn" if sixteen_bit else None}.get(backend)
   return None if choice == "xla" else choice
 
 
@@ -130,6 +133,8 @@ def attention(cfg: "FluxConfig", q, k, v) -> jax.Array:
   implementation = attention_implementation(cfg.attention, q.dtype)
   if implementation is None:
     return layers.attention(q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3))
+  if implementation == "splash":
+    return layers.splash_attention(q, k, v, cfg.splash_block)
   out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
   return out.reshape(*out.shape[:2], -1)
 

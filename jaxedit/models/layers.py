@@ -5,6 +5,7 @@ stacks."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -94,6 +95,75 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkqt,bkth->bkqh", probs, v).reshape(b, n, s, h)
   return out.transpose(0, 2, 1, 3).reshape(b, s, n * h)
+
+
+SPLASH_LANES = 128  # the kernel's sequence blocks are multiples of the TPU's lane width
+
+
+def splash_block(length: int, max_block: int) -> int:
+  """The largest multiple of 128 that divides `length` (a multiple of 128) and is at most
+  `max_block` (at least 128)."""
+  lanes = length // SPLASH_LANES
+  return SPLASH_LANES * max(d for d in range(1, lanes + 1)
+                            if lanes % d == 0 and d * SPLASH_LANES <= max(max_block, 128))
+
+
+def divisible_spec(spec: jax.sharding.PartitionSpec, shape: tuple[int, ...], mesh):
+  """`spec` without the mesh axes whose sizes do not divide their dimension (replicated
+  there instead), as shard_map needs even shards."""
+  dims = []
+  for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    dims.append(axes if axes and size % math.prod(mesh.shape[a] for a in axes) == 0 else None)
+  return jax.sharding.PartitionSpec(*dims)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_block: int = 512):
+  """Bidirectional softmax attention by the TPU's Pallas splash (flash) kernel, which never
+  materialises the S x S scores: q (B, Sq, N, H), k and v (B, Skv, N, H) -> (B, Sq, N*H).
+
+  Sequences are padded to multiples of 128 (the kernel's lane width), in blocks of at most
+  `max_block`; padded keys get another segment id, so no query attends to them (padded
+  queries see every real key and are dropped). Under a mesh (`jax.set_mesh`), the kernel
+  runs per shard (shard_map) over the batch and head axes that the logical rules map
+  `activation_batch` and `heads` to, as MaxText runs it. Off TPU the same kernel runs in
+  Pallas' interpreter: slow, for tests."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash, splash_attention_mask as masks)
+
+  b, sq, n, h = q.shape
+  skv = k.shape[1]
+  round_up = lambda s: -(-s // SPLASH_LANES) * SPLASH_LANES
+  lq, lkv = round_up(sq), round_up(skv)
+  bq, bkv = splash_block(lq, max_block), splash_block(lkv, max_block)
+  blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                             block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+                             block_kv_dq=bkv)
+  segments = None
+  if lkv != skv:
+    segments = splash.SegmentIds(q=jnp.zeros((lq,), jnp.int32),
+                                 kv=jnp.asarray(np.arange(lkv) >= skv, jnp.int32))
+  interpret = jax.default_backend() != "tpu"
+
+  def heads_first(x, length):  # (B, S, N, H) -> (B, N, length, H)
+    return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, length - x.shape[1]), (0, 0)))
+
+  def per_shard(q, k, v):
+    mask = masks.MultiHeadMask([masks.FullMask((lq, lkv))] * q.shape[2])
+    kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                    interpret=interpret)
+    out = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(
+        heads_first(q * jnp.asarray(1 / np.sqrt(h), q.dtype), lq), heads_first(k, lkv),
+        heads_first(v, lkv))
+    return out[:, :, :sq].transpose(0, 2, 1, 3)  # (B, Sq, N, H)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    spec = divisible_spec(nn.logical_to_mesh_axes(("activation_batch", None, "heads", None)),
+                          q.shape, mesh)
+    per_shard = jax.shard_map(per_shard, in_specs=(spec, spec, spec), out_specs=spec,
+                              check_vma=False)
+  return per_shard(q, k, v).reshape(b, sq, n * h)
 
 
 def init_as_scanned(model: nn.Module, scanned: nn.Module, stacks: tuple[str, ...], rng,

@@ -51,7 +51,7 @@ ACROSS_UPDATES = {"ratio_min": jnp.min, "ratio_max": jnp.max}
 # Model keys that may differ from the SFT run being fine-tuned; all others must match it
 # (scan_layers too: scanned and unrolled layers are differently shaped parameter trees).
 FREE_MODEL_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "dtype", "param_dtype",
-                   "remat_policy", "attention",
+                   "remat_policy", "attention", "splash_block",
                    "vae.init_from")  # where the same VAE's weights are read from
 
 
