@@ -118,52 +118,68 @@ def divisible_spec(spec: jax.sharding.PartitionSpec, shape: tuple[int, ...], mes
   return jax.sharding.PartitionSpec(*dims)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_block: int = 512):
-  """Bidirectional softmax attention by the TPU's Pallas splash (flash) kernel, which never
-  materialises the S x S scores: q (B, Sq, N, H), k and v (B, Skv, N, H) -> (B, Sq, N*H).
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_block: int = 512,
+                     causal: bool = False, segment_ids: jax.Array | None = None):
+  """Softmax attention by the TPU's Pallas splash (flash) kernel, which never materialises
+  the S x S scores: q (B, Sq, N, H), k and v (B, Skv, K, H), K dividing N (grouped-query)
+  -> (B, Sq, N*H). `causal`: query i sees keys 0..i (Sq == Skv). `segment_ids`: optional
+  (B, S) integers >= 0 (Sq == Skv); a query sees only the keys of its own segment (the
+  LM's padding is segment 0, its tokens 1).
 
   Sequences are padded to multiples of 128 (the kernel's lane width), in blocks of at most
-  `max_block`; padded keys get another segment id, so no query attends to them (padded
-  queries see every real key and are dropped). Under a mesh (`jax.set_mesh`), the kernel
-  runs per shard (shard_map) over the batch and head axes that the logical rules map
-  `activation_batch` and `heads` to, as MaxText runs it. Off TPU the same kernel runs in
-  Pallas' interpreter: slow, for tests."""
+  `max_block`; padded keys get segment -1, so no query attends to them (padded queries are
+  dropped). Under a mesh (`jax.set_mesh`), the kernel runs per shard (shard_map) over the
+  batch and head axes that the logical rules map `activation_batch` and `heads` to, as
+  MaxText runs it. Off TPU the same kernel runs in Pallas' interpreter: slow, for tests."""
   from jax.experimental.pallas.ops.tpu.splash_attention import (
       splash_attention_kernel as splash, splash_attention_mask as masks)
 
   b, sq, n, h = q.shape
   skv = k.shape[1]
+  if (causal or segment_ids is not None) and sq != skv:
+    raise ValueError(f"causal or segmented splash attention needs as many queries as keys, "
+                     f"got {sq} and {skv}")
   round_up = lambda s: -(-s // SPLASH_LANES) * SPLASH_LANES
   lq, lkv = round_up(sq), round_up(skv)
   bq, bkv = splash_block(lq, max_block), splash_block(lkv, max_block)
   blocks = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                              block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
                              block_kv_dq=bkv)
-  segments = None
-  if lkv != skv:
-    segments = splash.SegmentIds(q=jnp.zeros((lq,), jnp.int32),
-                                 kv=jnp.asarray(np.arange(lkv) >= skv, jnp.int32))
+  segmented = segment_ids is not None or lkv != skv
+  if segment_ids is None:
+    segment_ids = jnp.zeros((b, sq), jnp.int32)
+  # Padded queries see the padded keys (-1), or every key where none is padded.
+  ids_q = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, lq - sq)),
+                  constant_values=-1 if lkv != skv else 0)
+  kv_ids = segment_ids if skv == sq else jnp.zeros((b, skv), jnp.int32)
+  ids_kv = jnp.pad(kv_ids.astype(jnp.int32), ((0, 0), (0, lkv - skv)), constant_values=-1)
   interpret = jax.default_backend() != "tpu"
 
   def heads_first(x, length):  # (B, S, N, H) -> (B, N, length, H)
     return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, length - x.shape[1]), (0, 0)))
 
-  def per_shard(q, k, v):
-    mask = masks.MultiHeadMask([masks.FullMask((lq, lkv))] * q.shape[2])
-    kernel = splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+  def per_shard(q, k, v, ids_q, ids_kv):
+    head_mask = masks.CausalMask((lq, lkv)) if causal else masks.FullMask((lq, lkv))
+    kernel = splash.make_splash_mha(masks.MultiHeadMask([head_mask] * q.shape[2]),
+                                    block_sizes=blocks, head_shards=1, q_seq_shards=1,
                                     interpret=interpret)
-    out = jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=segments))(
-        heads_first(q * jnp.asarray(1 / np.sqrt(h), q.dtype), lq), heads_first(k, lkv),
-        heads_first(v, lkv))
+    run = lambda q, k, v, ids_q, ids_kv: kernel(
+        q, k, v, segment_ids=splash.SegmentIds(ids_q, ids_kv) if segmented else None)
+    out = jax.vmap(run)(heads_first(q * jnp.asarray(1 / np.sqrt(h), q.dtype), lq),
+                        heads_first(k, lkv), heads_first(v, lkv), ids_q, ids_kv)
     return out[:, :, :sq].transpose(0, 2, 1, 3)  # (B, Sq, N, H)
 
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
-    spec = divisible_spec(nn.logical_to_mesh_axes(("activation_batch", None, "heads", None)),
-                          q.shape, mesh)
-    per_shard = jax.shard_map(per_shard, in_specs=(spec, spec, spec), out_specs=spec,
-                              check_vma=False)
-  return per_shard(q, k, v).reshape(b, sq, n * h)
+    logical = nn.logical_to_mesh_axes(("activation_batch", None, "heads", None))
+    spec_q, spec_kv = (divisible_spec(logical, x.shape, mesh) for x in (q, k))
+    if spec_q[2] != spec_kv[2]:  # query heads split where their key heads are not: keep whole
+      spec_q, spec_kv = (jax.sharding.PartitionSpec(*x[:2], None, None)
+                         for x in (spec_q, spec_kv))
+    rows = jax.sharding.PartitionSpec(spec_q[0], None)
+    per_shard = jax.shard_map(per_shard, in_specs=(spec_q, spec_kv, spec_kv, rows, rows),
+                              out_specs=spec_q, check_vma=False)
+  return per_shard(q, k, v, ids_q, ids_kv).reshape(b, sq, n * h)
 
 
 def init_as_scanned(model: nn.Module, scanned: nn.Module, stacks: tuple[str, ...], rng,

@@ -20,10 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxedit.models.layers import RMSNorm, attention, dense, stack
+from jaxedit.models.layers import RMSNorm, attention, dense, splash_attention, stack
 
 Dtype = Any
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
+LM_ATTENTION = ("auto", "xla", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +49,30 @@ class LMConfig:
   param_dtype: Dtype = jnp.float32
   scan_layers: bool = True
   remat_policy: str = "none"
+  # auto: the TPU's splash kernel on TPU for the cache-free forward (training), else XLA's |
+  # xla | splash (off TPU: Pallas' interpreter, for tests). Decoding always uses XLA's.
+  attention: str = "auto"
+  splash_block: int = 512  # splash attention's largest sequence block
 
   def __post_init__(self):
+    if self.attention not in LM_ATTENTION:
+      raise ValueError(f"attention must be one of {LM_ATTENTION}, got {self.attention!r}")
+    if self.splash_block < 128 or self.splash_block % 128:
+      raise ValueError(f"splash_block must be a positive multiple of 128 (the TPU's lane "
+                       f"width), got {self.splash_block}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
                        f"{self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+
+
+def uses_splash(cfg: LMConfig, cached: bool) -> bool:
+  """Whether a forward runs splash attention: without a cache, where `cfg.attention` asks
+  for it (auto: on TPU)."""
+  wanted = cfg.attention == "splash" or (cfg.attention == "auto"
+                                         and jax.default_backend() == "tpu")
+  return wanted and not cached
 
 
 def positions_from_valid(valid: jax.Array) -> jax.Array:
@@ -122,8 +140,12 @@ class Attention(nn.Module):
     k, v = (dense(cfg, cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), name,
                   use_bias=cfg.qkv_bias)(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
             for name in ("k_proj", "v_proj"))
-    q = apply_rope(q, rope)
-    k = apply_rope(k, rope).transpose(0, 2, 3, 1)  # (B, K, H, S)
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    if uses_splash(cfg, cached=cache is not None):  # `mask` is (B, S) validity here
+      out = splash_attention(q, k, v, cfg.splash_block, causal=True, segment_ids=mask)
+      return dense(cfg, cfg.hidden_size, ("heads", "embed"), "o_proj", use_bias=False)(
+          out), cache
+    k = k.transpose(0, 2, 3, 1)  # (B, K, H, S)
     v = v.transpose(0, 2, 1, 3)  # (B, K, S, H)
     at = {"k": (0, 0, 0, index), "v": (0, 0, index, 0)}  # this call's slots in a layer's cache
     if isinstance(cache, tuple):  # unrolled layers: `layer` is a Python int
@@ -211,6 +233,8 @@ class DecoderLM(nn.Module):
     length = valid.shape[1]
     causal = jnp.arange(length)[None, :] <= slots[:, None]  # (S, T)
     mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, S, T)
+    if uses_splash(cfg, cached=cache is not None):
+      mask = valid.astype(jnp.int32)  # segments: tokens 1, padding 0; the kernel is causal
     rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     h = nn.with_logical_constraint(h, ACTIVATION)
     # The cache rides in the carry with the layer index, so each layer updates it in place.

@@ -129,6 +129,9 @@ def model_config() -> ml_collections.ConfigDict:
       # on CPU than the scanned stack (README, Performance). Real models' configs set True.
       "scan_layers": False,
       "remat_policy": "none",
+      # auto: splash attention on TPU for the training forward, XLA's elsewhere | xla | splash
+      "attention": "auto",
+      "splash_block": 512,
       # cell_head: predict each cell's shape and colour from its prefix token (needs one
       # patch per grid cell); planner SFT weights its loss with train.cell_loss_weight. Off:
       # it helped at 800 steps but cost 6 points of test plan checklist at 2,000 (README).

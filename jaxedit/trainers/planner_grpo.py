@@ -158,10 +158,11 @@ def load_start(setup, init_from: str, key: str):
 def model_mismatch(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
   """'KEY = A there, B here' for each model key, and the prompt mode, where a saved run's
   config differs from `config`: its parameters would not mean the same. The vision prefix's
-  cell head (an SFT training aid, not used after it) may differ."""
+  cell head (an SFT training aid, not used after it) and the attention kernel may differ."""
   def model_keys(model: dict) -> dict:
     vision = {k: v for k, v in model.get("vision", {}).items() if k != "cell_head"}
-    return {**model, "vision": vision}
+    kernel = ("attention", "splash_block")
+    return {**{k: v for k, v in model.items() if k not in kernel}, "vision": vision}
   ours = model_keys(config.model.to_dict())
   out = [f"model.{k} = {v!r} there, {ours[k]!r} here"
          for k, v in sorted(model_keys(saved["model"]).items())
