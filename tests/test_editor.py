@@ -95,7 +95,7 @@ def test_bfloat16_compute_with_float32_params():
 
 def test_qk_norm_init_sets_every_q_and_k_norm_weight():
   model = Editor(editor_config(tiny_model(qk_norm_init=2.0), 32, 100))
-  params = nn.unbox(model.init(jax.random.key(0), *inputs())["params"])
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), *inputs())["params"])
   flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
   norms = {k: x for k, x in flat.items() if "'norm_q'" in k or "'norm_k'" in k
            or "'norm_added_q'" in k or "'norm_added_k'" in k}
@@ -114,7 +114,8 @@ def test_layout_tokens_sit_at_cell_centres_and_carry_the_grounding():
   rng = np.random.default_rng(0)  # random everywhere: zero-initialised outputs hide paths
   params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32),
                         params)
-  v, logits = model.apply({"params": params}, x, t, source, text, with_cell_logits=True)
+  apply = jax.jit(model.apply, static_argnames="with_cell_logits")
+  v, logits = apply({"params": params}, x, t, source, text, with_cell_logits=True)
   assert v.shape == x.shape and logits.shape == (2, 4)
   context, pooled, logits_again = TextEncoder(model.cfg.text).apply(
       {"params": params["text_encoder"]}, text["ids"], text["mask"], source)
@@ -127,14 +128,14 @@ def test_layout_tokens_sit_at_cell_centres_and_carry_the_grounding():
   # them no gradient ...
   with_g = lambda g: {**params, "text_encoder": {**params["text_encoder"], "grounding": g}}
   trained = {k: v for k, v in g.items() if k not in ("layout_base", "layout_here")}
-  flow_grad = jax.grad(lambda tr: jnp.sum(model.apply(
-      {"params": with_g({**g, **tr})}, x, t, source, text) ** 2))(trained)
+  flow_grad = jax.jit(jax.grad(lambda tr: jnp.sum(apply(
+      {"params": with_g({**g, **tr})}, x, t, source, text) ** 2)))(trained)
   assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree.leaves(flow_grad))
   # ... but the gates' values reach the transformer.
   shifted = with_g({**g, "text_out": jax.tree.map(lambda b: b + 3.0, g["text_out"])})
-  assert float(jnp.abs(model.apply({"params": shifted}, x, t, source, text) - v).max()) > 1e-4
+  assert float(jnp.abs(apply({"params": shifted}, x, t, source, text) - v).max()) > 1e-4
   # The grounding reads the source image: another source, other cell logits.
-  _, other = model.apply({"params": params}, x, t, source[::-1], text, with_cell_logits=True)
+  _, other = apply({"params": params}, x, t, source[::-1], text, with_cell_logits=True)
   assert float(jnp.abs(other - logits).max()) > 1e-4  # same texts, swapped sources
 
 
@@ -154,8 +155,9 @@ def test_initial_parameters_do_not_depend_on_the_layer_layout():
   weights = {}
   for scan in (True, False):
     model = Editor(editor_config(tiny_model(scan_layers=scan), 32, 100))
-    weights[scan] = init_params(model, jax.random.key(0), *inputs())
-    want = nn.get_partition_spec(model.init(jax.random.key(1), *inputs())["params"])
+    weights[scan] = jax.jit(lambda rng: init_params(model, rng, *inputs()))(jax.random.key(0))
+    want = nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(1),
+                                                *inputs())["params"])
     assert nn.get_partition_spec(weights[scan]) == want  # same tree and axis names
   stacked = weights[True]["transformer"]["single_transformer_blocks"]["proj_mlp"]["kernel"]
   layer1 = weights[False]["transformer"]["single_transformer_blocks_1"]["proj_mlp"]["kernel"]

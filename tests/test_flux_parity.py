@@ -44,9 +44,10 @@ def randomized_params(cfg, seed=0):
   """Random values everywhere (zero-initialised gates would hide bugs)."""
   model = FluxTransformer(cfg)
   x = random_inputs()
-  params = model.init(jax.random.key(seed), x["tokens"], x["t"], x["context"], x["pooled"],
-                      (H, W), source_tokens=x["source"], guidance=x["guidance"])["params"]
-  leaves, tree = jax.tree.flatten(jax.tree.map(np.asarray, flax.linen.unbox(params)))
+  params = jax.eval_shape(lambda: model.init(
+      jax.random.key(seed), x["tokens"], x["t"], x["context"], x["pooled"], (H, W),
+      source_tokens=x["source"], guidance=x["guidance"])["params"])
+  leaves, tree = jax.tree.flatten(flax.linen.unbox(params))
   rng = np.random.default_rng(seed)
   leaves = [(rng.normal(size=l.shape) * 0.2).astype(np.float32) for l in leaves]
   return jax.tree.unflatten(tree, leaves)
@@ -128,8 +129,8 @@ def test_scanned_and_unrolled_give_the_same_loss_and_gradients():
     return (out ** 2).mean()
 
   with jax.default_matmul_precision("highest"):
-    want, grads = jax.value_and_grad(lambda p: loss(True, p))(scanned)
-    got, got_grads = jax.value_and_grad(lambda p: loss(False, p))(unrolled)
+    want, grads = jax.jit(jax.value_and_grad(lambda p: loss(True, p)))(scanned)
+    got, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(False, p)))(unrolled)
   np.testing.assert_allclose(got, want, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                got_grads, unstack_layers(grads, FLUX_STACKS))

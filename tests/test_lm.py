@@ -130,21 +130,22 @@ def test_cached_decoding_equals_uncached(scan):
   cfg = tiny(scan=scan)
   model = DecoderLM(cfg)
   ids, valid = sampling.left_pad([[5, 6, 7, 8, 9], [3, 4]], pad_id=0)
-  params = model.init(jax.random.key(0), ids, valid)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), ids, valid)["params"]
+  apply = jax.jit(model.apply)
   slots = np.zeros((2, 8), bool)
   slots[:, :5] = valid
   with jax.default_matmul_precision("highest"):
-    full = model.apply({"params": params}, ids, valid)
-    logits, cache = model.apply({"params": params}, ids, slots, cache=init_cache(cfg, 2, 8))
+    full = apply({"params": params}, ids, valid)
+    logits, cache = apply({"params": params}, ids, slots, cache=init_cache(cfg, 2, 8))
     np.testing.assert_allclose(np.asarray(logits)[valid], np.asarray(full)[valid], atol=1e-5)
     seq, seq_valid = ids, valid
     for step, token in enumerate([[11, 12], [13, 14], [15, 16]]):
       token = np.asarray(token, np.int32)[:, None]
       slots[:, 5 + step] = True
-      logits, cache = model.apply({"params": params}, token, slots, cache=cache, index=5 + step)
+      logits, cache = apply({"params": params}, token, slots, cache=cache, index=5 + step)
       seq = np.concatenate([seq, token], 1)
       seq_valid = np.concatenate([seq_valid, np.ones((2, 1), bool)], 1)
-      full = model.apply({"params": params}, seq, seq_valid)
+      full = apply({"params": params}, seq, seq_valid)
       np.testing.assert_allclose(np.asarray(logits)[:, 0], np.asarray(full)[:, -1], atol=1e-5)
 
 
