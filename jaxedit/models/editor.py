@@ -76,7 +76,7 @@ class TextEncoder(nn.Module):
     pos = self.param("position", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                               (None, "embed")),
                      (cfg.max_len, cfg.width), cfg.param_dtype)
-    x = embed(ids) + pos[:ids.shape[1]].astype(cfg.dtype)
+    x = layers.embed_lookup(embed, ids) + pos[:ids.shape[1]].astype(cfg.dtype)
     head_dim = cfg.width // cfg.num_heads
     bias = jnp.where(mask[:, None, None, :], 0.0, -1e9).astype(cfg.dtype)  # (B, 1, 1, L)
     for i in range(cfg.num_layers):

@@ -31,6 +31,15 @@ def dense(cfg, features: int, axes: tuple[str, str], name: str,
   return nn.Dense(features, **kwargs)
 
 
+def embed_lookup(embed: nn.Embed, ids: jax.Array) -> jax.Array:
+  """`embed(ids)`, reading the table whole along its `embed` axis (gathered over fsdp, as
+  FSDP gathers every weight it uses): rows gathered from the fsdp-split table come out split
+  along `embed`, which SPMD turns into batch-split rows (and back, for the gradient) only by
+  replicating them."""
+  table = nn.with_logical_constraint(embed.embedding, ("vocab", None))
+  return jnp.take(table, ids, axis=0).astype(embed.dtype or table.dtype)
+
+
 class LoRADense(nn.Dense):
   """Dense + a low-rank update applied, not merged: y = x W + b + (alpha / r) (x A) B.
 

@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxedit.models.layers import RMSNorm, attention, dense, splash_attention, stack
+from jaxedit.models.layers import (RMSNorm, attention, dense, embed_lookup, splash_attention,
+                                   stack)
 
 Dtype = Any
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
@@ -223,7 +224,7 @@ class DecoderLM(nn.Module):
                      param_dtype=cfg.param_dtype, name="embed_tokens",
                      embedding_init=nn.with_logical_partitioning(
                          nn.initializers.normal(0.02), ("vocab", "embed")))
-    h = embed(ids)
+    h = embed_lookup(embed, ids)
     if prefix is not None:
       h = jnp.concatenate([prefix.astype(h.dtype), h], axis=1)
     s = h.shape[1]
