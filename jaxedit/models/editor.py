@@ -253,9 +253,7 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
     raise ValueError(f"model.dtype/param_dtype must be one of {sorted(DTYPES)}")
   dtype, param_dtype = DTYPES[model.dtype], DTYPES[model.param_dtype]
   splash_block = model.get("splash_block", 512)
-  if splash_block < 128 or splash_block % 128:
-    raise ValueError(f"model.splash_block must be a positive multiple of 128 (the TPU's lane "
-                     f"width), got {splash_block}")
+  layers.check_splash_block(splash_block, "model.splash_block")
   if model.lora_rank < 0 or (model.lora_rank and not model.lora_targets):
     raise ValueError("model.lora_rank must be >= 0, with model.lora_targets set when > 0")
   channels, size = 3, image_size

@@ -117,6 +117,13 @@ def splash_block(length: int, max_block: int) -> int:
                             if lanes % d == 0 and d * SPLASH_LANES <= max(max_block, 128))
 
 
+def check_splash_block(block: int, key: str) -> None:
+  """Raises unless `block` (the config key `key`) can be a splash block bound."""
+  if block < SPLASH_LANES or block % SPLASH_LANES:
+    raise ValueError(f"{key} must be a positive multiple of {SPLASH_LANES} (the TPU's lane "
+                     f"width), got {block}")
+
+
 def divisible_spec(spec: jax.sharding.PartitionSpec, shape: tuple[int, ...], mesh):
   """`spec` without the mesh axes whose sizes do not divide their dimension (replicated
   there instead), as shard_map needs even shards."""
@@ -155,13 +162,11 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, max_block: int = 
                              block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
                              block_kv_dq=bkv)
   segmented = segment_ids is not None or lkv != skv
-  if segment_ids is None:
-    segment_ids = jnp.zeros((b, sq), jnp.int32)
+  ids = lambda length: (jnp.zeros((b, length), jnp.int32) if segment_ids is None
+                        else segment_ids.astype(jnp.int32))
   # Padded queries see the padded keys (-1), or every key where none is padded.
-  ids_q = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, lq - sq)),
-                  constant_values=-1 if lkv != skv else 0)
-  kv_ids = segment_ids if skv == sq else jnp.zeros((b, skv), jnp.int32)
-  ids_kv = jnp.pad(kv_ids.astype(jnp.int32), ((0, 0), (0, lkv - skv)), constant_values=-1)
+  ids_q = jnp.pad(ids(sq), ((0, 0), (0, lq - sq)), constant_values=-1 if lkv != skv else 0)
+  ids_kv = jnp.pad(ids(skv), ((0, 0), (0, lkv - skv)), constant_values=-1)
   interpret = jax.default_backend() != "tpu"
 
   def heads_first(x, length):  # (B, S, N, H) -> (B, N, length, H)

@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxedit.models.layers import (RMSNorm, attention, dense, embed_lookup, splash_attention,
-                                   stack)
+from jaxedit.models.layers import (RMSNorm, attention, check_splash_block, dense, embed_lookup,
+                                   splash_attention, stack)
 
 Dtype = Any
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
@@ -58,9 +58,7 @@ class LMConfig:
   def __post_init__(self):
     if self.attention not in LM_ATTENTION:
       raise ValueError(f"attention must be one of {LM_ATTENTION}, got {self.attention!r}")
-    if self.splash_block < 128 or self.splash_block % 128:
-      raise ValueError(f"splash_block must be a positive multiple of 128 (the TPU's lane "
-                       f"width), got {self.splash_block}")
+    check_splash_block(self.splash_block, "splash_block")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
                        f"{self.num_kv_heads}")
