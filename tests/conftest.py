@@ -39,6 +39,30 @@ def pytest_unconfigure(config):
     shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
+# Sharded against one-device float32 results: the same sums, in another order. Their error
+# scales with the magnitudes summed, so an element small beside the rest of its leaf (a
+# gradient that mostly cancels) carries the leaf's error, not its own. Measured: up to 31
+# float32 epsilons of a leaf's largest element here, 54 on another x86 machine; 256 leaves
+# room for processors not yet seen while a wrong sharding (errors of order 1) still fails.
+SHARDED_ULPS = 256
+
+
+def assert_sharded_close(actual, desired, rtol: float, ulps: int = SHARDED_ULPS,
+                         err_msg: str = "") -> None:
+  """Every leaf of `actual` equals `desired`'s to `rtol`, give or take `ulps` float32
+  epsilons of the leaf's largest magnitude (see SHARDED_ULPS)."""
+  import jax
+  import numpy as np
+
+  def check(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    np.testing.assert_allclose(a, b, rtol=rtol,
+                               atol=ulps * float(np.finfo(np.float32).eps) * scale,
+                               err_msg=err_msg)
+  jax.tree.map(check, actual, desired)
+
+
 def small_data_config(data_dir):
   config = job.data_config()
   config.data_dir = str(data_dir)

@@ -13,6 +13,8 @@ import pytest
 from jaxedit import sharding
 from jaxedit.models import editor, flux, layers, lm
 
+from conftest import assert_sharded_close
+
 # A Flux model whose sequence (5 text + 2 x 24 image tokens = 53) is no multiple of 128.
 CFG = flux.FluxConfig(in_channels=12, num_layers=1, num_single_layers=2, attention_head_dim=16,
                       num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20,
@@ -85,8 +87,7 @@ def test_flux_with_splash_attention_trains_like_xla_on_one_and_eight_devices(sca
     want, want_grads = step(dataclasses.replace(cfg, attention="xla"), params, inputs)
     got, grads = step(splash, params, inputs)
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               grads, want_grads)
+  assert_sharded_close(grads, want_grads, rtol=1e-4)
 
   mesh = sharding.make_mesh(("data", "fsdp", "tensor"), (2, 2, 2))
   rules = sharding.rules(sharding.mesh_config())
@@ -96,9 +97,8 @@ def test_flux_with_splash_attention_trains_like_xla_on_one_and_eight_devices(sca
         splash, params, inputs))
   with jax.default_matmul_precision("highest"):
     got8, grads8 = sharded(splash, params, inputs)
-  np.testing.assert_allclose(got8, got, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               grads8, grads)
+  assert_sharded_close(got8, got, rtol=1e-6)
+  assert_sharded_close(grads8, grads, rtol=1e-5)
 
 
 def test_divisible_spec_replicates_what_does_not_divide():
@@ -180,8 +180,7 @@ def test_lm_with_splash_attention_trains_like_xla_on_one_and_eight_devices(scan)
     want, want_grads = step(dataclasses.replace(cfg, attention="xla"), params)
     got, grads = step(splash, params)
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-               grads, want_grads)
+  assert_sharded_close(grads, want_grads, rtol=1e-4)
 
   mesh = sharding.make_mesh(("data", "fsdp", "tensor"), (2, 2, 2))
   rules = sharding.rules(sharding.mesh_config())
@@ -190,8 +189,7 @@ def test_lm_with_splash_attention_trains_like_xla_on_one_and_eight_devices(scan)
   assert SHARDED_HEADS in jaxpr  # 2 of the 4 query heads and 1 of the 2 key heads a shard
   with jax.default_matmul_precision("highest"):
     got8, grads8 = sharding.in_context(step, mesh, rules)(splash, params)
-  np.testing.assert_allclose(got8, got, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               grads8, grads)
+  assert_sharded_close(got8, got, rtol=1e-6)
+  assert_sharded_close(grads8, grads, rtol=1e-5)
   with pytest.raises(ValueError, match="attention must be one of"):
     lm.LMConfig(attention="cudnn")

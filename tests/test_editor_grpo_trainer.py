@@ -13,7 +13,7 @@ from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
 from jaxedit.trainers import editor_grpo, editor_sft
 
-from conftest import assert_logged_exactly, resume_after_step_one, tiny_editor_config
+from conftest import assert_sharded_close, assert_logged_exactly, resume_after_step_one, tiny_editor_config
 
 
 @pytest.fixture(scope="module")
@@ -178,10 +178,10 @@ def test_update_on_eight_devices_matches_one(small_data_dir, sft_dir, tmp_path):
     new, metrics = editor_grpo.make_update(setup)(placed, put, levels, trained)
     results.append(jax.device_get((new.params, new.ema_params, metrics)))
   (p1, e1, m1), (p8, e8, m8) = results
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6), p1, p8)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6), e1, e8)
+  assert_sharded_close(p1, p8, rtol=2e-3)
+  assert_sharded_close(e1, e8, rtol=2e-3)
   for k in m1:
-    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-3, atol=1e-6, err_msg=k)
+    assert_sharded_close(m1[k], m8[k], rtol=1e-3, err_msg=k)
 
 
 def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_path):

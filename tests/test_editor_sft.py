@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import losses, tiny_editor_config, train_command
+from conftest import assert_sharded_close, losses, tiny_editor_config, train_command
 from jaxedit import checkpoint, cli, evaluation, sharding
 from jaxedit.trainers import editor_sft
 
@@ -47,10 +47,10 @@ def test_eight_devices_match_one(small_data_dir, tmp_path):
     results.append((float(loss), jax.device_get(grads), jax.device_get(new_state.params),
                     float(metrics["loss"])))
   (l1, g1, p1, m1), (l8, g8, p8, m8) = results
-  np.testing.assert_allclose(l1, l8, rtol=1e-6)
-  np.testing.assert_allclose(m1, m8, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g1, g8)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p8)
+  assert_sharded_close(l1, l8, rtol=1e-6)
+  assert_sharded_close(m1, m8, rtol=1e-6)
+  assert_sharded_close(g1, g8, rtol=1e-4)
+  assert_sharded_close(p1, p8, rtol=1e-5)
 
 
 def test_checkpoint_restores_onto_another_mesh(small_data_dir, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import randomized_run, tiny_editor_config  # noqa: E402
+from conftest import assert_sharded_close, randomized_run, tiny_editor_config  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 from jaxedit import cli, dry_run, flops, inference, sharding  # noqa: E402
 from jaxedit.config import ConfigError  # noqa: E402
@@ -91,8 +91,8 @@ def test_latent_step_on_eight_devices_matches_one(small_data_dir, vae_dir, tmp_p
   (m1, p1), (m8, p8) = out
   assert np.isfinite(m1["loss"]) and m1["grounding_loss"] > 0
   for k in m1:
-    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-7, err_msg=k)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p8)
+    assert_sharded_close(m1[k], m8[k], rtol=1e-5, err_msg=k)
+  assert_sharded_close(p1, p8, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_planner_config
+from conftest import assert_sharded_close, tiny_planner_config
 from jaxedit import sharding
 from jaxedit.config import ConfigError
 from jaxedit.shapes.edits import TASKS
@@ -97,9 +97,9 @@ def test_update_on_eight_devices_matches_one(rollout, small_data_dir, tiny_plann
   p1, m1 = _update(one, state, host, teachers)
   p8, m8 = _update(eight, state, host, teachers)
   assert float(m1["kl"]) > 1e-3
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-6), p1, p8)
+  assert_sharded_close(p1, p8, rtol=2e-3)
   for k in m1:
-    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-3, atol=1e-6, err_msg=k)
+    assert_sharded_close(m1[k], m8[k], rtol=1e-3, err_msg=k)
 
 
 def test_train_and_eval(small_data_dir, tiny_planner_dir, tmp_path):

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_planner_config
+from conftest import assert_sharded_close, tiny_planner_config
 from jaxedit import sharding
 from jaxedit.config import ConfigError
 from jaxedit.models.editor import patchify
@@ -74,8 +74,8 @@ def test_loss_and_grads_on_8_devices_match_1(small_data_dir, tmp_path):
       grads.append(jax.device_get(sharding.in_context(fn, setup.mesh, setup.rules)(params, batch)))
   (loss1, g1), (loss8, g8) = grads
   assert np.abs(g1["cell_head"]["kernel"]).max() > 0
-  np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g8, g1)
+  assert_sharded_close(loss8, loss1, rtol=1e-6)
+  assert_sharded_close(g8, g1, rtol=1e-4)
 
 
 def test_prompts_and_plans_too_long_are_clear_errors(small_data_dir, tmp_path):

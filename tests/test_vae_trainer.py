@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import small_data_config
+from conftest import assert_sharded_close, small_data_config
 from jaxedit import cli, dry_run, sharding
 from jaxedit.codec import make_codec
 from jaxedit.config import ConfigError
@@ -57,8 +57,8 @@ def test_step_on_eight_devices_matches_one(small_data_dir, tmp_path):
   (m1, p1), (m8, p8) = out
   assert m1["mse"] > 0 and m1["kl"] > 0
   for k in m1:
-    np.testing.assert_allclose(m1[k], m8[k], rtol=1e-5, atol=1e-7, err_msg=k)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p1, p8)
+    assert_sharded_close(m1[k], m8[k], rtol=1e-5, err_msg=k)
+  assert_sharded_close(p1, p8, rtol=1e-5)
 
 
 def test_train_exports_a_normalised_diffusers_vae_and_eval(small_data_dir, tmp_path, capsys):

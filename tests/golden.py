@@ -1,0 +1,277 @@
+"""Golden runs: tiny runs of every trainer whose logged per-step metrics are kept as fixtures
+(tests/fixtures/golden/DEVICES.json), so that a change to how the trainers are built (the
+training core, the RL package) is checked to train exactly as before, bit for bit.
+
+    python tests/golden.py record --devices 8   # rewrite the fixture (only on purpose)
+    python tests/golden.py check --devices 1    # what tests/test_golden.py runs
+    python tests/golden.py workdirs --devices 8 # rewrite tests/fixtures/workdirs
+
+Each run is a few steps with validation off, chained where one trainer starts from another
+(GRPO and OPD from the SFT runs, the OPD teachers are the SFT runs). Float metrics are
+stored as `float.hex` strings. Bitwise equality holds on the machine and software that
+recorded them (the fixture's `platform`); elsewhere XLA may order float32 sums otherwise,
+and the check then allows a relative 1e-4 (a few steps of float32 reassociation) and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "fixtures", "golden")
+# Workdirs written by the trainers as they were when the fixtures were made: later code must
+# still evaluate, resume and export them.
+WORKDIRS = os.path.join(HERE, "fixtures", "workdirs")
+WORKDIR_RUNS = ("editor_sft", "editor_grpo", "planner_sft")
+RUNS = ("editor_sft", "vae", "population", "editor_grpo", "editor_grpo_overlap", "editor_opd",
+        "planner_sft", "planner_grpo", "planner_opd")
+# Overlapped rollouts need devices of their own beside the update's.
+NEEDS_DEVICES = {"editor_grpo_overlap": 2}
+ELSEWHERE_RTOL = 1e-4
+
+
+def fixture_path(devices: int) -> str:
+  return os.path.join(FIXTURES, f"{devices}.json")
+
+
+def machine() -> dict:
+  """What bitwise float results depend on: the software and the processor's features."""
+  import jax
+  import jaxlib
+
+  flags = ""
+  if os.path.exists("/proc/cpuinfo"):
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("flags"):
+        flags = " ".join(sorted(f for f in line.split(":", 1)[1].split()
+                                if f.startswith(("avx", "fma", "sse", "amx"))))
+        break
+  return {"jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "machine": platform.machine(), "cpu_flags": flags}
+
+
+def _set(config, overrides: dict) -> None:
+  for key, value in overrides.items():
+    node = config
+    *path, name = key.split(".")
+    for part in path:
+      node = node[part]
+    node[name] = value
+
+
+def _quiet(config) -> None:
+  t = config.train
+  t.eval_every = t.sample_every = -1
+  t.log_every, t.async_checkpoints = 1, False
+
+
+def editor_sft_config(data_dir):
+  from conftest import tiny_editor_config
+
+  config = tiny_editor_config(data_dir, num_steps=3, checkpoint_every=0)
+  config.model.text_max_len = 64  # as the OPD and GRPO runs after it
+  _quiet(config)
+  return config
+
+
+def planner_sft_config(data_dir):
+  from conftest import tiny_planner_config
+
+  config = tiny_planner_config(data_dir, num_steps=3, checkpoint_every=0)
+  _quiet(config)
+  return config
+
+
+def editor_rl_config(trainer: str, data_dir, sft_dir, overrides: dict):
+  from jaxedit.trainers import editor_grpo, editor_opd
+
+  config = {"editor_grpo": editor_grpo, "editor_opd": editor_opd}[trainer].reference_config()
+  sft = editor_sft_config(data_dir)
+  for section in ("data", "tokenizer", "model", "sample"):
+    config[section] = sft[section]
+  config.init_from, config.model.lora_rank = sft_dir, 4
+  config.train.num_steps, config.train.checkpoint_every = 2, 0
+  config.eval.batch_size = 8
+  _quiet(config)
+  _set(config, overrides)
+  return config
+
+
+def planner_rl_config(trainer: str, data_dir, sft_dir, overrides: dict):
+  from jaxedit.trainers import planner_grpo, planner_opd
+
+  config = {"planner_grpo": planner_grpo, "planner_opd": planner_opd}[trainer].reference_config()
+  sft = planner_sft_config(data_dir)
+  for section in ("data", "tokenizer", "model", "prompt"):
+    config[section] = sft[section]
+  config.init_from = sft_dir
+  config.train.num_steps, config.train.checkpoint_every = 2, 0
+  config.eval.batch_size = 8
+  _quiet(config)
+  _set(config, overrides)
+  return config
+
+
+def configs(data_dir: str, root: str, devices: int) -> dict:
+  """name -> (trainer name, config, workdir) of every run, in the order they must run."""
+  from conftest import small_data_config
+  from jaxedit.shapes.edits import TASKS
+  from jaxedit.trainers import vae
+
+  d = lambda name: os.path.join(root, name)
+  editor_sft, planner_sft = d("editor_sft"), d("planner_sft")
+  out = {"editor_sft": ("editor_sft", editor_sft_config(data_dir), editor_sft)}
+  config = vae.reference_config()
+  config.data = small_data_config(data_dir)
+  config.model.block_out_channels, config.model.norm_num_groups = (8, 16), 4
+  _set(config, {"train.batch_size": 8, "train.num_steps": 3, "train.warmup_steps": 1,
+                "train.checkpoint_every": 0, "train.stats_examples": 64,
+                "eval.batch_size": 16})
+  _quiet(config)
+  out["vae"] = ("vae", config, d("vae"))
+  config = editor_sft_config(data_dir)
+  config.population = json.dumps([{"train.lr": 1e-3}, {"train.lr": 4e-3}])
+  out["population"] = ("editor_sft", config, d("population"))
+  grpo = {"grpo.prompts_per_step": 8, "grpo.group_size": 2, "grpo.rollout_chunks": 2,
+          "grpo.num_steps": 3, "grpo.minibatches": 2, "grpo.inner_epochs": 2}
+  out["editor_grpo"] = ("editor_grpo",
+                        editor_rl_config("editor_grpo", data_dir, editor_sft, grpo),
+                        d("editor_grpo"))
+  if devices >= NEEDS_DEVICES["editor_grpo_overlap"]:
+    out["editor_grpo_overlap"] = ("editor_grpo", editor_rl_config(
+        "editor_grpo", data_dir, editor_sft,
+        {**grpo, "grpo.rollout_devices": devices // 2, "mesh.shape": (-1, 1, 1),
+         "grpo.rollout_mesh_shape": (-1, 1, 1)}), d("editor_grpo_overlap"))
+  opd = {"opd.prompts_per_step": 16, "opd.group_size": 1, "opd.rollout_chunks": 2,
+         "opd.num_steps": 3, "opd.minibatches": 2, "init_params": "params",
+         "opd.teachers.colour": editor_sft, "opd.teachers.geometry": editor_sft}
+  out["editor_opd"] = ("editor_opd", editor_rl_config("editor_opd", data_dir, editor_sft, opd),
+                       d("editor_opd"))
+  out["planner_sft"] = ("planner_sft", planner_sft_config(data_dir), planner_sft)
+  pg = {"grpo.prompts_per_step": 4, "grpo.group_size": 4, "grpo.minibatches": 2}
+  out["planner_grpo"] = ("planner_grpo",
+                         planner_rl_config("planner_grpo", data_dir, planner_sft, pg),
+                         d("planner_grpo"))
+  po = {"opd.prompts_per_step": 16, "opd.group_size": 1, "opd.minibatches": 2,
+        "init_params": "raw", **{f"opd.teachers.{t}": planner_sft for t in TASKS}}
+  out["planner_opd"] = ("planner_opd",
+                        planner_rl_config("planner_opd", data_dir, planner_sft, po),
+                        d("planner_opd"))
+  return out
+
+
+def train(trainer: str, config, workdir: str) -> None:
+  import importlib
+
+  from jaxedit import cli
+
+  importlib.import_module(cli.TRAINERS[trainer]).train(config, workdir)
+
+
+def logged(workdir: str) -> list[dict]:
+  """The run's metrics.jsonl rows (a population's: every member's, member by member)."""
+  members = sorted(m for m in os.listdir(workdir) if m.startswith("member_"))
+  paths = ([os.path.join(workdir, m, "metrics.jsonl") for m in members] if members
+           else [os.path.join(workdir, "metrics.jsonl")])
+  rows = []
+  for i, path in enumerate(paths):
+    for line in open(path):
+      row = json.loads(line)
+      if members:
+        row["member"] = i
+      rows.append(row)
+  return rows
+
+
+def encode(rows: list[dict]) -> list[dict]:
+  return [{k: float(v).hex() if isinstance(v, float) else v for k, v in row.items()}
+          for row in rows]
+
+
+def run_all(devices: int, root: str, names=RUNS) -> dict:
+  """{name: encoded rows} of the runs `names` on this process's `devices` devices."""
+  from conftest import small_data_config
+  from jaxedit.data import job
+  from jaxedit.shapes.world import World
+
+  data_dir = os.path.join(root, "tfds")
+  job.dataset_dir(World(), small_data_config(data_dir))
+  out = {}
+  for name, (trainer, config, workdir) in configs(data_dir, root, devices).items():
+    if name not in names:
+      continue
+    train(trainer, config, workdir)
+    out[name] = encode(logged(workdir))
+  return out
+
+
+def compare(want: dict, got: dict, exact: bool) -> list[str]:
+  """Differences between two fixtures' runs, as readable lines (empty: they agree)."""
+  problems = []
+  if sorted(want) != sorted(got):
+    problems.append(f"runs: fixture {sorted(want)}, now {sorted(got)}")
+  for name in sorted(set(want) & set(got)):
+    if len(want[name]) != len(got[name]):
+      problems.append(f"{name}: {len(want[name])} logged rows in the fixture, {len(got[name])} now")
+    for w, g in zip(want[name], got[name]):
+      where = f"{name} step {w.get('step')}" + (f" member {w['member']}" if "member" in w else "")
+      if sorted(w) != sorted(g):
+        problems.append(f"{where}: metrics {sorted(w)} in the fixture, {sorted(g)} now")
+        continue
+      for k in w:
+        a, b = w[k], g[k]
+        if not isinstance(a, str) or not a.startswith(("0x", "-0x", "inf", "-inf", "nan")):
+          if a != b:
+            problems.append(f"{where} {k}: {a!r} in the fixture, {b!r} now")
+          continue
+        x, y = float.fromhex(a), float.fromhex(b)
+        if x != y and (exact or abs(x - y) > ELSEWHERE_RTOL * max(abs(x), abs(y), 1e-30)):
+          problems.append(f"{where} {k}: {x!r} in the fixture, {y!r} now")
+  return problems
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("action", choices=("record", "check", "workdirs"))
+  parser.add_argument("--devices", type=int, required=True)
+  args = parser.parse_args(argv)
+  os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} "
+                             "--xla_backend_optimization_level=0")
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  sys.path.insert(0, HERE)
+  sys.path.insert(0, os.path.dirname(HERE))
+  with tempfile.TemporaryDirectory(prefix="jaxedit_golden_") as root:
+    if args.action == "workdirs":
+      run_all(args.devices, root, WORKDIR_RUNS)
+      shutil.rmtree(WORKDIRS, ignore_errors=True)
+      for name in WORKDIR_RUNS:
+        shutil.copytree(os.path.join(root, name), os.path.join(WORKDIRS, name))
+      print(f"wrote {WORKDIRS}")
+      return 0
+    runs = run_all(args.devices, root)
+  here = machine()
+  if args.action == "record":
+    os.makedirs(FIXTURES, exist_ok=True)
+    with open(fixture_path(args.devices), "w") as f:
+      json.dump({"platform": here, "runs": runs}, f, indent=1)
+      f.write("\n")
+    print(f"wrote {fixture_path(args.devices)}")
+    return 0
+  fixture = json.load(open(fixture_path(args.devices)))
+  exact = fixture["platform"] == here
+  problems = compare(fixture["runs"], runs, exact)
+  print(("bit for bit" if exact else f"within rtol {ELSEWHERE_RTOL} (recorded on "
+         f"{fixture['platform']}, here {here})") + f": {len(problems)} differences")
+  for line in problems[:50]:
+    print(line)
+  return 1 if problems else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,69 @@
+"""Every trainer trains as it did when the golden fixtures were recorded (tests/golden.py):
+the same logged metrics at every step, on one device and on eight; and workdirs written
+then still evaluate, resume and export."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import golden
+from jaxedit import cli, export
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_every_trainer_logs_the_golden_metrics(devices):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, os.path.join(HERE, "golden.py"), "check",
+                        "--devices", str(devices)], env=env, capture_output=True, text=True,
+                       timeout=1200)
+  report = out.stdout.strip().splitlines()
+  assert out.returncode == 0, "\n".join(report[-60:]) + out.stderr[-3000:]
+  assert report[-1].endswith(": 0 differences"), report[-5:]
+
+
+def test_compare_names_every_difference():
+  rows = [{"step": 1, "loss": (0.5).hex(), "lr": (0.0).hex()}]
+  assert golden.compare({"a": rows}, {"a": rows}, exact=True) == []
+  off = [{"step": 1, "loss": (0.5 + 2 ** -30).hex(), "lr": (0.0).hex()}]
+  assert golden.compare({"a": rows}, {"a": off}, exact=True) == [
+      f"a step 1 loss: 0.5 in the fixture, {0.5 + 2 ** -30!r} now"]
+  assert golden.compare({"a": rows}, {"a": off}, exact=False) == []  # within rtol elsewhere
+  assert "runs:" in golden.compare({"a": rows}, {"b": rows}, exact=True)[0]
+  assert "metrics" in golden.compare({"a": rows}, {"a": [{"step": 1}]}, exact=True)[0]
+
+
+def _old_workdir(name, tmp_path, data_dir):
+  """A copy of the fixture workdir `name` and its run's config as the golden runs make it
+  (the data at `data_dir`, starting runs at the copies)."""
+  root = tmp_path / "old"
+  for run in golden.WORKDIR_RUNS:
+    if not (root / run).exists():
+      shutil.copytree(os.path.join(golden.WORKDIRS, run), root / run)
+  trainer, config, workdir = golden.configs(data_dir, str(root), 8)[name]
+  return trainer, config, workdir
+
+
+@pytest.mark.parametrize("name", golden.WORKDIR_RUNS)
+def test_old_workdirs_evaluate_resume_and_export(name, small_data_dir, tmp_path):
+  trainer, config, workdir = _old_workdir(name, tmp_path, small_data_dir)
+  saved = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+  config.eval.num_examples = 8
+  module = cli._trainer(config)
+  summary = module.run_eval(config, workdir)
+  assert summary["step"] == saved
+  assert os.path.exists(os.path.join(workdir, "eval", "metrics.json"))
+  config.train.num_steps = saved + 1
+  module.train(config, workdir)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in rows] == list(range(1, saved + 2))
+  assert str(saved + 1) in os.listdir(os.path.join(workdir, "checkpoints"))
+  to = "transformers" if name.startswith("planner") else "diffusers"
+  out = tmp_path / "export"
+  manifest = export.export(workdir, to, str(out))
+  assert manifest["files"] and all((out / f).is_file() for f in manifest["files"]), manifest
