@@ -15,23 +15,14 @@ import os
 import logging
 import sys
 
-import importlib
 
+from jaxedit import registry
 from jaxedit.config import ConfigError, apply_overrides, load_file, validate
 from jaxedit.data.pipeline import CorruptRecordError
 from jaxedit.interop.torch_names import MappingError
 from jaxedit.shapes.world import SceneError
 
 CONFIG_PREFIX = "--config."
-
-
-TRAINERS = {"editor_sft": "jaxedit.trainers.editor_sft",
-            "editor_grpo": "jaxedit.trainers.editor_grpo",
-            "editor_opd": "jaxedit.trainers.editor_opd",
-            "planner_sft": "jaxedit.trainers.planner_sft",
-            "planner_grpo": "jaxedit.trainers.planner_grpo",
-            "planner_opd": "jaxedit.trainers.planner_opd",
-            "vae": "jaxedit.trainers.vae"}
 
 
 def _data_job():
@@ -41,10 +32,7 @@ def _data_job():
 
 
 def _trainer(config):
-  name = config.get("trainer")
-  if name not in TRAINERS:
-    raise ConfigError(f"config key 'trainer' must be one of {sorted(TRAINERS)}, got {name!r}")
-  return importlib.import_module(TRAINERS[name])
+  return registry.module(config.get("trainer"))
 
 
 # subcommand -> (help, config -> (reference config function, job function))

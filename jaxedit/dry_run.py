@@ -7,7 +7,6 @@ temporaries). Nothing is allocated beyond compilation; no data is read.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxedit import codec as codec_lib
-from jaxedit import flops, hparams, overlap, sharding
+from jaxedit import editing, flops, hparams, overlap, registry, sharding
 from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
 
@@ -102,11 +101,12 @@ def _editor_grpo(setup, rollout_setup=None):
 
 
 def _vae(setup):
-  from jaxedit.trainers import editor_sft, vae
+  from jaxedit.trainers import vae
 
   bs, n, size = setup.batch_sharding, setup.config.train.batch_size, setup.world.image_size
-  batch = {k: _abstract((n, size, size, 3), jnp.uint8, bs) for k in editor_sft.IMAGE_FIELDS}
-  return [("train_step", vae.make_train_step(setup).jitted, (setup.abstract_state, batch))]
+  batch = {k: _abstract((n, size, size, 3), jnp.uint8, bs) for k in editing.IMAGE_FIELDS}
+  step = vae.make_train_step(setup)
+  return [("train_step", step.unbound.jitted, (setup.abstract_state, batch, step.hparams))]
 
 
 PROGRAMS = {"editor_sft": _editor_sft, "planner_sft": _planner_sft,
@@ -119,7 +119,7 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if trainer not in PROGRAMS:
     raise ConfigError(f"--dry_run supports {sorted(PROGRAMS)}; for {trainer} use "
                       "`python -m jaxedit.model_report` (sizes without compiling)")
-  module = importlib.import_module(f"jaxedit.trainers.{trainer}")
+  module = registry.module(trainer)
   with tempfile.TemporaryDirectory() as scratch:  # the run's folder is left untouched
     for source in (workdir, config.get("init_from", "")):
       if source and os.path.exists(os.path.join(source, "tokenizer.json")):
@@ -143,7 +143,7 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               ("params", "ema_params", "opt_state", "frozen")
                               if hasattr(state, k)},
          "hparams (traced)": {k: float(v) for k, v in hparams.values(
-             config, hparams.BY_TRAINER.get(trainer, {})).items()},
+             config, registry.get(trainer).hparams).items()},
          "programs": programs}
   if rollout_setup is not setup:
     out["rollout_mesh"] = dict(rollout_setup.mesh.shape)

@@ -15,12 +15,12 @@ from typing import Callable, Mapping
 import ml_collections
 import numpy as np
 
-# Per trainer: hyperparameter name -> its config key. The keys a sweep can vary for free.
-SFT = {"lr": "train.lr"}
-GRPO = {"lr": "train.lr", "kl_beta": "grpo.kl_beta", "clip_range": "grpo.clip_range"}
-OPD = {"lr": "train.lr"}
-BY_TRAINER = {"editor_sft": SFT, "planner_sft": SFT, "editor_grpo": GRPO,
-              "planner_grpo": GRPO, "editor_opd": OPD, "planner_opd": OPD}
+from jaxedit import registry
+
+# The traced hyperparameters of each step (name -> config key): one home, the registry.
+SFT = registry.SUPERVISED_HPARAMS
+GRPO = registry.GRPO_HPARAMS
+OPD = registry.OPD_HPARAMS
 # Keys that change no compiled program because they stay on the host.
 HOST_SIDE = ("grpo.noise_level", "opd.noise_level", "rewards.")
 
@@ -39,7 +39,8 @@ def values(config: ml_collections.ConfigDict, keys: Mapping[str, str]) -> dict:
 
 def free_keys(trainer: str) -> tuple[str, ...]:
   """Config keys a sweep may vary without compiling anything new (prefixes end in '.')."""
-  return tuple(BY_TRAINER.get(trainer, {}).values()) + HOST_SIDE
+  known = registry.BY_NAME.get(trainer)
+  return tuple(known.hparams.values() if known else ()) + HOST_SIDE
 
 
 def bind(fn: Callable, hp: dict) -> Callable:

@@ -21,14 +21,13 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from jaxedit import checkpoint, plans, sharding, viz
+from jaxedit import checkpoint, editing, plans, registry, sharding, viz
 from jaxedit.config import ConfigError
 from jaxedit.shapes.checklist import Checklist
 from jaxedit.shapes.detect import detect
 from jaxedit.text import tokenizer as tokenizer_lib
 
-EDITORS = ("editor_sft", "editor_grpo", "editor_opd")
-PLANNERS = ("planner_sft", "planner_grpo", "planner_opd")
+EDITORS, PLANNERS = registry.EDITORS, registry.PLANNERS
 
 
 def saved_run(workdir: str, trainers: Sequence[str], what: str):
@@ -107,8 +106,7 @@ def load_editor(workdir: str, batch_size: int = 64, devices=None,
               if setup.use_lora else None)
     params = setup.policy(trained, frozen)
   sample = config.sample
-  sampler = editor_sft.make_sampler(setup, sample.num_steps, sample.shift,
-                                    sample.guidance_scale)
+  sampler = editing.make_sampler(setup, sample.num_steps, sample.shift, sample.guidance_scale)
   return LoadedEditor(setup, params, sampler, batch_size, workdir)
 
 

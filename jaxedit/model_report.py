@@ -20,12 +20,13 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from jaxedit import lora, sharding
+from jaxedit import editing, lora, sharding
 from jaxedit.config import ConfigError, load_file
-from jaxedit.inference import EDITORS, PLANNERS
+from jaxedit.registry import EDITORS, PLANNERS
 from jaxedit.models.editor import Editor, editor_config, uses_vae, vae_config
 from jaxedit.models.planner import Planner, planner_config
 from jaxedit.models.vae import AutoencoderKL
+from jaxedit.train import optimizer as optimizer_lib
 
 def abstract_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.AbstractMesh:
   """The whole mesh: each axis is its in-slice size times its across-slices (DCN) size."""
@@ -48,18 +49,18 @@ def _bytes_per_device(boxed, mesh, rules) -> int:
 
 def editor_state(config: ml_collections.ConfigDict):
   """(model, boxed abstract train state) of an editor trainer's config."""
-  from jaxedit.trainers import editor_grpo, editor_sft
+  from jaxedit.trainers import editor_grpo
 
   model = Editor(editor_config(config.model, config.world.image_size,
                                config.tokenizer.vocab_size))
-  dummy = editor_sft.dummy_inputs(model.cfg, config.model.text_max_len)
+  dummy = editing.dummy_inputs(model.cfg, config.model.text_max_len)
   if config.trainer == "editor_sft":
-    tx, _ = editor_sft.make_optimizer(config.train)
-    init = functools.partial(editor_sft._init_state, model=model, tx=tx,
+    tx = optimizer_lib.supervised(config.train).tx
+    init = functools.partial(editing.init_state, model=model, tx=tx,
                              text_len=config.model.text_max_len)
   else:
     section = "grpo" if config.trainer == "editor_grpo" else "opd"
-    tx, _ = editor_grpo.make_optimizer(config, section)
+    tx = optimizer_lib.on_policy(config.train, config[section].get("accumulate", 1)).tx
     init = functools.partial(editor_grpo._init_state, model=model, tx=tx,
                              use_lora=config.model.lora_rank > 0, dummy=dummy)
   return model, jax.eval_shape(init, jax.random.key(0))
@@ -68,11 +69,11 @@ def editor_state(config: ml_collections.ConfigDict):
 def planner_state(config: ml_collections.ConfigDict):
   """(model, boxed abstract train state) of a planner trainer's config; GRPO and OPD also
   keep the starting parameters as the reference (`frozen`)."""
-  from jaxedit.trainers import editor_sft, planner_grpo, planner_sft
+  from jaxedit.trainers import planner_grpo, planner_sft
 
   sft_like = config if config.trainer == "planner_sft" else planner_grpo.as_sft_config(config)
   model = Planner(planner_config(config.model, config.world))
-  tx, _ = editor_sft.make_optimizer(sft_like.train)
+  tx = optimizer_lib.supervised(sft_like.train).tx
   state = jax.eval_shape(functools.partial(
       planner_sft._init_state, model=model, tx=tx, image_size=config.world.image_size,
       prompt_len=config.prompt.max_prompt_len), jax.random.key(0))

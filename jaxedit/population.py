@@ -8,15 +8,14 @@ The train step is `jax.vmap`ped over a leading member axis of the state and of t
 hyperparameters; the batch and the random streams are shared, so member k follows exactly
 the run it would be alone with its settings. A small model leaves a CPU or accelerator
 under-used; K members fill it (`python -m jaxedit.benchmarks.population` measures this).
-Each member writes DIR/member_K/metrics.jsonl and TensorBoard scalars; the last validation
-of every member goes to DIR/population.json.
+The editor SFT trainer runs it when `population` is set: each member writes
+DIR/member_K/metrics.jsonl and TensorBoard scalars, and the last validation of every member
+goes to DIR/population.json.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -24,10 +23,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxedit import checkpoint, evaluation, hparams, sharding, sweep
+from jaxedit import hparams, sharding, sweep
 from jaxedit import codec as codec_lib
 from jaxedit.config import ConfigError, apply_overrides
-from jaxedit.interop import pretrained
 
 
 def members(config: ml_collections.ConfigDict) -> list[dict]:
@@ -61,13 +59,12 @@ def member_hparams(config: ml_collections.ConfigDict, points: list[dict]) -> dic
           for name, key in hparams.SFT.items()}
 
 
-def make_step(setup):
-  """jitted (stacked state, batch, stacked hp) -> (stacked state, metrics of shape (K,))."""
-  from jaxedit.trainers import editor_sft
-
+def make_step(setup, step_fn):
+  """jitted (stacked state, batch, stacked hp) -> (stacked state, metrics of shape (K,)) of
+  the unjitted `step_fn(codec, state, batch, hp)`, vmapped over the members."""
   shardings = stacked(setup.state_shardings)
   replicated = sharding.replicated(setup.mesh)
-  step = jax.jit(jax.vmap(editor_sft.train_step_fn(setup), in_axes=(None, 0, None, 0)),
+  step = jax.jit(jax.vmap(step_fn, in_axes=(None, 0, None, 0)),
                  in_shardings=(replicated, shardings, setup.batch_sharding, None),
                  out_shardings=(shardings, replicated), donate_argnums=1)
   return codec_lib.bind(sharding.in_context(step, setup.mesh, setup.rules), setup.codec)
@@ -80,85 +77,12 @@ def replicate_members(state, k: int, setup):
   return fn(state)
 
 
+def abstract_state(setup, k: int):
+  """The stacked state's ShapeDtypeStructs (to restore into)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct((k, *a.shape), a.dtype, sharding=s),
+                      setup.abstract_state, stacked(setup.state_shardings))
+
+
 def member(tree, k: int, shardings):
   """Member k's slice of a stacked tree, in the single-run shardings."""
   return jax.jit(lambda t: jax.tree.map(lambda x: x[k], t), out_shardings=shardings)(tree)
-
-
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  from clu import metric_writers, periodic_actions
-
-  from jaxedit.trainers import editor_sft
-
-  points = members(config)
-  k = len(points)
-  os.makedirs(workdir, exist_ok=True)
-  pretrained.copy_tokenizer(config.init_from, workdir)
-  setup = editor_sft.make_setup(config, workdir)
-  tc = config.train
-  hp = member_hparams(config, points)
-  dirs = [os.path.join(workdir, f"member_{i}") for i in range(k)]
-  writers = [metric_writers.create_default_writer(d, just_logging=jax.process_index() > 0)
-             for d in dirs]
-  # Each member's log picks its entry of the (K,) metrics.
-  logs = [editor_sft.MetricsLog(w, d, lambda values, i=i: {n: float(v[i])
-                                                           for n, v in values.items()})
-          for i, (w, d) in enumerate(zip(writers, dirs))]
-  logging.info("population of %d: %s", k, points)
-
-  data_iter = iter(editor_sft.train_data(setup))
-  mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
-  shardings = stacked(setup.state_shardings)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct((k, *a.shape), a.dtype, sharding=s),
-                          setup.abstract_state, shardings)
-  if mngr.latest_step() is not None:
-    state = checkpoint.restore(mngr, mngr.latest_step(), abstract, data_iter)
-    logging.info("resumed from step %d", int(state.step[0]))
-  else:
-    state = replicate_members(editor_sft.start_state(setup), k, setup)
-  start = int(state.step[0])
-
-  step_fn = make_step(setup)
-  progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writers[0])
-  preemption = checkpoint.Preemption()
-  step = start
-  try:
-    for step in range(start + 1, tc.num_steps + 1):
-      batch = sharding.global_batch(next(data_iter), setup.batch_sharding)
-      state, metrics = step_fn(state, batch, hp)
-      progress(step)
-      last = step == tc.num_steps
-      if step % tc.log_every == 0 or last:
-        for log in logs:
-          log(step, metrics)
-      if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
-                                last=last, preemption=preemption):
-        break
-  finally:
-    for log in logs:
-      log.flush()
-    mngr.wait_until_finished()
-    preemption.restore()
-    for w in writers:
-      w.flush()
-
-  # ---- Every member's validation: the numbers to compare ----
-  if tc.eval_every < 0:
-    return {"step": step, "members": [{"member": i, "settings": p} for i, p in enumerate(points)]}
-  sampler = editor_sft.make_sampler(setup, config.sample.num_steps, config.sample.shift,
-                                    config.sample.guidance_scale)
-  val = editor_sft.eval_batches(setup, "validation", tc.example_kinds, tc.eval_examples,
-                                config.eval.batch_size)
-  summary = []
-  for i, p in enumerate(points):
-    params = member(state.ema_params, i, setup.state_shardings.ema_params)
-    scores, _ = editor_sft.evaluate(setup, params, val, sampler, seed=10_000)
-    summary.append({"member": i, "settings": p, "step": step, **scores})
-    writers[i].write_scalars(step, {f"val/{n}": v for n, v in scores.items()
-                                    if isinstance(v, float)})
-  if jax.process_index() == 0:
-    evaluation.write_metrics(os.path.join(workdir, "population.json"), summary)
-  for row in summary:
-    logging.info("member %d %s: edit_success %.3f, checklist_score %.3f", row["member"],
-                 row["settings"], row["edit_success"], row["checklist_score"])
-  return {"step": step, "members": summary}

@@ -167,11 +167,9 @@ def configs(data_dir: str, root: str, devices: int) -> dict:
 
 
 def train(trainer: str, config, workdir: str) -> None:
-  import importlib
+  from jaxedit import registry
 
-  from jaxedit import cli
-
-  importlib.import_module(cli.TRAINERS[trainer]).train(config, workdir)
+  registry.module(trainer).train(config, workdir)
 
 
 def logged(workdir: str) -> list[dict]:

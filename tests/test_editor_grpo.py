@@ -8,6 +8,8 @@ import pytest
 
 from jaxedit import flow, flow_grpo, grpo, sharding
 from jaxedit.trainers import editor_sft
+from jaxedit.train import setup as setup_lib
+from jaxedit import editing
 
 from conftest import assert_sharded_close, tiny_editor_config
 
@@ -43,8 +45,8 @@ def setups(small_data_dir, tmp_path_factory):
   config8 = tiny_editor_config(small_data_dir)
   config8.mesh.shape = (2, 2, 2)
   eight = editor_sft.make_setup(config8, workdir)
-  params = _perturbed(jax.device_get(editor_sft.init_state(one).params))
-  batch = editor_sft.eval_batches(one, "train", ("atomic",), 8, 8)[0][0]
+  params = _perturbed(jax.device_get(setup_lib.init_state(one).params))
+  batch = editing.eval_batches(one, "train", ("atomic",), 8, 8)[0][0]
   return one, eight, params, batch
 
 
@@ -59,7 +61,7 @@ def _run(setup, params, batch, kl_beta=0.04):
 
   def go(params, b):
     source = flow.to_model_space(b["source_image"])
-    text = editor_sft.text_inputs(b)
+    text = editing.text_inputs(b)
     x1 = jax.random.normal(jax.random.key(0), source.shape)
     out = flow_grpo.rollout(velocity, params, x1, source, text, times, levels,
                             jax.random.key(1))

@@ -15,10 +15,13 @@ import pytest
 from conftest import assert_sharded_close, losses, tiny_editor_config, train_command
 from jaxedit import checkpoint, cli, evaluation, sharding
 from jaxedit.trainers import editor_sft
+from jaxedit.train import setup as setup_lib
+from jaxedit import editing
+from jaxedit.train import records
 
 
 def fixed_batch(setup, n=8, seed=0):
-  batches = editor_sft.eval_batches(setup, "train", ("atomic",), n, n)
+  batches = editing.eval_batches(setup, "train", ("atomic",), n, n)
   return batches[0][0]
 
 
@@ -29,7 +32,7 @@ def test_eight_devices_match_one(small_data_dir, tmp_path):
   config8 = tiny_editor_config(small_data_dir)
   config8.mesh.shape = (2, 2, 2)
   eight = editor_sft.make_setup(config8, str(tmp_path))
-  state1 = editor_sft.init_state(one)
+  state1 = setup_lib.init_state(one)
   state8 = jax.device_put(jax.device_get(state1), eight.state_shardings)
   # Parameters really are split: some kernel lives in pieces on several devices.
   kernel = state8.params["transformer"]["single_transformer_blocks_0"]["proj_mlp"]["kernel"]
@@ -56,7 +59,7 @@ def test_eight_devices_match_one(small_data_dir, tmp_path):
 def test_checkpoint_restores_onto_another_mesh(small_data_dir, tmp_path):
   config = tiny_editor_config(small_data_dir)
   saved_setup = editor_sft.make_setup(config, str(tmp_path))  # data axis 8
-  state = editor_sft.init_state(saved_setup)
+  state = setup_lib.init_state(saved_setup)
   mngr = checkpoint.manager(str(tmp_path), keep=1, async_save=False)
   checkpoint.save(mngr, 5, state, None, config, force=True)
   mngr.wait_until_finished()
@@ -142,7 +145,7 @@ def test_summary_groups_success_by_label():
 
 def test_scoring_accepts_targets_and_rejects_sources(small_data_dir, tmp_path):
   setup = editor_sft.make_setup(tiny_editor_config(small_data_dir), str(tmp_path))
-  (arrays, info), = editor_sft.eval_batches(setup, "test", ("atomic",), 30, 30)
+  (arrays, info), = editing.eval_batches(setup, "test", ("atomic",), 30, 30)
   checklists = info["checklist"]
   right = evaluation.score_edits(arrays["target_image"][:30], checklists, setup.world)
   wrong = evaluation.score_edits(arrays["source_image"][:30], checklists, setup.world)
@@ -176,7 +179,7 @@ def test_metrics_are_written_one_logged_step_late(tmp_path):
       self.rows.append((step, scalars))
 
   writer = Writer()
-  log = editor_sft.MetricsLog(writer, str(tmp_path), prefix="train/")
+  log = records.MetricsLog(writer, str(tmp_path), prefix="train/")
   log(10, {"loss": jax.numpy.float32(0.5)}, {"reward/mean": 1.0})
   assert writer.rows == [] and not os.path.exists(tmp_path / "metrics.jsonl")
   log(20, {"loss": jax.numpy.float32(0.25)})

@@ -22,6 +22,7 @@ from jaxedit.interop import (flux_diffusers, safetensors_io,  # noqa: E402
                              torch_names)
 from jaxedit.models.planner import VisionPrefix  # noqa: E402
 from jaxedit.trainers import editor_sft, planner_sft  # noqa: E402
+from jaxedit import editing
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_editor_export_round_trip_and_whole_edit(random_editor, small_dataset, t
   editor = torch_editor.load(out)
   assert isinstance(editor.transformer, diffusers.FluxTransformer2DModel)
   _, world = small_dataset
-  batch = editor_sft.eval_batches(loaded.setup, "test", ("atomic",), 8, 8)[0][0]
+  batch = editing.eval_batches(loaded.setup, "test", ("atomic",), 8, 8)[0][0]
   rng = jax.random.key(3)
   ours = np.asarray(loaded.sampler(loaded.params, sharding.global_batch(
       batch, loaded.setup.batch_sharding), rng))

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import golden
-from jaxedit import cli, export
+from jaxedit import export, registry
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,7 +54,7 @@ def test_old_workdirs_evaluate_resume_and_export(name, small_data_dir, tmp_path)
   trainer, config, workdir = _old_workdir(name, tmp_path, small_data_dir)
   saved = max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
   config.eval.num_examples = 8
-  module = cli._trainer(config)
+  module = registry.module(trainer)
   summary = module.run_eval(config, workdir)
   assert summary["step"] == saved
   assert os.path.exists(os.path.join(workdir, "eval", "metrics.json"))

@@ -17,6 +17,8 @@ from jaxedit import cli, dry_run, flops, inference, sharding  # noqa: E402
 from jaxedit.config import ConfigError  # noqa: E402
 from jaxedit.models.vae import AutoencoderKL, VAEConfig, diffusers_config  # noqa: E402
 from jaxedit.trainers import editor_grpo, editor_opd, editor_sft  # noqa: E402
+from jaxedit.train import setup as setup_lib
+from jaxedit import editing
 
 # 2x downsampling to 4 channels, no quant convs (as FLUX's).
 VAE = {"latent_channels": 4, "block_out_channels": (8, 16), "layers_per_block": 1,
@@ -47,7 +49,7 @@ def latent_config(data_dir, vae_path, **train):
 
 
 def source_images(setup, n=8):
-  return editor_sft.eval_batches(setup, "train", ("atomic",), n, n)[0][0]
+  return editing.eval_batches(setup, "train", ("atomic",), n, n)[0][0]
 
 
 def test_codec_equals_diffusers(small_data_dir, vae_dir, tmp_path):
@@ -80,7 +82,7 @@ def test_latent_step_on_eight_devices_matches_one(small_data_dir, vae_dir, tmp_p
   config8.mesh.shape = (2, 2, 2)
   config8.flow.changed_weight = one.config.flow.changed_weight = 3.0  # weights from pixels
   eight = editor_sft.make_setup(config8, str(tmp_path))
-  state1 = editor_sft.init_state(one)
+  state1 = setup_lib.init_state(one)
   state8 = jax.device_put(jax.device_get(state1), eight.state_shardings)
   batch = source_images(one)
   out = []

@@ -13,6 +13,7 @@ from jaxedit import sharding
 from jaxedit.config import ConfigError
 from jaxedit.models.editor import patchify
 from jaxedit.trainers import planner_sft
+from jaxedit.train import setup as setup_lib
 
 
 def test_train_and_eval_write_curves_plans_and_metrics(small_data_dir, tmp_path):
@@ -47,7 +48,7 @@ def test_teacher_forced_logprobs_equal_the_samplers(small_data_dir, tmp_path):
   config = tiny_planner_config(small_data_dir)
   config.mesh.shape = (1, 1, 1)
   setup = planner_sft.make_setup(config, str(tmp_path), devices=jax.devices()[:1])
-  params = planner_sft.init_state(setup).params
+  params = setup_lib.init_state(setup).params
   arrays = batch_of(setup)
   samples = planner_sft.make_plan_sampler(setup)(params, arrays, jax.random.key(0), 1.0)
   forced = {**arrays, "plan": np.asarray(samples.tokens), "plan_valid": np.asarray(samples.valid)}
@@ -66,7 +67,7 @@ def test_loss_and_grads_on_8_devices_match_1(small_data_dir, tmp_path):
   for shape, devices in (((1, 1, 1), jax.devices()[:1]), ((2, 2, 2), jax.devices())):
     config.mesh.shape = shape
     setup = planner_sft.make_setup(config, str(tmp_path), devices=devices)
-    params = planner_sft.init_state(setup).params
+    params = setup_lib.init_state(setup).params
     batch = sharding.global_batch(batch_of(setup), setup.batch_sharding)
     fn = jax.jit(jax.value_and_grad(
         lambda p, b: planner_sft.loss_fn(p, setup.model, b, cell_loss_weight=1.0)[0]))
@@ -99,7 +100,7 @@ def test_trimmed_padding_gives_the_same_loss(small_data_dir, tmp_path):
   config.mesh.shape = (1, 1, 1)
   config.prompt.pad_multiple = 8
   setup = planner_sft.make_setup(config, str(tmp_path), devices=jax.devices()[:1])
-  params = planner_sft.init_state(setup).params
+  params = setup_lib.init_state(setup).params
   ds = planner_sft.make_dataset(setup.source("train"), 8, seed=0,
                                 fields=planner_sft.RECORD_FIELDS, kinds=("abstract",))
   records = next(iter(ds))

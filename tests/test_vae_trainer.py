@@ -14,6 +14,7 @@ from jaxedit import cli, dry_run, sharding
 from jaxedit.codec import make_codec
 from jaxedit.config import ConfigError
 from jaxedit.trainers import editor_sft, vae
+from jaxedit.train import setup as setup_lib
 
 
 def tiny_vae_config(data_dir, **train):
@@ -45,7 +46,7 @@ def test_step_on_eight_devices_matches_one(small_data_dir, tmp_path):
   config8 = tiny_vae_config(small_data_dir)
   config8.mesh.shape = (2, 2, 2)
   eight = vae.make_setup(config8, str(tmp_path))
-  state1 = editor_sft.init_state(one)
+  state1 = setup_lib.init_state(one)
   state8 = jax.device_put(jax.device_get(state1), eight.state_shardings)
   images = vae.image_batches(one, "train", ("atomic",), 8, 8)[0][0]
   batch = {"source_image": images, "target_image": images[::-1]}

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxedit import population, sharding
+from jaxedit.train import setup as setup_lib
 from jaxedit.config import load_file
 from jaxedit.trainers import editor_sft
 
@@ -64,7 +65,7 @@ def main(argv=None) -> dict:
   with tempfile.TemporaryDirectory() as scratch:
     setup = editor_sft.make_setup(config, scratch)
   batch = fake_batch(setup, args.batch)
-  one = editor_sft.init_state(setup)
+  one = setup_lib.init_state(setup)
 
   # ---- K sequential runs: one compiled step, K states ----
   step = editor_sft.make_train_step(setup)
@@ -80,7 +81,7 @@ def main(argv=None) -> dict:
   sequential_compile = time.perf_counter() - start
 
   # ---- One population step over K members ----
-  pop_step = population.make_step(setup)
+  pop_step = population.make_step(setup, editor_sft.train_step_fn(setup))
   stacked = population.replicate_members(one, k, setup)
   hp = {"lr": np.asarray(rates, np.float32)}
   box = [stacked]

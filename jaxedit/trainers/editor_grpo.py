@@ -31,8 +31,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import (checkpoint, evaluation, flow, flow_grpo, grpo, hparams, lora, overlap,
-                     sharding)
+from jaxedit import (checkpoint, editing, evaluation, flow, flow_grpo, grpo, hparams, lora,
+                     overlap, sharding)
 from jaxedit import codec as codec_lib
 from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError, plain
@@ -41,8 +41,9 @@ from jaxedit.interop import pretrained
 from jaxedit.models import editor as editor_model
 from jaxedit.shapes.edits import TASKS
 from jaxedit.text import tokenizer as tokenizer_lib
+from jaxedit.editing import text_inputs
+from jaxedit.train import loop, optimizer as optimizer_lib, records, setup as setup_lib
 from jaxedit.trainers import editor_sft
-from jaxedit.trainers.editor_sft import text_inputs, write_grid
 
 PROMPT_FIELDS = ("source_image", "target_image", "instruction", "checklist", "source_scene",
                  "target_scene", "family", "task")
@@ -113,7 +114,7 @@ class GRPOState:
 # Setup.
 # ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class Setup(editor_sft.Setup):
+class Setup(editing.Setup):
   full_shardings: Any  # of the whole parameter tree (base and adapters joined)
   use_lora: bool
   levels_and_steps: Any  # iteration -> (noise levels (T,), trained step indices)
@@ -208,38 +209,23 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) ->
   return build_setup(config, workdir, devices, "grpo")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, section: str):
-  """(optimizer, schedule): clipped AdamW at unit rate, with gradient accumulation where
-  `config[section].accumulate` > 1, and the rate relative to `train.lr` (a traced input,
-  `hparams`): a linear warm-up over optimizer updates, then constant."""
-  tc = config.train
-  warmup = optax.linear_schedule(0.0, 1.0, tc.warmup_steps) if tc.warmup_steps else None
-  schedule = warmup or (lambda count: jnp.ones((), jnp.float32))
-  tx = optax.chain(optax.clip_by_global_norm(tc.grad_clip),
-                   optax.adamw(1.0, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
-  if config[section].get("accumulate", 1) > 1:
-    tx = optax.MultiSteps(tx, config[section].accumulate)
-  return tx, schedule
-
-
 def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
                 section: str) -> Setup:
   """The setup of a trainer on the SDE rollouts configured by config section `section`
   (grpo or opd, already checked)."""
-  world, tok, model, mesh, rules, batch_sharding = editor_sft.make_model_and_mesh(
-      config, workdir, devices)
+  world, tok, model, mesh, rules, batch_sharding = editing.make_parts(config, workdir, devices)
   g = config[section]
   n = g.prompts_per_step * g.group_size
-  editor_sft.check_batch_size(f"a rollout chunk (P * G / {section}.rollout_chunks)",
-                              n // g.rollout_chunks, mesh, batch_sharding)
-  editor_sft.check_batch_size(f"a minibatch (P * G / {section}.minibatches)",
-                              n // g.minibatches, mesh, batch_sharding)
-  editor_sft.check_batch_size("config key 'eval.batch_size'", config.eval.batch_size, mesh,
-                              batch_sharding)
-  tx, schedule = make_optimizer(config, section)
+  setup_lib.check_batch_size(f"a rollout chunk (P * G / {section}.rollout_chunks)",
+                             n // g.rollout_chunks, mesh, batch_sharding)
+  setup_lib.check_batch_size(f"a minibatch (P * G / {section}.minibatches)",
+                             n // g.minibatches, mesh, batch_sharding)
+  setup_lib.check_batch_size("config key 'eval.batch_size'", config.eval.batch_size, mesh,
+                             batch_sharding)
+  optimizer = optimizer_lib.on_policy(config.train, g.get("accumulate", 1))
   use_lora = config.model.lora_rank > 0
-  init = functools.partial(_init_state, model=model, tx=tx, use_lora=use_lora,
-                           dummy=editor_sft.dummy_inputs(model.cfg, config.model.text_max_len))
+  init = functools.partial(_init_state, model=model, tx=optimizer.tx, use_lora=use_lora,
+                           dummy=editing.dummy_inputs(model.cfg, config.model.text_max_len))
   boxed = jax.eval_shape(init, jax.random.key(0))
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract_state = checkpoint.abstract_like(nn.unbox(boxed), state_shardings)
@@ -250,7 +236,7 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
       lora.check_targets(abstract_state.params, config.model.lora_targets)
     except ValueError as e:
       raise ConfigError(f"config key 'model.lora_targets': {e}") from None
-  return Setup(config, world, tok, model, mesh, rules, tx, schedule, init, state_shardings,
+  return Setup(config, world, tok, model, mesh, rules, optimizer, init, state_shardings,
                abstract_state, batch_sharding, full, use_lora,
                step_schedule_fn(g, config.train.seed), g)
 
@@ -398,9 +384,8 @@ def make_update(setup: Setup):
           lambda p, j: flow_grpo.step_loss(
               policy_velocity, p, ref_velocity, mb, j, times, levels, sde_type=g.sde_type,
               clip_range=hp["clip_range"], kl_beta=hp["kl_beta"]), params, trained_steps)
-      params, ema, opt_state, rate = optimizer_step(
-          setup, hp, params, ema, opt_state, grads, state.step * updates_per_step + i,
-          accumulate=g.accumulate)
+      params, ema, opt_state, rate = setup.optimizer.update(
+          hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
       metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate}
       return (params, ema, opt_state), metrics
 
@@ -418,25 +403,6 @@ def make_update(setup: Setup):
                out_shardings=(ss, sharding.replicated(setup.mesh)), donate_argnums=0)
   return hparams.bind(sharding.in_context(fn, setup.mesh, setup.rules),
                       hparams.values(config, hparams.GRPO))
-
-
-def optimizer_step(setup, hp: dict, params, ema, opt_state, grads, count,
-                   accumulate: int = 1):
-  """One optimizer update at rate hp['lr'] * schedule, then the EMA of the parameters. The
-  EMA decay warms up as min(ema_decay, (1 + n) / (10 + n)) over the `count` minibatch
-  updates done before; when accumulating (optax.MultiSteps) the EMA moves only where an
-  update was applied. Shared by the trainers on the policy's own rollouts (GRPO, OPD;
-  editor and planner). Returns (params, ema, opt_state, the rate used)."""
-  tx = setup.tx
-  updates, opt_state = tx.update(grads, opt_state, params)
-  rate = hp["lr"] * setup.schedule(count // accumulate)
-  params = editor_sft.apply_at_rate(params, updates, rate)
-  decay = jnp.minimum(setup.config.train.ema_decay, (1.0 + count) / (10.0 + count))
-  new_ema = optax.incremental_update(params, ema, 1.0 - decay)
-  if accumulate > 1:
-    applied = tx.has_updated(opt_state)
-    new_ema = jax.tree.map(lambda a, b: jnp.where(applied, a, b), new_ema, ema)
-  return params, new_ema, opt_state, rate
 
 
 # ------------------------------------------------------------------------------------------
@@ -534,14 +500,10 @@ class Method:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None = None) -> dict:
-  from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
-
   method = method or GRPO
-  os.makedirs(workdir, exist_ok=True)
   tc = config.train
-  mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
-  resuming = mngr.latest_step() is not None
-  if not resuming:
+  run = loop.Run(config, workdir)
+  if not run.resuming:
     if not config.init_from:
       raise ConfigError("config key 'init_from' must name an editor SFT workdir to start "
                         "from (--config.init_from=DIR)")
@@ -551,100 +513,69 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
   overlapped = rollout_setup is not setup
   g = setup.rollouts
   reward_fn = make_rewards(config, setup.world)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   n_trained = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
   logging.info("%s: %.3fM trained parameters (%s), %d prompts x %d samples per step, mesh %s",
                method.name, n_trained / 1e6, "LoRA" if setup.use_lora else "full",
                g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
-
-  # ---- Data: prompts of the train split ----
   data_iter = train_prompts(setup)
-
-  # ---- State: resume, or start from the SFT run ----
-  if resuming:
-    state = checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state, data_iter)
-    logging.info("resumed from step %d", int(state.step))
-  else:
-    state = init_state(setup, load_sft(setup, config.init_from, workdir))
-  start = int(state.step)
+  state = run.restore_or_init(setup.abstract_state, data_iter, lambda: init_state(
+      setup, load_sft(setup, config.init_from, workdir)))
+  start = loop.step_of(state)
 
   rollout, update = make_rollout(rollout_setup), method.make_update(setup)
-  sampler = editor_sft.make_sampler(setup, config.sample.num_steps, config.sample.shift,
-                                    config.sample.guidance_scale)
-  val_batches = editor_sft.eval_batches(setup, "validation", tc.example_kinds,
-                                        tc.eval_examples, config.eval.batch_size)
-  curve_path = os.path.join(workdir, "curve.json")
-  curve = json.load(open(curve_path)) if os.path.exists(curve_path) else []
-  curve = [point for point in curve if point["step"] <= start]
-  progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
-  preemption = checkpoint.Preemption()
+  sampler = editing.config_sampler(setup)
+  val_batches = editing.eval_batches(setup, "validation", tc.example_kinds, tc.eval_examples,
+                                     config.eval.batch_size)
   base_rng = jax.random.key(tc.seed)
-  t0 = time.time() - (curve[-1]["minutes"] * 60 if curve else 0.0)
-
-  def validate(step):
-    params = setup.policy(state.ema_params, state.frozen)
-    summary, first = editor_sft.evaluate(setup, params, val_batches, sampler, seed=10_000,
-                                         reward_fn=reward_fn)
-    minutes = (time.time() - t0) / 60
-    curve.append({"step": step, "minutes": round(minutes, 2), **summary})
-    writer.write_scalars(step, {f"val/{k}": v for k, v in
-                               flax.traverse_util.flatten_dict(summary, sep="/").items()})
-    logging.info("step %d (%.1f min): validation %s", step, minutes, summary)
-    if jax.process_index() == 0:
-      evaluation.write_metrics(curve_path, curve)
-    return first
-
-  rollout_frozen = overlap.to_mesh(state.frozen, rollout_setup.mesh) if overlapped else None
+  # The frozen parameters of the rollouts: the update's (each update donates the state, so
+  # the current state's) or a copy on the rollout mesh.
+  frozen = {"rollout": overlap.to_mesh(state.frozen, rollout_setup.mesh) if overlapped
+            else state.frozen}
 
   def roll(step, trained):
     """The rollouts of iteration `step`, scored, on the update's mesh."""
     with jax.profiler.StepTraceAnnotation("rollout", step_num=step):
       chunks, host = rollout_and_score(
-          rollout_setup, rollout, reward_fn, trained,
-          rollout_frozen if overlapped else state.frozen,
+          rollout_setup, rollout, reward_fn, trained, frozen["rollout"],
           method.add_fields(setup, next_prompts(data_iter, g)), setup.levels_and_steps(step)[0],
           jax.random.fold_in(base_rng, step), method.device_fields)
     return (overlap.to_mesh(chunks, setup.mesh) if overlapped else chunks), host
 
   schedule = overlap.Schedule(roll, rollout_setup, data_iter, tc.num_steps, overlapped)
-  schedule.start(start, state.params, mngr)
+  schedule.start(start, state.params, run.mngr)
+  last_host = {}
 
-  # ---- Loop ----
-  step = start
-  log = editor_sft.MetricsLog(writer, workdir, prefix="train/")
-  try:
-    if start == 0 and tc.eval_every > 0:
-      write_grid(writer, workdir, 0, validate(0), tc.sample_examples)
-    for step in range(start + 1, tc.num_steps + 1):
-      levels, trained = setup.levels_and_steps(step)
-      chunks, host = schedule.rollouts(step, state.params)
-      with jax.profiler.StepTraceAnnotation("update", step_num=step):
-        state, metrics = update(state, chunks, levels, trained)  # dispatched, not awaited
-      schedule.after_update(step)  # overlapped: the next rollouts, while the update runs
-      progress(step)
-      last = step == tc.num_steps
-      if step % tc.log_every == 0 or last:
-        rewards = sharding.all_rows(host["rewards"])  # every process's rollouts
-        log(step, metrics, {"reward/mean": float(rewards.mean()),
-                            "reward/std": float(rewards.std()),
-                            **{f"reward/{k}": float(sharding.all_rows(v).mean())
-                               for k, v in host["parts"].items()}})
-      first = None
-      if editor_sft.due(tc.eval_every, step, last):
-        first = validate(step)
-      if editor_sft.due(tc.sample_every, step, last):
-        if first is not None:
-          write_grid(writer, workdir, step, first, tc.sample_examples)
-        write_rollout_grid(writer, workdir, step, host, g.group_size, tc.sample_examples)
-      if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
-                                last=last, preemption=preemption,
-                                **schedule.checkpoint_items()):
-        break
-  finally:
-    log.flush()
-    mngr.wait_until_finished()
-    preemption.restore()
-    writer.flush()
+  def step_fn(state, step):
+    levels, trained = setup.levels_and_steps(step)
+    if not overlapped:
+      frozen["rollout"] = state.frozen
+    chunks, host = schedule.rollouts(step, state.params)
+    with jax.profiler.StepTraceAnnotation("update", step_num=step):
+      state, metrics = update(state, chunks, levels, trained)  # dispatched, not awaited
+    schedule.after_update(step)  # overlapped: the next rollouts, while the update runs
+    last_host["rollouts"] = host
+
+    def host_scalars():
+      rewards = sharding.all_rows(host["rewards"])  # every process's rollouts
+      return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+              **{f"reward/{k}": float(sharding.all_rows(v).mean())
+                 for k, v in host["parts"].items()}}
+    return state, metrics, host_scalars
+
+  def validate(state, step):
+    return editing.evaluate(setup, setup.policy(state.ema_params, state.frozen), val_batches,
+                            sampler, seed=10_000, reward_fn=reward_fn)
+
+  def samples(state, step, first):
+    if first is not None:
+      editing.write_grid(run.writer, workdir, step, first, tc.sample_examples)
+    if step:
+      write_rollout_grid(run.writer, workdir, step, last_host["rollouts"], g.group_size,
+                         tc.sample_examples)
+
+  hooks = loop.Hooks(validate=validate, samples=samples, validate_start=True,
+                     checkpoint_items=schedule.checkpoint_items)
+  state, step, _, curve = loop.run(run, state, data_iter, step_fn, hooks, log_prefix="train/")
   return {"step": step, "curve": curve}
 
 
@@ -653,12 +584,8 @@ def write_rollout_grid(writer, workdir: str, step: int, host: dict, group_size: 
   """The first groups of the last rollout: every sample of a prompt with its reward."""
   n = min(limit, len(host["rewards"]))
   texts = [f"{host['instruction'][i]} | reward {host['rewards'][i]:.2f}" for i in range(n)]
-  grid = evaluation.edit_grid(host["source_image"][:n], host["images"][:n],
-                              host["target_image"][:n], texts, None, n)
-  writer.write_images(step, {"rollouts": np.asarray(grid)[None]})
-  if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    grid.save(os.path.join(workdir, "samples", f"rollout_{step:07d}.png"))
+  records.write_image(writer, workdir, step, "rollouts", "rollout", evaluation.edit_grid(
+      host["source_image"][:n], host["images"][:n], host["target_image"][:n], texts, None, n))
 
 
 # ------------------------------------------------------------------------------------------
@@ -674,18 +601,17 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str, method: Method | N
                                         setup.abstract_state)
   ec = config.eval
   trained = state.ema_params if ec.use_ema else state.params
-  sampler = editor_sft.make_sampler(setup, config.sample.num_steps, config.sample.shift,
-                                    config.sample.guidance_scale)
-  batches = editor_sft.eval_batches(setup, ec.split, ec.example_kinds, ec.num_examples,
-                                    ec.batch_size)
+  sampler = editing.config_sampler(setup)
+  batches = editing.eval_batches(setup, ec.split, ec.example_kinds, ec.num_examples,
+                                 ec.batch_size)
   start = time.time()
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
   results = {}
   for name, params in (("after", setup.policy(trained, state.frozen)),
                        ("before", setup.reference(trained, state.frozen))):
-    results[name], first = editor_sft.evaluate(setup, params, batches, sampler, seed=ec.seed,
-                                               reward_fn=reward_fn)
+    results[name], first = editing.evaluate(setup, params, batches, sampler, seed=ec.seed,
+                                            reward_fn=reward_fn)
     evaluation.edit_grid(*first).save(os.path.join(out, f"edits_{name}.png"))
   summary = dict(results["after"])
   summary["before"] = results["before"]

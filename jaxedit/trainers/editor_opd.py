@@ -190,8 +190,8 @@ def make_update(setup: OPDSetup, teachers=None):
 
       loss, grads, metrics = flow_grpo.minibatch_grads(step_loss, params,
                                                        jnp.arange(trained_steps.shape[0]))
-      params, ema, opt_state, rate = editor_grpo.optimizer_step(
-          setup, hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
+      params, ema, opt_state, rate = setup.optimizer.update(
+          hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
       return (params, ema, opt_state), {**metrics, "loss": loss, "lr": rate,
                                         "grad_norm": optax.tree.norm(grads)}
 

@@ -35,8 +35,9 @@ from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.detect import detect
 from jaxedit.shapes.world import Scene
 from jaxedit.trainers import planner_sft
-from jaxedit.trainers.editor_grpo import GRPOState, check_tasks, optimizer_step
-from jaxedit.trainers.editor_sft import MetricsLog, check_batch_size, due
+from jaxedit.train import loop
+from jaxedit.train.setup import check_batch_size
+from jaxedit.trainers.editor_grpo import GRPOState, check_tasks
 
 ROLLOUT_FIELDS = planner_sft.RECORD_FIELDS + ("checklist", "source_scene", "num_steps", "task")
 BATCH_FIELDS = ("source_image", "prompt", "prompt_valid", "plan", "plan_valid")
@@ -175,7 +176,8 @@ def model_mismatch(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
 
 def init_state(setup, start_params) -> GRPOState:
   copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
-  opt_state = jax.jit(setup.tx.init, out_shardings=setup.state_shardings.opt_state)(start_params)
+  opt_state = jax.jit(setup.optimizer.init,
+                      out_shardings=setup.state_shardings.opt_state)(start_params)
   return GRPOState(jnp.zeros((), jnp.int32), copy(start_params), copy(start_params), opt_state,
                    start_params)
 
@@ -243,8 +245,8 @@ def make_update(setup):
                                       mb["plan_valid"], clip_range=hp["clip_range"],
                                       kl_beta=hp["kl_beta"], aggregation=g.aggregation)
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      params, ema, opt_state, rate = optimizer_step(
-          setup, hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
+      params, ema, opt_state, rate = setup.optimizer.update(
+          hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
       return (params, ema, opt_state), {**metrics, "loss": loss, "lr": rate,
                                         "grad_norm": optax.tree.norm(grads)}
 
@@ -308,30 +310,19 @@ class Method:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None = None) -> dict:
-  from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
-
   method = method or GRPO
-  os.makedirs(workdir, exist_ok=True)
+  run = loop.Run(config, workdir)
   setup, rollout_setup = overlap.make_setups(method.make_setup, config, rollouts_name(config),
                                              workdir)
   overlapped = rollout_setup is not setup
   tc, g = config.train, rollouts(config)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   logging.info("planner %s: %d prompts x %d plans per step, mesh %s", method.name,
                g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
-
-  # ---- Data ----
   data_iter = train_prompts(setup)
-
-  # ---- State: resume, or start from the SFT planner ----
-  mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
-  if mngr.latest_step() is not None:
-    state = checkpoint.restore(mngr, mngr.latest_step(), abstract_state(setup), data_iter)
-    logging.info("resumed from step %d", int(state.step))
-  else:
-    key = "ema_params" if config.init_params == "ema" else "params"
-    state = init_state(setup, load_start(setup, config.init_from, key))
-  start = int(state.step)
+  key = "ema_params" if config.init_params == "ema" else "params"
+  state = run.restore_or_init(abstract_state(setup), data_iter, lambda: init_state(
+      setup, load_start(setup, config.init_from, key)))
+  start = loop.step_of(state)
 
   update = method.make_update(setup)
   sampler = planner_sft.make_plan_sampler(setup)  # validation
@@ -340,27 +331,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
             if config.rewards.visual.weight else None)
   val_batches = planner_sft.eval_batches(setup, "validation", tc.eval_examples,
                                          config.eval.batch_size)
-  curve_path = os.path.join(workdir, "curve.json")
-  curve = json.load(open(curve_path)) if os.path.exists(curve_path) else []
-  curve = [p for p in curve if p["step"] <= start]
-  progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
-  preemption = checkpoint.Preemption()
-  t0 = time.time() - (curve[-1]["minutes"] * 60 if curve else 0.0)
   base_rng = jax.random.key(tc.seed)
 
-  def validate(step):
+  def validate(state, step):
     summary, samples = planner_sft.evaluate(setup, state.ema_params, val_batches, sampler)
-    minutes = (time.time() - t0) / 60
-    curve.append({"step": step, "minutes": round(minutes, 2), **summary})
-    writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()
-                                if isinstance(v, float)})
-    writer.write_texts(step, {"plans": planner_sft.format_samples(samples[:tc.sample_examples])})
-    logging.info("step %d (%.1f min): validation %s", step, minutes, summary)
-    if jax.process_index() == 0:
-      evaluation.write_metrics(curve_path, curve)
-
-  if start == 0 and tc.eval_every >= 0:
-    validate(0)
+    planner_sft.write_samples(run.writer, workdir, step, samples[:tc.sample_examples])
+    return summary, None
 
   def roll(step, params):
     """Iteration `step`'s plans (host arrays) and their rewards."""
@@ -375,42 +351,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None
     return arrays, records, rewards, visual
 
   schedule = overlap.Schedule(roll, rollout_setup, data_iter, tc.num_steps, overlapped)
-  schedule.start(start, state.params, mngr)
+  schedule.start(start, state.params, run.mngr)
 
-  # ---- Loop ----
-  step = start
-  log = MetricsLog(writer, workdir, prefix="train/")
-  try:
-    for step in range(start + 1, tc.num_steps + 1):
-      arrays, records, rewards, visual = schedule.rollouts(step, state.params)
-      batch = sharding.global_batch(
-          {**{k: arrays[k] for k in BATCH_FIELDS}, **method.extra_fields(setup, records)},
-          setup.batch_sharding)
-      state, metrics = update(state, batch, sharding.global_batch(
-          {"r": rewards}, setup.batch_sharding)["r"])
-      schedule.after_update(step)  # overlapped: the next rollouts, while the update runs
-      progress(step)
-      last = step == tc.num_steps
-      if step % tc.log_every == 0 or last:
-        scalars = {}
-        if visual is not None:
-          scalars["reward/visual"] = float(sharding.all_rows(visual).mean())
-        every = sharding.all_rows(rewards)  # every process's rollouts
-        scalars.update({"reward/mean": float(every.mean()), "reward/std": float(every.std()),
-                        "rollout/plan_tokens": float(
-                            sharding.all_rows(arrays["plan_valid"].sum(1)).mean())})
-        log(step, metrics, scalars)
-      if due(tc.eval_every, step, last):
-        validate(step)
-      if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
-                                last=last, preemption=preemption,
-                                **schedule.checkpoint_items()):
-        break
-  finally:
-    log.flush()
-    mngr.wait_until_finished()
-    preemption.restore()
-    writer.flush()
+  def step_fn(state, step):
+    arrays, records, rewards, visual = schedule.rollouts(step, state.params)
+    batch = sharding.global_batch(
+        {**{k: arrays[k] for k in BATCH_FIELDS}, **method.extra_fields(setup, records)},
+        setup.batch_sharding)
+    state, metrics = update(state, batch, sharding.global_batch(
+        {"r": rewards}, setup.batch_sharding)["r"])
+    schedule.after_update(step)  # overlapped: the next rollouts, while the update runs
+
+    def host_scalars():
+      scalars = {}
+      if visual is not None:
+        scalars["reward/visual"] = float(sharding.all_rows(visual).mean())
+      every = sharding.all_rows(rewards)  # every process's rollouts
+      scalars.update({"reward/mean": float(every.mean()), "reward/std": float(every.std()),
+                      "rollout/plan_tokens": float(
+                          sharding.all_rows(arrays["plan_valid"].sum(1)).mean())})
+      return scalars
+    return state, metrics, host_scalars
+
+  hooks = loop.Hooks(validate=validate, validate_start=True,
+                     checkpoint_items=schedule.checkpoint_items)
+  state, step, _, curve = loop.run(run, state, data_iter, step_fn, hooks, log_prefix="train/")
   return {"step": step, "curve": curve}
 
 

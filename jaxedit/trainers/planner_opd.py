@@ -145,8 +145,8 @@ def make_update(setup, teachers=None):
             "kl": token_mean(kl), **{f"kl_{name}": per_teacher[m] for m, name in enumerate(names)}}
 
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      params, ema, opt_state, rate = editor_grpo.optimizer_step(
-          setup, hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
+      params, ema, opt_state, rate = setup.optimizer.update(
+          hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
       return (params, ema, opt_state), {**metrics, "loss": loss, "lr": rate,
                                         "grad_norm": optax.tree.norm(grads)}
 

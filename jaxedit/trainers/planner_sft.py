@@ -35,8 +35,8 @@ from jaxedit.models.planner import Planner, model_config, planner_config
 from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.world import Scene
 from jaxedit.text import tokenizer as tokenizer_lib
-from jaxedit.trainers.editor_sft import (RunSetup, TrainState, apply_at_rate, assemble_setup,
-                                         MetricsLog, due, init_state, with_params)
+from jaxedit.train import loop, optimizer as optimizer_lib, setup as setup_lib
+from jaxedit.train.setup import TrainState
 
 RECORD_FIELDS = ("source_image", "instruction", "scene_text", "plan_steps")
 EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_family", "task")
@@ -111,7 +111,7 @@ def reference_config() -> ml_collections.ConfigDict:
 # Setup: everything that depends only on the config, shared by train and eval.
 # ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class Setup(RunSetup):
+class Setup(setup_lib.RunSetup):
   model: Planner
 
   @property
@@ -209,28 +209,23 @@ def make_model_and_mesh(config: ml_collections.ConfigDict, workdir: str, devices
     model = Planner(planner_config(config.model, world))
   except ValueError as e:
     raise ConfigError(f"config model: {e}") from None
-  try:
-    mesh = sharding.mesh_from_config(config.mesh, devices)
-  except ValueError as e:
-    raise ConfigError(f"config mesh: {e}") from None
-  rules = sharding.rules(config.mesh)
-  return world, tok, model, mesh, rules, sharding.batch_sharding(mesh, rules)
+  return (world, tok, model, *setup_lib.mesh_and_rules(config, devices))
 
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
   check_config(config)
   parts = make_model_and_mesh(config, workdir, devices)
-  return assemble_setup(Setup, config, parts, functools.partial(
-      _init_state, image_size=parts[0].image_size, prompt_len=config.prompt.max_prompt_len))
+  return setup_lib.assemble(Setup, config, parts, optimizer_lib.supervised(config.train),
+                            functools.partial(_init_state, image_size=parts[0].image_size,
+                                              prompt_len=config.prompt.max_prompt_len))
 
 
 def _init_state(rng, *, model: Planner, tx, image_size: int, prompt_len: int) -> TrainState:
   image = jnp.zeros((1, image_size, image_size, 3)) if model.cfg.vision else None
   ids = jnp.zeros((1, prompt_len), jnp.int32)
   valid = jnp.ones((1, model.cfg.prefix_len + prompt_len), bool)
-  params = planner_model.init_params(model, rng, ids, valid, image=image)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params))
+  return setup_lib.fresh_state(planner_model.init_params(model, rng, ids, valid, image=image),
+                               tx)
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,11 +285,8 @@ def make_train_step(setup: Setup):
   def step_fn(state: TrainState, batch: dict, hp: dict):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, setup.model, batch, cfg.train.cell_loss_weight)
-    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-    rate = hp["lr"] * setup.schedule(state.step)
-    params = apply_at_rate(state.params, updates, rate)
-    decay = jnp.minimum(cfg.train.ema_decay, (1.0 + state.step) / (10.0 + state.step))
-    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    params, ema, opt_state, rate = setup.optimizer.update(
+        hp, state.params, state.ema_params, state.opt_state, grads, state.step)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate, **aux}
     return TrainState(state.step + 1, params, ema, opt_state), metrics
 
@@ -423,82 +415,55 @@ def format_samples(samples) -> str:
 # ------------------------------------------------------------------------------------------
 # Training loop.
 # ------------------------------------------------------------------------------------------
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
+def write_samples(writer, workdir: str, step: int, samples) -> None:
+  """Validation plans beside their references, to TensorBoard and DIR/samples/."""
+  writer.write_texts(step, {"plans": format_samples(samples)})
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    with open(os.path.join(workdir, "samples", f"plans_{step:07d}.txt"), "w") as f:
+      f.write(format_samples(samples) + "\n")
 
+
+def start_state(setup: Setup) -> TrainState:
+  """A fresh run's state: initialised, with `init_from`'s LM when it names one."""
+  state = setup_lib.init_state(setup)
+  if setup.config.init_from:
+    state = setup_lib.with_params(state, pretrained.load_planner(
+        setup.config.init_from, setup.abstract_state.params, setup.model.cfg))
+  return state
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   pretrained.copy_tokenizer(config.init_from, workdir)
   setup = make_setup(config, workdir)
   tc = config.train
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  run = loop.Run(config, workdir)
   n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
   logging.info("planner: %.2fM parameters, mesh %s", n_params / 1e6, dict(setup.mesh.shape))
-
-  # ---- Data ----
-  local_batch = tc.batch_size // jax.process_count()
   cells = ("source_scene",) if tc.cell_loss_weight else ()  # the cell head's labels
-  train_data = make_dataset(setup.source("train"), local_batch, seed=tc.seed,
-                            fields=RECORD_FIELDS + cells, kinds=tc.example_kinds,
-                            worker_count=tc.worker_count)
-  data_iter = iter(train_data)
-
-  # ---- State: restore the latest checkpoint or initialise ----
-  mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
-  if mngr.latest_step() is not None:
-    state = checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state, data_iter)
-    logging.info("resumed from step %d", int(state.step))
-  else:
-    state = init_state(setup)
-    if config.init_from:
-      state = with_params(state, pretrained.load_planner(
-          config.init_from, setup.abstract_state.params, setup.model.cfg))
-  start = int(state.step)
-
+  data_iter = iter(make_dataset(setup.source("train"), tc.batch_size // jax.process_count(),
+                                seed=tc.seed, fields=RECORD_FIELDS + cells,
+                                kinds=tc.example_kinds, worker_count=tc.worker_count))
+  state = run.restore_or_init(setup.abstract_state, data_iter, lambda: start_state(setup))
   train_step = make_train_step(setup)
   sampler = make_plan_sampler(setup)
   val_batches = eval_batches(setup, "validation", tc.eval_examples, config.eval.batch_size)
-  curve_path = os.path.join(workdir, "curve.json")
-  curve = json.load(open(curve_path)) if os.path.exists(curve_path) else []
-  curve = [point for point in curve if point["step"] <= start]
-  progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
-  preemption = checkpoint.Preemption()
-  t0 = time.time() - (curve[-1]["minutes"] * 60 if curve else 0.0)
 
-  # ---- Loop ----
-  metrics = None
-  step = start
-  log = MetricsLog(writer, workdir)
-  try:
-    for step in range(start + 1, tc.num_steps + 1):
-      batch = sharding.global_batch(setup.examples(next(data_iter), trim=True),
-                                    setup.batch_sharding)
-      with jax.profiler.StepTraceAnnotation("train", step_num=step):
-        state, metrics = train_step(state, batch)
-      progress(step)
-      last = step == tc.num_steps
-      if step % tc.log_every == 0 or last:
-        log(step, metrics)
-      if due(tc.eval_every, step, last):
-        summary, samples = evaluate(setup, state.ema_params, val_batches, sampler)
-        minutes = (time.time() - t0) / 60
-        curve.append({"step": step, "minutes": round(minutes, 2), **summary})
-        writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()
-                                    if isinstance(v, float)})
-        writer.write_texts(step, {"plans": format_samples(samples[:tc.sample_examples])})
-        logging.info("step %d (%.1f min): validation %s", step, minutes, summary)
-        if jax.process_index() == 0:
-          evaluation.write_metrics(curve_path, curve)
-          os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-          with open(os.path.join(workdir, "samples", f"plans_{step:07d}.txt"), "w") as f:
-            f.write(format_samples(samples[:tc.sample_examples]) + "\n")
-      if checkpoint.save_if_due(mngr, step, state, data_iter, config, every=tc.checkpoint_every,
-                                last=last, preemption=preemption):
-        break
-  finally:
-    log.flush()
-    mngr.wait_until_finished()
-    preemption.restore()
-    writer.flush()
+  def step_fn(state, step):
+    batch = sharding.global_batch(setup.examples(next(data_iter), trim=True),
+                                  setup.batch_sharding)
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      state, metrics = train_step(state, batch)
+    return state, metrics, None
+
+  def validate(state, step):
+    summary, samples = evaluate(setup, state.ema_params, val_batches, sampler)
+    write_samples(run.writer, workdir, step, samples[:tc.sample_examples])
+    return summary, None
+
+  state, step, metrics, curve = loop.run(run, state, data_iter, step_fn,
+                                         loop.Hooks(validate=validate))
   return {"step": step, "curve": curve,
           "final_loss": None if metrics is None else float(metrics["loss"])}
 

@@ -22,7 +22,6 @@ import functools
 import json
 import logging
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import checkpoint, distributed, evaluation, flow, sharding, viz
+from jaxedit import checkpoint, distributed, editing, evaluation, flow, hparams, sharding, viz
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import make_dataset
@@ -38,8 +37,8 @@ from jaxedit.interop import vae_diffusers
 from jaxedit.models.editor import DTYPES
 from jaxedit.models.vae import AutoencoderKL, VAEConfig
 from jaxedit.shapes.detect import detect
-from jaxedit.trainers import editor_sft
-from jaxedit.trainers.editor_sft import TrainState
+from jaxedit.train import loop, optimizer as optimizer_lib, setup as setup_lib
+from jaxedit.train.setup import TrainState
 
 EXPORT = "diffusers"  # DIR/diffusers: the trained VAE as diffusers writes one
 
@@ -103,7 +102,7 @@ def vae_config(model: ml_collections.ConfigDict) -> VAEConfig:
 
 
 @dataclasses.dataclass
-class Setup(editor_sft.RunSetup):
+class Setup(setup_lib.RunSetup):
   model: AutoencoderKL
 
   @functools.cached_property
@@ -113,9 +112,8 @@ class Setup(editor_sft.RunSetup):
 
 
 def _init_state(rng, *, model, tx, image_size) -> TrainState:
-  params = model.init(rng, jnp.zeros((1, image_size, image_size, 3)))["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params))
+  return setup_lib.fresh_state(
+      model.init(rng, jnp.zeros((1, image_size, image_size, 3)))["params"], tx)
 
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
@@ -132,14 +130,9 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) ->
   if world.image_size % cfg.downscale:
     raise ConfigError(f"world.image_size {world.image_size} is not divisible by the VAE's "
                       f"{cfg.downscale}x downsampling")
-  try:
-    mesh = sharding.mesh_from_config(config.mesh, devices)
-  except ValueError as e:
-    raise ConfigError(f"config mesh: {e}") from None
-  rules = sharding.rules(config.mesh)
-  parts = (world, None, AutoencoderKL(cfg), mesh, rules, sharding.batch_sharding(mesh, rules))
-  return editor_sft.assemble_setup(Setup, config, parts, functools.partial(
-      _init_state, image_size=world.image_size))
+  parts = (world, None, AutoencoderKL(cfg), *setup_lib.mesh_and_rules(config, devices))
+  return setup_lib.assemble(Setup, config, parts, optimizer_lib.supervised(t),
+                            functools.partial(_init_state, image_size=world.image_size))
 
 
 # ------------------------------------------------------------------------------------------
@@ -164,27 +157,26 @@ def loss_fn(params, model: AutoencoderKL, images, rng, kl_weight: float):
 
 
 def make_train_step(setup: Setup):
-  """jitted (state, batch) -> (state, metrics) on the batch's source and target images."""
+  """jitted (state, batch) -> (state, metrics) on the batch's source and target images; the
+  learning rate is traced (`hparams`)."""
   cfg = setup.config
   base_rng = jax.random.key(cfg.train.seed)
 
-  def step_fn(state: TrainState, batch: dict):
+  def step_fn(state: TrainState, batch: dict, hp: dict):
     images = jnp.concatenate([batch["source_image"], batch["target_image"]])
     rng = jax.random.fold_in(base_rng, state.step)
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, setup.model, images, rng, cfg.train.kl_weight)
-    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
-    rate = cfg.train.lr * setup.schedule(state.step)
-    params = editor_sft.apply_at_rate(state.params, updates, rate)
-    decay = jnp.minimum(cfg.train.ema_decay, (1.0 + state.step) / (10.0 + state.step))
-    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    params, ema, opt_state, rate = setup.optimizer.update(
+        hp, state.params, state.ema_params, state.opt_state, grads, state.step)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate, **parts}
     return TrainState(state.step + 1, params, ema, opt_state), metrics
 
   replicated = sharding.replicated(setup.mesh)
-  step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding),
+  step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding, None),
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
-  return sharding.in_context(step, setup.mesh, setup.rules)
+  return hparams.bind(sharding.in_context(step, setup.mesh, setup.rules),
+                      hparams.values(cfg, hparams.SFT))
 
 
 def make_encoder_decoder(setup: Setup):
@@ -272,61 +264,33 @@ def write_diffusers(setup: Setup, params, folder: str) -> dict:
 # Training loop.
 # ------------------------------------------------------------------------------------------
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  from clu import metric_writers, periodic_actions  # imports TensorFlow: only when training
-
-  os.makedirs(workdir, exist_ok=True)
   setup = make_setup(config, workdir)
   tc = config.train
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  run = loop.Run(config, workdir)
   n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
   logging.info("VAE: %.2fM parameters, %dx downsampling to %d channels", n_params / 1e6,
                setup.model.cfg.downscale, setup.model.cfg.latent_channels)
-
-  # ---- Data ----
   data_iter = iter(make_dataset(setup.source("train"), tc.batch_size // jax.process_count(),
-                                seed=tc.seed, fields=editor_sft.IMAGE_FIELDS,
+                                seed=tc.seed, fields=editing.IMAGE_FIELDS,
                                 kinds=tc.example_kinds, worker_count=tc.worker_count))
-
-  # ---- State: restore the latest checkpoint or initialise ----
-  mngr = checkpoint.manager(workdir, tc.keep_checkpoints, tc.async_checkpoints)
-  if mngr.latest_step() is not None:
-    state = checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state, data_iter)
-    logging.info("resumed from step %d", int(state.step))
-  else:
-    state = editor_sft.init_state(setup)
-  start = int(state.step)
+  state = run.restore_or_init(setup.abstract_state, data_iter,
+                              lambda: setup_lib.init_state(setup))
   train_step = make_train_step(setup)
   val = image_batches(setup, "validation", tc.example_kinds, tc.eval_examples,
                       config.eval.batch_size)
-  progress = periodic_actions.ReportProgress(num_train_steps=tc.num_steps, writer=writer)
-  preemption = checkpoint.Preemption()
 
-  # ---- Loop ----
-  metrics, step, t0 = None, start, time.time()
-  log = editor_sft.MetricsLog(writer, workdir)
-  try:
-    for step in range(start + 1, tc.num_steps + 1):
-      batch = sharding.global_batch(next(data_iter), setup.batch_sharding)
-      state, metrics = train_step(state, batch)
-      progress(step)
-      last = step == tc.num_steps
-      if step % tc.log_every == 0 or last:
-        log(step, metrics)
-      if editor_sft.due(tc.eval_every, step, last):
-        summary, first = evaluate(setup, state.ema_params, val)
-        writer.write_scalars(step, {f"val/{k}": v for k, v in summary.items()})
-        writer.write_images(step, {"reconstructions": np.concatenate(
-            [np.concatenate(first[0][:8], 1), np.concatenate(first[1][:8], 1)], 0)[None]})
-        logging.info("step %d (%.1f min): validation %s", step, (time.time() - t0) / 60,
-                     summary)
-      if checkpoint.save_if_due(mngr, step, state, data_iter, config,
-                                every=tc.checkpoint_every, last=last, preemption=preemption):
-        break
-  finally:
-    log.flush()
-    mngr.wait_until_finished()
-    preemption.restore()
-    writer.flush()
+  def step_fn(state, step):
+    batch = sharding.global_batch(next(data_iter), setup.batch_sharding)
+    return (*train_step(state, batch), None)
+
+  def validate(state, step):
+    summary, first = evaluate(setup, state.ema_params, val)
+    run.writer.write_images(step, {"reconstructions": np.concatenate(
+        [np.concatenate(first[0][:8], 1), np.concatenate(first[1][:8], 1)], 0)[None]})
+    return summary, None
+
+  state, step, metrics, _ = loop.run(run, state, data_iter, step_fn,
+                                     loop.Hooks(validate=validate))
   out = {"step": step, "final_loss": None if metrics is None else float(metrics["loss"])}
   if step == tc.num_steps:
     out["export"] = write_diffusers(setup, state.ema_params, os.path.join(workdir, EXPORT))
