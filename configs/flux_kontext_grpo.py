@@ -13,13 +13,13 @@ trains the shapes world today, and this config is checked with eval_shape
 (tests/test_model_report.py).
 """
 
-from jaxedit.trainers import editor_grpo
+from jaxedit import schema
 
 
 def get_config(arg=None):
   if arg is not None:
     raise ValueError(f"unknown config arg {arg!r}")
-  config = editor_grpo.reference_config()
+  config = schema.editor_grpo()
   config.world.image_size = 512
   m = config.model
   m.patch_size, m.num_heads, m.head_dim, m.axes_dims_rope = 2, 24, 128, (16, 56, 56)

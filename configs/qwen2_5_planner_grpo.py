@@ -11,13 +11,13 @@ tokens) is trained from scratch in front of it. Real-image data is not wired yet
 is checked with eval_shape (tests/test_model_report.py).
 """
 
-from jaxedit.trainers import planner_grpo
+from jaxedit import schema
 
 
 def get_config(arg=None):
   if arg is not None:
     raise ValueError(f"unknown config arg {arg!r}")
-  config = planner_grpo.reference_config()
+  config = schema.planner_grpo()
   config.world.image_size = 512
   config.tokenizer.vocab_size = 151_665  # Qwen2.5's tokenizer, added tokens included
   m = config.model

@@ -3,11 +3,11 @@
 Arg `small` builds a few hundred examples per split (seconds), for a quick look.
 """
 
-from jaxedit.data import job
+from jaxedit import schema
 
 
 def get_config(arg=None):
-  config = job.reference_config()
+  config = schema.dataset()
   if arg == "small":
     for split, (atomic, abstract) in {"train": (400, 440), "validation": (50, 55),
                                       "test": (100, 110)}.items():

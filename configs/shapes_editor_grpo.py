@@ -17,13 +17,12 @@ import os
 
 import ml_collections
 
-from jaxedit import sweep
+from jaxedit import schema, sweep
 from jaxedit.config import load_file
-from jaxedit.trainers import editor_grpo
 
 
 def get_config(arg=None):
-  config = editor_grpo.reference_config()
+  config = schema.editor_grpo()
   # The model, data and eval sampler of the SFT run this one starts from.
   sft = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                "shapes_editor_sft.py" + (f":{arg}" if arg in ("demo", "latent")

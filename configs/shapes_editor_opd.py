@@ -16,12 +16,12 @@ import os
 
 import ml_collections
 
+from jaxedit import schema
 from jaxedit.config import load_file
-from jaxedit.trainers import editor_opd
 
 
 def get_config(arg=None):
-  config = editor_opd.reference_config()
+  config = schema.editor_opd()
   # Model, data, sampler, rewards (logged only), schedule and eval of the GRPO runs.
   grpo = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "shapes_editor_grpo.py" + (":demo" if arg == "demo" else "")))

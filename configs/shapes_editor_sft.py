@@ -7,11 +7,11 @@
         --config.model.vae.init_from=VAE_DIR/diffusers   # on configs/shapes_vae.py's latents
 """
 
-from jaxedit.trainers import editor_sft
+from jaxedit import schema
 
 
 def get_config(arg=None):
-  config = editor_sft.reference_config()
+  config = schema.editor_sft()
   config.data.splits.train.abstract = 0  # the editor learns atomic edits
   # Two 64-wide heads with most RoPE dims on the row/column axes: with (8, 12, 12) only two
   # frequencies per axis turn noticeably over 8 positions, and "row 2, column 3" (move, add)

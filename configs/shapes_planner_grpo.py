@@ -14,14 +14,14 @@ import os
 
 import ml_collections
 
+from jaxedit import schema
 from jaxedit.config import load_file
-from jaxedit.trainers import planner_grpo
 
 SFT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_planner_sft.py")
 
 
 def get_config(arg=None):
-  config = planner_grpo.reference_config()
+  config = schema.planner_grpo()
   # The prompt layout (and so the model inputs) of the SFT start.
   config.prompt = ml_collections.ConfigDict(
       load_file(SFT_CONFIG + (":scene_text" if arg == "scene_text" else "")).prompt.to_dict())

@@ -19,12 +19,12 @@ import os
 
 import ml_collections
 
+from jaxedit import schema
 from jaxedit.config import load_file
-from jaxedit.trainers import planner_opd
 
 
 def get_config(arg=None):
-  config = planner_opd.reference_config()
+  config = schema.planner_opd()
   grpo = load_file(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                 "shapes_planner_grpo.py"))
   for section in ("prompt", "train", "eval", "rewards"):

@@ -7,11 +7,11 @@ whose plan is one step).
     jaxedit eval  --config configs/shapes_planner_sft.py --workdir DIR
 """
 
-from jaxedit.trainers import planner_sft
+from jaxedit import schema
 
 
 def get_config(arg=None):
-  config = planner_sft.reference_config()
+  config = schema.planner_sft()
   config.prompt.max_plan_len = 96  # the longest reference plan is 85 tokens with EOS
   if arg == "scene_text":  # the detector's scene description in the prompt, besides the image
     config.prompt.scene_as_text = True

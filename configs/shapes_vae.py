@@ -9,12 +9,12 @@
 `:latent` editor config expects.
 """
 
-from jaxedit.trainers import vae
+from jaxedit import schema
 
 
 def get_config(arg=None):
   if arg is not None:
     raise ValueError(f"unknown config arg {arg!r}")
-  config = vae.reference_config()
+  config = schema.vae()
   config.data.splits.train.abstract = 0  # atomic pairs: every image kind the editor sees
   return config.lock()

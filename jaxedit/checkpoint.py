@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run: train state, data iterator state and config (DESIGN.md 9).
+"""Orbax checkpoints of a run: train state, data iterator state and config (docs/design.md 9).
 
 Saves are asynchronous and atomic (orbax writes to a temporary directory and renames), the
 last `keep` are kept, and restoring takes abstract arrays that carry the *target*

@@ -16,7 +16,7 @@ import logging
 import sys
 
 
-from jaxedit import registry
+from jaxedit import benchmarks, registry, schema
 from jaxedit.config import ConfigError, apply_overrides, load_file, validate
 from jaxedit.data.pipeline import CorruptRecordError
 from jaxedit.interop.torch_names import MappingError
@@ -28,11 +28,16 @@ CONFIG_PREFIX = "--config."
 def _data_job():
   from jaxedit.data import job
 
-  return job.reference_config, job.run
+  return schema.dataset, job.run
 
 
 def _trainer(config):
   return registry.module(config.get("trainer"))
+
+
+def _reference(config):
+  registry.get(config.get("trainer"))  # names the registered trainers if it is not one
+  return lambda: schema.reference_config(config.trainer)
 
 
 # subcommand -> (help, config -> (reference config function, job function))
@@ -40,9 +45,9 @@ COMMANDS = {
     "data": ("build the shapes dataset, print its statistics, write contact sheets",
              lambda config: _data_job()),
     "train": ("train the model a config names (config.trainer), resuming from DIR",
-              lambda config: (_trainer(config).reference_config, _trainer(config).train)),
+              lambda config: (_reference(config), _trainer(config).train)),
     "eval": ("score the latest checkpoint in DIR; writes DIR/eval/metrics.json",
-             lambda config: (_trainer(config).reference_config, _trainer(config).run_eval)),
+             lambda config: (_reference(config), _trainer(config).run_eval)),
 }
 
 
@@ -77,9 +82,7 @@ def parser() -> argparse.ArgumentParser:
                  help="EMA or raw parameters (default: those the run's eval uses)")
   b = sub.add_parser("bench", help="benchmark suites against their PyTorch references; "
                      "prints a table, writes JSON")
-  from jaxedit import bench  # argparse only; the suites import their libraries when run
-
-  bench.add_arguments(b)
+  benchmarks.add_arguments(b)
   return p
 
 

@@ -14,7 +14,7 @@ jitted steps take it as an ordinary argument: no weights are baked into compiled
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -91,12 +91,3 @@ def make_codec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Co
   if codec.vae is None:
     return codec
   return Codec(*pretrained.load_vae(vae_folder(config), codec.params, codec.vae))
-
-
-def bind(jitted_fn: Callable, codec: Codec) -> Callable:
-  """`jitted_fn(codec, *args)` as `f(*args)`; `f.jitted` keeps the program (called with the
-  codec first) for dry runs."""
-  def bound(*args):
-    return jitted_fn(codec, *args)
-  bound.jitted = jitted_fn.jitted
-  return bound

@@ -1,4 +1,4 @@
-"""Config files, command-line overrides and validation (DESIGN.md section 10).
+"""Config files, command-line overrides and validation (docs/design.md section 10).
 
 A config file is Python with `get_config(arg=None) -> ml_collections.ConfigDict`, selected as
 `path/to/file.py[:arg]` and overridden with `--config.key.sub=value`. Every job validates its

@@ -1,4 +1,4 @@
-"""Joining a multi-process run (DESIGN.md section 8): `jax.distributed` from config or env.
+"""Joining a multi-process run (docs/design.md section 8): `jax.distributed` from config or env.
 
 Every process of a pod runs the same command. How they find each other, in order:
   1. the config's `distributed.coordinator_address` / `num_processes` (shared by all
@@ -19,6 +19,7 @@ import os
 import jax
 import ml_collections
 
+from jaxedit import schema
 from jaxedit.config import ConfigError
 
 ENV_ADDRESS = "JAXEDIT_COORDINATOR_ADDRESS"
@@ -28,14 +29,6 @@ ENV_AUTO = "JAXEDIT_DISTRIBUTED"
 MODES = ("auto", "always", "never")
 
 
-def config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "initialize": "auto",  # auto: when the config or the environment names a cluster
-      "coordinator_address": "",  # host:port of process 0
-      "num_processes": 0,
-      "process_id": -1,  # usually from JAXEDIT_PROCESS_ID: the config is shared
-      "timeout_s": 300,
-  })
 
 
 def _env_int(name: str) -> int | None:
@@ -51,7 +44,7 @@ def _env_int(name: str) -> int | None:
 def resolve(cfg: ml_collections.ConfigDict | None) -> dict | None:
   """The keyword arguments for `jax.distributed.initialize`, or None for a single process.
   Pure (reads only `cfg` and the environment), so it is tested without starting anything."""
-  cfg = cfg if cfg is not None else config()
+  cfg = cfg if cfg is not None else schema.distributed()
   mode = cfg.get("initialize", "auto")
   if mode not in MODES:
     raise ConfigError(f"config key 'distributed.initialize' must be one of {MODES}, "

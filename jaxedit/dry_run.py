@@ -18,9 +18,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from jaxedit import codec as codec_lib
-from jaxedit import editing, flops, hparams, overlap, registry, sharding
-from jaxedit.config import ConfigError
+from jaxedit import editing, flops, hparams, opd, overlap, registry, sharding
 from jaxedit.interop import pretrained
+from jaxedit.rl import editor_policy, planner_policy
+from jaxedit.trainers import (editor_grpo, editor_opd, editor_sft, planner_grpo, planner_opd,
+                              planner_sft, vae)
 
 GiB = 2.0 ** 30
 
@@ -29,14 +31,14 @@ def _abstract(shape, dtype, sharding_):
   return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_)
 
 
-def _program(name: str, jitted, setup, args) -> dict:
+def _program(name: str, program: sharding.Program, args) -> dict:
   """Matmul FLOPs (whole program) and compiled memory (per device) of one step program."""
-  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    count = flops.count(jitted, *args)
-    memory = jitted.lower(*args).compile().memory_analysis()
+  with jax.set_mesh(program.mesh), nn.logical_axis_rules(program.rules):
+    count = flops.count(program.jitted, *program.arguments(*args))
+  memory = program.lower(*args).compile().memory_analysis()
   fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
             "alias_size_in_bytes", "generated_code_size_in_bytes")
-  out = {"program": name, "flops": count, "devices": setup.mesh.size}
+  out = {"program": name, "flops": count, "devices": program.mesh.size}
   if memory is not None:
     out.update({f.removesuffix("_in_bytes"): int(getattr(memory, f, 0)) for f in fields})
     out["peak_estimate"] = (out["argument_size"] + out["output_size"] + out["temp_size"]
@@ -44,98 +46,113 @@ def _program(name: str, jitted, setup, args) -> dict:
   return out
 
 
-def _editor_sft(setup):
-  from jaxedit.trainers import editor_sft
+def _images(n, size, sharding_):
+  return _abstract((n, size, size, 3), jnp.uint8, sharding_)
 
+
+def _editor_sft(setup):
   c, bs = setup.config, setup.batch_sharding
   n, size = c.train.batch_size, setup.world.image_size
-  batch = {"source_image": _abstract((n, size, size, 3), jnp.uint8, bs),
-           "target_image": _abstract((n, size, size, 3), jnp.uint8, bs),
+  batch = {"source_image": _images(n, size, bs), "target_image": _images(n, size, bs),
            "ids": _abstract((n, c.model.text_max_len), jnp.int32, bs),
            "mask": _abstract((n, c.model.text_max_len), jnp.bool_, bs)}
-  step = editor_sft.make_train_step(setup)
-  return [("train_step", step.unbound.jitted,
-           (setup.codec, setup.abstract_state, batch, step.hparams))]
+  return [("train_step", editor_sft.make_train_step(setup), (setup.abstract_state, batch))]
+
+
+def _planner_batch(setup, n):
+  bs, size, p = setup.batch_sharding, setup.world.image_size, setup.config.prompt
+  return {"source_image": _images(n, size, bs),
+          "prompt": _abstract((n, p.max_prompt_len), jnp.int32, bs),
+          "prompt_valid": _abstract((n, p.max_prompt_len), jnp.bool_, bs),
+          "plan": _abstract((n, p.max_plan_len), jnp.int32, bs),
+          "plan_valid": _abstract((n, p.max_plan_len), jnp.bool_, bs)}
 
 
 def _planner_sft(setup):
-  from jaxedit.trainers import planner_sft
-
-  c, bs = setup.config, setup.batch_sharding
-  n, size, p = c.train.batch_size, setup.world.image_size, c.prompt
-  batch = {"source_image": _abstract((n, size, size, 3), jnp.uint8, bs),
-           "prompt": _abstract((n, p.max_prompt_len), jnp.int32, bs),
-           "prompt_valid": _abstract((n, p.max_prompt_len), jnp.bool_, bs),
-           "plan": _abstract((n, p.max_plan_len), jnp.int32, bs),
-           "plan_valid": _abstract((n, p.max_plan_len), jnp.bool_, bs)}
-  step = planner_sft.make_train_step(setup)
-  return [("train_step", step.unbound.jitted, (setup.abstract_state, batch, step.hparams))]
+  batch = _planner_batch(setup, setup.config.train.batch_size)
+  return [("train_step", planner_sft.make_train_step(setup), (setup.abstract_state, batch))]
 
 
-def _editor_grpo(setup, rollout_setup=None):
-  """The rollout on `rollout_setup`'s mesh (its own devices with grpo.rollout_devices), the
+def _planner_rl(setup, trainer):
+  """The update on P * G sampled plans (rollouts decode with the planner's sampler)."""
+  g = planner_policy.rollouts(setup.config)
+  n, bs = g.prompts_per_step * g.group_size, setup.batch_sharding
+  batch = _planner_batch(setup, n)
+  state = planner_policy.abstract_state(setup)
+  if trainer == "planner_opd":
+    teachers = [state.frozen] * len(opd.teacher_tasks(setup.config.opd.teachers))
+    update = planner_opd.make_update(setup, teachers)
+    batch["route"] = _abstract((n,), jnp.int32, bs)
+  else:
+    update = planner_grpo.make_update(setup)
+  return [("update", update, (state, batch, _abstract((n,), jnp.float32, bs)))]
+
+
+def _editor_rl(setup, rollout_setup, trainer):
+  """The rollout on `rollout_setup`'s mesh (its own devices with rollout_devices > 0), the
   update on `setup`'s."""
-  from jaxedit.trainers import editor_grpo
-
-  rollout_setup = rollout_setup or setup
   c, bs, g = setup.config, rollout_setup.batch_sharding, setup.rollouts
   n, size = g.prompts_per_step * g.group_size // g.rollout_chunks, setup.world.image_size
-  chunk = {"source_image": _abstract((n, size, size, 3), jnp.uint8, bs),
+  chunk = {"source_image": _images(n, size, bs),
            "ids": _abstract((n, c.model.text_max_len), jnp.int32, bs),
            "mask": _abstract((n, c.model.text_max_len), jnp.bool_, bs)}
   levels, trained = setup.levels_and_steps(1)
-  rollout = editor_grpo.make_rollout(rollout_setup)
-  rs, key = rollout_setup.abstract_state, jax.random.key(0)
-  args = (rollout_setup.codec, rs.params, rs.frozen, chunk, levels, key)
-  with jax.set_mesh(rollout_setup.mesh), nn.logical_axis_rules(rollout_setup.rules):
-    out = jax.eval_shape(rollout.jitted, *args)
+  rollout = editor_policy.make_rollout(rollout_setup)
+  rs = rollout_setup.abstract_state
+  args = (rs.params, rs.frozen, chunk, levels, jax.random.key(0))
+  out = rollout.eval_shape(*args)
   on_update = lambda x: _abstract(x.shape, x.dtype, jax.sharding.NamedSharding(
       setup.mesh, x.sharding.spec))  # as overlap.to_mesh moves them
   chunk = {**chunk, **{k: out[k] for k in ("source", "latents", "log_probs")},
            "rewards": _abstract((n,), jnp.float32, bs)}
+  if trainer == "editor_opd":
+    chunk["route"] = _abstract((n,), jnp.int32, bs)
+    teachers = [setup.abstract_state.frozen] * len(opd.teacher_tasks(c.opd.teachers))
+    update = editor_opd.make_update(setup, teachers)
+  else:
+    update = editor_grpo.make_update(setup)
   chunks = [jax.tree.map(on_update, chunk)] * g.rollout_chunks
-  update = editor_grpo.make_update(setup)
-  return [("rollout", rollout.jitted, args, rollout_setup),
-          ("update", update.unbound.jitted,
-           (setup.abstract_state, chunks, levels, trained, update.hparams))]
+  return [("rollout", rollout, args),
+          ("update", update, (setup.abstract_state, chunks, levels, trained))]
 
 
 def _vae(setup):
-  from jaxedit.trainers import vae
-
   bs, n, size = setup.batch_sharding, setup.config.train.batch_size, setup.world.image_size
-  batch = {k: _abstract((n, size, size, 3), jnp.uint8, bs) for k in editing.IMAGE_FIELDS}
-  step = vae.make_train_step(setup)
-  return [("train_step", step.unbound.jitted, (setup.abstract_state, batch, step.hparams))]
+  batch = {k: _images(n, size, bs) for k in editing.IMAGE_FIELDS}
+  return [("train_step", vae.make_train_step(setup), (setup.abstract_state, batch))]
 
 
-PROGRAMS = {"editor_sft": _editor_sft, "planner_sft": _planner_sft,
-            "editor_grpo": _editor_grpo, "vae": _vae}
+# trainer -> (setup, rollout setup, trainer) -> [(name, program, arguments)]
+PROGRAMS = {
+    "editor_sft": lambda setup, _, __: _editor_sft(setup),
+    "planner_sft": lambda setup, _, __: _planner_sft(setup),
+    "vae": lambda setup, _, __: _vae(setup),
+    "editor_grpo": _editor_rl, "editor_opd": _editor_rl,
+    "planner_grpo": lambda setup, _, trainer: _planner_rl(setup, trainer),
+    "planner_opd": lambda setup, _, trainer: _planner_rl(setup, trainer),
+}
+assert set(PROGRAMS) == set(registry.BY_NAME), "every registered trainer has a dry run"
 
 
 def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Compiles the run's step programs on its mesh; returns (and prints) the figures."""
-  trainer = config.trainer
-  if trainer not in PROGRAMS:
-    raise ConfigError(f"--dry_run supports {sorted(PROGRAMS)}; for {trainer} use "
-                      "`python -m jaxedit.model_report` (sizes without compiling)")
+  trainer = registry.get(config.trainer).name
   module = registry.module(trainer)
   with tempfile.TemporaryDirectory() as scratch:  # the run's folder is left untouched
     for source in (workdir, config.get("init_from", "")):
       if source and os.path.exists(os.path.join(source, "tokenizer.json")):
         pretrained.copy_tokenizer(source, scratch)
         break
-    if trainer == "editor_grpo":  # the rollouts may have devices of their own
-      setup, rollout_setup = overlap.make_setups(module.make_setup, config, "grpo",
-                                                 scratch)
+    section = registry.get(trainer).rollouts
+    if section:  # the rollouts may have devices of their own
+      setup, rollout_setup = overlap.make_setups(module.make_setup, config, section, scratch)
     else:
       setup = rollout_setup = module.make_setup(config, scratch)
     if hasattr(type(setup), "codec"):  # editors: the VAE (if any) compiles without weights
       for s in {id(setup): setup, id(rollout_setup): rollout_setup}.values():
         s.codec = codec_lib.abstract_codec(config, s.mesh)
-    args = (setup, rollout_setup) if rollout_setup is not setup else (setup,)
-    programs = [_program(name, fn, on[0] if on else setup, a)
-                for name, fn, a, *on in PROGRAMS[trainer](*args)]
+    programs = [_program(name, program, args)
+                for name, program, args in PROGRAMS[trainer](setup, rollout_setup, trainer)]
   state = setup.abstract_state
   out = {"trainer": trainer, "mesh": dict(setup.mesh.shape), "devices": setup.mesh.size,
          "parameters": int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))),

@@ -23,7 +23,7 @@ from jaxedit.data.pipeline import make_dataset
 from jaxedit.models import editor as editor_model
 from jaxedit.models.editor import Editor, EditorConfig, editor_config
 from jaxedit.text import tokenizer as tokenizer_lib
-from jaxedit.train import records, setup as setup_lib
+from jaxedit.train import optimizer as optimizer_lib, records, setup as setup_lib
 
 IMAGE_FIELDS = ("source_image", "target_image")
 EVAL_INFO = ("instruction", "checklist", "family", "task")
@@ -65,6 +65,13 @@ def make_parts(config: ml_collections.ConfigDict, workdir: str, devices=None):
   except ValueError as e:
     raise ConfigError(str(e)) from None
   return (world, tok, model, *setup_lib.mesh_and_rules(config, devices))
+
+
+def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
+  """The editor's setup with the supervised optimizer of the config's `train` section."""
+  return setup_lib.assemble(Setup, config, make_parts(config, workdir, devices),
+                            optimizer_lib.supervised(config.train), functools.partial(
+                                init_state, text_len=config.model.text_max_len))
 
 
 def dummy_inputs(cfg: EditorConfig, text_len: int, batch: int = 1):
@@ -115,7 +122,7 @@ def make_sampler(setup: Setup, num_steps: int, shift: float, guidance_scale: flo
   sample = jax.jit(sample, in_shardings=(sharding.replicated(setup.mesh),
                                          setup.param_shardings, setup.batch_sharding, None),
                    out_shardings=setup.batch_sharding)
-  return codec_lib.bind(sharding.in_context(sample, setup.mesh, setup.rules), setup.codec)
+  return sharding.Program(sample, setup.mesh, setup.rules, (setup.codec,))
 
 
 def eval_batches(setup, split: str, kinds, num_examples: int, batch_size: int):

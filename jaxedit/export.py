@@ -25,7 +25,7 @@ import flax
 import jax
 import numpy as np
 
-from jaxedit import inference, lora, plans
+from jaxedit import lora, plans, workdirs
 from jaxedit.config import ConfigError
 from jaxedit.interop import flux_diffusers, lm_transformers, safetensors_io, vae_diffusers
 from jaxedit.text import tokenizer as tokenizer_lib
@@ -62,7 +62,7 @@ def _version(package: str, default: str) -> str:
 
 
 def export_editor(workdir: str, out: str, dtype: str, weights: str) -> dict:
-  loaded = inference.load_editor(workdir, batch_size=jax.device_count(), weights=weights)
+  loaded = workdirs.load_editor(workdir, batch_size=jax.device_count(), weights=weights)
   setup, config = loaded.setup, loaded.setup.config
   params = _merged(loaded.params, config.model)
   cfg = setup.model.cfg
@@ -95,7 +95,7 @@ def export_editor(workdir: str, out: str, dtype: str, weights: str) -> dict:
 
 
 def export_planner(workdir: str, out: str, dtype: str, weights: str) -> dict:
-  loaded = inference.load_planner(workdir, batch_size=jax.device_count(), weights=weights)
+  loaded = workdirs.load_planner(workdir, batch_size=jax.device_count(), weights=weights)
   setup, config = loaded.setup, loaded.config
   params = _merged(loaded.params, config.model)
   cfg = setup.model.cfg

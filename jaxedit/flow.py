@@ -1,4 +1,4 @@
-"""Flow-matching maths (DESIGN.md section 4): t in [0, 1], t = 1 is noise, t = 0 is data.
+"""Flow-matching maths (docs/design.md section 4): t in [0, 1], t = 1 is noise, t = 0 is data.
 
 x_t = (1 - t) x0 + t eps, target velocity v = eps - x0, sampling from t = 1 down to 0.
 """
@@ -101,7 +101,7 @@ def euler_sample(velocity: Callable, x1, times):
 
 
 # ------------------------------------------------------------------------------------------
-# Stochastic sampling with log-probabilities (Flow-GRPO, DESIGN.md section 5).
+# Stochastic sampling with log-probabilities (Flow-GRPO, docs/design.md section 5).
 # ------------------------------------------------------------------------------------------
 SDE_TYPES = ("sde", "cps")
 

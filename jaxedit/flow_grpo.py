@@ -1,4 +1,4 @@
-"""Flow-GRPO for the editor (DESIGN.md section 5): SDE rollouts that record their trajectory
+"""Flow-GRPO for the editor (docs/design.md section 5): SDE rollouts that record their trajectory
 and log-probs, and the per-step clipped-ratio loss with the KL to a frozen reference.
 
 Functions of a `velocity(params, x, t, source, text)`; the trainer jits and shards them.

@@ -1,5 +1,5 @@
 """GRPO maths shared by the editor (Flow-GRPO) and the planner: group-normalised advantages
-and the clipped ratio objective (DESIGN.md sections 5 and 6). Pure jnp, so it runs inside
+and the clipped ratio objective (docs/design.md sections 5 and 6). Pure jnp, so it runs inside
 jit on global (sharded) arrays.
 """
 
@@ -58,7 +58,7 @@ def k3_kl(logp, logp_ref):
 
 def token_policy_loss(logp, logp_old, logp_ref, advantages, mask, *, clip_range: float,
                       kl_beta: float, aggregation: str = "sequence_mean"):
-  """Token-level GRPO loss for the planner (DESIGN.md section 6).
+  """Token-level GRPO loss for the planner (docs/design.md section 6).
 
   logp, logp_old, logp_ref, mask: (N, T) log-probs of the sampled tokens under the policy
   being trained, the policy that sampled them and the frozen reference; advantages: (N,),

@@ -10,7 +10,7 @@ input array and the rewards are computed on the host.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Mapping
 
 import ml_collections
 import numpy as np
@@ -41,11 +41,3 @@ def free_keys(trainer: str) -> tuple[str, ...]:
   """Config keys a sweep may vary without compiling anything new (prefixes end in '.')."""
   known = registry.BY_NAME.get(trainer)
   return tuple(known.hparams.values() if known else ()) + HOST_SIDE
-
-
-def bind(fn: Callable, hp: dict) -> Callable:
-  """`fn(*args, hp)` as `f(*args)`, with `hp` (the traced values) fixed."""
-  def bound(*args):
-    return fn(*args, hp)
-  bound.hparams, bound.unbound = hp, fn
-  return bound

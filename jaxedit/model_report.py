@@ -20,9 +20,10 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from jaxedit import editing, lora, sharding
+from jaxedit import editing, lora, planning, sharding
 from jaxedit.config import ConfigError, load_file
 from jaxedit.registry import EDITORS, PLANNERS
+from jaxedit.rl import editor_policy, planner_policy
 from jaxedit.models.editor import Editor, editor_config, uses_vae, vae_config
 from jaxedit.models.planner import Planner, planner_config
 from jaxedit.models.vae import AutoencoderKL
@@ -49,8 +50,6 @@ def _bytes_per_device(boxed, mesh, rules) -> int:
 
 def editor_state(config: ml_collections.ConfigDict):
   """(model, boxed abstract train state) of an editor trainer's config."""
-  from jaxedit.trainers import editor_grpo
-
   model = Editor(editor_config(config.model, config.world.image_size,
                                config.tokenizer.vocab_size))
   dummy = editing.dummy_inputs(model.cfg, config.model.text_max_len)
@@ -61,7 +60,7 @@ def editor_state(config: ml_collections.ConfigDict):
   else:
     section = "grpo" if config.trainer == "editor_grpo" else "opd"
     tx = optimizer_lib.on_policy(config.train, config[section].get("accumulate", 1)).tx
-    init = functools.partial(editor_grpo._init_state, model=model, tx=tx,
+    init = functools.partial(editor_policy._init_state, model=model, tx=tx,
                              use_lora=config.model.lora_rank > 0, dummy=dummy)
   return model, jax.eval_shape(init, jax.random.key(0))
 
@@ -69,13 +68,11 @@ def editor_state(config: ml_collections.ConfigDict):
 def planner_state(config: ml_collections.ConfigDict):
   """(model, boxed abstract train state) of a planner trainer's config; GRPO and OPD also
   keep the starting parameters as the reference (`frozen`)."""
-  from jaxedit.trainers import planner_grpo, planner_sft
-
-  sft_like = config if config.trainer == "planner_sft" else planner_grpo.as_sft_config(config)
+  sft_like = config if config.trainer == "planner_sft" else planner_policy.as_sft_config(config)
   model = Planner(planner_config(config.model, config.world))
   tx = optimizer_lib.supervised(sft_like.train).tx
   state = jax.eval_shape(functools.partial(
-      planner_sft._init_state, model=model, tx=tx, image_size=config.world.image_size,
+      planning.init_state, model=model, tx=tx, image_size=config.world.image_size,
       prompt_len=config.prompt.max_prompt_len), jax.random.key(0))
   if config.trainer != "planner_sft":
     state = {"params": state.params, "ema_params": state.ema_params,

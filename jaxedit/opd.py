@@ -1,4 +1,4 @@
-"""Online policy distillation (DESIGN.md section 7): the student samples, teachers give
+"""Online policy distillation (docs/design.md section 7): the student samples, teachers give
 their means (or token log-probs) on the student's own states, and the loss is a closed-form
 KL with the teachers held fixed. No reward and no score-function term.
 """

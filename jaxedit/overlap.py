@@ -23,12 +23,6 @@ from jaxedit import checkpoint, sharding
 from jaxedit.config import ConfigError
 
 
-def mesh_config() -> dict:
-  """The keys of a rollout section (grpo, opd) that place rollouts on devices of their own."""
-  return {
-      "rollout_devices": 0,  # per process; 0: rollout and update share every device
-      "rollout_mesh_shape": (-1, 1, 1),  # over mesh.axes, on the rollout devices
-  }
 
 
 def check(section: ml_collections.ConfigDict, name: str) -> None:

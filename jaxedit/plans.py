@@ -115,7 +115,7 @@ def parse_plan(text: str, scene: Scene) -> tuple[list[Edit], list[Scene]]:
 
 def plan_score(text: str, scene: Scene, checklist: cl.Checklist, num_steps: int,
                step_penalty: float = 0.1, error_penalty: float = 0.25) -> float:
-  """The cognitive reward (DESIGN.md section 6): the checklist fraction of the scene the plan
+  """The cognitive reward (docs/design.md section 6): the checklist fraction of the scene the plan
   produces, 0 for output that is not a JSON list of strings; steps that do not parse or
   apply (contradictory) are skipped and cost `error_penalty`, each step beyond the reference
   plan's `num_steps` costs `step_penalty`. Clipped to [0, 1]."""

@@ -24,7 +24,6 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxedit import hparams, sharding, sweep
-from jaxedit import codec as codec_lib
 from jaxedit.config import ConfigError, apply_overrides
 
 
@@ -67,7 +66,7 @@ def make_step(setup, step_fn):
   step = jax.jit(jax.vmap(step_fn, in_axes=(None, 0, None, 0)),
                  in_shardings=(replicated, shardings, setup.batch_sharding, None),
                  out_shardings=(shardings, replicated), donate_argnums=1)
-  return codec_lib.bind(sharding.in_context(step, setup.mesh, setup.rules), setup.codec)
+  return sharding.Program(step, setup.mesh, setup.rules, (setup.codec,))
 
 
 def replicate_members(state, k: int, setup):

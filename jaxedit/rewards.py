@@ -22,7 +22,6 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Mapping
 
-import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -155,15 +154,6 @@ def remote_reward(world: World, url: str, timeout: float = 30.0, retries: int = 
 # ------------------------------------------------------------------------------------------
 # Combining rewards.
 # ------------------------------------------------------------------------------------------
-def reward_config() -> ml_collections.ConfigDict:
-  """The `rewards` section of RL configs: every registered reward with its options; a
-  weight of 0 turns a reward off."""
-  return ml_collections.ConfigDict({
-      "checklist": {"weight": 1.0, "strict": False},
-      "preservation": {"weight": 0.0},
-      "remote": {"weight": 0.0, "url": "", "timeout": 30.0, "retries": 3, "backoff": 0.5,
-                 "batch_size": 32},
-  })
 
 
 class Rewards:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxedit import sharding
+from jaxedit import schema, sharding
 from jaxedit.models import lm
 from jaxedit.models.planner import Planner
 
@@ -36,7 +36,7 @@ class SamplingConfig:
   pad_id: int
   top_k: int = 0  # 0: off
   top_p: float = 1.0  # 1: off
-  attend_chunk: int = 32  # decode in segments of this many tokens (0: one segment)
+  attend_chunk: int = schema.ATTEND_CHUNK  # decode in segments of this many tokens (0: one)
 
   def __post_init__(self):
     if self.attend_chunk < 0:
@@ -177,7 +177,7 @@ def make_sampler(model: Planner, settings: SamplingConfig, mesh=None, axis_rules
     tokens = jnp.where(valid, s.tokens, settings.pad_id)
     return Samples(tokens, valid, jnp.where(valid, s.logprobs, 0.0))
 
-  wrap = (lambda f: f) if mesh is None else (lambda f: sharding.in_context(f, mesh, axis_rules))
+  wrap = (lambda f: f) if mesh is None else (lambda f: sharding.Program(f, mesh, axis_rules))
   prefill_jit = wrap(jax.jit(prefill))
   decode_jit = wrap(jax.jit(decode))
 

@@ -1,4 +1,4 @@
-"""Device meshes, logical axis rules and the shardings of pytrees (DESIGN.md section 8).
+"""Device meshes, logical axis rules and the shardings of pytrees (docs/design.md section 8).
 
 Parameters carry logical axis names (`nn.with_logical_partitioning`); the config maps them
 to mesh axes, as MaxText does. State shardings come from `jax.eval_shape` of the init, so
@@ -7,6 +7,7 @@ nothing is allocated before its sharding is known.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -15,26 +16,6 @@ import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-
-
-def mesh_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict({
-      "axes": ("data", "fsdp", "tensor"),
-      "shape": (-1, 1, 1),  # within a slice (ICI); -1: all remaining devices
-      # Across slices (DCN), as MaxText's dcn_*_parallelism: axis sizes multiply with `shape`.
-      # Put data parallelism here: only its gradient all-reduce crosses the slow network.
-      "dcn_shape": (1, 1, 1),
-      "dcn_granule": "slice",  # what DCN connects: TPU 'slice's, or 'process'es (CPU tests)
-      "rules": (
-          ("batch", ("data", "fsdp")),
-          ("activation_batch", ("data", "fsdp")),
-          ("embed", "fsdp"),
-          ("mlp", "tensor"),
-          ("heads", "tensor"),
-          ("mod", "tensor"),
-          ("vocab", "tensor"),
-      ),
-  })
 
 
 def _fill(shape: Sequence[int], size: int, what: str) -> list[int]:
@@ -116,14 +97,40 @@ def bytes_per_device(tree, shardings=None) -> int:
              for x, s in zip(leaves, shards))
 
 
-def in_context(fn, mesh: Mesh, axis_rules):
-  """Calls (and so traces) the jitted `fn` with the mesh and logical rules active, so
-  activation constraints (`nn.with_logical_constraint`) resolve to mesh axes."""
-  def wrapped(*args, **kwargs):
-    with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
-      return fn(*args, **kwargs)
-  wrapped.jitted = fn  # to lower and compile without running (dry_run)
-  return wrapped
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A jitted step and what it runs with: the mesh and logical rules it is traced under (so
+  activation constraints, `nn.with_logical_constraint`, resolve to mesh axes), arguments
+  bound ahead of the caller's (a codec, teachers' parameters) and the traced
+  hyperparameters passed last (`jaxedit.hparams`; None: the step takes none).
+
+  `program(*args)` runs it; `lower` and `eval_shape` take the same arguments, so a dry run
+  compiles exactly what training runs."""
+
+  jitted: Any  # the jax.jit of the step, with its shardings and donation
+  mesh: Mesh
+  rules: Any
+  leading: tuple = ()
+  hparams: Any = None
+
+  def arguments(self, *args) -> tuple:
+    """The jitted function's full argument list for the caller's `args`."""
+    return (*self.leading, *args) + (() if self.hparams is None else (self.hparams,))
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.jitted(*self.arguments(*args))
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.jitted.lower(*self.arguments(*args))
+
+  def eval_shape(self, *args):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return jax.eval_shape(self.jitted, *self.arguments(*args))
+
+  def with_hparams(self, hparams) -> "Program":
+    return dataclasses.replace(self, hparams=hparams)
 
 
 def batch_sharding(mesh: Mesh, axis_rules) -> NamedSharding:

@@ -1,4 +1,4 @@
-"""Sweeps declared next to the config they sweep (DESIGN.md section 10).
+"""Sweeps declared next to the config they sweep (docs/design.md section 10).
 
 A config file may define `get_sweep(arg=None)` returning a list of points, each a dict of
 config overrides, built with `values`, `product` and `zip`:

@@ -1,5 +1,5 @@
 """Simulates a pod on one machine: N processes of one `jaxedit` command, joined by
-`jax.distributed` over localhost (gloo collectives on CPU), as the tests do (DESIGN.md 8).
+`jax.distributed` over localhost (gloo collectives on CPU), as the tests do (docs/design.md 8).
 
     python launch/local.py --num_processes 2 --devices_per_process 4 --logdir /tmp/logs -- \
         train --config configs/shapes_editor_sft.py:demo --workdir /tmp/pod_run

@@ -1,6 +1,6 @@
 """`jaxedit bench` on a tiny editor and planner: each PyTorch reference computes what
 jaxedit computes (first losses, ODE rollouts, greedy tokens), and the JSON holds one entry
-per suite with the fields the table is made of. Timings are not asserted (DESIGN.md 12)."""
+per suite with the fields the table is made of. Timings are not asserted (docs/design.md 12)."""
 
 import json
 

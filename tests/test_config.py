@@ -1,19 +1,24 @@
+import glob
+import os
+import subprocess
+import sys
+
 import ml_collections
 import numpy as np
 import pytest
 
-from jaxedit import cli
+from jaxedit import cli, schema
 from jaxedit.config import ConfigError, apply_overrides, load, validate
-from jaxedit.data import job
 
-REFERENCE = job.reference_config()
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = schema.dataset()
 
 
 def write_config(tmp_path, body):
   path = tmp_path / "cfg.py"
-  path.write_text("from jaxedit.data import job\n\n"
+  path.write_text("from jaxedit import schema\n\n"
                   "def get_config(arg=None):\n"
-                  "  config = job.reference_config()\n" + body + "  return config\n")
+                  "  config = schema.dataset()\n" + body + "  return config\n")
   return str(path)
 
 
@@ -55,9 +60,9 @@ def test_unknown_and_ill_typed_keys_in_a_config_file(tmp_path):
     load(write_config(tmp_path, "  config.world.grid_size = 'four'\n"), reference=REFERENCE)
   # A config built from scratch bypasses ConfigDict's type checks; validation still catches it.
   scratch = tmp_path / "scratch.py"
-  scratch.write_text("from jaxedit.data import job\n"
+  scratch.write_text("from jaxedit import schema\n"
                      "def get_config():\n"
-                     "  config = job.reference_config().to_dict()\n"
+                     "  config = schema.dataset().to_dict()\n"
                      "  config['world']['grid_size'] = 'four'\n"
                      "  import ml_collections\n"
                      "  return ml_collections.ConfigDict(config)\n")
@@ -68,7 +73,7 @@ def test_unknown_and_ill_typed_keys_in_a_config_file(tmp_path):
 
 
 def test_missing_keys_are_reported():
-  partial = ml_collections.ConfigDict({"world": job.world_config()})
+  partial = ml_collections.ConfigDict({"world": schema.world()})
   with pytest.raises(ConfigError, match="missing keys: data.data_dir"):
     validate(partial, REFERENCE)
 
@@ -103,7 +108,7 @@ def test_cli_reports_config_errors_cleanly(capsys, tmp_path):
 def test_shipped_trainer_configs_match_their_reference(spec):
   """Every shipped config (and arg) has exactly its trainer's keys, with compatible types."""
   config = cli.load_file(spec)
-  validate(config, cli._trainer(config).reference_config())
+  validate(config, schema.reference_config(config.trainer))
 
 
 def test_latent_configs_fit_the_shapes_vae():
@@ -122,3 +127,20 @@ def test_planner_grpo_configs_build_the_model_of_their_sft_configs():
     grpo = cli.load_file(f"configs/shapes_planner_grpo.py{arg}")
     assert grpo.model.to_dict() == sft.model.to_dict()
     assert grpo.prompt.to_dict() == sft.prompt.to_dict()
+
+
+def test_config_files_load_without_jax():
+  """Config files are schemas: loading every file in configs/ (and its sweep) starts no JAX."""
+  files = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+  code = ("import sys; from jaxedit.config import load_file, load_module\n"
+          f"for f in {files!r}:\n"
+          "  load_file(f)\n"
+          "  module = load_module(f)\n"
+          "  if hasattr(module, 'get_sweep'): module.get_sweep()\n"
+          "heavy = sorted(m for m in ('jax', 'jaxlib', 'flax', 'optax', 'tensorflow') "
+          "if m in sys.modules)\n"
+          "assert not heavy, heavy\n"
+          "print(len(" + repr(files) + "))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert int(out.stdout.strip()) == len(files) >= 11

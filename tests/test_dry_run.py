@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import tiny_editor_config
-from jaxedit import cli, dry_run, flops
+from conftest import tiny_editor_config, tiny_planner_grpo_config
+from jaxedit import cli, dry_run, flops, registry
 from jaxedit import config as config_lib
 from jaxedit.models.flux import FluxConfig, FluxTransformer
 from jaxedit.trainers import editor_sft
@@ -52,9 +52,9 @@ def test_dry_run_reports_without_training(small_data_dir, tmp_path, capsys):
   assert b["opt_state"] == pytest.approx(2 * b["params"], rel=0.01)
   (step,) = out["programs"]
   assert step["program"] == "train_step" and step["peak_estimate"] > 0
-  (name, jitted, args), = dry_run.PROGRAMS["editor_sft"](setup)
+  (name, program, args), = dry_run.PROGRAMS["editor_sft"](setup, setup, "editor_sft")
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    assert flops.count(jitted, *args) == step["flops"]
+    assert flops.count(program.jitted, *program.arguments(*args)) == step["flops"]
   printed = capsys.readouterr().out
   assert "matmul FLOPs" in printed and "bytes per device" in printed
 
@@ -109,3 +109,31 @@ def test_grpo_dry_run_compiles_overlapped_rollouts_on_their_own_devices(small_da
   assert (rollout["program"], rollout["devices"]) == ("rollout", 4)
   assert (update["program"], update["devices"]) == ("update", 4)
   assert rollout["flops"] > 0 and update["flops"] > rollout["flops"]
+
+
+def test_every_trainer_has_a_dry_run():
+  assert set(dry_run.PROGRAMS) == set(registry.BY_NAME)
+
+
+@pytest.mark.parametrize("trainer", ["editor_opd", "planner_grpo", "planner_opd"])
+def test_rl_dry_runs_compile_their_update(trainer, small_data_dir, tiny_editor_dir,
+                                          tiny_planner_dir, tmp_path):
+  """Teachers are named, never loaded: the OPD update compiles on their abstract params."""
+  from test_opd import opd_config as editor_opd_config
+  from test_planner_opd import opd_config as planner_opd_config
+
+  if trainer == "editor_opd":
+    config = editor_opd_config(small_data_dir, tiny_editor_dir,
+                               {"colour": "/nowhere/teacher", "geometry": "/nowhere/teacher"})
+    config.model.lora_rank = 0
+  elif trainer == "planner_grpo":
+    config = tiny_planner_grpo_config(small_data_dir, tiny_planner_dir)
+  else:
+    config = planner_opd_config(small_data_dir, tiny_planner_dir,
+                                {"colour": "/nowhere/teacher"}, routing="round_robin")
+  workdir = str(tmp_path / "run")
+  out = dry_run.main(config, workdir)
+  assert os.listdir(workdir) == ["dry_run.json"] and out["trainer"] == trainer
+  names = [p["program"] for p in out["programs"]]
+  assert names == (["rollout", "update"] if trainer == "editor_opd" else ["update"])
+  assert all(p["flops"] > 0 and p["peak_estimate"] > 0 for p in out["programs"])

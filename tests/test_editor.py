@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit.models.editor import (Editor, TextEncoder, editor_config, layout_ids, model_config,
+from jaxedit import schema
+from jaxedit.models.editor import (Editor, TextEncoder, editor_config, layout_ids,
                                     patchify, unpatchify)
 
 
 def tiny_model(**overrides):
-  m = model_config()
+  m = schema.editor_model()
   m.patch_size, m.num_heads, m.head_dim, m.axes_dims_rope = 8, 2, 16, (4, 6, 6)
   m.num_layers, m.num_single_layers = 1, 2
   m.text_width, m.text_layers, m.text_heads, m.text_max_len = 32, 1, 2, 12

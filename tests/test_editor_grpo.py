@@ -76,7 +76,7 @@ def _run(setup, params, batch, kl_beta=0.04):
         params, jnp.asarray(trained))
     return out, loss, grads, metrics
 
-  fn = sharding.in_context(jax.jit(go), setup.mesh, setup.rules)
+  fn = sharding.Program(jax.jit(go), setup.mesh, setup.rules)
   return jax.device_get(fn(params, b))
 
 
@@ -108,5 +108,5 @@ def test_eight_devices_match_one(setups):
   out8, loss8, g8, m8 = _run(eight, params, batch)
   np.testing.assert_allclose(out1["latents"], out8["latents"], rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out1["log_probs"], out8["log_probs"], rtol=1e-4, atol=1e-5)
-  assert_sharded_close(loss1, loss8, rtol=1e-4)
-  assert_sharded_close(g1, g8, rtol=1e-3)
+  assert_sharded_close(loss1, loss8, rtol=1e-4, atol=1e-6)
+  assert_sharded_close(g1, g8, rtol=1e-3, atol=1e-6)

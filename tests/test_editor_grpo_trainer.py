@@ -8,10 +8,14 @@ import jax
 import numpy as np
 import pytest
 
+from jaxedit import schema
 from jaxedit import lora, overlap
 from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
 from jaxedit.trainers import editor_grpo, editor_sft
+from jaxedit.rl import editor_policy
+from jaxedit import checkpoint
+from jaxedit.data.pipeline import make_dataset
 
 from conftest import assert_sharded_close, assert_logged_exactly, resume_after_step_one, tiny_editor_config
 
@@ -25,7 +29,7 @@ def sft_dir(small_data_dir, tmp_path_factory):
 
 def grpo_config(data_dir, init_from, **overrides):
   sft = tiny_editor_config(data_dir)
-  config = editor_grpo.reference_config()
+  config = schema.editor_grpo()
   for section in ("data", "tokenizer", "model", "sample"):
     config[section] = sft[section]
   config.eval.batch_size, config.eval.num_examples = 8, 8
@@ -45,14 +49,14 @@ def grpo_config(data_dir, init_from, **overrides):
 
 def _state(workdir, config):
   setup = editor_grpo.make_setup(config, workdir)
-  mngr = editor_grpo.checkpoint.manager(workdir, 2, async_save=False)
-  return editor_grpo.checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state)
+  mngr = checkpoint.manager(workdir, 2, async_save=False)
+  return checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state)
 
 
 def _sft_params(sft_dir, config):
   setup = editor_sft.make_setup(tiny_editor_config(config.data.data_dir), sft_dir)
-  mngr = editor_grpo.checkpoint.manager(sft_dir, 2, async_save=False)
-  return editor_grpo.checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state).ema_params
+  mngr = checkpoint.manager(sft_dir, 2, async_save=False)
+  return checkpoint.restore(mngr, mngr.latest_step(), setup.abstract_state).ema_params
 
 
 @pytest.fixture(scope="module")
@@ -158,13 +162,13 @@ def test_update_on_eight_devices_matches_one(small_data_dir, sft_dir, tmp_path):
   config8 = grpo_config(small_data_dir, sft_dir)
   config8.mesh.shape = (2, 2, 2)
   eight = editor_grpo.make_setup(config8, str(tmp_path))
-  state = editor_grpo.init_state(one, editor_grpo.load_sft(one, sft_dir, str(tmp_path)))
-  prompts = next(iter(editor_grpo.make_dataset(
-      one.source("train"), 8, seed=0, fields=editor_grpo.PROMPT_FIELDS, kinds=("atomic",),
-      map_fn=lambda r: editor_grpo._tokenize(one, r))))
+  state = editor_policy.init_state(one, editor_policy.load_sft(one, sft_dir, str(tmp_path)))
+  prompts = next(iter(make_dataset(
+      one.source("train"), 8, seed=0, fields=editor_policy.PROMPT_FIELDS, kinds=("atomic",),
+      map_fn=lambda r: editor_policy.tokenize(one, r))))
   levels, trained = one.levels_and_steps(1)
-  chunks, host = editor_grpo.rollout_and_score(
-      one, editor_grpo.make_rollout(one), editor_grpo.make_rewards(config, one.world),
+  chunks, host = editor_policy.rollout_and_score(
+      one, editor_policy.make_rollout(one), editor_policy.make_rewards(config, one.world),
       state.params, state.frozen, prompts, levels, jax.random.key(0))
   assert host["images"].shape == (16, 32, 32, 3)
   chunks = jax.device_get(chunks)
@@ -172,16 +176,16 @@ def test_update_on_eight_devices_matches_one(small_data_dir, sft_dir, tmp_path):
   results = []
   for setup in (one, eight):
     placed = jax.device_put(host_state, setup.state_shardings)
-    traj = editor_grpo.trajectory_sharding(setup)
+    traj = editor_policy.trajectory_sharding(setup)
     put = [{k: jax.device_put(v, traj if k in ("latents", "log_probs") else setup.batch_sharding)
             for k, v in c.items()} for c in chunks]
     new, metrics = editor_grpo.make_update(setup)(placed, put, levels, trained)
     results.append(jax.device_get((new.params, new.ema_params, metrics)))
   (p1, e1, m1), (p8, e8, m8) = results
-  assert_sharded_close(p1, p8, rtol=2e-3)
-  assert_sharded_close(e1, e8, rtol=2e-3)
+  assert_sharded_close(p1, p8, rtol=2e-3, atol=1e-6)
+  assert_sharded_close(e1, e8, rtol=2e-3, atol=1e-6)
   for k in m1:
-    assert_sharded_close(m1[k], m8[k], rtol=1e-3, err_msg=k)
+    assert_sharded_close(m1[k], m8[k], rtol=1e-3, atol=1e-6, err_msg=k)
 
 
 def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_path):
@@ -201,17 +205,17 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
   setup, rollout_setup = overlap.make_setups(editor_grpo.make_setup, config, "grpo", ref_dir)
   assert rollout_setup.mesh.devices.size == 4 and setup.mesh.devices.size == 4
   assert not set(rollout_setup.mesh.devices.flat) & set(setup.mesh.devices.flat)
-  state = editor_grpo.init_state(setup, editor_grpo.load_sft(setup, sft_dir, ref_dir))
-  prompts = editor_grpo.train_prompts(setup)
-  rollout, update = editor_grpo.make_rollout(rollout_setup), editor_grpo.make_update(setup)
-  reward_fn = editor_grpo.make_rewards(config, setup.world)
+  state = editor_policy.init_state(setup, editor_policy.load_sft(setup, sft_dir, ref_dir))
+  prompts = editor_policy.train_prompts(setup)
+  rollout, update = editor_policy.make_rollout(rollout_setup), editor_grpo.make_update(setup)
+  reward_fn = editor_policy.make_rewards(config, setup.world)
   frozen = overlap.to_mesh(state.frozen, rollout_setup.mesh)
 
   def rollouts(step, params):
-    chunks, _ = editor_grpo.rollout_and_score(
+    chunks, _ = editor_policy.rollout_and_score(
         rollout_setup, rollout, reward_fn,
         jax.device_put(params, rollout_setup.state_shardings.params),
-        frozen, editor_grpo.next_prompts(prompts, config.grpo),
+        frozen, editor_policy.next_prompts(prompts, config.grpo),
         setup.levels_and_steps(step)[0], jax.random.fold_in(jax.random.key(0), step))
     return overlap.to_mesh(chunks, setup.mesh)
 

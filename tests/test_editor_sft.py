@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -43,7 +42,7 @@ def test_eight_devices_match_one(small_data_dir, tmp_path):
   results = []
   for setup, state in ((one, state1), (eight, state8)):
     loss_fn = lambda p, b, r, s=setup: editor_sft.loss_fn(p, s.model, b, r, s.config.flow, 0.0)[0]
-    grad_fn = sharding.in_context(jax.jit(jax.value_and_grad(loss_fn)), setup.mesh, setup.rules)
+    grad_fn = sharding.Program(jax.jit(jax.value_and_grad(loss_fn)), setup.mesh, setup.rules)
     loss, grads = grad_fn(state.params, sharding.global_batch(batch, setup.batch_sharding), rng)
     new_state, metrics = editor_sft.make_train_step(setup)(
         state, sharding.global_batch(batch, setup.batch_sharding))
@@ -52,8 +51,8 @@ def test_eight_devices_match_one(small_data_dir, tmp_path):
   (l1, g1, p1, m1), (l8, g8, p8, m8) = results
   assert_sharded_close(l1, l8, rtol=1e-6)
   assert_sharded_close(m1, m8, rtol=1e-6)
-  assert_sharded_close(g1, g8, rtol=1e-4)
-  assert_sharded_close(p1, p8, rtol=1e-5)
+  assert_sharded_close(g1, g8, rtol=1e-4, atol=1e-6)
+  assert_sharded_close(p1, p8, rtol=1e-5, atol=1e-6)
 
 
 def test_checkpoint_restores_onto_another_mesh(small_data_dir, tmp_path):

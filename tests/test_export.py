@@ -17,7 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from conftest import randomized_run, tiny_editor_config  # noqa: E402
-from jaxedit import cli, export, flow, inference, sharding  # noqa: E402
+from jaxedit import cli, export, flow, sharding, workdirs  # noqa: E402
 from jaxedit.interop import (flux_diffusers, safetensors_io,  # noqa: E402
                              torch_names)
 from jaxedit.models.planner import VisionPrefix  # noqa: E402
@@ -61,7 +61,7 @@ def test_editor_export_round_trip_and_whole_edit(random_editor, small_dataset, t
   assert sorted(os.listdir(out)) == ["config.json", "diffusion_pytorch_model.safetensors",
                                      "jaxedit_editor.json", "text_encoder.safetensors",
                                      "tokenizer.json"]
-  loaded = inference.load_editor(random_editor, batch_size=8, weights="raw")
+  loaded = workdirs.load_editor(random_editor, batch_size=8, weights="raw")
   params = host(loaded.params)
 
   # JAX -> PyTorch -> JAX is the identity.
@@ -93,7 +93,7 @@ def test_editor_export_bfloat16_and_ema(random_editor, tmp_path):
   manifest = export.export(random_editor, "diffusers", out, dtype="bfloat16", weights="ema")
   assert manifest["weights"] == "ema"
   model = diffusers.FluxTransformer2DModel.from_pretrained(out, torch_dtype=torch.bfloat16)
-  ema = host(inference.load_editor(random_editor, batch_size=8,
+  ema = host(workdirs.load_editor(random_editor, batch_size=8,
                                    weights="ema").params)["transformer"]
   with safetensors_io.SafetensorsFolder(out, "diffusion_pytorch_model.safetensors") as src:
     assert src.read("proj_out.weight", (slice(None), slice(None))).dtype.name == "bfloat16"
@@ -107,7 +107,7 @@ def test_editor_export_bfloat16_and_ema(random_editor, tmp_path):
 def test_planner_export_matches_transformers(conditioned_planner, tmp_path):
   out = str(tmp_path / "transformers")
   export.export(conditioned_planner, "transformers", out)
-  loaded = inference.load_planner(conditioned_planner, batch_size=8)
+  loaded = workdirs.load_planner(conditioned_planner, batch_size=8)
   setup = loaded.setup
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   tok = transformers.AutoTokenizer.from_pretrained(out)
@@ -142,7 +142,7 @@ def test_streamed_load_reads_only_local_shards(random_editor, tmp_path):
   """Loading onto an (fsdp 8) sharding reads each kernel in 8 slices and gives the same
   params as an in-memory load; several weight shards with an index load the same."""
   out = str(tmp_path / "sharded")
-  params = host(inference.load_editor(random_editor, batch_size=8).params)["transformer"]
+  params = host(workdirs.load_editor(random_editor, batch_size=8).params)["transformer"]
   safetensors_io.write(out, "w.safetensors", flux_diffusers.to_diffusers(params), "float32",
                        max_shard_bytes=20_000)
   assert os.path.exists(os.path.join(out, "w.safetensors.index.json"))
@@ -175,7 +175,7 @@ def test_streamed_load_reads_only_local_shards(random_editor, tmp_path):
 def test_loading_bad_folders_names_the_problem(random_editor, tmp_path):
   out = str(tmp_path / "good")
   export.export(random_editor, "diffusers", out)
-  params = host(inference.load_editor(random_editor, batch_size=8).params)["transformer"]
+  params = host(workdirs.load_editor(random_editor, batch_size=8).params)["transformer"]
   state = flux_diffusers.to_diffusers(params)
   del state["x_embedder.weight"]
   state["extra.weight"] = np.zeros(3, np.float32)
@@ -219,8 +219,8 @@ def test_init_from_exported_folders(random_editor, random_planner, small_data_di
   config.init_from = folder
   workdir = str(tmp_path / "from_export")
   editor_sft.train(config, workdir)
-  want = host(inference.load_editor(random_editor, batch_size=8, weights="raw").params)
-  got = host(inference.load_editor(workdir, batch_size=8, weights="raw").params)
+  want = host(workdirs.load_editor(random_editor, batch_size=8, weights="raw").params)
+  got = host(workdirs.load_editor(workdir, batch_size=8, weights="raw").params)
   jax.tree.map(np.testing.assert_array_equal, got, want)
 
   meta = json.load(open(os.path.join(folder, "config.json")))
@@ -232,7 +232,7 @@ def test_init_from_exported_folders(random_editor, random_planner, small_data_di
 
   lm_folder = str(tmp_path / "transformers")
   export.export(random_planner, "transformers", lm_folder, weights="raw")
-  loaded = inference.load_planner(random_planner, batch_size=8, weights="raw")
+  loaded = workdirs.load_planner(random_planner, batch_size=8, weights="raw")
   abstract = loaded.setup.abstract_state.params
   params = pretrained.load_planner(lm_folder, abstract, loaded.setup.model.cfg)
   assert params["lm"]["layers_0"]["self_attn"]["q_proj"]["kernel"].sharding == (
@@ -251,7 +251,7 @@ def test_exported_planner_plans_like_jaxedit(random_planner, tmp_path):
 
   out = str(tmp_path / "planner")
   export.export(random_planner, "transformers", out)
-  ours = inference.load_planner(random_planner, batch_size=8)
+  ours = workdirs.load_planner(random_planner, batch_size=8)
   theirs = torch_planner.load(out)
   rng = np.random.default_rng(2)
   size = ours.setup.world.image_size

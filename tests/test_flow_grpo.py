@@ -1,4 +1,4 @@
-"""Flow-GRPO maths against float64 references of DESIGN.md section 5."""
+"""Flow-GRPO maths against float64 references of docs/design.md section 5."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ from jaxedit import flow, grpo
 
 
 def _reference_step(x, v, t, t_next, a, sde_type):
-  """float64 numpy transcription of the formulas in DESIGN.md section 5."""
+  """float64 numpy transcription of the formulas in docs/design.md section 5."""
   x, v = x.astype(np.float64), v.astype(np.float64)
   dt = t_next - t
   if sde_type == "sde":

@@ -34,6 +34,14 @@ def test_compare_names_every_difference():
   assert golden.compare({"a": rows}, {"a": off}, exact=True) == [
       f"a step 1 loss: 0.5 in the fixture, {0.5 + 2 ** -30!r} now"]
   assert golden.compare({"a": rows}, {"a": off}, exact=False) == []  # within rtol elsewhere
+  # Elsewhere: a relative 1e-3, or an absolute 1e-5 for metrics that are noise around zero.
+  loss = [{"step": 1, "loss": (3e-9).hex()}, {"step": 2, "loss": (0.25).hex()}]
+  near = [{"step": 1, "loss": (5e-9).hex()}, {"step": 2, "loss": (0.25 * (1 + 5e-4)).hex()}]
+  assert golden.compare({"a": loss}, {"a": near}, exact=False) == []
+  far = [{"step": 1, "loss": (3e-9).hex()}, {"step": 2, "loss": (0.25 * (1 + 2e-3)).hex()}]
+  assert len(golden.compare({"a": loss}, {"a": far}, exact=False)) == 1
+  nan = [{"step": 1, "loss": float("nan").hex()}]
+  assert golden.compare({"a": nan}, {"a": nan}, exact=True) == []
   assert "runs:" in golden.compare({"a": rows}, {"b": rows}, exact=True)[0]
   assert "metrics" in golden.compare({"a": rows}, {"a": [{"step": 1}]}, exact=True)[0]
 

@@ -1,4 +1,4 @@
-"""Token-level GRPO loss of the planner against a float64 reference of DESIGN.md section 6."""
+"""Token-level GRPO loss of the planner against a float64 reference of docs/design.md section 6."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Multi-host (DESIGN.md section 8), simulated: 2 local processes with 4 CPU devices each,
+"""Multi-host (docs/design.md section 8), simulated: 2 local processes with 4 CPU devices each,
 joined by jax.distributed (gloo), against one process with 8 devices. The pod's mesh puts
 the data axis across the processes (DCN) and fsdp within each, as on a multi-slice pod."""
 
@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from conftest import losses, tiny_editor_config
+from jaxedit import schema
 from jaxedit import config as config_lib
 from jaxedit import distributed, sharding
 from jaxedit.config import ConfigError
@@ -114,7 +115,7 @@ def test_distributed_settings_come_from_config_then_environment(monkeypatch):
   for name in (distributed.ENV_ADDRESS, distributed.ENV_COUNT, distributed.ENV_ID,
                distributed.ENV_AUTO):
     monkeypatch.delenv(name, raising=False)
-  cfg = distributed.config()
+  cfg = schema.distributed()
   assert distributed.resolve(cfg) is None  # a single process
   monkeypatch.setenv(distributed.ENV_ADDRESS, "host0:1234")
   monkeypatch.setenv(distributed.ENV_COUNT, "4")
@@ -129,7 +130,7 @@ def test_distributed_settings_come_from_config_then_environment(monkeypatch):
   assert distributed.resolve(cfg)["coordinator_address"] == "10.0.0.2:8476"
   cfg.initialize = "never"
   assert distributed.resolve(cfg) is None
-  cfg = distributed.config()
+  cfg = schema.distributed()
   for name in (distributed.ENV_ADDRESS, distributed.ENV_COUNT, distributed.ENV_ID):
     monkeypatch.delenv(name)
   monkeypatch.setenv(distributed.ENV_AUTO, "1")  # what the pod launchers set

@@ -10,10 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxedit import schema
 from jaxedit import lora, opd
 from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
-from jaxedit.trainers import editor_grpo, editor_opd
+from jaxedit.trainers import editor_opd
+from jaxedit.rl import editor_policy
+from jaxedit.data.pipeline import make_dataset
 
 from conftest import assert_sharded_close, tiny_editor_config
 
@@ -22,7 +25,7 @@ from conftest import assert_sharded_close, tiny_editor_config
 # Maths in float64.
 # ------------------------------------------------------------------------------------------
 def mean_and_std64(x, v, t, t_next, a, sde_type):
-  """DESIGN.md section 5, transcribed in float64."""
+  """docs/design.md section 5, transcribed in float64."""
   x, v = np.float64(x), np.float64(v)
   dt = t_next - t
   if sde_type == "sde":
@@ -127,7 +130,7 @@ def sft_dir(tiny_editor_dir):
 
 def opd_config(data_dir, init_from, teachers, **overrides):
   sft = tiny_editor_config(data_dir)
-  config = editor_opd.reference_config()
+  config = schema.editor_opd()
   for section in ("data", "tokenizer", "model", "sample"):
     config[section] = sft[section]
   config.eval.batch_size, config.eval.num_examples = 8, 8
@@ -154,20 +157,20 @@ def opd_config(data_dir, init_from, teachers, **overrides):
 
 
 def _prompts_and_chunks(setup, config, state):
-  prompts = next(iter(editor_grpo.make_dataset(
-      setup.source("train"), 8, seed=0, fields=editor_grpo.PROMPT_FIELDS, kinds=("atomic",),
-      map_fn=lambda r: editor_grpo._tokenize(setup, r))))
+  prompts = next(iter(make_dataset(
+      setup.source("train"), 8, seed=0, fields=editor_policy.PROMPT_FIELDS, kinds=("atomic",),
+      map_fn=lambda r: editor_policy.tokenize(setup, r))))
   prompts = editor_opd.add_routes(setup, prompts)
   levels, trained = setup.levels_and_steps(1)
-  chunks, _ = editor_grpo.rollout_and_score(
-      setup, editor_grpo.make_rollout(setup), editor_grpo.make_rewards(config, setup.world),
+  chunks, _ = editor_policy.rollout_and_score(
+      setup, editor_policy.make_rollout(setup), editor_policy.make_rewards(config, setup.world),
       state.params, state.frozen, prompts, levels, jax.random.key(0), editor_opd.OPD.device_fields)
   return prompts, jax.device_get(chunks), levels, trained
 
 
 def _update(setup, host_state, chunks, levels, trained, teachers):
   state = jax.device_put(host_state, setup.state_shardings)
-  traj = editor_grpo.trajectory_sharding(setup)
+  traj = editor_policy.trajectory_sharding(setup)
   put = [{k: jax.device_put(v, traj if k in ("latents", "log_probs") else setup.batch_sharding)
           for k, v in c.items()} for c in chunks]
   teachers = [jax.device_put(t, setup.teacher_shardings) for t in teachers]
@@ -192,8 +195,8 @@ def one_device(small_data_dir, sft_dir, tmp_path_factory):
   setup = editor_opd.make_setup(config, workdir, devices=jax.devices()[:1])
   # A 4-step SFT run's output layers are still near their zero init, so the student's
   # velocity barely depends on its adapters: perturb the base for a telling gradient.
-  state = editor_grpo.init_state(setup, _perturbed(
-      editor_grpo.load_sft(setup, sft_dir, workdir)))
+  state = editor_policy.init_state(setup, _perturbed(
+      editor_policy.load_sft(setup, sft_dir, workdir)))
   prompts, chunks, levels, trained = _prompts_and_chunks(setup, config, state)
   return config, workdir, setup, jax.device_get(state), prompts, chunks, levels, trained
 
@@ -227,9 +230,9 @@ def test_update_on_eight_devices_matches_one(one_device, small_data_dir, sft_dir
   p1, m1 = _update(one, state, chunks, levels, trained, teachers)
   p8, m8 = _update(eight, state, chunks, levels, trained, teachers)
   assert float(m1["kl"]) > 0
-  assert_sharded_close(p1, p8, rtol=2e-3)
+  assert_sharded_close(p1, p8, rtol=2e-3, atol=1e-6)
   for k in m1:
-    assert_sharded_close(m1[k], m8[k], rtol=1e-3, err_msg=k)
+    assert_sharded_close(m1[k], m8[k], rtol=1e-3, atol=1e-7, err_msg=k)
 
 
 def test_train_and_eval(small_data_dir, sft_dir, tmp_path):

@@ -5,17 +5,19 @@ import json
 import os
 import types
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import tiny_planner_config
-from jaxedit import cli, inference, plans
+from jaxedit import checkpoint, cli, plan_then_edit, plans, workdirs
 from jaxedit.data.pipeline import ShapesSource
 from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.detect import detect
 from jaxedit.shapes.render import render
-from jaxedit.trainers import editor_sft, planner_grpo, planner_sft
+from jaxedit.trainers import editor_sft, planner_sft
+from jaxedit.rl import planner_policy
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +62,15 @@ def test_reference_plans_run_by_a_perfect_editor_meet_every_checklist(small_data
   steps = [json.loads(r["plan_steps"]) for r in records]
   checklists = [r["checklist"] for r in records]
   editor = OracleEditor(world)
-  trails = inference.run_plans(editor, images, steps, seed=0)
+  trails = plan_then_edit.run_plans(editor, images, steps, seed=0)
   assert [len(t) for t in trails] == [len(s) + 1 for s in steps]
   # the k-th steps of all plans go in one batch
   assert editor.calls == [sum(len(s) > k for s in steps) for k in range(max(map(len, steps)))]
   finals = np.stack([t[-1] for t in trails])
-  np.testing.assert_array_equal(inference.strict_success(finals, checklists, world), 1.0)
+  np.testing.assert_array_equal(plan_then_edit.strict_success(finals, checklists, world), 1.0)
   # the same plans cut short after their first step fail wherever they had more steps
-  short = inference.run_plans(editor, images, [s[:1] for s in steps], seed=0)
-  success = inference.strict_success(np.stack([t[-1] for t in short]), checklists, world)
+  short = plan_then_edit.run_plans(editor, images, [s[:1] for s in steps], seed=0)
+  success = plan_then_edit.strict_success(np.stack([t[-1] for t in short]), checklists, world)
   np.testing.assert_array_equal(success, [len(s) == 1 for s in steps])
   assert not all(len(s) == 1 for s in steps)
 
@@ -83,32 +85,32 @@ def test_visual_reward_is_the_checklist_fraction_of_the_executed_plan(small_data
   full = [str(r["plan_steps"]) for r in records]
   first = [json.dumps(json.loads(t)[:1]) for t in full]
   editor = OracleEditor(world)
-  np.testing.assert_array_equal(planner_grpo.visual_rewards(editor, full, batch, 8, 0), 1.0)
-  partial = planner_grpo.visual_rewards(editor, first, batch, 8, 0)
+  np.testing.assert_array_equal(planner_policy.visual_rewards(editor, full, batch, 8, 0), 1.0)
+  partial = planner_policy.visual_rewards(editor, first, batch, 8, 0)
   for r, text, got in zip(records, first, partial):
     scene = detect(r["source_image"], world).scenes[0]
     scene = plans.parse_step(json.loads(text)[0], scene).apply(scene)
     assert got == pytest.approx(cl.Checklist.from_json(r["checklist"]).score(scene))
   assert (partial < 1).all()
-  bad = planner_grpo.visual_rewards(editor, ["not json"] * 6, batch, 8, 0)
+  bad = planner_policy.visual_rewards(editor, ["not json"] * 6, batch, 8, 0)
   np.testing.assert_array_equal(bad, 0.0)
 
 
 def test_loaded_editor_is_the_checkpoint_ema(editor_dir):
-  editor = inference.load_editor(editor_dir, batch_size=8)
+  editor = workdirs.load_editor(editor_dir, batch_size=8)
   setup = editor_sft.make_setup(editor.setup.config, editor_dir)
-  mngr, step = inference.checkpoint.latest_step(editor_dir, "an editor")
-  state = inference.checkpoint.restore(mngr, step, setup.abstract_state)
-  for a, b in zip(*map(inference.jax.tree.leaves, (editor.params, state.ema_params))):
+  mngr, step = checkpoint.latest_step(editor_dir, "an editor")
+  state = checkpoint.restore(mngr, step, setup.abstract_state)
+  for a, b in zip(*map(jax.tree.leaves, (editor.params, state.ema_params))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   images = np.zeros((3, 32, 32, 3), np.uint8)
   out = editor(images, ["remove the red circle"] * 3, seed=0)
   assert out.shape == (3, 32, 32, 3) and out.dtype == np.uint8
   assert not editor.fits("make the red circle blue " * 20)
   with pytest.raises(plans.PlanError, match="longer than the editor's text length"):
-    inference.executable_steps(json.dumps(["make the red circle blue " * 20]), editor, 8)
+    plan_then_edit.executable_steps(json.dumps(["make the red circle blue " * 20]), editor, 8)
   with pytest.raises(plans.PlanError, match="at most 2"):
-    inference.executable_steps(json.dumps(["remove the red circle"] * 3), editor, 2)
+    plan_then_edit.executable_steps(json.dumps(["remove the red circle"] * 3), editor, 2)
 
 
 def test_planner_eval_reports_e2e_and_baseline(planner_dir):
@@ -136,13 +138,13 @@ def test_edit_command(planner_dir, editor_dir, small_dataset, tmp_path, monkeypa
           "--instruction", str(record["instruction"]), "--out", str(tmp_path / "out.png")]
 
   # The 2-step planner writes no runnable plan: a clear error, nothing written.
-  monkeypatch.setattr(inference.LoadedPlanner, "__call__", lambda self, *a: ["[\"paint it"])
+  monkeypatch.setattr(workdirs.LoadedPlanner, "__call__", lambda self, *a: ["[\"paint it"])
   assert cli.main(args) == 2
   assert "the planner's plan cannot be run" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / "out.png")
 
   reference = str(record["plan_steps"])
-  monkeypatch.setattr(inference.LoadedPlanner, "__call__", lambda self, *a: [reference])
+  monkeypatch.setattr(workdirs.LoadedPlanner, "__call__", lambda self, *a: [reference])
   assert cli.main(args) == 0  # the editor comes from the planner's config key 'editor'
   saved = json.load(open(tmp_path / "out.plan.json"))
   steps = json.loads(reference)
@@ -166,7 +168,7 @@ def test_scene_as_text_prompts_come_from_the_detector(small_data_dir, small_data
   config.prompt.max_prompt_len = 200  # the tiny tokenizer's pieces are short
   setup = planner_sft.make_setup(config, str(tmp_path))
   records = [ShapesSource(path, "test", world)[i] for i in range(6)]
-  planner = inference.LoadedPlanner(setup, None, None, 8, str(tmp_path), config)
+  planner = workdirs.LoadedPlanner(setup, None, None, 8, str(tmp_path), config)
   got = planner.prompts(np.stack([r["source_image"] for r in records]),
                         [str(r["instruction"]) for r in records])
   want = setup.prompt_ids([str(r["instruction"]) for r in records],

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import assert_logged_exactly, resume_after_step_one, tiny_planner_grpo_config
-from jaxedit import inference, overlap, sharding
+from jaxedit import overlap, sharding, workdirs
 from jaxedit.config import ConfigError
 from jaxedit.trainers import planner_grpo, planner_sft
+from jaxedit.rl import planner_policy
+from jaxedit import planning
+from jaxedit import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +26,13 @@ def test_first_update_is_on_policy_and_starts_at_the_reference(small_data_dir, s
   config = tiny_planner_grpo_config(small_data_dir, sft_dir, minibatches=1)
   config.mesh.shape = (2, 2, 2)
   setup = planner_grpo.make_setup(config, str(tmp_path))
-  start = planner_grpo.load_start(setup, str(sft_dir), "ema_params")
-  state = planner_grpo.init_state(setup, start)
+  start = planner_policy.load_start(setup, str(sft_dir), "ema_params")
+  state = planner_policy.init_state(setup, start)
   records = next(iter(planner_sft.make_dataset(setup.source("train"), 4, seed=0,
-                                               fields=planner_grpo.ROLLOUT_FIELDS,
+                                               fields=planner_policy.ROLLOUT_FIELDS,
                                                kinds=("abstract",))))
-  sampler = planner_sft.make_plan_sampler(setup)
-  arrays, texts, repeated = planner_grpo.rollout(setup, sampler, state.params, records,
+  sampler = planning.make_plan_sampler(setup)
+  arrays, texts, repeated = planner_policy.rollout(setup, sampler, state.params, records,
                                                  jax.random.key(0))
   assert len(texts) == 16 and len(repeated["instruction"]) == 16
   rewards = np.linspace(0, 1, 16).astype(np.float32)
@@ -40,7 +43,7 @@ def test_first_update_is_on_policy_and_starts_at_the_reference(small_data_dir, s
   samples = sampler(state.params, sharding.global_batch(
       {k: arrays[k] for k in ("source_image", "prompt", "prompt_valid")}, setup.batch_sharding),
       jax.random.key(0), config.grpo.temperature)
-  logp = planner_grpo.sequence_logprobs(state.params, setup.model, batch, 1.0)
+  logp = planner_policy.sequence_logprobs(state.params, setup.model, batch, 1.0)
   valid = arrays["plan_valid"]
   np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(samples.logprobs)[valid],
                              atol=5e-5)
@@ -81,7 +84,7 @@ def test_train_resume_and_eval(small_data_dir, sft_dir, tiny_editor_dir, tmp_pat
   for name in ("e2e_after.png", "e2e_before.png"):
     assert os.path.exists(tmp_path / "eval" / name)
   # `jaxedit edit` finds the editor in the saved config
-  assert inference.load_planner(str(tmp_path)).config.editor == tiny_editor_dir
+  assert workdirs.load_planner(str(tmp_path)).config.editor == tiny_editor_dir
 
 
 def test_bad_configs(small_data_dir, sft_dir, tmp_path):
@@ -96,7 +99,7 @@ def test_bad_configs(small_data_dir, sft_dir, tmp_path):
   config.model.num_layers = 3
   setup = planner_grpo.make_setup(config, str(tmp_path / "x"))
   with pytest.raises(ConfigError, match="model.num_layers = 2 there, 3 here"):
-    planner_grpo.load_start(setup, str(sft_dir), "ema_params")
+    planner_policy.load_start(setup, str(sft_dir), "ema_params")
 
 
 def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_path):
@@ -114,17 +117,17 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
   setup, rollout_setup = overlap.make_setups(planner_grpo.make_setup, config, "grpo",
                                              str(tmp_path / "reference"))
   assert not set(rollout_setup.mesh.devices.flat) & set(setup.mesh.devices.flat)
-  state = planner_grpo.init_state(setup, planner_grpo.load_start(setup, str(sft_dir),
+  state = planner_policy.init_state(setup, planner_policy.load_start(setup, str(sft_dir),
                                                                  "ema_params"))
-  prompts = planner_grpo.train_prompts(setup)
-  sampler, update = planner_sft.make_plan_sampler(rollout_setup), planner_grpo.make_update(setup)
+  prompts = planner_policy.train_prompts(setup)
+  sampler, update = planning.make_plan_sampler(rollout_setup), planner_grpo.make_update(setup)
 
   def plans(step, params):
-    arrays, texts, records = planner_grpo.rollout(
+    arrays, texts, records = planner_policy.rollout(
         rollout_setup, sampler, jax.device_put(params, rollout_setup.state_shardings.params),
         next(prompts), jax.random.fold_in(jax.random.key(0), step))
-    rewards = planner_grpo.cognitive_rewards(texts, records, config.rewards.cognitive)
-    return (sharding.global_batch({k: arrays[k] for k in planner_grpo.BATCH_FIELDS},
+    rewards = planner_policy.cognitive_rewards(texts, records, config.rewards.cognitive)
+    return (sharding.global_batch({k: arrays[k] for k in planner_policy.BATCH_FIELDS},
                                   setup.batch_sharding),
             sharding.global_batch({"r": rewards}, setup.batch_sharding)["r"])
 
@@ -137,6 +140,6 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
   want = jax.device_get(state.params)
   for run in (whole, resumed):  # the same programs on the same devices: equal, bit for bit
     assert_logged_exactly(run, [m1, m2, m3])
-    mngr = planner_grpo.checkpoint.manager(str(run), 3, async_save=False)
-    got = planner_grpo.checkpoint.restore(mngr, 3, planner_grpo.abstract_state(setup))
+    mngr = checkpoint.manager(str(run), 3, async_save=False)
+    got = checkpoint.restore(mngr, 3, planner_policy.abstract_state(setup))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.params), want)

@@ -8,14 +8,17 @@ import numpy as np
 import pytest
 
 from conftest import assert_sharded_close, tiny_planner_config
+from jaxedit import schema
 from jaxedit import sharding
 from jaxedit.config import ConfigError
 from jaxedit.shapes.edits import TASKS
-from jaxedit.trainers import planner_grpo, planner_opd, planner_sft
+from jaxedit.trainers import planner_opd, planner_sft
+from jaxedit.rl import planner_policy
+from jaxedit import planning
 
 
 def opd_config(data_dir, init_from, teachers, **opd):
-  config = planner_opd.reference_config()
+  config = schema.planner_opd()
   sft = tiny_planner_config(data_dir)
   for section in ("data", "tokenizer", "model", "prompt"):
     config[section] = sft[section]
@@ -48,20 +51,20 @@ def rollout(small_data_dir, tiny_planner_dir, tmp_path_factory):
   config = opd_config(small_data_dir, tiny_planner_dir,
                       {t: tiny_planner_dir for t in TASKS}, minibatches=1)
   setup = planner_opd.make_setup(config, workdir, devices=jax.devices()[:1])
-  start = _perturbed(planner_grpo.load_start(setup, tiny_planner_dir, "params"), 0)
-  state = planner_grpo.init_state(setup, start)
+  start = _perturbed(planner_policy.load_start(setup, tiny_planner_dir, "params"), 0)
+  state = planner_policy.init_state(setup, start)
   records = next(iter(planner_sft.make_dataset(setup.source("train"), 8, seed=0,
-                                               fields=planner_grpo.ROLLOUT_FIELDS,
+                                               fields=planner_policy.ROLLOUT_FIELDS,
                                                kinds=("abstract",))))
-  arrays, _, repeated = planner_grpo.rollout(setup, planner_sft.make_plan_sampler(setup),
+  arrays, _, repeated = planner_policy.rollout(setup, planning.make_plan_sampler(setup),
                                              state.params, records, jax.random.key(0))
-  host = {**{k: arrays[k] for k in planner_grpo.BATCH_FIELDS},
+  host = {**{k: arrays[k] for k in planner_policy.BATCH_FIELDS},
           **planner_opd.routes(setup, repeated)}
   return config, workdir, setup, jax.device_get(state), host, list(repeated["task"])
 
 
 def _update(setup, state, host, teachers):
-  state = jax.device_put(state, planner_grpo.abstract_state_shardings(setup))
+  state = jax.device_put(state, planner_policy.abstract_state_shardings(setup))
   batch = sharding.global_batch(host, setup.batch_sharding)
   rewards = sharding.global_batch({"r": np.zeros(len(host["route"]), np.float32)},
                                   setup.batch_sharding)["r"]
@@ -97,9 +100,9 @@ def test_update_on_eight_devices_matches_one(rollout, small_data_dir, tiny_plann
   p1, m1 = _update(one, state, host, teachers)
   p8, m8 = _update(eight, state, host, teachers)
   assert float(m1["kl"]) > 1e-3
-  assert_sharded_close(p1, p8, rtol=2e-3)
+  assert_sharded_close(p1, p8, rtol=2e-3, atol=1e-6)
   for k in m1:
-    assert_sharded_close(m1[k], m8[k], rtol=1e-3, err_msg=k)
+    assert_sharded_close(m1[k], m8[k], rtol=1e-3, atol=1e-6, err_msg=k)
 
 
 def test_train_and_eval(small_data_dir, tiny_planner_dir, tmp_path):

@@ -14,6 +14,7 @@ from jaxedit.config import ConfigError
 from jaxedit.models.editor import patchify
 from jaxedit.trainers import planner_sft
 from jaxedit.train import setup as setup_lib
+from jaxedit import planning
 
 
 def test_train_and_eval_write_curves_plans_and_metrics(small_data_dir, tmp_path):
@@ -40,7 +41,7 @@ def test_train_and_eval_write_curves_plans_and_metrics(small_data_dir, tmp_path)
 
 
 def batch_of(setup, n=8):
-  batches = planner_sft.eval_batches(setup, "train", n, n)
+  batches = planning.eval_batches(setup, "train", n, n)
   return batches[0][0]
 
 
@@ -50,10 +51,10 @@ def test_teacher_forced_logprobs_equal_the_samplers(small_data_dir, tmp_path):
   setup = planner_sft.make_setup(config, str(tmp_path), devices=jax.devices()[:1])
   params = setup_lib.init_state(setup).params
   arrays = batch_of(setup)
-  samples = planner_sft.make_plan_sampler(setup)(params, arrays, jax.random.key(0), 1.0)
+  samples = planning.make_plan_sampler(setup)(params, arrays, jax.random.key(0), 1.0)
   forced = {**arrays, "plan": np.asarray(samples.tokens), "plan_valid": np.asarray(samples.valid)}
   with jax.default_matmul_precision("highest"):
-    logits = planner_sft.completion_logits(params, setup.model, forced)
+    logits = planning.completion_logits(params, setup.model, forced)
   logp = jax.nn.log_softmax(logits)
   logp = np.take_along_axis(np.asarray(logp), forced["plan"][..., None], -1)[..., 0]
   valid = forced["plan_valid"]
@@ -72,11 +73,11 @@ def test_loss_and_grads_on_8_devices_match_1(small_data_dir, tmp_path):
     fn = jax.jit(jax.value_and_grad(
         lambda p, b: planner_sft.loss_fn(p, setup.model, b, cell_loss_weight=1.0)[0]))
     with jax.default_matmul_precision("highest"):
-      grads.append(jax.device_get(sharding.in_context(fn, setup.mesh, setup.rules)(params, batch)))
+      grads.append(jax.device_get(sharding.Program(fn, setup.mesh, setup.rules)(params, batch)))
   (loss1, g1), (loss8, g8) = grads
   assert np.abs(g1["cell_head"]["kernel"]).max() > 0
   assert_sharded_close(loss8, loss1, rtol=1e-6)
-  assert_sharded_close(g8, g1, rtol=1e-4)
+  assert_sharded_close(g8, g1, rtol=1e-4, atol=1e-7)
 
 
 def test_prompts_and_plans_too_long_are_clear_errors(small_data_dir, tmp_path):
@@ -102,7 +103,7 @@ def test_trimmed_padding_gives_the_same_loss(small_data_dir, tmp_path):
   setup = planner_sft.make_setup(config, str(tmp_path), devices=jax.devices()[:1])
   params = setup_lib.init_state(setup).params
   ds = planner_sft.make_dataset(setup.source("train"), 8, seed=0,
-                                fields=planner_sft.RECORD_FIELDS, kinds=("abstract",))
+                                fields=planning.RECORD_FIELDS, kinds=("abstract",))
   records = next(iter(ds))
   full, trimmed = setup.examples(records), setup.examples(records, trim=True)
   assert trimmed["plan"].shape[1] < full["plan"].shape[1]
@@ -160,7 +161,7 @@ def test_summarize_plans_by_family_and_task():
   groups = {"family": ["a", "a", "b", "b", "c"],
             "task": ["colour", "geometry", "colour", "mixed", "colour"]}
   held_out = np.array([False, False, False, False, True])
-  s = planner_sft.summarize_plans(scores, groups, held_out)
+  s = planning.summarize_plans(scores, groups, held_out)
   assert s["num_examples"] == 4 and s["plan_checklist_score"] == pytest.approx(0.4375)
   assert s["plan_checklist_score_by_task"] == pytest.approx(
       {"colour": 0.5, "geometry": 0.5, "mixed": 0.25})

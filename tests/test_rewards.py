@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxedit import schema
 from jaxedit import rewards
 from jaxedit.data.examples import generate
 from jaxedit.shapes.world import World
@@ -71,7 +72,7 @@ def test_config_errors_name_the_problem():
 
 
 def test_config_section_builds_and_weight_zero_turns_a_reward_off():
-  spec = rewards.reward_config().to_dict()
+  spec = schema.rewards().to_dict()
   assert set(spec) == set(rewards.REGISTRY)
   built = rewards.Rewards(spec, WORLD)
   assert set(built.fns) == {"checklist"}  # preservation and remote have weight 0

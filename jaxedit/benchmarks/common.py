@@ -1,4 +1,4 @@
-"""What every benchmark shares (DESIGN.md section 12): timing, the machine, a matmul peak
+"""What every benchmark shares (docs/design.md section 12): timing, the machine, a matmul peak
 measured in the same run, peak memory, and a Flux editor with random weights on both sides
 (jaxedit and diffusers) built from a config file."""
 
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit import config as config_lib
+from jaxedit.interop import flux_diffusers
 from jaxedit.models.editor import DTYPES, editor_config
 from jaxedit.models.flux import FluxConfig, FluxTransformer, position_ids
 
@@ -133,7 +134,6 @@ class FluxBench:
     import diffusers
     import torch
 
-    from jaxedit.interop import flux_diffusers
 
     model = diffusers.FluxTransformer2DModel(**flux_diffusers.diffusers_config(self.cfg))
     model.load_state_dict({k: torch.from_numpy(v) for k, v in

@@ -5,7 +5,7 @@
 
 Three losses over the same Flux transformer (same random weights, same inputs), each a
 forward and backward of the trained model plus an AdamW update:
-  editor_sft_step  the flow-matching loss (DESIGN.md section 4);
+  editor_sft_step  the flow-matching loss (docs/design.md section 4);
   grpo_update      Flow-GRPO's loss of one trained SDE step: clipped log-prob ratio plus the
                    KL to a frozen reference, whose forward runs too (section 5);
   opd_step         on-policy distillation: the closed-form step KL to a frozen teacher's mean

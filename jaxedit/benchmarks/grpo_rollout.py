@@ -3,7 +3,7 @@
     python -m jaxedit.benchmarks.grpo_rollout [--config configs/shapes_editor_sft.py]
         [--set KEY=VALUE] [--batch 32] [--steps 8] [--repeats 5] [--out grpo_rollout.json]
 
-Both sides run the same SDE sampling loop (DESIGN.md section 5: the Flow-GRPO mean, noise,
+Both sides run the same SDE sampling loop (docs/design.md section 5: the Flow-GRPO mean, noise,
 per-step log-prob, the trajectory kept for training) over the same Flux transformer with the
 same weights (mapped by jaxedit.interop.flux_diffusers), with Kontext-style source tokens, on
 this machine. Times are medians after a warm-up (JAX's compile time is reported apart).

@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
 
   def sequential():
     for i in range(k):
-      states[i], metrics = step.unbound(states[i], batch, hps[i])
+      states[i], metrics = step.with_hparams(hps[i])(states[i], batch)
     return metrics
   start = time.perf_counter()
   jax.block_until_ready(sequential())

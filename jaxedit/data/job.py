@@ -4,7 +4,6 @@ and measure the detector on clean and perturbed renders."""
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import os
@@ -15,42 +14,19 @@ import numpy as np
 
 from jaxedit import viz
 from jaxedit.config import ConfigError
+from jaxedit.data import tfds_builder
 from jaxedit.data.examples import SPLITS
 from jaxedit.data.pipeline import ShapesSource
 from jaxedit.shapes import robustness
 from jaxedit.shapes.families import FAMILIES
 from jaxedit.shapes.world import SceneError, World
 
-DEFAULT_DATA_DIR = "~/.cache/jaxedit/datasets"
 
 
-def world_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dataclasses.asdict(World()))
 
 
-def data_config() -> ml_collections.ConfigDict:
-  """Where the dataset lives and how big each split is (atomic and abstract examples)."""
-  config = ml_collections.ConfigDict()
-  config.data_dir = DEFAULT_DATA_DIR  # builds are keyed by a digest of their parameters
-  config.seed = 0
-  config.splits = ml_collections.ConfigDict({
-      "train": {"atomic": 20_000, "abstract": 16_000},
-      "validation": {"atomic": 500, "abstract": 550},
-      "test": {"atomic": 2_000, "abstract": 2_200},
-  })
-  return config
 
 
-def reference_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.world = world_config()
-  config.data = data_config()
-  config.report = ml_collections.ConfigDict({
-      "contact_sheet_examples": 16,
-      "detector_check_scenes": 2000,
-      "seed": 0,
-  })
-  return config
 
 
 def world_from(config: ml_collections.ConfigDict) -> World:
@@ -71,8 +47,6 @@ def check_data_config(config: ml_collections.ConfigDict) -> None:
 
 def dataset_dir(world: World, config: ml_collections.ConfigDict) -> str:
   """Builds the dataset if needed (TFDS + TensorFlow) and returns its directory."""
-  from jaxedit.data import tfds_builder  # imports TensorFlow: only when building
-
   check_data_config(config)
   return tfds_builder.build(world, config, os.path.expanduser(config.data_dir))
 

@@ -43,7 +43,7 @@ def builder_config(world: World, data_config: ml_collections.ConfigDict) -> Shap
 
 
 class ShapesEdit(tfds.core.GeneratorBasedBuilder):
-  """Instruction-based edits in the shapes world (DESIGN.md section 2)."""
+  """Instruction-based edits in the shapes world (docs/design.md section 2)."""
 
   VERSION = tfds.core.Version(VERSION)
 

@@ -1,7 +1,7 @@
 """An exported editor run in plain PyTorch: diffusers' FluxTransformer2DModel, the shapes text
 encoder rebuilt in torch from `text_encoder.safetensors`, a latent editor's AutoencoderKL
 (`vae/`), and an Euler sampling loop with classifier-free guidance, the same maths as
-jaxedit's sampler (DESIGN.md sections 3, 4).
+jaxedit's sampler (docs/design.md sections 3, 4).
 
     editor = torch_editor.load("OUT")
     images = torch_editor.sample(editor, sources_uint8, ["make the red circle blue"], noise)

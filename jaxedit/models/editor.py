@@ -25,9 +25,6 @@ from jaxedit.models.vae import VAEConfig
 # The Flux layer stacks: scanned, one parameter tree each; unrolled, `{name}_{i}` per layer.
 FLUX_STACKS = ("transformer_blocks", "single_transformer_blocks")
 
-# Flow-GRPO's Flux LoRA targets: attention projections and the double blocks' MLPs.
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj", "add_v_proj",
-                "to_add_out", "net_0_proj", "net_2")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -201,50 +198,6 @@ def init_params(model: "Editor", rng, *inputs) -> dict:
   return layers.init_as_scanned(model, scanned, FLUX_STACKS, rng, *inputs)
 
 
-def model_config() -> ml_collections.ConfigDict:
-  """The `model` section of editor configs."""
-  return ml_collections.ConfigDict({
-      "patch_size": 4,
-      "num_heads": 4,
-      "head_dim": 32,
-      "axes_dims_rope": (8, 12, 12),
-      "num_layers": 2,
-      "num_single_layers": 4,
-      "mlp_ratio": 4.0,
-      "qk_norm_init": 1.0,
-      # LoRA (rank 0: none). Targets are Dense names in the diffusers layout.
-      "lora_rank": 0,
-      "lora_alpha": 0.0,  # 0: equal to the rank (scale 1)
-      "lora_targets": LORA_TARGETS,
-      "guidance_embeds": False,
-      "dtype": "float32",
-      "param_dtype": "float32",
-      # Scanned layers keep compile time flat in depth (configs of real models set True);
-      # unrolled, the shapes models' 2 + 4 layers train 25% faster on CPU (README, Performance).
-      "scan_layers": False,
-      "remat_policy": "none",
-      # auto: a fused (flash) kernel where the backend has one, splash on TPU, cuDNN on GPU
-      # in bf16/fp16, else XLA's | xla | cudnn | splash (off TPU: Pallas' interpreter, tests)
-      "attention": "auto",
-      "splash_block": 512,  # splash attention's largest block of the (padded) sequence
-      "text_encoder": "shapes",  # shapes | precomputed
-      "text_width": 128,
-      "text_layers": 2,
-      "text_heads": 4,
-      "text_max_len": 32,
-      # n > 0: ground the instruction on an n x n grid over the source image (CellGrounding);
-      # trained by the SFT loss's grounding term (flow.grounding_weight). Shapes encoder only.
-      "text_layout_grid": 0,
-      "context_dim": 0,  # precomputed embeddings only: their width
-      "pooled_dim": 0,  # precomputed embeddings only: the pooled embedding's width (0: same)
-      # The pixel-latent path for real images: the transformer works on the latents of a
-      # diffusers-layout AutoencoderKL (models.vae; defaults: the FLUX.1 VAE), frozen, with
-      # weights from the diffusers folder `init_from` ("": the `vae/` of the run's init_from)
-      # and its latents' shift and scale from that folder's config.json (jaxedit.codec).
-      "vae": {"enabled": False, "init_from": "", "latent_channels": 16,
-              "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
-              "norm_num_groups": 32},
-  })
 
 
 def editor_config(model: ml_collections.ConfigDict, image_size: int,

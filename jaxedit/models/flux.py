@@ -1,6 +1,6 @@
 """Flux-layout flow-matching transformer with Kontext-style in-context source tokens.
 
-Parameters and maths map one-to-one onto diffusers `FluxTransformer2DModel` (DESIGN.md
+Parameters and maths map one-to-one onto diffusers `FluxTransformer2DModel` (docs/design.md
 section 3); `jaxedit.interop.flux_diffusers` holds the name mapping. Every parameter carries
 logical axis names; the layer stacks can be scanned (compile time flat in depth) and
 rematerialised.

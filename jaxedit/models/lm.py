@@ -1,7 +1,7 @@
 """Decoder LM in the Qwen2 / Llama layout, with an explicit KV cache.
 
 Parameters map one-to-one onto transformers `Qwen2ForCausalLM` / `LlamaForCausalLM`
-(DESIGN.md section 3; `jaxedit.interop.lm_transformers` holds the names): GQA, RMSNorm in
+(docs/design.md section 3; `jaxedit.interop.lm_transformers` holds the names): GQA, RMSNorm in
 float32 without +1 offset, SwiGLU, rotate-half RoPE, optional q/k/v bias, tied or untied
 head. The cache is a plain pytree passed in and returned, so decoding is a pure function
 that `jit` can donate.

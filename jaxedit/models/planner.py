@@ -105,38 +105,6 @@ def init_params(model: Planner, rng, *args, **kwargs) -> dict:
   return layers.init_as_scanned(model, scanned, ("layers",), rng, *args, **kwargs)
 
 
-def model_config() -> ml_collections.ConfigDict:
-  """The `model` section of a planner config (a tiny Qwen2 for the shapes world)."""
-  return ml_collections.ConfigDict({
-      "vocab_size": 512,  # the tokenizer is trained to this size
-      "hidden_size": 128,
-      "intermediate_size": 384,
-      "num_layers": 4,
-      "num_heads": 4,
-      "num_kv_heads": 2,
-      "head_dim": 32,
-      "rope_theta": 10_000.0,
-      "rms_norm_eps": 1e-6,
-      "qkv_bias": True,
-      "tie_embeddings": True,
-      "lora_rank": 0,
-      "lora_alpha": 1.0,
-      "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                       "down_proj"),
-      "dtype": "float32",
-      "param_dtype": "float32",
-      # Unrolled, decoding keeps one KV cache per layer and reads it in place: 1.6x faster
-      # on CPU than the scanned stack (README, Performance). Real models' configs set True.
-      "scan_layers": False,
-      "remat_policy": "none",
-      # auto: splash attention on TPU for the training forward, XLA's elsewhere | xla | splash
-      "attention": "auto",
-      "splash_block": 512,
-      # cell_head: predict each cell's shape and colour from its prefix token (needs one
-      # patch per grid cell); planner SFT weights its loss with train.cell_loss_weight. Off:
-      # it helped at 800 steps but cost 6 points of test plan checklist at 2,000 (README).
-      "vision": {"enabled": True, "patch_size": 8, "width": 128, "cell_head": False},
-  })
 
 
 def planner_config(model: ml_collections.ConfigDict, world) -> PlannerConfig:

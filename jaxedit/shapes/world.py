@@ -1,4 +1,4 @@
-"""The shapes world: vocabulary, world geometry and scenes (DESIGN.md section 2).
+"""The shapes world: vocabulary, world geometry and scenes (docs/design.md section 2).
 
 A scene is a set of objects on a coarse grid, at most one object per cell. Scenes are
 immutable and validated on construction, so an impossible scene never exists.

@@ -14,6 +14,7 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from jaxedit import plans
 from jaxedit.data.examples import generate
 from jaxedit.shapes.world import World
 
@@ -33,8 +34,6 @@ def corpus(world: World, num_examples: int, seed: int) -> Iterable[str]:
 def planner_corpus(world: World, num_examples: int, seed: int) -> Iterable[str]:
   """The editor corpus plus plans in the planner's output format and its prompts, so the
   JSON punctuation and the template merge into tokens too."""
-  from jaxedit import plans
-
   yield from corpus(world, num_examples, seed)
   half = num_examples // 2
   for record in generate(world, "train", half, num_examples - half, seed):

@@ -106,7 +106,7 @@ def assemble(cls, config: ml_collections.ConfigDict, parts, optimizer: Optimizer
 def init_state(setup: RunSetup):
   """The state `setup.init` makes from `train.seed`, in its shardings."""
   fn = jax.jit(lambda rng: nn.unbox(setup.init(rng)), out_shardings=setup.state_shardings)
-  return sharding.in_context(fn, setup.mesh, setup.rules)(jax.random.key(setup.config.train.seed))
+  return sharding.Program(fn, setup.mesh, setup.rules)(jax.random.key(setup.config.train.seed))
 
 
 def fresh_state(params, tx) -> TrainState:

@@ -1,4 +1,4 @@
-"""Online policy distillation for the editor (DESIGN.md section 7): task teachers distilled
+"""Online policy distillation for the editor (docs/design.md section 7): task teachers distilled
 into one student along the student's own rollouts.
 
     jaxedit train --config configs/shapes_editor_opd.py --workdir DIR --config.init_from=SFT_DIR \
@@ -22,45 +22,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from jaxedit import flow, flow_grpo, grpo, hparams, lora, opd, overlap, sharding
+from jaxedit import flow, flow_grpo, hparams, lora, opd, sharding, workdirs
 from jaxedit.config import ConfigError
 from jaxedit.models.editor import Editor
-from jaxedit.shapes.edits import TASKS
-from jaxedit.trainers import editor_grpo
-from jaxedit.trainers.editor_grpo import GRPOState, Setup
+from jaxedit.rl import update as rl_update
+from jaxedit.rl import editor_policy
+from jaxedit.rl.editor_policy import GRPOState, Setup
 
 
-def reference_config() -> ml_collections.ConfigDict:
-  c = editor_grpo.reference_config()
-  c.trainer = "editor_opd"
-  del c.grpo  # rewards stay: they are logged, not trained on
-  c.train.num_steps = 100  # iterations (rollout + update)
-  c.opd = ml_collections.ConfigDict({
-      # task tag -> the teacher's workdir (an editor SFT or GRPO run); "" for none
-      "teachers": {task: "" for task in TASKS if task != "mixed"},
-      "routing": "task",  # task: each prompt's task tag picks its teacher | round_robin
-      "prompts_per_step": 16,  # global
-      "group_size": 1,  # student samples per prompt
-      "shared_noise": False,
-      "rollout_chunks": 2,
-      **overlap.mesh_config(),
-      "num_steps": 8,
-      "guidance_scale": 1.0,
-      "sde_type": "sde",  # sde | cps
-      "noise_level": 0.7,  # 0: ODE rollouts and pure mean matching
-      "timestep_fraction": 0.99,
-      "window_size": 0,
-      "window_start": -1,
-      "inner_epochs": 1,
-      "minibatches": 2,
-  })
-  return c
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  editor_grpo.check_rollouts(config, "opd")
+  editor_policy.check_rollouts(config, "opd")
   o = config.opd
   if o.routing not in ("task", "round_robin"):
     raise ConfigError(f"opd.routing must be 'task' or 'round_robin', got {o.routing!r}")
@@ -85,7 +59,7 @@ class OPDSetup(Setup):
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> OPDSetup:
   check_config(config)
-  setup = editor_grpo.build_setup(config, workdir, devices, "opd")
+  setup = editor_policy.build_setup(config, workdir, devices, "opd")
   cfg = setup.model.cfg
   plain = dataclasses.replace(cfg, flux=dataclasses.replace(cfg.flux, lora_rank=0,
                                                             lora_targets=()))
@@ -99,13 +73,11 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) ->
 def load_teacher(setup: OPDSetup, workdir: str):
   """A teacher's parameters (EMA where its eval uses them; LoRA merged) in the student's
   shardings. It must share the student's architecture and tokenizer."""
-  from jaxedit import inference
-
-  loaded = inference.load_editor(workdir, batch_size=setup.config.eval.batch_size)
+  loaded = workdirs.load_editor(workdir, batch_size=setup.config.eval.batch_size)
   if loaded.setup.tokenizer.to_str() != setup.tokenizer.to_str():
     raise ConfigError(f"teacher {workdir} uses another tokenizer than the student: token ids "
                       "would mean different words (start both from the same SFT run)")
-  mismatched = editor_grpo.model_mismatch(loaded.setup.config.model, setup.config.model)
+  mismatched = editor_policy.model_mismatch(loaded.setup.config.model, setup.config.model)
   if mismatched:
     raise ConfigError(f"teacher {workdir} has another architecture: " + ", ".join(mismatched))
   params = loaded.params
@@ -140,14 +112,13 @@ def make_update(setup: OPDSetup, teachers=None):
   config, o = setup.config, setup.config.opd
   teachers = load_teachers(setup) if teachers is None else teachers
   names = opd.teacher_tasks(config.opd.teachers)
-  velocity = editor_grpo.make_velocity(setup.model, o.guidance_scale)
-  teacher_velocity = editor_grpo.make_velocity(setup.teacher_model, o.guidance_scale)
+  velocity = editor_policy.make_velocity(setup.model, o.guidance_scale)
+  teacher_velocity = editor_policy.make_velocity(setup.teacher_model, o.guidance_scale)
   times = flow.sigmas(o.num_steps, config.sample.shift)
   base_rng = jax.random.key(config.train.seed + 1)
-  traj = editor_grpo.trajectory_sharding(setup)
-  updates_per_step = o.inner_epochs * o.minibatches
+  traj = editor_policy.trajectory_sharding(setup)
 
-  def update(state: GRPOState, teachers, chunks, levels, trained_steps, hp):
+  def update(teachers, state: GRPOState, chunks, levels, trained_steps, hp):
     data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
                                                                        "log_probs") else 0)
             for k in chunks[0]}
@@ -162,15 +133,10 @@ def make_update(setup: OPDSetup, teachers=None):
 
     v_teacher = jax.lax.stop_gradient(jax.lax.map(teacher_at, trained_steps))  # (S, N, ...)
     v_teacher = jax.lax.with_sharding_constraint(v_teacher, traj)
-    n = data["route"].shape[0]
-    rng = jax.random.fold_in(base_rng, state.step)
-    order = grpo.minibatch_order(rng, n, o.inner_epochs, o.minibatches)
     frozen = state.frozen
     dims = float(np.prod(data["latents"].shape[2:]))
 
-    def one_update(carry, xs):
-      params, ema, opt_state = carry
-      i, idx = xs
+    def loss_and_grads(params, idx):
       take = lambda x, axis: jnp.take(x, idx, axis=axis)
       latents = jax.lax.with_sharding_constraint(take(data["latents"], 1), traj)
       v_t = jax.lax.with_sharding_constraint(take(v_teacher, 1), traj)
@@ -188,38 +154,29 @@ def make_update(setup: OPDSetup, teachers=None):
         return jnp.mean(kl), {"kl": jnp.mean(kl),
                               **{f"kl_{name}": per_teacher[m] for m, name in enumerate(names)}}
 
-      loss, grads, metrics = flow_grpo.minibatch_grads(step_loss, params,
-                                                       jnp.arange(trained_steps.shape[0]))
-      params, ema, opt_state, rate = setup.optimizer.update(
-          hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
-      return (params, ema, opt_state), {**metrics, "loss": loss, "lr": rate,
-                                        "grad_norm": optax.tree.norm(grads)}
+      return flow_grpo.minibatch_grads(step_loss, params, jnp.arange(trained_steps.shape[0]))
 
-    (params, ema, opt_state), per_update = jax.lax.scan(
-        one_update, (state.params, state.ema_params, state.opt_state),
-        (jnp.arange(updates_per_step), order))
-    metrics = jax.tree.map(jnp.mean, per_update)
+    params, ema, opt_state, metrics = rl_update.minibatch_updates(
+        setup.optimizer, hp, state, jax.random.fold_in(base_rng, state.step),
+        data["route"].shape[0], o.inner_epochs, o.minibatches, loss_and_grads)
     return GRPOState(state.step + 1, params, ema, opt_state, frozen), metrics
 
   ss = setup.state_shardings
-  fn = jax.jit(update, in_shardings=(ss, [setup.teacher_shardings] * len(teachers), None, None,
+  fn = jax.jit(update, in_shardings=([setup.teacher_shardings] * len(teachers), ss, None, None,
                                      None, None),
-               out_shardings=(ss, sharding.replicated(setup.mesh)), donate_argnums=0)
-  fn = sharding.in_context(fn, setup.mesh, setup.rules)
-
-  def with_teachers(state, chunks, levels, trained_steps, hp):
-    return fn(state, teachers, chunks, levels, trained_steps, hp)
-  return hparams.bind(with_teachers, hparams.values(config, hparams.OPD))
+               out_shardings=(ss, sharding.replicated(setup.mesh)), donate_argnums=1)
+  return sharding.Program(fn, setup.mesh, setup.rules, (teachers,),
+                          hparams.values(config, hparams.OPD))
 
 
-OPD = editor_grpo.Method("OPD", make_setup, make_update, add_routes,
+OPD = editor_policy.Algorithm("OPD", make_setup, make_update, add_routes,
                          ("source_image", "ids", "mask", "route"), section="opd")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return editor_grpo.train(config, workdir, OPD)
+  return editor_policy.train(config, workdir, OPD)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Like GRPO's: the student after, the SFT start before, per task (edit_success_by_task)."""
-  return editor_grpo.run_eval(config, workdir, OPD)
+  return editor_policy.run_eval(config, workdir, OPD)

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -16,64 +15,17 @@ import jax
 import ml_collections
 import optax
 
-from jaxedit import checkpoint, distributed, editing, evaluation, flow, hparams, population, sharding
-from jaxedit import codec as codec_lib
+from jaxedit import checkpoint, editing, evaluation, flow, hparams, population, sharding
 from jaxedit.codec import Codec
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.editing import Setup, text_inputs
 from jaxedit.interop import pretrained
-from jaxedit.models.editor import Editor, model_config
-from jaxedit.train import loop, optimizer as optimizer_lib, records, setup as setup_lib
+from jaxedit.models.editor import Editor
+from jaxedit.train import loop, records, setup as setup_lib
 
 
-def reference_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.trainer = "editor_sft"
-  c.init_from = ""  # optional: a diffusers Flux transformer folder (or a jaxedit export)
-  # JSON list of settings of traced hyperparameters (train.lr) trained at once: population.py
-  c.population = ""
-  c.world = data_job.world_config()
-  c.data = data_job.data_config()
-  c.tokenizer = ml_collections.ConfigDict({"vocab_size": 512, "corpus_examples": 4000})
-  c.model = model_config()
-  c.flow = ml_collections.ConfigDict({
-      "timesteps": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "shift": 1.0,
-      "changed_weight": 1.0,  # loss weight of the patches the edit changes (1: plain mean)
-      # weight of the grounding loss (flow.grounding_loss) when model.text_layout_grid > 0
-      "grounding_weight": 1.0})
-  c.sample = ml_collections.ConfigDict({"num_steps": 16, "shift": 1.0, "guidance_scale": 1.0})
-  c.train = ml_collections.ConfigDict({
-      "seed": 0,
-      "batch_size": 64,  # global
-      "num_steps": 1000,
-      "example_kinds": ("atomic",),
-      "lr": 1e-3,
-      "warmup_steps": 100,
-      "end_lr_fraction": 0.05,
-      "weight_decay": 0.0,
-      "b1": 0.9,
-      "b2": 0.99,
-      "grad_clip": 1.0,
-      "ema_decay": 0.999,
-      "text_dropout": 0.0,  # > 0 trains the unconditional branch for guidance
-      "log_every": 20,
-      "sample_every": 500,  # as eval_every
-      "sample_examples": 16,
-      "eval_every": 500,  # and at the end; 0: only at the end; -1: never
-      "eval_examples": 256,  # validation examples scored during training
-      "checkpoint_every": 500,
-      "keep_checkpoints": 2,
-      "async_checkpoints": True,
-      "worker_count": 0,
-  })
-  c.eval = ml_collections.ConfigDict({
-      "split": "test", "example_kinds": ("atomic",), "num_examples": 0,  # 0: the whole split
-      "batch_size": 128, "use_ema": True, "seed": 1})
-  c.mesh = sharding.mesh_config()
-  c.distributed = distributed.config()
-  return c
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -90,9 +42,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
   check_config(config)
-  return setup_lib.assemble(Setup, config, editing.make_parts(config, workdir, devices),
-                            optimizer_lib.supervised(config.train), functools.partial(
-                                editing.init_state, text_len=config.model.text_max_len))
+  return editing.make_setup(config, workdir, devices)
 
 
 def loss_fn(params, model: Editor, batch: dict, rng, flow_cfg, text_dropout: float,
@@ -147,8 +97,8 @@ def make_train_step(setup: Setup):
   step = jax.jit(train_step_fn(setup),
                  in_shardings=(replicated, setup.state_shardings, setup.batch_sharding, None),
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=1)
-  step = codec_lib.bind(sharding.in_context(step, setup.mesh, setup.rules), setup.codec)
-  return hparams.bind(step, hparams.values(cfg, hparams.SFT))
+  return sharding.Program(step, setup.mesh, setup.rules, (setup.codec,),
+                          hparams.values(cfg, hparams.SFT))
 
 
 def train_data(setup: Setup):

@@ -1,5 +1,5 @@
 """Planner GRPO from a planner SFT run: G sampled plans per prompt, token-level clipped ratio
-+ k3 KL to the SFT planner, and the dual-atomic rewards of DESIGN.md section 6: cognitive (the
++ k3 KL to the SFT planner, and the dual-atomic rewards of docs/design.md section 6: cognitive (the
 plan checklist) and visual (the plan run step by step by the editor of config key `editor`,
 the detected final scene scored by the checklist).
 
@@ -13,70 +13,16 @@ ahead of the update (`jaxedit.overlap`).
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
-import os
-import time
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 
-from jaxedit import (checkpoint, evaluation, grpo, hparams, inference, overlap, plans,
-                     sharding)
+from jaxedit import grpo, hparams, overlap, sharding
 from jaxedit.config import ConfigError
-from jaxedit.interop import pretrained
-from jaxedit.data.pipeline import make_dataset
-from jaxedit.shapes import checklist as cl
-from jaxedit.shapes.detect import detect
-from jaxedit.shapes.world import Scene
-from jaxedit.trainers import planner_sft
-from jaxedit.train import loop
-from jaxedit.train.setup import check_batch_size
-from jaxedit.trainers.editor_grpo import GRPOState, check_tasks
-
-ROLLOUT_FIELDS = planner_sft.RECORD_FIELDS + ("checklist", "source_scene", "num_steps", "task")
-BATCH_FIELDS = ("source_image", "prompt", "prompt_valid", "plan", "plan_valid")
+from jaxedit.rl import planner_policy, update as rl_update
+from jaxedit.rl.editor_policy import GRPOState, check_tasks
 
 
-def reference_config() -> ml_collections.ConfigDict:
-  c = planner_sft.reference_config()
-  c.trainer = "planner_grpo"
-  c.init_from = ""  # a planner SFT workdir (required)
-  c.init_params = "ema"  # ema | raw: which of its parameters to start from
-  c.grpo = ml_collections.ConfigDict({
-      "prompts_per_step": 16,  # P
-      "group_size": 8,  # G plans per prompt
-      "temperature": 1.0,  # of rollouts; the trained log-probs use the same
-      "clip_range": 0.2,
-      "kl_beta": 0.04,
-      "aggregation": "sequence_mean",  # or token_mean
-      "std_scope": "group",  # advantage std: group | global
-      "adv_clip": 5.0,
-      "inner_epochs": 1,
-      "minibatches": 2,
-      **overlap.mesh_config(),  # rollouts on devices of their own (jaxedit.overlap)
-  })
-  c.rewards = ml_collections.ConfigDict({
-      "cognitive": {"weight": 1.0, "step_penalty": 0.1, "error_penalty": 0.25},
-      # > 0: every rollout plan runs through the editor of `editor` (P * G edits per plan step)
-      "visual": {"weight": 0.0},
-  })
-  del c.train.batch_size
-  del c.train.end_lr_fraction
-  c.train.num_steps = 200
-  c.train.lr = 1e-4
-  c.train.warmup_steps = 10
-  c.train.weight_decay = 0.0
-  c.train.example_kinds = ("abstract",)
-  c.train.tasks = ()  # task tags of the training prompts (e.g. ("colour",)); () for all
-  c.train.eval_every = 50
-  c.train.checkpoint_every = 50
-  return c
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -101,141 +47,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   check_tasks(config)
 
 
-def rollouts(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config section of the rollouts: `grpo`, or `opd` for distillation."""
-  return config[rollouts_name(config)]
-
-
-def rollouts_name(config: ml_collections.ConfigDict) -> str:
-  return "grpo" if "grpo" in config else "opd"
-
-
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
   check_config(config)
-  return build_setup(config, workdir, devices)
-
-
-def build_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
-  """planner_sft's Setup built for P * G rollouts (batch size), with the tokenizer of
-  `init_from`."""
-  pretrained.copy_tokenizer(config.init_from, workdir)
-  sft_like = as_sft_config(config)
-  setup = planner_sft.make_setup(sft_like, workdir, devices)
-  check_batch_size("a minibatch (P * G / minibatches)",
-                   sft_like.train.batch_size // rollouts(config).minibatches, setup.mesh,
-                   setup.batch_sharding)
-  return setup
-
-
-def as_sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The planner_sft config this run's Setup is built from: a batch of P * G rollouts, a
-  constant learning rate after warm-up, and no cell head (an SFT training aid)."""
-  sft_like = ml_collections.ConfigDict(config.to_dict())
-  g = rollouts(config)
-  sft_like.train.batch_size = g.prompts_per_step * g.group_size
-  sft_like.train.end_lr_fraction = 1.0
-  sft_like.train.cell_loss_weight = 0.0
-  sft_like.model.vision.cell_head = False
-  return sft_like
-
-
-def load_start(setup, init_from: str, key: str):
-  """The planner SFT run's parameters (or a transformers folder's) in this run's shardings."""
-  if pretrained.folder_kind(init_from):
-    params = pretrained.load_planner(init_from, setup.abstract_state.params, setup.model.cfg)
-    if set(params) != set(setup.abstract_state.params):
-      raise ConfigError(f"init_from: {init_from} has no vision prefix: start from a planner "
-                        "SFT workdir, or a jaxedit export of one")
-    return params
-  mngr, step = checkpoint.latest_step(init_from, "a planner SFT workdir")
-  mismatched = model_mismatch(checkpoint.saved_config(mngr, step), setup.config)
-  if mismatched:
-    raise ConfigError("init_from was trained with a different model: " + ", ".join(mismatched))
-  params = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
-  logging.info("initialised from %s (step %d, %s)", init_from, step, key)
-  return params
-
-
-def model_mismatch(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
-  """'KEY = A there, B here' for each model key, and the prompt mode, where a saved run's
-  config differs from `config`: its parameters would not mean the same. The vision prefix's
-  cell head (an SFT training aid, not used after it) and the attention kernel may differ."""
-  def model_keys(model: dict) -> dict:
-    vision = {k: v for k, v in model.get("vision", {}).items() if k != "cell_head"}
-    kernel = ("attention", "splash_block")
-    return {**{k: v for k, v in model.items() if k not in kernel}, "vision": vision}
-  ours = model_keys(config.model.to_dict())
-  out = [f"model.{k} = {v!r} there, {ours[k]!r} here"
-         for k, v in sorted(model_keys(saved["model"]).items())
-         if k in ours and json.dumps(ours[k]) != json.dumps(v)]
-  if saved["prompt"]["scene_as_text"] != config.prompt.scene_as_text:
-    out.append(f"prompt.scene_as_text = {saved['prompt']['scene_as_text']} there, "
-               f"{config.prompt.scene_as_text} here")
-  return out
-
-
-def init_state(setup, start_params) -> GRPOState:
-  copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
-  opt_state = jax.jit(setup.optimizer.init,
-                      out_shardings=setup.state_shardings.opt_state)(start_params)
-  return GRPOState(jnp.zeros((), jnp.int32), copy(start_params), copy(start_params), opt_state,
-                   start_params)
-
-
-def abstract_state(setup) -> GRPOState:
-  a = setup.abstract_state
-  return GRPOState(a.step, a.params, a.ema_params, a.opt_state, a.params)
-
-
-# ------------------------------------------------------------------------------------------
-# Rollouts, rewards and the update.
-# ------------------------------------------------------------------------------------------
-def sequence_logprobs(params, model, batch: dict, temperature: float):
-  """(N, T) log-probs of the plan tokens under the policy at `temperature`."""
-  logits = planner_sft.completion_logits(params, model, batch) / temperature
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, batch["plan"][..., None], axis=-1)[..., 0]
-
-
-def cognitive_rewards(texts: list[str], records: dict, rc) -> np.ndarray:
-  out = []
-  for i, text in enumerate(texts):
-    out.append(plans.plan_score(text, Scene.from_array(records["source_scene"][i]),
-                                cl.Checklist.from_json(records["checklist"][i]),
-                                int(records["num_steps"][i]), rc.step_penalty, rc.error_penalty))
-  return np.asarray(out, np.float32)
-
-
-def visual_rewards(editor, texts: list[str], records: dict, max_steps: int,
-                   seed: int) -> np.ndarray:
-  """Checklist fraction of the scene the editor produced by running each plan step by step
-  (detector-verified); 0 for a plan that cannot be run."""
-  steps, trails = inference.run_plan_texts(editor, np.asarray(records["source_image"]), texts,
-                                          max_steps, seed)
-  scenes = detect(np.stack([t[-1] for t in trails]), editor.setup.world).scenes
-  return np.asarray([cl.Checklist.from_json(c).score(scene) if s is not None else 0.0
-                     for c, scene, s in zip(records["checklist"], scenes, steps)], np.float32)
+  return planner_policy.build_setup(config, workdir, devices)
 
 
 def make_update(setup):
   """jitted (state, batch, rewards) -> (state, metrics)."""
   config, g = setup.config, setup.config.grpo
   base_rng = jax.random.key(config.train.seed + 1)
-  updates_per_step = g.inner_epochs * g.minibatches
-  logprobs = lambda p, b: sequence_logprobs(p, setup.model, b, g.temperature)
+  logprobs = lambda p, b: planner_policy.sequence_logprobs(p, setup.model, b, g.temperature)
 
   def update(state: GRPOState, batch: dict, rewards, hp):
     advantages = grpo.group_advantages(rewards, g.group_size, std_scope=g.std_scope,
                                        clip=g.adv_clip)
     old = jax.lax.stop_gradient(logprobs(state.params, batch))
     ref = jax.lax.stop_gradient(logprobs(state.frozen, batch))
-    n = advantages.shape[0]
-    rng = jax.random.fold_in(base_rng, state.step)
-    order = grpo.minibatch_order(rng, n, g.inner_epochs, g.minibatches)
 
-    def one_update(carry, xs):
-      params, ema, opt_state = carry
-      i, idx = xs
+    def loss_and_grads(params, idx):
       mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
           jnp.take(x, idx, axis=0), setup.batch_sharding), batch)
       take = lambda x: jnp.take(x, idx, axis=0)
@@ -245,183 +74,30 @@ def make_update(setup):
                                       mb["plan_valid"], clip_range=hp["clip_range"],
                                       kl_beta=hp["kl_beta"], aggregation=g.aggregation)
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      params, ema, opt_state, rate = setup.optimizer.update(
-          hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
-      return (params, ema, opt_state), {**metrics, "loss": loss, "lr": rate,
-                                        "grad_norm": optax.tree.norm(grads)}
+      return loss, grads, metrics
 
-    (params, ema, opt_state), per_update = jax.lax.scan(
-        one_update, (state.params, state.ema_params, state.opt_state),
-        (jnp.arange(updates_per_step), order))
-    reducers = {"ratio_min": jnp.min, "ratio_max": jnp.max}
-    metrics = {k: reducers.get(k, jnp.mean)(v) for k, v in per_update.items()}
+    params, ema, opt_state, metrics = rl_update.minibatch_updates(
+        setup.optimizer, hp, state, jax.random.fold_in(base_rng, state.step),
+        advantages.shape[0], g.inner_epochs, g.minibatches, loss_and_grads)
     metrics.update({"advantage_abs": jnp.mean(jnp.abs(advantages)),
                     "zero_advantage_fraction": jnp.mean((advantages == 0).astype(jnp.float32))})
     return GRPOState(state.step + 1, params, ema, opt_state, state.frozen), metrics
 
-  shardings = abstract_state_shardings(setup)
+  shardings = planner_policy.abstract_state_shardings(setup)
   fn = jax.jit(update, in_shardings=(shardings, setup.batch_sharding, setup.batch_sharding,
                                      None),
                out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
-  return hparams.bind(sharding.in_context(fn, setup.mesh, setup.rules),
-                      hparams.values(config, hparams.GRPO))
+  return sharding.Program(fn, setup.mesh, setup.rules,
+                          hparams=hparams.values(config, hparams.GRPO))
 
 
-def abstract_state_shardings(setup) -> GRPOState:
-  s = setup.state_shardings
-  return GRPOState(s.step, s.params, s.ema_params, s.opt_state, s.params)
+GRPO = planner_policy.Algorithm("GRPO", make_setup, make_update)
 
 
-def train_prompts(setup):
-  """The iterator of this process's training prompts, P per iteration over all processes."""
-  tc = setup.config.train
-  return iter(make_dataset(setup.source("train"),
-                           rollouts(setup.config).prompts_per_step // jax.process_count(),
-                           seed=tc.seed, fields=ROLLOUT_FIELDS, kinds=tc.example_kinds,
-                           tasks=tc.tasks))
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  return planner_policy.train(config, workdir, GRPO)
 
 
-def rollout(setup, sampler, params, records: dict, rng):
-  """G plans per prompt: (model inputs with the sampled plans, plan texts, records repeated)."""
-  g = rollouts(setup.config)
-  repeated = {k: np.repeat(np.asarray(v), g.group_size, axis=0) for k, v in records.items()}
-  arrays = setup.examples(repeated)
-  samples = sampler(params, sharding.global_batch(
-      {k: arrays[k] for k in ("source_image", "prompt", "prompt_valid")},
-      setup.batch_sharding), rng, g.temperature)
-  tokens = sharding.local_rows(samples.tokens, setup.batch_sharding)
-  valid = sharding.local_rows(samples.valid, setup.batch_sharding)
-  texts = setup.decode(tokens, valid)
-  arrays.update({"plan": tokens, "plan_valid": valid})
-  return arrays, texts, repeated
-
-
-# ------------------------------------------------------------------------------------------
-# Training loop.
-# ------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Method:
-  """What differs between the trainers that learn on the planner's own sampled plans."""
-  name: str
-  make_setup: Callable  # (config, workdir, devices=None) -> Setup
-  make_update: Callable  # setup -> update(state, batch, rewards) -> (state, metrics)
-  # (setup, records repeated per sample) -> extra per-sample device arrays for the update
-  extra_fields: Callable = lambda setup, records: {}
-
-
-def train(config: ml_collections.ConfigDict, workdir: str, method: Method | None = None) -> dict:
-  method = method or GRPO
-  run = loop.Run(config, workdir)
-  setup, rollout_setup = overlap.make_setups(method.make_setup, config, rollouts_name(config),
-                                             workdir)
-  overlapped = rollout_setup is not setup
-  tc, g = config.train, rollouts(config)
-  logging.info("planner %s: %d prompts x %d plans per step, mesh %s", method.name,
-               g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
-  data_iter = train_prompts(setup)
-  key = "ema_params" if config.init_params == "ema" else "params"
-  state = run.restore_or_init(abstract_state(setup), data_iter, lambda: init_state(
-      setup, load_start(setup, config.init_from, key)))
-  start = loop.step_of(state)
-
-  update = method.make_update(setup)
-  sampler = planner_sft.make_plan_sampler(setup)  # validation
-  rollout_sampler = planner_sft.make_plan_sampler(rollout_setup) if overlapped else sampler
-  editor = (inference.load_editor(config.editor, g.prompts_per_step * g.group_size)
-            if config.rewards.visual.weight else None)
-  val_batches = planner_sft.eval_batches(setup, "validation", tc.eval_examples,
-                                         config.eval.batch_size)
-  base_rng = jax.random.key(tc.seed)
-
-  def validate(state, step):
-    summary, samples = planner_sft.evaluate(setup, state.ema_params, val_batches, sampler)
-    planner_sft.write_samples(run.writer, workdir, step, samples[:tc.sample_examples])
-    return summary, None
-
-  def roll(step, params):
-    """Iteration `step`'s plans (host arrays) and their rewards."""
-    arrays, texts, records = rollout(rollout_setup, rollout_sampler, params, next(data_iter),
-                                     jax.random.fold_in(base_rng, step))
-    rewards = config.rewards.cognitive.weight * cognitive_rewards(
-        texts, records, config.rewards.cognitive)
-    visual = None
-    if editor is not None:
-      visual = visual_rewards(editor, texts, records, config.eval.e2e_max_steps, step)
-      rewards = rewards + config.rewards.visual.weight * visual
-    return arrays, records, rewards, visual
-
-  schedule = overlap.Schedule(roll, rollout_setup, data_iter, tc.num_steps, overlapped)
-  schedule.start(start, state.params, run.mngr)
-
-  def step_fn(state, step):
-    arrays, records, rewards, visual = schedule.rollouts(step, state.params)
-    batch = sharding.global_batch(
-        {**{k: arrays[k] for k in BATCH_FIELDS}, **method.extra_fields(setup, records)},
-        setup.batch_sharding)
-    state, metrics = update(state, batch, sharding.global_batch(
-        {"r": rewards}, setup.batch_sharding)["r"])
-    schedule.after_update(step)  # overlapped: the next rollouts, while the update runs
-
-    def host_scalars():
-      scalars = {}
-      if visual is not None:
-        scalars["reward/visual"] = float(sharding.all_rows(visual).mean())
-      every = sharding.all_rows(rewards)  # every process's rollouts
-      scalars.update({"reward/mean": float(every.mean()), "reward/std": float(every.std()),
-                      "rollout/plan_tokens": float(
-                          sharding.all_rows(arrays["plan_valid"].sum(1)).mean())})
-      return scalars
-    return state, metrics, host_scalars
-
-  hooks = loop.Hooks(validate=validate, validate_start=True,
-                     checkpoint_items=schedule.checkpoint_items)
-  state, step, _, curve = loop.run(run, state, data_iter, step_fn, hooks, log_prefix="train/")
-  return {"step": step, "curve": curve}
-
-
-def run_eval(config: ml_collections.ConfigDict, workdir: str, method: Method | None = None) -> dict:
-  """Scores the trained planner (EMA) and the SFT planner it started from on `eval.split`;
-  writes DIR/eval/metrics.json (after's figures at the top level, `before`, `change`)."""
-  setup = (method or GRPO).make_setup(config, workdir)
-  step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
-                                        abstract_state(setup))
-  ec = config.eval
-  batches = planner_sft.eval_batches(setup, ec.split, ec.num_examples, ec.batch_size)
-  sampler = planner_sft.make_plan_sampler(setup)
-  start = time.time()
-  out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
-  editor = inference.load_editor(config.editor, ec.batch_size) if config.editor else None
-  baseline = {**planner_sft.baseline_scores(config, batches, out),
-              **planner_sft.reference_plan_scores(config, batches, out, editor)}
-  results = {}
-  for name, params in (("after", state.ema_params if ec.use_ema else state.params),
-                       ("before", state.frozen)):
-    texts = planner_sft.plan_texts(setup, params, batches, sampler)
-    extra = {**planner_sft.e2e_scores(config, batches, texts, out, editor, f"e2e_{name}"),
-             **baseline}
-    results[name] = planner_sft.evaluate(setup, params, batches, sampler, texts=texts,
-                                         extra_scores=extra)
-  (after, samples), (before, _) = results["after"], results["before"]
-  summary = {**after, "before": before, "split": ec.split, "step": step,
-             "editor": config.editor, "baseline_editor": ec.baseline_editor,
-             "change": _change(before, after), "eval_seconds": round(time.time() - start, 1)}
-  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
-  with open(os.path.join(out, "plans.txt"), "w") as f:
-    f.write(planner_sft.format_samples(samples) + "\n")
-  print(json.dumps(summary, indent=1), flush=True)
-  return summary
-
-
-def _change(before: dict, after: dict) -> dict:
-  """after - before for every float figure, nested (held_out_families) included."""
-  out = {}
-  for k, v in after.items():
-    if isinstance(v, float) and isinstance(before.get(k), float):
-      out[k] = v - before[k]
-    elif isinstance(v, dict) and isinstance(before.get(k), dict):
-      out[k] = _change(before[k], v)
-  return out
-
-
-GRPO = Method("GRPO", make_setup, make_update)
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The GRPO planner and the SFT planner it started from, on `eval.split`."""
+  return planner_policy.run_eval(config, workdir, GRPO)

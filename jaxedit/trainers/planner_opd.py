@@ -1,4 +1,4 @@
-"""Online policy distillation for the planner (DESIGN.md section 7): task teachers distilled
+"""Online policy distillation for the planner (docs/design.md section 7): task teachers distilled
 into one student on the student's own sampled plans.
 
     jaxedit train --config configs/shapes_planner_opd.py --workdir DIR --config.init_from=SFT_DIR \
@@ -19,33 +19,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from jaxedit import grpo, hparams, opd, overlap, sharding
+from jaxedit import hparams, opd, overlap, planning, sharding, workdirs
 from jaxedit.config import ConfigError
+from jaxedit.rl import update as rl_update
 from jaxedit.shapes.edits import TASKS
-from jaxedit.trainers import editor_grpo, planner_grpo, planner_sft
-from jaxedit.trainers.editor_grpo import GRPOState
+from jaxedit.rl import editor_policy, planner_policy
+from jaxedit.rl.editor_policy import GRPOState
 
 KLS = ("sampled", "full_vocab")
 
 
-def reference_config() -> ml_collections.ConfigDict:
-  c = planner_grpo.reference_config()
-  c.trainer = "planner_opd"
-  del c.grpo
-  c.opd = ml_collections.ConfigDict({
-      "teachers": {task: "" for task in TASKS},  # task tag -> planner workdir; "" for none
-      "routing": "task",  # task | round_robin
-      "kl": "sampled",  # sampled | full_vocab
-      "prompts_per_step": 32,
-      "group_size": 1,  # student plans per prompt
-      "temperature": 1.0,
-      "inner_epochs": 1,
-      "minibatches": 2,
-      **overlap.mesh_config(),  # rollouts on devices of their own (jaxedit.overlap)
-  })
-  return c
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -68,7 +52,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     opd.check_teachers(opd.teacher_tasks(o.teachers), config.train.tasks or TASKS, o.routing)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  editor_grpo.check_tasks(config)
+  editor_policy.check_tasks(config)
   overlap.check(o, "opd")
   if config.rewards.visual.weight and not config.editor:
     raise ConfigError("rewards.visual.weight > 0 needs config key 'editor'")
@@ -76,18 +60,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
   check_config(config)
-  return planner_grpo.build_setup(config, workdir, devices)
+  return planner_policy.build_setup(config, workdir, devices)
 
 
 def load_teacher(setup, workdir: str):
   """A teacher planner's parameters (EMA where its eval uses them) in the student's
   shardings; it must share the student's model, prompt mode and tokenizer."""
-  from jaxedit import inference
-
-  loaded = inference.load_planner(workdir, batch_size=setup.config.eval.batch_size)
+  loaded = workdirs.load_planner(workdir, batch_size=setup.config.eval.batch_size)
   if loaded.setup.tokenizer.to_str() != setup.tokenizer.to_str():
     raise ConfigError(f"teacher {workdir} uses another tokenizer than the student")
-  mismatched = planner_grpo.model_mismatch(loaded.config.to_dict(), setup.config)
+  mismatched = planner_policy.model_mismatch(loaded.config.to_dict(), setup.config)
   if mismatched:
     raise ConfigError(f"teacher {workdir} has another model: " + ", ".join(mismatched))
   shardings = setup.state_shardings.params  # an SFT teacher's cell head is left behind
@@ -110,18 +92,12 @@ def make_update(setup, teachers=None):
   if teachers is None:
     teachers = [load_teacher(setup, o.teachers[task]) for task in names]
   base_rng = jax.random.key(config.train.seed + 1)
-  updates_per_step = o.inner_epochs * o.minibatches
-  logits_of = lambda p, b: planner_sft.completion_logits(p, setup.model, b) / o.temperature
+  logits_of = lambda p, b: planning.completion_logits(p, setup.model, b) / o.temperature
 
-  def update(state: GRPOState, teachers, batch: dict, rewards, hp):
+  def update(teachers, state: GRPOState, batch: dict, rewards, hp):
     del rewards
-    n = batch["route"].shape[0]
-    rng = jax.random.fold_in(base_rng, state.step)
-    order = grpo.minibatch_order(rng, n, o.inner_epochs, o.minibatches)
 
-    def one_update(carry, xs):
-      params, ema, opt_state = carry
-      i, idx = xs
+    def loss_and_grads(params, idx):
       mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
           jnp.take(x, idx, axis=0), setup.batch_sharding), batch)
       teacher_logits = jax.lax.stop_gradient(opd.routed(
@@ -145,35 +121,28 @@ def make_update(setup, teachers=None):
             "kl": token_mean(kl), **{f"kl_{name}": per_teacher[m] for m, name in enumerate(names)}}
 
       (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-      params, ema, opt_state, rate = setup.optimizer.update(
-          hp, params, ema, opt_state, grads, state.step * updates_per_step + i)
-      return (params, ema, opt_state), {**metrics, "loss": loss, "lr": rate,
-                                        "grad_norm": optax.tree.norm(grads)}
+      return loss, grads, metrics
 
-    (params, ema, opt_state), per_update = jax.lax.scan(
-        one_update, (state.params, state.ema_params, state.opt_state),
-        (jnp.arange(updates_per_step), order))
-    metrics = jax.tree.map(jnp.mean, per_update)
+    params, ema, opt_state, metrics = rl_update.minibatch_updates(
+        setup.optimizer, hp, state, jax.random.fold_in(base_rng, state.step),
+        batch["route"].shape[0], o.inner_epochs, o.minibatches, loss_and_grads)
     metrics["plan_tokens"] = jnp.mean(batch["plan_valid"].sum(1).astype(jnp.float32))
     return GRPOState(state.step + 1, params, ema, opt_state, state.frozen), metrics
 
-  shardings = planner_grpo.abstract_state_shardings(setup)
-  fn = jax.jit(update, in_shardings=(shardings, [setup.state_shardings.params] * len(teachers),
+  shardings = planner_policy.abstract_state_shardings(setup)
+  fn = jax.jit(update, in_shardings=([setup.state_shardings.params] * len(teachers), shardings,
                                      setup.batch_sharding, setup.batch_sharding, None),
-               out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
-  fn = sharding.in_context(fn, setup.mesh, setup.rules)
-
-  def with_teachers(state, batch, rewards, hp):
-    return fn(state, teachers, batch, rewards, hp)
-  return hparams.bind(with_teachers, hparams.values(config, hparams.OPD))
+               out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=1)
+  return sharding.Program(fn, setup.mesh, setup.rules, (teachers,),
+                          hparams.values(config, hparams.OPD))
 
 
-OPD = planner_grpo.Method("OPD", make_setup, make_update, routes)
+OPD = planner_policy.Algorithm("OPD", make_setup, make_update, routes)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return planner_grpo.train(config, workdir, OPD)
+  return planner_policy.train(config, workdir, OPD)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return planner_grpo.run_eval(config, workdir, OPD)
+  return planner_policy.run_eval(config, workdir, OPD)

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import checkpoint, distributed, editing, evaluation, flow, hparams, sharding, viz
+from jaxedit import checkpoint, editing, evaluation, flow, hparams, sharding, viz
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import make_dataset
@@ -43,44 +43,6 @@ from jaxedit.train.setup import TrainState
 EXPORT = "diffusers"  # DIR/diffusers: the trained VAE as diffusers writes one
 
 
-def reference_config() -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.trainer = "vae"
-  c.world = data_job.world_config()
-  c.data = data_job.data_config()
-  # The AutoencoderKL (models.vae.VAEConfig fields); the editor's model.vae must match.
-  c.model = ml_collections.ConfigDict({
-      "latent_channels": 4, "block_out_channels": (16, 32), "layers_per_block": 1,
-      "norm_num_groups": 8, "dtype": "float32", "param_dtype": "float32"})
-  c.train = ml_collections.ConfigDict({
-      "seed": 0,
-      "batch_size": 16,  # global, in (source, target) pairs: 2x as many images
-      "num_steps": 800,
-      "example_kinds": ("atomic",),
-      "lr": 1e-3,
-      "warmup_steps": 100,
-      "end_lr_fraction": 0.05,
-      "weight_decay": 0.0,
-      "b1": 0.9,
-      "b2": 0.99,
-      "grad_clip": 1.0,
-      "ema_decay": 0.999,
-      "kl_weight": 1e-4,
-      "log_every": 50,
-      "eval_every": 400,  # and at the end; 0: only at the end; -1: never
-      "eval_examples": 256,
-      "stats_examples": 2048,  # training images the latent shift and scale are measured on
-      "checkpoint_every": 400,
-      "keep_checkpoints": 2,
-      "async_checkpoints": True,
-      "worker_count": 0,
-  })
-  c.eval = ml_collections.ConfigDict({
-      "split": "test", "example_kinds": ("atomic",), "num_examples": 0,  # 0: the whole split
-      "batch_size": 128, "use_ema": True})
-  c.mesh = sharding.mesh_config()
-  c.distributed = distributed.config()
-  return c
 
 
 def vae_config(model: ml_collections.ConfigDict) -> VAEConfig:
@@ -175,8 +137,8 @@ def make_train_step(setup: Setup):
   replicated = sharding.replicated(setup.mesh)
   step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding, None),
                  out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
-  return hparams.bind(sharding.in_context(step, setup.mesh, setup.rules),
-                      hparams.values(cfg, hparams.SFT))
+  return sharding.Program(step, setup.mesh, setup.rules,
+                          hparams=hparams.values(cfg, hparams.SFT))
 
 
 def make_encoder_decoder(setup: Setup):
@@ -191,7 +153,7 @@ def make_encoder_decoder(setup: Setup):
 
   fn = jax.jit(run, in_shardings=(setup.param_shardings, setup.batch_sharding),
                out_shardings=(setup.batch_sharding, setup.batch_sharding))
-  return sharding.in_context(fn, setup.mesh, setup.rules)
+  return sharding.Program(fn, setup.mesh, setup.rules)
 
 
 # ------------------------------------------------------------------------------------------

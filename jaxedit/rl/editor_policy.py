@@ -1,0 +1,479 @@
+"""The editor as an RL policy: the setup of a trainer on the editor's own SDE rollouts
+(parameters trained and frozen: LoRA adapters over a frozen base, or every parameter beside
+a frozen reference), starting from an SFT run, chunked rollouts scored by host rewards, and
+the loop that runs an algorithm's update on them (GRPO, OPD: `Algorithm`). With the rollout
+section's `rollout_devices` the rollouts run on devices of their own, one iteration ahead of
+the update (`jaxedit.overlap`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxedit import (checkpoint, editing, evaluation, flow, flow_grpo, lora, overlap,
+                     sharding)
+from jaxedit import rewards as rewards_lib
+from jaxedit.config import ConfigError, plain
+from jaxedit.data.pipeline import make_dataset
+from jaxedit.editing import text_inputs
+from jaxedit.interop import pretrained
+from jaxedit.models import editor as editor_model
+from jaxedit.shapes.edits import TASKS
+from jaxedit.text import tokenizer as tokenizer_lib
+from jaxedit.train import loop, optimizer as optimizer_lib, records, setup as setup_lib
+
+PROMPT_FIELDS = ("source_image", "target_image", "instruction", "checklist", "source_scene",
+                 "target_scene", "family", "task")
+# Model keys that may differ from the SFT run being fine-tuned; all others must match it
+# (scan_layers too: scanned and unrolled layers are differently shaped parameter trees).
+FREE_MODEL_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "dtype", "param_dtype",
+                   "remat_policy", "attention", "splash_block",
+                   "vae.init_from")  # where the same VAE's weights are read from
+
+
+@flax.struct.dataclass
+class GRPOState:
+  step: jax.Array  # GRPO iterations done
+  params: Any  # the trained parameters: the LoRA adapters, or every parameter
+  ema_params: Any
+  opt_state: Any
+  frozen: Any  # the LoRA base, or the reference copy of the initial parameters
+
+
+# ------------------------------------------------------------------------------------------
+# Setup.
+# ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Setup(editing.Setup):
+  full_shardings: Any  # of the whole parameter tree (base and adapters joined)
+  use_lora: bool
+  levels_and_steps: Any  # iteration -> (noise levels (T,), trained step indices)
+  rollouts: ml_collections.ConfigDict  # the config section of the rollouts: grpo or opd
+
+  @property
+  def param_shardings(self):
+    return self.full_shardings
+
+  def policy(self, trained, frozen):
+    """The parameters the policy samples with."""
+    return lora.join(trained, frozen) if self.use_lora else trained
+
+  def reference(self, trained, frozen):
+    """The frozen reference: adapters disabled (zeroed), or the initial parameters."""
+    if self.use_lora:
+      return lora.join(jax.tree.map(jnp.zeros_like, trained), frozen)
+    return frozen
+
+
+def check_rollouts(config: ml_collections.ConfigDict, section: str) -> None:
+  """Checks what every trainer on the editor's own rollouts shares; `section` holds the
+  rollout keys (grpo or opd)."""
+  g = config[section]
+  if config.model.text_encoder != "shapes":
+    raise ConfigError("model.text_encoder must be 'shapes' for the shapes world")
+  for key in ("prompts_per_step", "group_size", "rollout_chunks", "num_steps", "inner_epochs",
+              "minibatches"):
+    if g[key] <= 0:
+      raise ConfigError(f"config key '{section}.{key}' must be > 0")
+  if g.prompts_per_step % g.rollout_chunks:
+    raise ConfigError(f"{section}.prompts_per_step {g.prompts_per_step} must split into "
+                      f"{section}.rollout_chunks {g.rollout_chunks} whole groups")
+  if g.prompts_per_step * g.group_size % g.minibatches:
+    raise ConfigError(f"{g.prompts_per_step * g.group_size} samples per iteration do not split "
+                      f"into {section}.minibatches {g.minibatches}")
+  if g.sde_type not in flow.SDE_TYPES:
+    raise ConfigError(f"{section}.sde_type must be one of {flow.SDE_TYPES}, got {g.sde_type!r}")
+  if config.init_params not in ("ema", "params"):
+    raise ConfigError(f"init_params must be 'ema' or 'params', got {config.init_params!r}")
+  overlap.check(g, section)
+  check_tasks(config)
+
+
+def check_tasks(config: ml_collections.ConfigDict) -> None:
+  # (.get: configs saved by runs from before train.tasks existed still load for inference)
+  unknown = sorted(set(config.train.get("tasks", ())) - set(TASKS))
+  if unknown:
+    raise ConfigError(f"config key 'train.tasks': unknown task {unknown[0]!r}; the tasks are "
+                      f"{list(TASKS)}")
+
+
+def step_schedule_fn(g: ml_collections.ConfigDict, seed: int):
+  """iteration -> (levels, trained steps); a random SDE window start is drawn per iteration
+  from (seed, iteration), so a resumed run draws the same windows."""
+  if not g.window_size or g.window_start >= 0:
+    fixed = flow_grpo.step_schedule(g.num_steps, g.noise_level, g.timestep_fraction,
+                                    g.window_size, max(g.window_start, 0))
+    return lambda step: fixed
+  last = int(g.num_steps * g.timestep_fraction) - g.window_size
+  if last < 0:
+    raise ConfigError(f"grpo.window_size {g.window_size} does not fit in the "
+                      f"{int(g.num_steps * g.timestep_fraction)} trained steps")
+
+  def schedule(step):
+    start = int(np.random.default_rng((seed, step)).integers(0, last + 1))
+    return flow_grpo.step_schedule(g.num_steps, g.noise_level, g.timestep_fraction,
+                                   g.window_size, start)
+  return schedule
+
+
+def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
+                section: str) -> Setup:
+  """The setup of a trainer on the SDE rollouts configured by config section `section`
+  (grpo or opd, already checked)."""
+  world, tok, model, mesh, rules, batch_sharding = editing.make_parts(config, workdir, devices)
+  g = config[section]
+  n = g.prompts_per_step * g.group_size
+  setup_lib.check_batch_size(f"a rollout chunk (P * G / {section}.rollout_chunks)",
+                             n // g.rollout_chunks, mesh, batch_sharding)
+  setup_lib.check_batch_size(f"a minibatch (P * G / {section}.minibatches)",
+                             n // g.minibatches, mesh, batch_sharding)
+  setup_lib.check_batch_size("config key 'eval.batch_size'", config.eval.batch_size, mesh,
+                             batch_sharding)
+  optimizer = optimizer_lib.on_policy(config.train, g.get("accumulate", 1))
+  use_lora = config.model.lora_rank > 0
+  init = functools.partial(_init_state, model=model, tx=optimizer.tx, use_lora=use_lora,
+                           dummy=editing.dummy_inputs(model.cfg, config.model.text_max_len))
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  state_shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract_state = checkpoint.abstract_like(nn.unbox(boxed), state_shardings)
+  full = (lora.join(state_shardings.params, state_shardings.frozen) if use_lora
+          else state_shardings.params)
+  if use_lora:
+    try:
+      lora.check_targets(abstract_state.params, config.model.lora_targets)
+    except ValueError as e:
+      raise ConfigError(f"config key 'model.lora_targets': {e}") from None
+  return Setup(config, world, tok, model, mesh, rules, optimizer, init, state_shardings,
+               abstract_state, batch_sharding, full, use_lora,
+               step_schedule_fn(g, config.train.seed), g)
+
+
+def _init_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:
+  params = editor_model.init_params(model, rng, *dummy)
+  trained, frozen = lora.split(params) if use_lora else (params, params)
+  return GRPOState(step=jnp.zeros((), jnp.int32), params=trained, ema_params=trained,
+                   opt_state=tx.init(trained), frozen=frozen)
+
+
+# ------------------------------------------------------------------------------------------
+# Starting from the SFT run.
+# ------------------------------------------------------------------------------------------
+def load_sft(setup: Setup, init_from: str, workdir: str):
+  """The starting parameters (base model, no adapters) in this run's shardings: an editor SFT
+  run's, or a diffusers folder's (`interop.pretrained`)."""
+  config = setup.config
+  abstract = setup.abstract_state.frozen if setup.use_lora else setup.abstract_state.params
+  if pretrained.folder_kind(init_from):
+    params = pretrained.load_editor(init_from, abstract, setup.model.cfg)
+    if set(params) != set(abstract):
+      raise ConfigError(f"init_from: {init_from} has no weights for "
+                        f"{sorted(set(abstract) - set(params))}: start from an editor SFT "
+                        "workdir, or a jaxedit export of one")
+    return params
+  mngr, step = checkpoint.latest_step(init_from, "an editor SFT workdir")
+  key = "ema_params" if config.init_params == "ema" else "params"
+  mismatched = model_mismatch(checkpoint.saved_config(mngr, step)["model"], config.model)
+  if mismatched:
+    raise ConfigError("init_from was trained with a different model: " + ", ".join(mismatched))
+  params = checkpoint.restore_subtree(mngr, step, key, abstract)
+  logging.info("initialised from %s (step %d, %s)", init_from, step, key)
+  return params
+
+
+def model_mismatch(saved, model) -> list[str]:
+  """'model.K = A there, B here' for every architecture key (not FREE_MODEL_KEYS; nested
+  ones dotted, e.g. vae.latent_channels) of a saved run's model section that differs from
+  `model`."""
+  saved, model = (flax.traverse_util.flatten_dict(plain(m), sep=".") for m in (saved, model))
+  return [f"model.{k} = {saved[k]!r} there, {model[k]!r} here" for k in sorted(saved)
+          if k not in FREE_MODEL_KEYS and k in model and model[k] != saved[k]]
+
+
+def init_state(setup: Setup, sft_params) -> GRPOState:
+  """Fresh adapters (B = 0, so the policy starts as the SFT model) or, for full
+  fine-tuning, the SFT parameters trained and, as separate buffers, frozen."""
+  fn = jax.jit(lambda rng: nn.unbox(setup.init(rng)), out_shardings=setup.state_shardings)
+  state = sharding.Program(fn, setup.mesh, setup.rules)(jax.random.key(setup.config.train.seed))
+  copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
+  if setup.use_lora:
+    return state.replace(frozen=sft_params)
+  return state.replace(params=sft_params, ema_params=copy(sft_params), frozen=copy(sft_params))
+
+
+# ------------------------------------------------------------------------------------------
+# Rollout and update, each one jitted program.
+# ------------------------------------------------------------------------------------------
+def make_velocity(model, guidance_scale: float):
+  """velocity(params, x, t, source, text) with classifier-free guidance when scale != 1."""
+  def velocity(params, x, t, source, text):
+    empty = {"ids": jnp.zeros_like(text["ids"]), "mask": jnp.zeros_like(text["mask"])}
+    fn = lambda x, t, cond: model.apply({"params": params}, x, t, source,
+                                        text if cond else empty)
+    return flow.guided(fn, guidance_scale)(x, t)
+  return velocity
+
+
+def trajectory_sharding(setup: Setup):
+  """(T(+1), N, ...) arrays: the sample axis split like a batch."""
+  return jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec(
+      None, *setup.batch_sharding.spec))
+
+
+def make_rollout(setup: Setup):
+  """jitted (trained, frozen, chunk, levels, rng) -> images (uint8, decoded by the codec),
+  source (the encoded sources, for the update), latents (the trajectory in the model's
+  space), log_probs."""
+  g = setup.rollouts
+  velocity = make_velocity(setup.model, g.guidance_scale)
+  times = flow.sigmas(g.num_steps, setup.config.sample.shift)
+
+  def rollout(codec, trained, frozen, chunk, levels, rng):
+    source = codec.encode(chunk["source_image"])
+    r_noise, r_sde = jax.random.split(rng)
+    if g.shared_noise:  # one initial noise per group of G consecutive samples
+      x1 = jax.random.normal(r_noise, (source.shape[0] // g.group_size, *source.shape[1:]))
+      x1 = jnp.repeat(x1, g.group_size, axis=0)
+    else:
+      x1 = jax.random.normal(r_noise, source.shape)
+    out = flow_grpo.rollout(velocity, setup.policy(trained, frozen), x1, source,
+                            text_inputs(chunk), times, levels, r_sde, g.sde_type)
+    return {"images": codec.decode(out["sample"]), "source": source,
+            "latents": out["latents"], "log_probs": out["log_probs"]}
+
+  ss, traj = setup.state_shardings, trajectory_sharding(setup)
+  fn = jax.jit(rollout, in_shardings=(sharding.replicated(setup.mesh), ss.params, ss.frozen,
+                                      setup.batch_sharding, None, None),
+               out_shardings={"images": setup.batch_sharding, "source": setup.batch_sharding,
+                              "latents": traj, "log_probs": traj})
+  return sharding.Program(fn, setup.mesh, setup.rules, (setup.codec,))
+
+
+# ------------------------------------------------------------------------------------------
+# Rollouts scored on the host.
+# ------------------------------------------------------------------------------------------
+def rollout_and_score(setup: Setup, rollout, reward_fn, trained, frozen, prompts: dict,
+                      levels, rng, device_fields=("source_image", "ids", "mask")):
+  """Samples G edits of each of this process's prompts in `rollout_chunks` jitted calls, with
+  the policy of parameters (trained, frozen). Chunk j's images go to the host rewards while
+  the device samples chunk j + 1.
+
+  Returns (chunks for the update: `device_fields`, encoded sources, latents, log-probs,
+  rewards; host dict of the rollout: images, rewards, parts, and the per-sample prompt
+  fields)."""
+  g = setup.rollouts
+  grouped = {k: np.repeat(np.asarray(v), g.group_size, axis=0) for k, v in prompts.items()}
+  size = len(grouped["ids"]) // g.rollout_chunks
+  pieces = [{k: v[j * size:(j + 1) * size] for k, v in grouped.items()}
+            for j in range(g.rollout_chunks)]
+  inputs, outs, pending, images = [], [], [], []
+
+  def score(j):
+    local = sharding.local_rows(outs[j]["images"], setup.batch_sharding)
+    images.append(local)
+    pending.append(reward_fn.submit(local, pieces[j]))
+
+  for j, piece in enumerate(pieces):
+    inputs.append(sharding.global_batch({k: piece[k] for k in device_fields},
+                                        setup.batch_sharding))
+    outs.append(rollout(trained, frozen,
+                        {k: inputs[j][k] for k in ("source_image", "ids", "mask")}, levels,
+                        jax.random.fold_in(rng, j)))
+    if j:
+      score(j - 1)
+  score(len(pieces) - 1)
+  results = [p.result() for p in pending]
+  chunks = [{**inputs[j], **{k: outs[j][k] for k in ("source", "latents", "log_probs")},
+             "rewards": sharding.global_batch({"r": results[j][0]}, setup.batch_sharding)["r"]}
+            for j in range(len(pieces))]
+  host = {**grouped, "images": np.concatenate(images),
+          "rewards": np.concatenate([r[0] for r in results]),
+          "parts": {k: np.concatenate([r[1][k] for r in results]) for k in results[0][1]}}
+  return chunks, host
+
+
+def train_prompts(setup: Setup):
+  """The iterator of the train split's prompts: one global batch per rollout chunk, so each
+  chunk holds the same prompts on any number of processes and a pod samples what one host
+  would."""
+  g, tc = setup.rollouts, setup.config.train
+  chunk_prompts = g.prompts_per_step // g.rollout_chunks
+  if chunk_prompts % jax.process_count():
+    raise ConfigError(f"{chunk_prompts} prompts per rollout chunk do not split over "
+                      f"{jax.process_count()} processes")
+  return iter(make_dataset(setup.source("train"), chunk_prompts // jax.process_count(),
+                           seed=tc.seed, fields=PROMPT_FIELDS, kinds=tc.example_kinds,
+                           tasks=tc.tasks, map_fn=functools.partial(tokenize, setup),
+                           worker_count=tc.worker_count))
+
+
+def next_prompts(data_iter, g) -> dict:
+  """This process's prompts of one iteration: its rows of `rollout_chunks` global batches,
+  chunk after chunk (the order `rollout_and_score` splits them in)."""
+  batches = [next(data_iter) for _ in range(g.rollout_chunks)]
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def tokenize(setup: Setup, record: dict) -> dict:
+  ids, mask = tokenizer_lib.encode(setup.tokenizer, [record["instruction"]],
+                                              setup.text_len)
+  record["ids"], record["mask"] = ids[0], mask[0]
+  return record
+
+
+def make_rewards(config, world) -> rewards_lib.Rewards:
+  try:
+    return rewards_lib.Rewards(config.rewards.to_dict(), world)
+  except ValueError as e:
+    raise ConfigError(f"config rewards: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Training loop.
+# ------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  """What an RL trainer on the editor's own SDE rollouts brings: its update."""
+  name: str
+  make_setup: Callable  # (config, workdir, devices=None) -> Setup
+  make_update: Callable  # setup -> update(state, chunks, levels, trained_steps)
+  # (setup, prompts) -> prompts with the extra per-prompt fields the update needs on device
+  add_fields: Callable = lambda setup, prompts: prompts
+  device_fields: tuple[str, ...] = ("source_image", "ids", "mask")
+  section: str = "grpo"  # the config section of the rollouts
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) -> dict:
+  tc = config.train
+  run = loop.Run(config, workdir)
+  if not run.resuming:
+    if not config.init_from:
+      raise ConfigError("config key 'init_from' must name an editor SFT workdir to start "
+                        "from (--config.init_from=DIR)")
+    pretrained.copy_tokenizer(config.init_from, workdir)
+  setup, rollout_setup = overlap.make_setups(method.make_setup, config, method.section,
+                                             workdir)
+  overlapped = rollout_setup is not setup
+  g = setup.rollouts
+  reward_fn = make_rewards(config, setup.world)
+  n_trained = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+  logging.info("%s: %.3fM trained parameters (%s), %d prompts x %d samples per step, mesh %s",
+               method.name, n_trained / 1e6, "LoRA" if setup.use_lora else "full",
+               g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
+  data_iter = train_prompts(setup)
+  state = run.restore_or_init(setup.abstract_state, data_iter, lambda: init_state(
+      setup, load_sft(setup, config.init_from, workdir)))
+  start = loop.step_of(state)
+
+  rollout, update = make_rollout(rollout_setup), method.make_update(setup)
+  sampler = editing.config_sampler(setup)
+  val_batches = editing.eval_batches(setup, "validation", tc.example_kinds, tc.eval_examples,
+                                     config.eval.batch_size)
+  base_rng = jax.random.key(tc.seed)
+  # The frozen parameters of the rollouts: the update's (each update donates the state, so
+  # the current state's) or a copy on the rollout mesh.
+  frozen = {"rollout": overlap.to_mesh(state.frozen, rollout_setup.mesh) if overlapped
+            else state.frozen}
+
+  def roll(step, trained):
+    """The rollouts of iteration `step`, scored, on the update's mesh."""
+    with jax.profiler.StepTraceAnnotation("rollout", step_num=step):
+      chunks, host = rollout_and_score(
+          rollout_setup, rollout, reward_fn, trained, frozen["rollout"],
+          method.add_fields(setup, next_prompts(data_iter, g)), setup.levels_and_steps(step)[0],
+          jax.random.fold_in(base_rng, step), method.device_fields)
+    return (overlap.to_mesh(chunks, setup.mesh) if overlapped else chunks), host
+
+  schedule = overlap.Schedule(roll, rollout_setup, data_iter, tc.num_steps, overlapped)
+  schedule.start(start, state.params, run.mngr)
+  last_host = {}
+
+  def step_fn(state, step):
+    levels, trained = setup.levels_and_steps(step)
+    if not overlapped:
+      frozen["rollout"] = state.frozen
+    chunks, host = schedule.rollouts(step, state.params)
+    with jax.profiler.StepTraceAnnotation("update", step_num=step):
+      state, metrics = update(state, chunks, levels, trained)  # dispatched, not awaited
+    schedule.after_update(step)  # overlapped: the next rollouts, while the update runs
+    last_host["rollouts"] = host
+
+    def host_scalars():
+      rewards = sharding.all_rows(host["rewards"])  # every process's rollouts
+      return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+              **{f"reward/{k}": float(sharding.all_rows(v).mean())
+                 for k, v in host["parts"].items()}}
+    return state, metrics, host_scalars
+
+  def validate(state, step):
+    return editing.evaluate(setup, setup.policy(state.ema_params, state.frozen), val_batches,
+                            sampler, seed=10_000, reward_fn=reward_fn)
+
+  def samples(state, step, first):
+    if first is not None:
+      editing.write_grid(run.writer, workdir, step, first, tc.sample_examples)
+    if step:
+      write_rollout_grid(run.writer, workdir, step, last_host["rollouts"], g.group_size,
+                         tc.sample_examples)
+
+  hooks = loop.Hooks(validate=validate, samples=samples, validate_start=True,
+                     checkpoint_items=schedule.checkpoint_items)
+  state, step, _, curve = loop.run(run, state, data_iter, step_fn, hooks, log_prefix="train/")
+  return {"step": step, "curve": curve}
+
+
+def write_rollout_grid(writer, workdir: str, step: int, host: dict, group_size: int,
+                       limit: int) -> None:
+  """The first groups of the last rollout: every sample of a prompt with its reward."""
+  n = min(limit, len(host["rewards"]))
+  texts = [f"{host['instruction'][i]} | reward {host['rewards'][i]:.2f}" for i in range(n)]
+  records.write_image(writer, workdir, step, "rollouts", "rollout", evaluation.edit_grid(
+      host["source_image"][:n], host["images"][:n], host["target_image"][:n], texts, None, n))
+
+
+# ------------------------------------------------------------------------------------------
+# Evaluation: the trained policy and, on the same noise, the SFT model it started from.
+# ------------------------------------------------------------------------------------------
+def run_eval(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) -> dict:
+  """Scores the latest checkpoint on `eval.split`, before (the SFT reference) and after
+  training; writes DIR/eval/metrics.json (after's figures at the top level, `before`, and
+  the change) and PNG grids."""
+  setup = method.make_setup(config, workdir)
+  reward_fn = make_rewards(config, setup.world)
+  step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
+                                        setup.abstract_state)
+  ec = config.eval
+  trained = state.ema_params if ec.use_ema else state.params
+  sampler = editing.config_sampler(setup)
+  batches = editing.eval_batches(setup, ec.split, ec.example_kinds, ec.num_examples,
+                                 ec.batch_size)
+  start = time.time()
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  results = {}
+  for name, params in (("after", setup.policy(trained, state.frozen)),
+                       ("before", setup.reference(trained, state.frozen))):
+    results[name], first = editing.evaluate(setup, params, batches, sampler, seed=ec.seed,
+                                            reward_fn=reward_fn)
+    evaluation.edit_grid(*first).save(os.path.join(out, f"edits_{name}.png"))
+  summary = dict(results["after"])
+  summary["before"] = results["before"]
+  summary["change"] = {k: results["after"][k] - results["before"][k]
+                       for k in ("edit_success", "checklist_score", "reward", "preservation")}
+  summary.update({"split": ec.split, "example_kinds": list(ec.example_kinds), "step": step,
+                  "init_from": config.init_from, "seed": config.train.seed,
+                  "eval_seconds": round(time.time() - start, 1)})
+  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
+  print(json.dumps(summary, indent=1), flush=True)
+  return summary
