@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit import schema
-from jaxedit import sharding
+from jaxedit import schema, sharding
 from jaxedit.models import editor, flux, layers, lm
 
 from conftest import assert_sharded_close

@@ -6,10 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit import flow, flow_grpo, grpo, sharding
+from jaxedit import editing, flow, flow_grpo, grpo, sharding
 from jaxedit.trainers import editor_sft
 from jaxedit.train import setup as setup_lib
-from jaxedit import editing
 
 from conftest import assert_sharded_close, tiny_editor_config
 

@@ -8,13 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxedit import schema
-from jaxedit import lora, overlap
+from jaxedit import checkpoint, lora, overlap, schema
 from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
 from jaxedit.trainers import editor_grpo, editor_sft
 from jaxedit.rl import editor_policy
-from jaxedit import checkpoint
 from jaxedit.data.pipeline import make_dataset
 
 from conftest import assert_sharded_close, assert_logged_exactly, resume_after_step_one, tiny_editor_config

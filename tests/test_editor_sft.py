@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import assert_sharded_close, losses, tiny_editor_config, train_command
-from jaxedit import checkpoint, cli, evaluation, sharding
+from jaxedit import checkpoint, cli, editing, evaluation, sharding
 from jaxedit.trainers import editor_sft
 from jaxedit.train import setup as setup_lib
-from jaxedit import editing
 from jaxedit.train import records
 
 

@@ -46,6 +46,17 @@ def test_compare_names_every_difference():
   assert "metrics" in golden.compare({"a": rows}, {"a": [{"step": 1}]}, exact=True)[0]
 
 
+@pytest.mark.parametrize("devices", [1, 8])
+def test_recordings_of_other_platforms_agree_within_the_off_platform_tolerance(devices):
+  """The same code recorded on two processors differs bitwise but within what the check
+  allows a platform it has no recording of."""
+  recordings = json.load(open(golden.fixture_path(devices)))["recordings"]
+  assert len(recordings) >= 2
+  first = recordings[0]["runs"]
+  for other in recordings[1:]:
+    assert golden.compare(first, other["runs"], exact=False) == []
+
+
 def _old_workdir(name, tmp_path, data_dir):
   """A copy of the fixture workdir `name` and its run's config as the golden runs make it
   (the data at `data_dir`, starting runs at the copies)."""

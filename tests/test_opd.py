@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxedit import schema
-from jaxedit import lora, opd
+from jaxedit import lora, opd, schema
 from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
 from jaxedit.trainers import editor_opd

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import assert_logged_exactly, resume_after_step_one, tiny_planner_grpo_config
-from jaxedit import overlap, sharding, workdirs
+from jaxedit.data.pipeline import make_dataset
+from jaxedit import checkpoint, overlap, planning, sharding, workdirs
 from jaxedit.config import ConfigError
-from jaxedit.trainers import planner_grpo, planner_sft
+from jaxedit.trainers import planner_grpo
 from jaxedit.rl import planner_policy
-from jaxedit import planning
-from jaxedit import checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def test_first_update_is_on_policy_and_starts_at_the_reference(small_data_dir, s
   setup = planner_grpo.make_setup(config, str(tmp_path))
   start = planner_policy.load_start(setup, str(sft_dir), "ema_params")
   state = planner_policy.init_state(setup, start)
-  records = next(iter(planner_sft.make_dataset(setup.source("train"), 4, seed=0,
+  records = next(iter(make_dataset(setup.source("train"), 4, seed=0,
                                                fields=planner_policy.ROLLOUT_FIELDS,
                                                kinds=("abstract",))))
   sampler = planning.make_plan_sampler(setup)

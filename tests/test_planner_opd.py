@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 from conftest import assert_sharded_close, tiny_planner_config
-from jaxedit import schema
-from jaxedit import sharding
+from jaxedit.data.pipeline import make_dataset
+from jaxedit import planning, schema, sharding
 from jaxedit.config import ConfigError
 from jaxedit.shapes.edits import TASKS
-from jaxedit.trainers import planner_opd, planner_sft
+from jaxedit.trainers import planner_opd
 from jaxedit.rl import planner_policy
-from jaxedit import planning
 
 
 def opd_config(data_dir, init_from, teachers, **opd):
@@ -53,7 +52,7 @@ def rollout(small_data_dir, tiny_planner_dir, tmp_path_factory):
   setup = planner_opd.make_setup(config, workdir, devices=jax.devices()[:1])
   start = _perturbed(planner_policy.load_start(setup, tiny_planner_dir, "params"), 0)
   state = planner_policy.init_state(setup, start)
-  records = next(iter(planner_sft.make_dataset(setup.source("train"), 8, seed=0,
+  records = next(iter(make_dataset(setup.source("train"), 8, seed=0,
                                                fields=planner_policy.ROLLOUT_FIELDS,
                                                kinds=("abstract",))))
   arrays, _, repeated = planner_policy.rollout(setup, planning.make_plan_sampler(setup),

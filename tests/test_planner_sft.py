@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import assert_sharded_close, tiny_planner_config
-from jaxedit import sharding
+from jaxedit.data.pipeline import make_dataset
+from jaxedit import planning, sharding
 from jaxedit.config import ConfigError
 from jaxedit.models.editor import patchify
 from jaxedit.trainers import planner_sft
 from jaxedit.train import setup as setup_lib
-from jaxedit import planning
 
 
 def test_train_and_eval_write_curves_plans_and_metrics(small_data_dir, tmp_path):
@@ -102,7 +102,7 @@ def test_trimmed_padding_gives_the_same_loss(small_data_dir, tmp_path):
   config.prompt.pad_multiple = 8
   setup = planner_sft.make_setup(config, str(tmp_path), devices=jax.devices()[:1])
   params = setup_lib.init_state(setup).params
-  ds = planner_sft.make_dataset(setup.source("train"), 8, seed=0,
+  ds = make_dataset(setup.source("train"), 8, seed=0,
                                 fields=planning.RECORD_FIELDS, kinds=("abstract",))
   records = next(iter(ds))
   full, trimmed = setup.examples(records), setup.examples(records, trim=True)

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxedit import schema
-from jaxedit import rewards
+from jaxedit import rewards, schema
 from jaxedit.data.examples import generate
 from jaxedit.shapes.world import World
 

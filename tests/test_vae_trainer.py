@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import assert_sharded_close, small_data_config
-from jaxedit import schema
-from jaxedit import cli, dry_run, sharding
+from jaxedit import checkpoint, cli, dry_run, schema, sharding
 from jaxedit.codec import make_codec
 from jaxedit.config import ConfigError
-from jaxedit.trainers import editor_sft, vae
+from jaxedit.trainers import vae
 from jaxedit.train import setup as setup_lib
 
 
@@ -77,8 +76,8 @@ def test_train_exports_a_normalised_diffusers_vae_and_eval(small_data_dir, tmp_p
   model = diffusers.AutoencoderKL.from_pretrained(folder).eval()
   assert model.config.scaling_factor == pytest.approx(out["export"]["scaling_factor"])
   setup = vae.make_setup(config, workdir)
-  mngr = editor_sft.checkpoint.manager(workdir, 2, async_save=False)
-  state = editor_sft.checkpoint.restore(mngr, 3, setup.abstract_state)
+  mngr = checkpoint.manager(workdir, 2, async_save=False)
+  state = checkpoint.restore(mngr, 3, setup.abstract_state)
   images = vae.image_batches(setup, "train", ("atomic",), 64, 16)
   ours, _ = vae.make_encoder_decoder(setup)(state.ema_params, images[0][0])
   with torch.no_grad():
