@@ -33,10 +33,11 @@ def get_config(arg=None):
   # Two v5p-128 slices (64 chips each): FSDP within a slice over ICI, data parallelism
   # across the slices over DCN, so only the gradient all-reduce leaves a slice.
   config.mesh.shape, config.mesh.dcn_shape = (1, 64, 1), (2, 1, 1)
-  g = config.grpo
-  g.prompts_per_step, g.group_size = 32, 16  # 512 rollouts per iteration, 4 per chip
-  g.rollout_chunks, g.minibatches = 4, 4
-  g.num_steps, g.noise_level, g.kl_beta = 10, 0.7, 0.04
+  r = config.rollout
+  r.prompts_per_step, r.group_size = 32, 16  # 512 rollouts per iteration, 4 per chip
+  r.rollout_chunks, r.minibatches = 4, 4
+  r.num_steps, r.noise_level = 10, 0.7
+  config.grpo.kl_beta = 0.04
   config.sample.num_steps, config.sample.shift = 28, 3.0
   config.train.lr = 1e-4
   config.eval.batch_size = 128

@@ -29,8 +29,8 @@ def get_config(arg=None):
   m.scan_layers, m.remat_policy = True, "full"
   config.prompt.max_prompt_len, config.prompt.max_plan_len = 256, 256
   config.mesh.shape = (4, 16, 1)
-  g = config.grpo
-  g.prompts_per_step, g.group_size, g.minibatches = 64, 8, 4
+  r = config.rollout
+  r.prompts_per_step, r.group_size, r.minibatches = 64, 8, 4
   config.train.lr = 1e-6
   config.eval.batch_size = 64
   return config.lock()

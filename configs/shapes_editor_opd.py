@@ -27,12 +27,12 @@ def get_config(arg=None):
                                 "shapes_editor_grpo.py" + (":demo" if arg == "demo" else "")))
   for section in ("model", "data", "sample", "rewards", "train", "eval"):
     config[section] = ml_collections.ConfigDict(grpo[section].to_dict())
-  o = config.opd
-  o.prompts_per_step, o.group_size, o.rollout_chunks, o.minibatches = 64, 1, 2, 2
-  o.num_steps = grpo.grpo.num_steps
-  o.noise_level = grpo.grpo.noise_level
+  r = config.rollout
+  r.prompts_per_step, r.group_size, r.rollout_chunks, r.minibatches = 64, 1, 2, 2
+  r.num_steps = grpo.rollout.num_steps
+  r.noise_level = grpo.rollout.noise_level
   if arg == "ode":
-    o.noise_level = 0.0  # ODE rollouts, pure mean matching
+    r.noise_level = 0.0  # ODE rollouts, pure mean matching
   elif arg not in (None, "demo"):
     raise ValueError(f"unknown config arg {arg!r}; use 'demo', 'ode' or nothing")
   return config.lock()

@@ -29,11 +29,11 @@ def get_config(arg=None):
                                 "shapes_planner_grpo.py"))
   for section in ("prompt", "train", "eval", "rewards"):
     config[section] = ml_collections.ConfigDict(grpo[section].to_dict())
-  o = config.opd
-  o.prompts_per_step = grpo.grpo.prompts_per_step * grpo.grpo.group_size
-  o.group_size, o.minibatches = 1, grpo.grpo.minibatches
+  r = config.rollout
+  r.prompts_per_step = grpo.rollout.prompts_per_step * grpo.rollout.group_size
+  r.group_size, r.minibatches = 1, grpo.rollout.minibatches
   if arg == "full_vocab":
-    o.kl = "full_vocab"
+    config.opd.kl = "full_vocab"
   elif arg:
     raise ValueError(f"unknown config arg {arg!r}; use 'full_vocab' or nothing")
   return config.lock()

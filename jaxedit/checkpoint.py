@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxedit import schema
 from jaxedit.config import ConfigError
 
 
@@ -125,8 +126,10 @@ def restore_extra(mngr: ocp.CheckpointManager, step: int, name: str, abstract):
 
 
 def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
-  """The config a run saved with its checkpoint, as a plain dict."""
-  return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+  """The config a run saved with its checkpoint, as a plain dict in today's schema
+  (`schema.migrate`)."""
+  return schema.migrate(
+      mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
 
 
 def restore_subtree(mngr: ocp.CheckpointManager, step: int, key: str, abstract):

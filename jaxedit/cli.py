@@ -18,8 +18,7 @@ import sys
 
 from jaxedit import benchmarks, registry, schema
 from jaxedit.config import ConfigError, apply_overrides, load_file, validate
-from jaxedit.data.pipeline import CorruptRecordError
-from jaxedit.interop.torch_names import MappingError
+from jaxedit.errors import CorruptRecordError, MappingError
 from jaxedit.shapes.world import SceneError
 
 CONFIG_PREFIX = "--config."

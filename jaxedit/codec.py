@@ -56,7 +56,7 @@ class Codec:
 def vae_folder(config: ml_collections.ConfigDict) -> str:
   """The diffusers AutoencoderKL folder of `model.vae.init_from`; when that is empty, the
   `vae/` folder of `init_from` (a diffusers pipeline folder such as FLUX.1-Kontext-dev's)."""
-  path = config.model.vae.get("init_from", "")
+  path = config.model.vae.init_from
   if not path and config.get("init_from"):
     candidate = os.path.join(config.init_from, "vae")
     path = candidate if os.path.isdir(candidate) else ""

@@ -143,9 +143,8 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if source and os.path.exists(os.path.join(source, "tokenizer.json")):
         pretrained.copy_tokenizer(source, scratch)
         break
-    section = registry.get(trainer).rollouts
-    if section:  # the rollouts may have devices of their own
-      setup, rollout_setup = overlap.make_setups(module.make_setup, config, section, scratch)
+    if registry.get(trainer).rl:  # the rollouts may have devices of their own
+      setup, rollout_setup = overlap.make_setups(module.make_setup, config, scratch)
     else:
       setup = rollout_setup = module.make_setup(config, scratch)
     if hasattr(type(setup), "codec"):  # editors: the VAE (if any) compiles without weights

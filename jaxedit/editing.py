@@ -19,7 +19,7 @@ from jaxedit import rewards as rewards_lib
 from jaxedit.codec import Codec
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
-from jaxedit.data.pipeline import make_dataset
+from jaxedit.data.pipeline import fixed_batches
 from jaxedit.models import editor as editor_model
 from jaxedit.models.editor import Editor, EditorConfig, editor_config
 from jaxedit.text import tokenizer as tokenizer_lib
@@ -130,24 +130,15 @@ def eval_batches(setup, split: str, kinds, num_examples: int, batch_size: int):
   real example's instruction, checklist, family and task tag, and its source and target
   scenes (for rewards)."""
   fields = IMAGE_FIELDS + EVAL_INFO + EVAL_SCENES
-  ds = make_dataset(setup.source(split), batch_size, seed=0, shuffle=False, num_epochs=1,
-                    drop_remainder=False, fields=fields, kinds=kinds, process_index=0,
-                    process_count=1)
-  out, seen = [], 0
-  for batch in ds:
-    n = len(batch["instruction"])
-    if num_examples:
-      n = min(n, num_examples - seen)
-    if n <= 0:
-      break
-    info = {k: [str(v) for v in batch[k][:n]] for k in EVAL_INFO}
-    info.update({k: np.asarray(batch[k][:n]) for k in EVAL_SCENES})
+  out = []
+  for batch in fixed_batches(setup.source(split), batch_size, num_examples, fields=fields,
+                             kinds=kinds):
+    info = {k: [str(v) for v in batch[k]] for k in EVAL_INFO}
+    info.update({k: np.asarray(batch[k]) for k in EVAL_SCENES})
     ids, mask = tokenizer_lib.encode(setup.tokenizer, info["instruction"], setup.text_len)
-    arrays = {"source_image": batch["source_image"][:n], "target_image": batch["target_image"][:n],
+    arrays = {"source_image": batch["source_image"], "target_image": batch["target_image"],
               "ids": ids, "mask": mask}
-    arrays = {k: sharding.pad_rows(v, batch_size) for k, v in arrays.items()}
-    out.append((arrays, info))
-    seen += n
+    out.append(({k: sharding.pad_rows(v, batch_size) for k, v in arrays.items()}, info))
   return out
 
 

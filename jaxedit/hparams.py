@@ -22,7 +22,7 @@ SFT = registry.SUPERVISED_HPARAMS
 GRPO = registry.GRPO_HPARAMS
 OPD = registry.OPD_HPARAMS
 # Keys that change no compiled program because they stay on the host.
-HOST_SIDE = ("grpo.noise_level", "opd.noise_level", "rewards.")
+HOST_SIDE = ("rollout.noise_level", "rewards.")
 
 
 def get(config: ml_collections.ConfigDict, key: str):

@@ -34,7 +34,7 @@ def abstract_mesh(mesh_config: ml_collections.ConfigDict) -> jax.sharding.Abstra
   shape = tuple(mesh_config.shape)
   if -1 in shape:
     raise ConfigError(f"mesh.shape {shape} has a -1: give every axis its size to size a pod")
-  dcn = tuple(mesh_config.get("dcn_shape") or (1,) * len(shape))
+  dcn = tuple(mesh_config.dcn_shape)
   return jax.sharding.AbstractMesh(tuple(s * d for s, d in zip(shape, dcn)),
                                    tuple(mesh_config.axes))
 
@@ -58,9 +58,8 @@ def editor_state(config: ml_collections.ConfigDict):
     init = functools.partial(editing.init_state, model=model, tx=tx,
                              text_len=config.model.text_max_len)
   else:
-    section = "grpo" if config.trainer == "editor_grpo" else "opd"
-    tx = optimizer_lib.on_policy(config.train, config[section].get("accumulate", 1)).tx
-    init = functools.partial(editor_policy._init_state, model=model, tx=tx,
+    tx = optimizer_lib.on_policy(config.train, config.rollout.accumulate).tx
+    init = functools.partial(editor_policy.initial_state, model=model, tx=tx,
                              use_lora=config.model.lora_rank > 0, dummy=dummy)
   return model, jax.eval_shape(init, jax.random.key(0))
 
@@ -94,7 +93,7 @@ def report(config: ml_collections.ConfigDict) -> dict:
       f.name: getattr(state, f.name) for f in dataclasses.fields(state)
       if f.name != "step"}
   params = fields["params"]
-  if "frozen" in fields and config.model.get("lora_rank", 0) and trainer in EDITORS:
+  if "frozen" in fields and config.model.lora_rank and trainer in EDITORS:
     params = lora.join(fields["params"], fields["frozen"])
   flat = flax.traverse_util.flatten_dict(nn.unbox(params))
   base = {k: v for k, v in flat.items() if not lora.is_adapter(k)}

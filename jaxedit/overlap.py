@@ -1,7 +1,7 @@
 """Rollouts on devices of their own, overlapping the update one step off-policy (the GRPO
 and on-policy distillation trainers of the editor and the planner).
 
-With `rollout_devices` = k > 0 in a trainer's rollout section, the last k devices of every
+With `rollout.rollout_devices` = k > 0, the last k devices of every
 process form the rollout mesh (`rollout_mesh_shape`) and the rest the update's (`mesh.shape`).
 Iteration t + 1's rollouts are dispatched right after iteration t's update, with the
 parameters from before that update, so the two run at once on their own devices and the
@@ -23,19 +23,18 @@ from jaxedit import checkpoint, sharding
 from jaxedit.config import ConfigError
 
 
+def check(rollout: ml_collections.ConfigDict) -> None:
+  """Checks the `rollout` section's placement keys."""
+  if rollout.rollout_devices < 0:
+    raise ConfigError("config key 'rollout.rollout_devices' must be >= 0")
 
 
-def check(section: ml_collections.ConfigDict, name: str) -> None:
-  if section.get("rollout_devices", 0) < 0:  # (.get: configs saved before it still load)
-    raise ConfigError(f"config key '{name}.rollout_devices' must be >= 0")
-
-
-def split_devices(k: int, name: str) -> tuple[list, list]:
+def split_devices(k: int) -> tuple[list, list]:
   """(update devices, rollout devices): the last `k` devices of every process sample
   rollouts, so each process feeds and scores its own rows on both meshes."""
   n = jax.local_device_count()
   if not 0 < k < n:
-    raise ConfigError(f"config key '{name}.rollout_devices' = {k} must be in [0, {n}): 0 "
+    raise ConfigError(f"config key 'rollout.rollout_devices' = {k} must be in [0, {n}): 0 "
                       "runs rollout and update on every device; k > 0 rollouts on k of each "
                       f"process's {n} devices, the update on the rest")
   by_process = [[d for d in jax.devices() if d.process_index == p]
@@ -44,19 +43,17 @@ def split_devices(k: int, name: str) -> tuple[list, list]:
           [d for ds in by_process for d in ds[n - k:]])
 
 
-def make_setups(make_setup: Callable, config: ml_collections.ConfigDict, name: str,
-                workdir: str):
+def make_setups(make_setup: Callable, config: ml_collections.ConfigDict, workdir: str):
   """(update setup, rollout setup) from `make_setup(config, workdir, devices)`: the same
   setup twice without rollout devices, else one on each side of `split_devices`."""
-  section = config[name]
-  if not section.get("rollout_devices", 0):
+  rollout = config.rollout
+  if not rollout.rollout_devices:
     setup = make_setup(config, workdir)
     return setup, setup
-  update_devices, rollout_devices = split_devices(section.rollout_devices, name)
+  update_devices, rollout_devices = split_devices(rollout.rollout_devices)
   rollout_config = copy.deepcopy(config)
-  rollout_config.mesh.shape = tuple(section.rollout_mesh_shape)
-  if "dcn_shape" in rollout_config.mesh:
-    rollout_config.mesh.dcn_shape = (1,) * len(rollout_config.mesh.axes)
+  rollout_config.mesh.shape = tuple(rollout.rollout_mesh_shape)
+  rollout_config.mesh.dcn_shape = (1,) * len(rollout_config.mesh.axes)
   setups = (make_setup(config, workdir, devices=update_devices),
             make_setup(rollout_config, workdir, devices=rollout_devices))
   logging.info("rollouts on their own mesh %s, one step off-policy, overlapping the update "

@@ -21,7 +21,7 @@ import numpy as np
 from jaxedit import flow, plans, sampling, sharding
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
-from jaxedit.data.pipeline import make_dataset
+from jaxedit.data.pipeline import fixed_batches
 from jaxedit.models import planner as planner_model
 from jaxedit.models.planner import Planner, planner_config
 from jaxedit.shapes import checklist as cl
@@ -110,10 +110,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for key in ("max_prompt_len", "max_plan_len"):
     if config.prompt[key] <= 0:
       raise ConfigError(f"config key 'prompt.{key}' must be > 0")
-  if config.sample.get("attend_chunk", 0) < 0:
+  if config.sample.attend_chunk < 0:
     raise ConfigError("config key 'sample.attend_chunk' must be >= 0 (0: one decode segment)")
   if config.train.cell_loss_weight > 0 and not (config.model.vision.enabled
-                                                and config.model.vision.get("cell_head")):
+                                                and config.model.vision.cell_head):
     raise ConfigError("config key 'train.cell_loss_weight' > 0 needs a cell head "
                       "(model.vision.enabled and model.vision.cell_head); set it to 0")
   if config.model.vocab_size < config.tokenizer.vocab_size:
@@ -174,10 +174,9 @@ def completion_logits(params, model: Planner, batch: dict, with_cells: bool = Fa
 def make_plan_sampler(setup: Setup):
   """(params, arrays, rng) -> Samples of plans for a batch of model inputs."""
   sc = setup.config.sample
-  # Configs saved before sample.attend_chunk existed decode with the default.
   settings = sampling.SamplingConfig(setup.config.prompt.max_plan_len, (setup.eos_id,),
                                      setup.pad_id, sc.top_k, sc.top_p,
-                                     sc.get("attend_chunk", sampling.SamplingConfig.attend_chunk))
+                                     sc.attend_chunk)
   sample = sampling.make_sampler(setup.model, settings, setup.mesh, setup.rules)
   vision = setup.model.cfg.vision is not None
 
@@ -189,24 +188,16 @@ def make_plan_sampler(setup: Setup):
 
 def eval_batches(setup: Setup, split: str, num_examples: int, batch_size: int):
   """Fixed batches of a split's abstract examples (padded to `batch_size`) as (arrays, info)."""
-  ds = make_dataset(setup.source(split), batch_size, seed=0, shuffle=False, num_epochs=1,
-                    drop_remainder=False, kinds=("abstract",), process_index=0, process_count=1,
-                    fields=RECORD_FIELDS + EVAL_INFO[2:] + ("source_scene", "num_steps"))
-  out, seen = [], 0
-  for batch in ds:
-    n = len(batch["instruction"])
-    if num_examples:
-      n = min(n, num_examples - seen)
-    if n <= 0:
-      break
-    batch = {k: v[:n] for k, v in batch.items()}
+  out = []
+  for batch in fixed_batches(setup.source(split), batch_size, num_examples,
+                             fields=RECORD_FIELDS + EVAL_INFO[2:] + ("source_scene", "num_steps"),
+                             kinds=("abstract",)):
     arrays = setup.examples(batch)
     arrays = {k: sharding.pad_rows(v, batch_size) for k, v in arrays.items()}
     info = {k: [v.item() if hasattr(v, "item") else v for v in batch[k]] for k in EVAL_INFO}
     info["source_scene"] = np.asarray(batch["source_scene"])
     info["num_steps"] = np.asarray(batch["num_steps"])
     out.append((arrays, info))
-    seen += n
   return out
 
 

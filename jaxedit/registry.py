@@ -19,19 +19,19 @@ OPD_HPARAMS = {"lr": "train.lr"}
 @dataclasses.dataclass(frozen=True)
 class Trainer:
   name: str  # config key `trainer`
-  module: str  # train(config, workdir), run_eval(config, workdir), make_setup, reference_config
+  module: str  # train(config, workdir), run_eval(config, workdir), make_setup
   model: str  # what it trains and exports: editor | planner | vae
   hparams: dict  # traced hyperparameters: name -> config key
-  rollouts: str = ""  # config section of the policy's own rollouts (grpo, opd), if any
+  rl: bool = False  # trains on the policy's own rollouts (config section `rollout`)
 
 
 TRAINERS = (
     Trainer("editor_sft", "jaxedit.trainers.editor_sft", "editor", SUPERVISED_HPARAMS),
-    Trainer("editor_grpo", "jaxedit.trainers.editor_grpo", "editor", GRPO_HPARAMS, "grpo"),
-    Trainer("editor_opd", "jaxedit.trainers.editor_opd", "editor", OPD_HPARAMS, "opd"),
+    Trainer("editor_grpo", "jaxedit.trainers.editor_grpo", "editor", GRPO_HPARAMS, rl=True),
+    Trainer("editor_opd", "jaxedit.trainers.editor_opd", "editor", OPD_HPARAMS, rl=True),
     Trainer("planner_sft", "jaxedit.trainers.planner_sft", "planner", SUPERVISED_HPARAMS),
-    Trainer("planner_grpo", "jaxedit.trainers.planner_grpo", "planner", GRPO_HPARAMS, "grpo"),
-    Trainer("planner_opd", "jaxedit.trainers.planner_opd", "planner", OPD_HPARAMS, "opd"),
+    Trainer("planner_grpo", "jaxedit.trainers.planner_grpo", "planner", GRPO_HPARAMS, rl=True),
+    Trainer("planner_opd", "jaxedit.trainers.planner_opd", "planner", OPD_HPARAMS, rl=True),
     Trainer("vae", "jaxedit.trainers.vae", "vae", SUPERVISED_HPARAMS),
 )
 BY_NAME = {t.name: t for t in TRAINERS}

@@ -86,7 +86,7 @@ def distributed() -> ConfigDict:
 
 
 def overlap_keys() -> dict:
-  """The keys of a rollout section (grpo, opd) that place rollouts on devices of their own
+  """The keys of the `rollout` section that place rollouts on devices of their own
   (jaxedit.overlap)."""
   return {
       "rollout_devices": 0,  # per process; 0: rollout and update share every device
@@ -206,9 +206,12 @@ def schedule(log_every: int, eval_every: int, checkpoint_every: int) -> dict:
           "async_checkpoints": True, "worker_count": 0}
 
 
-def editor_rollout() -> dict:
-  """The keys of an editor rollout section (grpo, opd): prompts, SDE sampling, updates."""
-  return {
+def editor_rollout(prompts_per_step: int, group_size: int) -> ConfigDict:
+  """The `rollout` section of the editor's RL trainers (GRPO, OPD): prompts, SDE sampling,
+  and the minibatch updates over each iteration's samples (rl.update)."""
+  return ConfigDict({
+      "prompts_per_step": prompts_per_step,  # P, global
+      "group_size": group_size,  # G samples per prompt
       "shared_noise": False,  # one initial noise per group (DanceGRPO) or one per sample
       "rollout_chunks": 2,  # rollouts per iteration; rewards of one overlap the next
       **overlap_keys(),
@@ -221,7 +224,20 @@ def editor_rollout() -> dict:
       "window_start": -1,  # -1: a random start every iteration
       "inner_epochs": 1,
       "minibatches": 2,  # optimizer updates per epoch
-  }
+      "accumulate": 1,  # minibatches whose gradients are summed into one update
+  })
+
+
+def planner_rollout(prompts_per_step: int, group_size: int) -> ConfigDict:
+  """The `rollout` section of the planner's RL trainers (GRPO, OPD)."""
+  return ConfigDict({
+      "prompts_per_step": prompts_per_step,  # P
+      "group_size": group_size,  # G plans per prompt
+      "temperature": 1.0,  # of rollouts; the trained log-probs use the same
+      "inner_epochs": 1,
+      "minibatches": 2,
+      **overlap_keys(),
+  })
 
 
 def teachers(tasks) -> dict:
@@ -297,15 +313,12 @@ def _editor_rl(trainer: str) -> ConfigDict:
 
 def editor_grpo() -> ConfigDict:
   c = _editor_rl("editor_grpo")
+  c.rollout = editor_rollout(prompts_per_step=8, group_size=8)
   c.grpo = ConfigDict({
-      "prompts_per_step": 8,  # P, global
-      "group_size": 8,  # G samples per prompt
-      **editor_rollout(),
       "std_scope": "global",  # advantages divide by the batch's std or the group's
       "adv_clip": 5.0,
       "clip_range": 1e-4,
       "kl_beta": 0.04,
-      "accumulate": 1,  # minibatches whose gradients are summed into one update
   })
   c.rewards.preservation.weight = 0.5
   return c
@@ -313,12 +326,8 @@ def editor_grpo() -> ConfigDict:
 
 def editor_opd() -> ConfigDict:
   c = _editor_rl("editor_opd")  # rewards are logged, not trained on
-  c.opd = ConfigDict({
-      **teachers(t for t in TASKS if t != "mixed"),  # editor teachers learn one task each
-      "prompts_per_step": 16,  # global
-      "group_size": 1,  # student samples per prompt
-      **editor_rollout(),
-  })
+  c.rollout = editor_rollout(prompts_per_step=16, group_size=1)  # G student samples
+  c.opd = ConfigDict(teachers(t for t in TASKS if t != "mixed"))  # one task per teacher
   c.rewards.preservation.weight = 0.5
   return c
 
@@ -403,34 +412,21 @@ def _planner_rl(trainer: str) -> ConfigDict:
 
 def planner_grpo() -> ConfigDict:
   c = _planner_rl("planner_grpo")
+  c.rollout = planner_rollout(prompts_per_step=16, group_size=8)
   c.grpo = ConfigDict({
-      "prompts_per_step": 16,  # P
-      "group_size": 8,  # G plans per prompt
-      "temperature": 1.0,  # of rollouts; the trained log-probs use the same
       "clip_range": 0.2,
       "kl_beta": 0.04,
       "aggregation": "sequence_mean",  # or token_mean
       "std_scope": "group",  # advantage std: group | global
       "adv_clip": 5.0,
-      "inner_epochs": 1,
-      "minibatches": 2,
-      **overlap_keys(),
   })
   return c
 
 
 def planner_opd() -> ConfigDict:
   c = _planner_rl("planner_opd")
-  c.opd = ConfigDict({
-      **teachers(TASKS),
-      "kl": "sampled",  # sampled | full_vocab
-      "prompts_per_step": 32,
-      "group_size": 1,  # student plans per prompt
-      "temperature": 1.0,
-      "inner_epochs": 1,
-      "minibatches": 2,
-      **overlap_keys(),
-  })
+  c.rollout = planner_rollout(prompts_per_step=32, group_size=1)  # G student plans
+  c.opd = ConfigDict({**teachers(TASKS), "kl": "sampled"})  # kl: sampled | full_vocab
   return c
 
 
@@ -481,3 +477,38 @@ REFERENCE_CONFIGS = {
 def reference_config(trainer: str) -> ConfigDict:
   """The reference config of `trainer` (a registry name)."""
   return REFERENCE_CONFIGS[trainer]()
+
+
+# ------------------------------------------------------------------------------------------
+# Configs saved by older runs.
+# ------------------------------------------------------------------------------------------
+def migrate(saved: dict) -> dict:
+  """A config saved by an older run (a workdir's), upgraded to today's schema: the rollout
+  keys move from the `grpo` or `opd` section into `rollout`, and keys added since take their
+  reference values, which are what those runs did. Keys the schema no longer has are kept
+  (a saved run is read, not validated)."""
+  saved = _plain(saved)
+  trainer = saved.get("trainer")
+  if trainer not in REFERENCE_CONFIGS:
+    return saved
+  reference = reference_config(trainer).to_dict()
+  if "rollout" in reference and "rollout" not in saved:
+    algorithm = next(s for s in ("grpo", "opd") if s in reference)
+    old = saved.get(algorithm, {})
+    saved["rollout"] = {k: old.pop(k) for k in list(old) if k in reference["rollout"]}
+  return _with_defaults(saved, reference)
+
+
+def _plain(value):
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  return value
+
+
+def _with_defaults(saved: dict, reference: dict) -> dict:
+  for key, value in reference.items():
+    if key not in saved:
+      saved[key] = value
+    elif isinstance(value, dict) and isinstance(saved[key], dict) and key != "teachers":
+      _with_defaults(saved[key], value)
+  return saved

@@ -71,9 +71,8 @@ def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None,
 
 
 def mesh_from_config(config: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """The mesh of a config's `mesh` section (older saved configs have no DCN keys)."""
-  return make_mesh(config.axes, config.shape, devices, config.get("dcn_shape"),
-                   config.get("dcn_granule", "slice"))
+  """The mesh of a config's `mesh` section."""
+  return make_mesh(config.axes, config.shape, devices, config.dcn_shape, config.dcn_granule)
 
 
 def rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:

@@ -80,12 +80,11 @@ def load_editor(workdir: str, batch_size: int = 64, devices=None,
                                  "editor_grpo or editor_opd)")
   config.eval.batch_size = batch_size
   key = weights_key(config, weights)
-  rollouts = registry.get(config.trainer).rollouts
-  if not rollouts:
+  if not registry.get(config.trainer).rl:
     setup = editing.make_setup(config, workdir, devices)
     params = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
   else:
-    setup = editor_policy.build_setup(config, workdir, devices, rollouts)
+    setup = editor_policy.build_setup(config, workdir, devices)
     trained = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
     frozen = (checkpoint.restore_subtree(mngr, step, "frozen", setup.abstract_state.frozen)
               if setup.use_lora else None)

@@ -141,10 +141,10 @@ def tiny_planner_grpo_config(data_dir, init_from, **grpo):
   for section in ("data", "tokenizer", "model", "prompt"):
     config[section] = sft[section]
   config.init_from = str(init_from)
-  g = config.grpo
-  g.prompts_per_step, g.group_size, g.minibatches = 4, 4, 2
-  for k, v in grpo.items():
-    g[k] = v
+  r = config.rollout
+  r.prompts_per_step, r.group_size, r.minibatches = 4, 4, 2
+  for k, v in grpo.items():  # each into its section: rollout or grpo
+    (r if k in r else config.grpo)[k] = v
   t = config.train
   t.num_steps, t.log_every, t.eval_every, t.checkpoint_every = 2, 1, 2, 1
   t.eval_examples, t.async_checkpoints = 8, False

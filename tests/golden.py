@@ -92,29 +92,19 @@ def planner_sft_config(data_dir):
   return config
 
 
-def editor_rl_config(trainer: str, data_dir, sft_dir, overrides: dict):
+def rl_config(trainer: str, data_dir, sft_dir, overrides: dict):
+  """An RL run from the SFT run at `sft_dir`, with its model, data and sampling; editors
+  train LoRA adapters."""
   from jaxedit import schema
 
   config = schema.reference_config(trainer)
-  sft = editor_sft_config(data_dir)
-  for section in ("data", "tokenizer", "model", "sample"):
-    config[section] = sft[section]
-  config.init_from, config.model.lora_rank = sft_dir, 4
-  config.train.num_steps, config.train.checkpoint_every = 2, 0
-  config.eval.batch_size = 8
-  _quiet(config)
-  _set(config, overrides)
-  return config
-
-
-def planner_rl_config(trainer: str, data_dir, sft_dir, overrides: dict):
-  from jaxedit import schema
-
-  config = schema.reference_config(trainer)
-  sft = planner_sft_config(data_dir)
-  for section in ("data", "tokenizer", "model", "prompt"):
+  editor = trainer.startswith("editor")
+  sft = (editor_sft_config if editor else planner_sft_config)(data_dir)
+  for section in ("data", "tokenizer", "model", "sample" if editor else "prompt"):
     config[section] = sft[section]
   config.init_from = sft_dir
+  if editor:
+    config.model.lora_rank = 4
   config.train.num_steps, config.train.checkpoint_every = 2, 0
   config.eval.batch_size = 8
   _quiet(config)
@@ -142,30 +132,30 @@ def configs(data_dir: str, root: str, devices: int) -> dict:
   config = editor_sft_config(data_dir)
   config.population = json.dumps([{"train.lr": 1e-3}, {"train.lr": 4e-3}])
   out["population"] = ("editor_sft", config, d("population"))
-  grpo = {"grpo.prompts_per_step": 8, "grpo.group_size": 2, "grpo.rollout_chunks": 2,
-          "grpo.num_steps": 3, "grpo.minibatches": 2, "grpo.inner_epochs": 2}
+  grpo = {"rollout.prompts_per_step": 8, "rollout.group_size": 2, "rollout.rollout_chunks": 2,
+          "rollout.num_steps": 3, "rollout.minibatches": 2, "rollout.inner_epochs": 2}
   out["editor_grpo"] = ("editor_grpo",
-                        editor_rl_config("editor_grpo", data_dir, editor_sft, grpo),
+                        rl_config("editor_grpo", data_dir, editor_sft, grpo),
                         d("editor_grpo"))
   if devices >= NEEDS_DEVICES["editor_grpo_overlap"]:
-    out["editor_grpo_overlap"] = ("editor_grpo", editor_rl_config(
+    out["editor_grpo_overlap"] = ("editor_grpo", rl_config(
         "editor_grpo", data_dir, editor_sft,
-        {**grpo, "grpo.rollout_devices": devices // 2, "mesh.shape": (-1, 1, 1),
-         "grpo.rollout_mesh_shape": (-1, 1, 1)}), d("editor_grpo_overlap"))
-  opd = {"opd.prompts_per_step": 16, "opd.group_size": 1, "opd.rollout_chunks": 2,
-         "opd.num_steps": 3, "opd.minibatches": 2, "init_params": "params",
+        {**grpo, "rollout.rollout_devices": devices // 2, "mesh.shape": (-1, 1, 1),
+         "rollout.rollout_mesh_shape": (-1, 1, 1)}), d("editor_grpo_overlap"))
+  opd = {"rollout.prompts_per_step": 16, "rollout.group_size": 1, "rollout.rollout_chunks": 2,
+         "rollout.num_steps": 3, "rollout.minibatches": 2, "init_params": "params",
          "opd.teachers.colour": editor_sft, "opd.teachers.geometry": editor_sft}
-  out["editor_opd"] = ("editor_opd", editor_rl_config("editor_opd", data_dir, editor_sft, opd),
+  out["editor_opd"] = ("editor_opd", rl_config("editor_opd", data_dir, editor_sft, opd),
                        d("editor_opd"))
   out["planner_sft"] = ("planner_sft", planner_sft_config(data_dir), planner_sft)
-  pg = {"grpo.prompts_per_step": 4, "grpo.group_size": 4, "grpo.minibatches": 2}
+  pg = {"rollout.prompts_per_step": 4, "rollout.group_size": 4, "rollout.minibatches": 2}
   out["planner_grpo"] = ("planner_grpo",
-                         planner_rl_config("planner_grpo", data_dir, planner_sft, pg),
+                         rl_config("planner_grpo", data_dir, planner_sft, pg),
                          d("planner_grpo"))
-  po = {"opd.prompts_per_step": 16, "opd.group_size": 1, "opd.minibatches": 2,
+  po = {"rollout.prompts_per_step": 16, "rollout.group_size": 1, "rollout.minibatches": 2,
         "init_params": "raw", **{f"opd.teachers.{t}": planner_sft for t in TASKS}}
   out["planner_opd"] = ("planner_opd",
-                        planner_rl_config("planner_opd", data_dir, planner_sft, po),
+                        rl_config("planner_opd", data_dir, planner_sft, po),
                         d("planner_opd"))
   return out
 

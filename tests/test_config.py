@@ -1,3 +1,4 @@
+import copy
 import glob
 import os
 import subprocess
@@ -129,14 +130,16 @@ def test_planner_grpo_configs_build_the_model_of_their_sft_configs():
     assert grpo.prompt.to_dict() == sft.prompt.to_dict()
 
 
-def test_config_files_load_without_jax():
-  """Config files are schemas: loading every file in configs/ (and its sweep) starts no JAX."""
+def test_config_files_and_the_cli_parser_load_without_jax():
+  """Config files are schemas: loading every file in configs/ (and its sweep), or building
+  the CLI's parser (`jaxedit --help`), imports no JAX."""
   files = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
   code = ("import sys; from jaxedit.config import load_file, load_module\n"
           f"for f in {files!r}:\n"
           "  load_file(f)\n"
           "  module = load_module(f)\n"
           "  if hasattr(module, 'get_sweep'): module.get_sweep()\n"
+          "from jaxedit import cli; cli.parser()\n"
           "heavy = sorted(m for m in ('jax', 'jaxlib', 'flax', 'optax', 'tensorflow') "
           "if m in sys.modules)\n"
           "assert not heavy, heavy\n"
@@ -144,3 +147,20 @@ def test_config_files_load_without_jax():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]
   assert int(out.stdout.strip()) == len(files) >= 11
+
+
+@pytest.mark.parametrize("trainer", ["editor_grpo", "editor_opd", "planner_grpo", "planner_opd"])
+def test_migrate_upgrades_configs_saved_by_older_runs(trainer):
+  now = schema.reference_config(trainer).to_dict()
+  old = copy.deepcopy(now)
+  algorithm = "grpo" if "grpo" in old else "opd"
+  old[algorithm].update(old.pop("rollout"))  # as runs saved them before the rollout section
+  del old["train"]["tasks"], old["mesh"]["dcn_shape"]  # keys added since
+  assert schema.migrate(old) == now
+  assert schema.migrate(now) == now
+
+
+def test_migrate_leaves_todays_configs_and_unknown_trainers_alone():
+  sft = schema.editor_sft().to_dict()
+  assert schema.migrate(sft) == sft
+  assert schema.migrate({"trainer": "someone_elses", "x": 1}) == {"trainer": "someone_elses", "x": 1}

@@ -100,7 +100,7 @@ def test_grpo_dry_run_compiles_overlapped_rollouts_on_their_own_devices(small_da
   sft_dir = str(tmp_path / "sft")
   editor_sft.train(tiny_editor_config(small_data_dir, num_steps=1, eval_every=-1,
                                       sample_every=-1), sft_dir)  # the tokenizer
-  config = grpo_config(small_data_dir, sft_dir, **{"grpo.rollout_devices": 4})
+  config = grpo_config(small_data_dir, sft_dir, **{"rollout.rollout_devices": 4})
   config.mesh.shape = (2, 2, 1)
   out = dry_run.report(config, str(tmp_path / "run"))
   assert out["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and out["devices"] == 4

@@ -32,9 +32,10 @@ def grpo_config(data_dir, init_from, **overrides):
     config[section] = sft[section]
   config.eval.batch_size, config.eval.num_examples = 8, 8
   config.init_from = init_from
-  g = config.grpo
-  g.prompts_per_step, g.group_size, g.rollout_chunks, g.num_steps = 8, 2, 2, 3
-  g.minibatches, g.inner_epochs, g.kl_beta = 2, 2, 0.04
+  r = config.rollout
+  r.prompts_per_step, r.group_size, r.rollout_chunks, r.num_steps = 8, 2, 2, 3
+  r.minibatches, r.inner_epochs = 2, 2
+  config.grpo.kl_beta = 0.04
   t = config.train
   t.num_steps, t.eval_every, t.sample_every, t.checkpoint_every = 3, 3, 3, 1
   t.eval_examples, t.sample_examples, t.async_checkpoints = 8, 4, False
@@ -143,7 +144,7 @@ def test_config_errors_name_the_problem(small_data_dir, sft_dir, tmp_path):
     editor_grpo.train(grpo_config(small_data_dir, sft_dir, **{"model.scan_layers": True}),
                       str(tmp_path / "c2"))
   with pytest.raises(ConfigError, match="group_size"):
-    editor_grpo.train(grpo_config(small_data_dir, sft_dir, **{"grpo.group_size": 1}),
+    editor_grpo.train(grpo_config(small_data_dir, sft_dir, **{"rollout.group_size": 1}),
                       str(tmp_path / "d"))
   with pytest.raises(ConfigError, match="no rewards configured"):
     editor_grpo.train(grpo_config(small_data_dir, sft_dir, **{
@@ -192,7 +193,7 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
   out below one step after another, on the same meshes. Resumed from step 1's checkpoint,
   saved while step 2's rollouts were in flight, the run ends the same."""
   config = grpo_config(small_data_dir, sft_dir, **{
-      "grpo.rollout_devices": 4, "train.eval_every": 0, "train.sample_every": 0,
+      "rollout.rollout_devices": 4, "train.eval_every": 0, "train.sample_every": 0,
       "train.keep_checkpoints": 3, "train.lr": 1e-2})  # steps that move the policy
   whole, resumed = tmp_path / "whole", tmp_path / "resumed"
   editor_grpo.train(config, str(whole))
@@ -200,7 +201,7 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
 
   ref_dir = str(tmp_path / "reference")
   pretrained.copy_tokenizer(sft_dir, ref_dir)
-  setup, rollout_setup = overlap.make_setups(editor_grpo.make_setup, config, "grpo", ref_dir)
+  setup, rollout_setup = overlap.make_setups(editor_grpo.make_setup, config, ref_dir)
   assert rollout_setup.mesh.devices.size == 4 and setup.mesh.devices.size == 4
   assert not set(rollout_setup.mesh.devices.flat) & set(setup.mesh.devices.flat)
   state = editor_policy.init_state(setup, editor_policy.load_sft(setup, sft_dir, ref_dir))
@@ -213,7 +214,7 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
     chunks, _ = editor_policy.rollout_and_score(
         rollout_setup, rollout, reward_fn,
         jax.device_put(params, rollout_setup.state_shardings.params),
-        frozen, editor_policy.next_prompts(prompts, config.grpo),
+        frozen, editor_policy.next_prompts(prompts, config.rollout),
         setup.levels_and_steps(step)[0], jax.random.fold_in(jax.random.key(0), step))
     return overlap.to_mesh(chunks, setup.mesh)
 
@@ -239,7 +240,7 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
 def test_overlap_config_errors(small_data_dir, sft_dir, tmp_path):
   pretrained.copy_tokenizer(sft_dir, str(tmp_path))
   for devices in (8, -1):
-    config = grpo_config(small_data_dir, sft_dir, **{"grpo.rollout_devices": devices})
-    with pytest.raises(ConfigError, match=rf"'grpo.rollout_devices' = {devices} must be in "
+    config = grpo_config(small_data_dir, sft_dir, **{"rollout.rollout_devices": devices})
+    with pytest.raises(ConfigError, match=rf"'rollout.rollout_devices' = {devices} must be in "
                                           r"\[0, 8\): 0 runs rollout and update on every"):
-      overlap.make_setups(editor_grpo.make_setup, config, "grpo", str(tmp_path))
+      overlap.make_setups(editor_grpo.make_setup, config, str(tmp_path))

@@ -130,9 +130,9 @@ def test_sft_grpo_opd_eval_and_edit_on_latents(latent_sft, vae_dir, tmp_path):
     with pytest.raises(ConfigError, match="model.vae.init_from"):
       trainer.train(c, workdir)
     c.model.vae.init_from = path  # ... which must be the SFT run's architecture
-    g = c[section]
-    g.prompts_per_step, g.group_size, g.rollout_chunks, g.num_steps = 8, 2, 2, 3
-    g.minibatches, g.inner_epochs = 2, 1
+    r = c.rollout
+    r.prompts_per_step, r.group_size, r.rollout_chunks, r.num_steps = 8, 2, 2, 3
+    r.minibatches, r.inner_epochs = 2, 1
     t = c.train
     t.num_steps, t.eval_every, t.sample_every, t.checkpoint_every = 1, 0, 1, 1
     t.eval_examples, t.sample_examples, t.async_checkpoints = 8, 4, False

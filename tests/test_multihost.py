@@ -61,7 +61,7 @@ def run_pod(sft_config, sft_dir, grpo_runs, tmp_path):
 
 
 def overlap(config, rollout_devices):
-  config.grpo.rollout_devices = rollout_devices
+  config.rollout.rollout_devices = rollout_devices
   return config
 
 
@@ -83,7 +83,7 @@ def test_two_processes_train_like_one_and_resume_on_another_mesh(small_data_dir,
                                          eval_every=-1, sample_every=-1)
   grpo = lambda steps: grpo_config(small_data_dir, ref, **{
       "train.num_steps": steps, "train.eval_every": -1, "train.sample_every": -1,
-      "train.log_every": 1, "grpo.rollout_chunks": 2})
+      "train.log_every": 1, "rollout.rollout_chunks": 2})
   ref, oref = str(tmp_path / "sft_ref"), str(tmp_path / "overlap_ref")
   editor_sft.train(with_mesh(sft(4), (4, 2, 1)), ref)
   editor_grpo.train(with_mesh(overlap(grpo(2), 4), (4, 1, 1)), oref)

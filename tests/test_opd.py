@@ -138,9 +138,9 @@ def opd_config(data_dir, init_from, teachers, **overrides):
   config.init_params = "params"  # the teachers are the SFT run's EMA: the two differ
   for task, workdir in teachers.items():
     config.opd.teachers[task] = workdir
-  o = config.opd
-  o.prompts_per_step, o.group_size, o.rollout_chunks, o.num_steps = 16, 1, 2, 3
-  o.minibatches, o.inner_epochs = 2, 1
+  r = config.rollout
+  r.prompts_per_step, r.group_size, r.rollout_chunks, r.num_steps = 16, 1, 2, 3
+  r.minibatches, r.inner_epochs = 2, 1
   t = config.train
   t.num_steps, t.eval_every, t.sample_every, t.checkpoint_every = 2, 2, 2, 1
   t.eval_examples, t.sample_examples, t.async_checkpoints = 8, 4, False
@@ -189,7 +189,7 @@ def one_device(small_data_dir, sft_dir, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("opd_one"))
   # One update per iteration: its metrics are those of the rollout policy itself.
   config = opd_config(small_data_dir, sft_dir, {"colour": sft_dir, "geometry": sft_dir},
-                      **{"opd.minibatches": 1, "opd.prompts_per_step": 8})
+                      **{"rollout.minibatches": 1, "rollout.prompts_per_step": 8})
   pretrained.copy_tokenizer(sft_dir, workdir)
   setup = editor_opd.make_setup(config, workdir, devices=jax.devices()[:1])
   # A 4-step SFT run's output layers are still near their zero init, so the student's
@@ -222,7 +222,7 @@ def test_zero_loss_and_gradient_at_the_teacher_and_routing(one_device):
 def test_update_on_eight_devices_matches_one(one_device, small_data_dir, sft_dir):
   config, workdir, one, state, _, chunks, levels, trained = one_device
   config8 = opd_config(small_data_dir, sft_dir, {"colour": sft_dir, "geometry": sft_dir},
-                       **{"opd.minibatches": 1, "opd.prompts_per_step": 8})
+                       **{"rollout.minibatches": 1, "rollout.prompts_per_step": 8})
   config8.mesh.shape = (2, 2, 2)
   eight = editor_opd.make_setup(config8, workdir)
   teachers = jax.device_get(editor_opd.load_teachers(one))

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import SMALL_SPLITS
 from jaxedit.data.examples import check_record
-from jaxedit.data.pipeline import CorruptRecordError, ShapesSource, make_dataset
+from jaxedit.data.pipeline import ShapesSource, make_dataset
+from jaxedit.errors import CorruptRecordError
 from jaxedit.shapes.world import World
 
 

@@ -41,7 +41,7 @@ def test_first_update_is_on_policy_and_starts_at_the_reference(small_data_dir, s
   # The rollout's teacher-forced log-probs equal what the sampler recorded.
   samples = sampler(state.params, sharding.global_batch(
       {k: arrays[k] for k in ("source_image", "prompt", "prompt_valid")}, setup.batch_sharding),
-      jax.random.key(0), config.grpo.temperature)
+      jax.random.key(0), config.rollout.temperature)
   logp = planner_policy.sequence_logprobs(state.params, setup.model, batch, 1.0)
   valid = arrays["plan_valid"]
   np.testing.assert_allclose(np.asarray(logp)[valid], np.asarray(samples.logprobs)[valid],
@@ -113,7 +113,7 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
   planner_grpo.train(config, str(whole))
   resume_after_step_one(whole, resumed, lambda workdir: planner_grpo.train(config, workdir))
 
-  setup, rollout_setup = overlap.make_setups(planner_grpo.make_setup, config, "grpo",
+  setup, rollout_setup = overlap.make_setups(planner_grpo.make_setup, config,
                                              str(tmp_path / "reference"))
   assert not set(rollout_setup.mesh.devices.flat) & set(setup.mesh.devices.flat)
   state = planner_policy.init_state(setup, planner_policy.load_start(setup, str(sft_dir),

@@ -25,10 +25,10 @@ def opd_config(data_dir, init_from, teachers, **opd):
   config.init_params = "raw"  # the teachers use the SFT run's EMA: the two differ
   for task, workdir in teachers.items():
     config.opd.teachers[task] = str(workdir)
-  o = config.opd
-  o.prompts_per_step, o.group_size, o.minibatches = 8, 2, 2
-  for k, v in opd.items():
-    o[k] = v
+  r = config.rollout
+  r.prompts_per_step, r.group_size, r.minibatches = 8, 2, 2
+  for k, v in opd.items():  # each into its section: rollout or opd
+    (r if k in r else config.opd)[k] = v
   t = config.train
   t.num_steps, t.log_every, t.eval_every, t.checkpoint_every = 2, 1, 2, 1
   t.eval_examples, t.async_checkpoints = 8, False

@@ -39,7 +39,7 @@ def test_points_from_product_and_zip():
   assert sweep.name({"train.lr": 0.001, "model.axes_dims_rope": (4, 6, 6)}) == \
       "lr=0.001,axes_dims_rope=4-6-6"
   assert sweep.recompiling_keys("editor_grpo", sweep.product(lr, beta) + [
-      {"rewards.checklist.weight": 2.0, "grpo.num_steps": 4}]) == ["grpo.num_steps"]
+      {"rewards.checklist.weight": 2.0, "rollout.num_steps": 4}]) == ["rollout.num_steps"]
 
 
 def test_the_shipped_sweep_loads_and_a_bad_point_is_named(tmp_path):

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from jaxedit.interop import vae_diffusers  # noqa: E402
-from jaxedit.interop.vae_diffusers import MappingError  # noqa: E402
+from jaxedit.errors import MappingError  # noqa: E402
 from jaxedit.models.vae import AutoencoderKL, VAEConfig, diffusers_config  # noqa: E402
 
 B, H, W = 2, 16, 24  # non-square, so a swapped height/width shows up

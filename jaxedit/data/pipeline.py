@@ -15,15 +15,12 @@ from typing import Any, Callable, Sequence
 import grain
 
 from jaxedit.data.examples import check_record
+from jaxedit.errors import CorruptRecordError
 from jaxedit.shapes.world import World
 
 PREFETCH_BATCHES = 4  # batches read ahead, each by its own thread
 TEXT_FIELDS = ("id", "kind", "family", "task", "instruction", "scene_text", "plan",
                "plan_steps", "checklist")
-
-
-class CorruptRecordError(RuntimeError):
-  """A record that cannot be read or decoded, or whose content is inconsistent."""
 
 
 class ShapesSource(grain.sources.RandomAccessDataSource):
@@ -130,6 +127,24 @@ def make_dataset(source: grain.sources.RandomAccessDataSource, batch_size: int, 
   if worker_count:
     ds = ds.mp_prefetch(grain.multiprocessing.MultiprocessingOptions(num_workers=worker_count))
   return ds
+
+
+def fixed_batches(source: grain.sources.RandomAccessDataSource, batch_size: int,
+                  num_examples: int, *, fields: Sequence[str], kinds: Sequence[str]):
+  """The first `num_examples` (0: all) selected records of `source` in order, in batches of
+  at most `batch_size`: evaluation data, read alike on every process."""
+  ds = make_dataset(source, batch_size, seed=0, shuffle=False, num_epochs=1,
+                    drop_remainder=False, fields=fields, kinds=kinds, process_index=0,
+                    process_count=1)
+  seen = 0
+  for batch in ds:
+    n = len(next(iter(batch.values())))
+    if num_examples:
+      n = min(n, num_examples - seen)
+    if n <= 0:
+      return
+    yield {k: v[:n] for k, v in batch.items()}
+    seen += n
 
 
 def selected(source, kinds: Sequence[str] | None, tasks: Sequence[str] | None) -> list[int]:

@@ -10,7 +10,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxedit.interop.torch_names import Layout, MappingError, from_torch, to_torch
+from jaxedit.errors import MappingError
+from jaxedit.interop.torch_names import Layout, from_torch, to_torch
 
 __all__ = ["MappingError", "to_diffusers", "from_diffusers", "diffusers_config"]
 

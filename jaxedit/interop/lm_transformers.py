@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxedit.interop.torch_names import Layout, MappingError, from_torch, to_torch
+from jaxedit.errors import MappingError
+from jaxedit.interop.torch_names import Layout, from_torch, to_torch
 from jaxedit.models.lm import LMConfig
 
 __all__ = ["MappingError", "to_transformers", "from_transformers", "hf_config", "lm_config"]

@@ -16,7 +16,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxedit.interop.torch_names import MappingError
+from jaxedit.errors import MappingError
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")

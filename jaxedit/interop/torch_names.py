@@ -17,11 +17,9 @@ import flax
 import jax
 import numpy as np
 
+from jaxedit.errors import MappingError
+
 _LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
-
-
-class MappingError(ValueError):
-  """Tensors missing, unexpected or of the wrong shape when loading weights."""
 
 
 @dataclasses.dataclass(frozen=True)

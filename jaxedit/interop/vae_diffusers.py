@@ -18,7 +18,7 @@ import flax
 import numpy as np
 
 from jaxedit.interop import safetensors_io
-from jaxedit.interop.torch_names import MappingError
+from jaxedit.errors import MappingError
 from jaxedit.models.vae import diffusers_config
 
 __all__ = ["MappingError", "to_diffusers", "from_diffusers", "diffusers_config", "write_folder"]

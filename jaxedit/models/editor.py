@@ -205,7 +205,7 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
   if model.dtype not in DTYPES or model.param_dtype not in DTYPES:
     raise ValueError(f"model.dtype/param_dtype must be one of {sorted(DTYPES)}")
   dtype, param_dtype = DTYPES[model.dtype], DTYPES[model.param_dtype]
-  splash_block = model.get("splash_block", 512)
+  splash_block = model.splash_block
   layers.check_splash_block(splash_block, "model.splash_block")
   if model.lora_rank < 0 or (model.lora_rank and not model.lora_targets):
     raise ValueError("model.lora_rank must be >= 0, with model.lora_targets set when > 0")
@@ -220,20 +220,20 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
     raise ValueError(f"the {size}x{size} {'latents' if uses_vae(model) else 'images'} are "
                      f"not divisible by model.patch_size {model.patch_size}")
   if model.text_encoder == "shapes":
-    layout_grid = model.get("text_layout_grid", 0)  # runs saved before the key: none
+    layout_grid = model.text_layout_grid
     if layout_grid < 0:
       raise ValueError(f"model.text_layout_grid must be >= 0, got {layout_grid}")
     text = TextConfig(vocab_size, model.text_width, model.text_layers, model.text_heads,
                       model.text_max_len, layout_grid, dtype, param_dtype)
     context_dim = pooled_dim = model.text_width
   elif model.text_encoder == "precomputed":
-    if model.get("text_layout_grid", 0):
+    if model.text_layout_grid:
       raise ValueError("model.text_layout_grid needs the 'shapes' text encoder; precomputed "
                        "embeddings carry no grounding head")
     if model.context_dim <= 0:
       raise ValueError("model.context_dim must be set (> 0) for precomputed text embeddings")
     text, context_dim = None, model.context_dim
-    pooled_dim = model.get("pooled_dim", 0) or model.context_dim
+    pooled_dim = model.pooled_dim or model.context_dim
   else:
     raise ValueError(f"model.text_encoder must be 'shapes' or 'precomputed', got "
                      f"{model.text_encoder!r}")
@@ -247,7 +247,7 @@ def editor_config(model: ml_collections.ConfigDict, image_size: int,
       lora_alpha=model.lora_alpha or model.lora_rank, lora_targets=tuple(model.lora_targets),
       dtype=dtype,
       param_dtype=param_dtype, scan_layers=model.scan_layers, remat_policy=model.remat_policy,
-      attention=model.get("attention", "auto"),  # runs saved before the keys: defaults
+      attention=model.attention,
       splash_block=splash_block)
   if text is not None and text.layout_grid:
     layout_ids(text.layout_grid, (size // model.patch_size,) * 2)  # raises if it cannot fit

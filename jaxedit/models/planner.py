@@ -122,7 +122,7 @@ def planner_config(model: ml_collections.ConfigDict, world) -> PlannerConfig:
       raise ValueError(f"model.vision.patch_size {model.vision.patch_size} does not divide "
                        f"the image size {image_size}")
     cell_classes = ()
-    if model.vision.get("cell_head", False):
+    if model.vision.cell_head:
       if image_size // model.vision.patch_size != world.grid_size:
         raise ValueError(f"model.vision.cell_head needs one patch per grid cell: patch_size "
                          f"{model.vision.patch_size} cuts the {image_size}px image into "

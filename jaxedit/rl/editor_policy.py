@@ -1,8 +1,8 @@
 """The editor as an RL policy: the setup of a trainer on the editor's own SDE rollouts
 (parameters trained and frozen: LoRA adapters over a frozen base, or every parameter beside
 a frozen reference), starting from an SFT run, chunked rollouts scored by host rewards, and
-the loop that runs an algorithm's update on them (GRPO, OPD: `Algorithm`). With the rollout
-section's `rollout_devices` the rollouts run on devices of their own, one iteration ahead of
+the loop that runs an algorithm's update on them (GRPO, OPD: `Algorithm`). With
+`rollout.rollout_devices` the rollouts run on devices of their own, one iteration ahead of
 the update (`jaxedit.overlap`)."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Setup(editing.Setup):
   full_shardings: Any  # of the whole parameter tree (base and adapters joined)
   use_lora: bool
   levels_and_steps: Any  # iteration -> (noise levels (T,), trained step indices)
-  rollouts: ml_collections.ConfigDict  # the config section of the rollouts: grpo or opd
+  rollouts: ml_collections.ConfigDict  # the config's `rollout` section
 
   @property
   def param_shardings(self):
@@ -77,33 +77,38 @@ class Setup(editing.Setup):
     return frozen
 
 
-def check_rollouts(config: ml_collections.ConfigDict, section: str) -> None:
-  """Checks what every trainer on the editor's own rollouts shares; `section` holds the
-  rollout keys (grpo or opd)."""
-  g = config[section]
+def check_rollouts(config: ml_collections.ConfigDict) -> None:
+  """Checks what every trainer on the editor's own rollouts shares: the `rollout` section,
+  the start and the tasks."""
+  g = config.rollout
   if config.model.text_encoder != "shapes":
     raise ConfigError("model.text_encoder must be 'shapes' for the shapes world")
   for key in ("prompts_per_step", "group_size", "rollout_chunks", "num_steps", "inner_epochs",
               "minibatches"):
     if g[key] <= 0:
-      raise ConfigError(f"config key '{section}.{key}' must be > 0")
+      raise ConfigError(f"config key 'rollout.{key}' must be > 0")
   if g.prompts_per_step % g.rollout_chunks:
-    raise ConfigError(f"{section}.prompts_per_step {g.prompts_per_step} must split into "
-                      f"{section}.rollout_chunks {g.rollout_chunks} whole groups")
+    raise ConfigError(f"rollout.prompts_per_step {g.prompts_per_step} must split into "
+                      f"rollout.rollout_chunks {g.rollout_chunks} whole groups")
   if g.prompts_per_step * g.group_size % g.minibatches:
     raise ConfigError(f"{g.prompts_per_step * g.group_size} samples per iteration do not split "
-                      f"into {section}.minibatches {g.minibatches}")
+                      f"into rollout.minibatches {g.minibatches}")
+  if g.accumulate <= 0:
+    raise ConfigError("config key 'rollout.accumulate' must be > 0")
+  if g.minibatches * g.inner_epochs % g.accumulate:
+    raise ConfigError(f"rollout.accumulate {g.accumulate} must divide the "
+                      f"{g.minibatches * g.inner_epochs} minibatches of an iteration "
+                      "(inner_epochs x minibatches)")
   if g.sde_type not in flow.SDE_TYPES:
-    raise ConfigError(f"{section}.sde_type must be one of {flow.SDE_TYPES}, got {g.sde_type!r}")
+    raise ConfigError(f"rollout.sde_type must be one of {flow.SDE_TYPES}, got {g.sde_type!r}")
   if config.init_params not in ("ema", "params"):
     raise ConfigError(f"init_params must be 'ema' or 'params', got {config.init_params!r}")
-  overlap.check(g, section)
+  overlap.check(g)
   check_tasks(config)
 
 
 def check_tasks(config: ml_collections.ConfigDict) -> None:
-  # (.get: configs saved by runs from before train.tasks existed still load for inference)
-  unknown = sorted(set(config.train.get("tasks", ())) - set(TASKS))
+  unknown = sorted(set(config.train.tasks) - set(TASKS))
   if unknown:
     raise ConfigError(f"config key 'train.tasks': unknown task {unknown[0]!r}; the tasks are "
                       f"{list(TASKS)}")
@@ -118,7 +123,7 @@ def step_schedule_fn(g: ml_collections.ConfigDict, seed: int):
     return lambda step: fixed
   last = int(g.num_steps * g.timestep_fraction) - g.window_size
   if last < 0:
-    raise ConfigError(f"grpo.window_size {g.window_size} does not fit in the "
+    raise ConfigError(f"rollout.window_size {g.window_size} does not fit in the "
                       f"{int(g.num_steps * g.timestep_fraction)} trained steps")
 
   def schedule(step):
@@ -128,22 +133,21 @@ def step_schedule_fn(g: ml_collections.ConfigDict, seed: int):
   return schedule
 
 
-def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
-                section: str) -> Setup:
-  """The setup of a trainer on the SDE rollouts configured by config section `section`
-  (grpo or opd, already checked)."""
+def build_setup(config: ml_collections.ConfigDict, workdir: str, devices) -> Setup:
+  """The setup of a trainer on the SDE rollouts of the config's `rollout` section (already
+  checked)."""
   world, tok, model, mesh, rules, batch_sharding = editing.make_parts(config, workdir, devices)
-  g = config[section]
+  g = config.rollout
   n = g.prompts_per_step * g.group_size
-  setup_lib.check_batch_size(f"a rollout chunk (P * G / {section}.rollout_chunks)",
+  setup_lib.check_batch_size("a rollout chunk (P * G / rollout.rollout_chunks)",
                              n // g.rollout_chunks, mesh, batch_sharding)
-  setup_lib.check_batch_size(f"a minibatch (P * G / {section}.minibatches)",
+  setup_lib.check_batch_size("a minibatch (P * G / rollout.minibatches)",
                              n // g.minibatches, mesh, batch_sharding)
   setup_lib.check_batch_size("config key 'eval.batch_size'", config.eval.batch_size, mesh,
                              batch_sharding)
-  optimizer = optimizer_lib.on_policy(config.train, g.get("accumulate", 1))
+  optimizer = optimizer_lib.on_policy(config.train, g.accumulate)
   use_lora = config.model.lora_rank > 0
-  init = functools.partial(_init_state, model=model, tx=optimizer.tx, use_lora=use_lora,
+  init = functools.partial(initial_state, model=model, tx=optimizer.tx, use_lora=use_lora,
                            dummy=editing.dummy_inputs(model.cfg, config.model.text_max_len))
   boxed = jax.eval_shape(init, jax.random.key(0))
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
@@ -160,7 +164,8 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices,
                step_schedule_fn(g, config.train.seed), g)
 
 
-def _init_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:
+def initial_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:
+  """A fresh policy state: the model initialised, split into adapters and base with LoRA."""
   params = editor_model.init_params(model, rng, *dummy)
   trained, frozen = lora.split(params) if use_lora else (params, params)
   return GRPOState(step=jnp.zeros((), jnp.int32), params=trained, ema_params=trained,
@@ -351,7 +356,6 @@ class Algorithm:
   # (setup, prompts) -> prompts with the extra per-prompt fields the update needs on device
   add_fields: Callable = lambda setup, prompts: prompts
   device_fields: tuple[str, ...] = ("source_image", "ids", "mask")
-  section: str = "grpo"  # the config section of the rollouts
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) -> dict:
@@ -362,8 +366,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) ->
       raise ConfigError("config key 'init_from' must name an editor SFT workdir to start "
                         "from (--config.init_from=DIR)")
     pretrained.copy_tokenizer(config.init_from, workdir)
-  setup, rollout_setup = overlap.make_setups(method.make_setup, config, method.section,
-                                             workdir)
+  setup, rollout_setup = overlap.make_setups(method.make_setup, config, workdir)
   overlapped = rollout_setup is not setup
   g = setup.rollouts
   reward_fn = make_rewards(config, setup.world)

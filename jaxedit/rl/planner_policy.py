@@ -36,12 +36,27 @@ BATCH_FIELDS = ("source_image", "prompt", "prompt_valid", "plan", "plan_valid")
 
 
 def rollouts(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config section of the rollouts: `grpo`, or `opd` for distillation."""
-  return config[rollouts_name(config)]
+  """The config section of the rollouts."""
+  return config.rollout
 
 
-def rollouts_name(config: ml_collections.ConfigDict) -> str:
-  return "grpo" if "grpo" in config else "opd"
+def check_rollouts(config: ml_collections.ConfigDict) -> None:
+  """Checks what every trainer on the planner's own plans shares: the start and the
+  `rollout` section."""
+  r = config.rollout
+  if not config.init_from:
+    raise ConfigError("config key 'init_from' must name a planner SFT workdir")
+  if config.init_params not in ("ema", "raw"):
+    raise ConfigError("config key 'init_params' must be 'ema' or 'raw'")
+  for key in ("prompts_per_step", "group_size", "inner_epochs", "minibatches"):
+    if r[key] <= 0:
+      raise ConfigError(f"config key 'rollout.{key}' must be > 0")
+  if r.prompts_per_step * r.group_size % r.minibatches:
+    raise ConfigError(f"P * G = {r.prompts_per_step * r.group_size} samples do not split into "
+                      f"rollout.minibatches {r.minibatches}")
+  if r.temperature <= 0:
+    raise ConfigError("config key 'rollout.temperature' must be > 0 (rollouts sample)")
+  overlap.check(r)
 
 
 def build_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
@@ -190,8 +205,7 @@ class Algorithm:
 
 def train(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) -> dict:
   run = loop.Run(config, workdir)
-  setup, rollout_setup = overlap.make_setups(method.make_setup, config, rollouts_name(config),
-                                             workdir)
+  setup, rollout_setup = overlap.make_setups(method.make_setup, config, workdir)
   overlapped = rollout_setup is not setup
   tc, g = config.train, rollouts(config)
   logging.info("planner %s: %d prompts x %d plans per step, mesh %s", method.name,

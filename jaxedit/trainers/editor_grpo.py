@@ -9,7 +9,7 @@ normalised per group, then `inner_epochs` x `minibatches` clipped-ratio updates 
 jitted program with the KL to a frozen reference. With `model.lora_rank` > 0 only the
 adapters train and the reference is the SFT model itself (adapters disabled); otherwise all
 parameters train and the reference is a frozen copy of the SFT parameters. With
-`grpo.rollout_devices` the rollouts run on devices of their own, one iteration ahead of the
+`rollout.rollout_devices` the rollouts run on devices of their own, one iteration ahead of the
 update (`jaxedit.overlap`).
 """
 
@@ -28,34 +28,30 @@ from jaxedit.rl.editor_policy import GRPOState, Setup
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  g = config.grpo
-  if g.group_size < 2:
-    raise ConfigError("config key 'grpo.group_size' must be >= 2: advantages compare samples "
-                      "of the same prompt")
-  editor_policy.check_rollouts(config, "grpo")
-  if g.noise_level <= 0:
-    raise ConfigError("config key 'grpo.noise_level' must be > 0: the policy gradient needs "
-                      "the log-probs of stochastic steps")
-  if g.accumulate <= 0:
-    raise ConfigError("config key 'grpo.accumulate' must be > 0")
-  if g.std_scope not in grpo.STD_SCOPES:
-    raise ConfigError(f"grpo.std_scope must be one of {grpo.STD_SCOPES}, got {g.std_scope!r}")
-  if g.minibatches * g.inner_epochs % g.accumulate:
-    raise ConfigError(f"grpo.accumulate {g.accumulate} must divide the "
-                      f"{g.minibatches * g.inner_epochs} minibatches of an iteration")
+  r = config.rollout
+  if r.group_size < 2:
+    raise ConfigError("config key 'rollout.group_size' must be >= 2: advantages compare "
+                      "samples of the same prompt")
+  editor_policy.check_rollouts(config)
+  if r.noise_level <= 0:
+    raise ConfigError("config key 'rollout.noise_level' must be > 0: the policy gradient "
+                      "needs the log-probs of stochastic steps")
+  if config.grpo.std_scope not in grpo.STD_SCOPES:
+    raise ConfigError(f"grpo.std_scope must be one of {grpo.STD_SCOPES}, got "
+                      f"{config.grpo.std_scope!r}")
 
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
   check_config(config)
-  return editor_policy.build_setup(config, workdir, devices, "grpo")
+  return editor_policy.build_setup(config, workdir, devices)
 
 
 def make_update(setup: Setup):
   """jitted (state, chunks, levels, trained_steps) -> (state, metrics): advantages, then
   inner_epochs x minibatches clipped-ratio updates on shuffled samples, EMA after each."""
-  config, g = setup.config, setup.config.grpo
-  velocity = editor_policy.make_velocity(setup.model, g.guidance_scale)
-  times = flow.sigmas(g.num_steps, config.sample.shift)
+  config, r, g = setup.config, setup.rollouts, setup.config.grpo
+  velocity = editor_policy.make_velocity(setup.model, r.guidance_scale)
+  times = flow.sigmas(r.num_steps, config.sample.shift)
   base_rng = jax.random.key(config.train.seed + 1)
   traj = editor_policy.trajectory_sharding(setup)
   def update(state: GRPOState, chunks, levels, trained_steps, hp):
@@ -63,7 +59,7 @@ def make_update(setup: Setup):
     data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
                                                                        "log_probs") else 0)
             for k in chunks[0]}
-    advantages = grpo.group_advantages(data["rewards"], g.group_size, std_scope=g.std_scope,
+    advantages = grpo.group_advantages(data["rewards"], r.group_size, std_scope=g.std_scope,
                                        clip=g.adv_clip)
     frozen = state.frozen
     ref_params = jax.lax.stop_gradient(setup.reference(state.params, frozen))
@@ -83,12 +79,12 @@ def make_update(setup: Setup):
             "advantages": take(advantages, 0)}
       return flow_grpo.minibatch_grads(
           lambda p, j: flow_grpo.step_loss(
-              policy_velocity, p, ref_velocity, mb, j, times, levels, sde_type=g.sde_type,
+              policy_velocity, p, ref_velocity, mb, j, times, levels, sde_type=r.sde_type,
               clip_range=hp["clip_range"], kl_beta=hp["kl_beta"]), params, trained_steps)
 
     params, ema, opt_state, metrics = rl_update.minibatch_updates(
         setup.optimizer, hp, state, jax.random.fold_in(base_rng, state.step),
-        advantages.shape[0], g.inner_epochs, g.minibatches, loss_and_grads)
+        advantages.shape[0], r.inner_epochs, r.minibatches, loss_and_grads)
     metrics.update({"advantage_abs": jnp.mean(jnp.abs(advantages)),
                     "zero_advantage_fraction": jnp.mean(
                         (advantages == 0).astype(jnp.float32))})

@@ -34,12 +34,12 @@ from jaxedit.rl.editor_policy import GRPOState, Setup
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
-  editor_policy.check_rollouts(config, "opd")
+  editor_policy.check_rollouts(config)
   o = config.opd
   if o.routing not in ("task", "round_robin"):
     raise ConfigError(f"opd.routing must be 'task' or 'round_robin', got {o.routing!r}")
-  if o.noise_level < 0:
-    raise ConfigError(f"opd.noise_level must be >= 0, got {o.noise_level}")
+  if config.rollout.noise_level < 0:
+    raise ConfigError(f"rollout.noise_level must be >= 0, got {config.rollout.noise_level}")
   try:  # atomic edits are colour or geometry edits
     opd.check_teachers(opd.teacher_tasks(o.teachers), config.train.tasks or list(o.teachers),
                        o.routing)
@@ -59,7 +59,7 @@ class OPDSetup(Setup):
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> OPDSetup:
   check_config(config)
-  setup = editor_policy.build_setup(config, workdir, devices, "opd")
+  setup = editor_policy.build_setup(config, workdir, devices)
   cfg = setup.model.cfg
   plain = dataclasses.replace(cfg, flux=dataclasses.replace(cfg.flux, lora_rank=0,
                                                             lora_targets=()))
@@ -109,12 +109,12 @@ def make_update(setup: OPDSetup, teachers=None):
   once per iteration (each sample's routed teacher) and held fixed; the student then
   minimises the per-step KL (per dimension: divided by the image size) over
   inner_epochs x minibatches updates, EMA after each."""
-  config, o = setup.config, setup.config.opd
+  config, r = setup.config, setup.rollouts
   teachers = load_teachers(setup) if teachers is None else teachers
   names = opd.teacher_tasks(config.opd.teachers)
-  velocity = editor_policy.make_velocity(setup.model, o.guidance_scale)
-  teacher_velocity = editor_policy.make_velocity(setup.teacher_model, o.guidance_scale)
-  times = flow.sigmas(o.num_steps, config.sample.shift)
+  velocity = editor_policy.make_velocity(setup.model, r.guidance_scale)
+  teacher_velocity = editor_policy.make_velocity(setup.teacher_model, r.guidance_scale)
+  times = flow.sigmas(r.num_steps, config.sample.shift)
   base_rng = jax.random.key(config.train.seed + 1)
   traj = editor_policy.trajectory_sharding(setup)
 
@@ -149,7 +149,7 @@ def make_update(setup: OPDSetup, teachers=None):
         x = latents[j]
         t = jnp.full((x.shape[0],), times[j], x.dtype)
         v_s = velocity(setup.policy(p, frozen), x, t, mb_source, mb_text)
-        kl = opd.step_kl(x, v_s, v_t[k], times[j], times[j + 1], levels[j], o.sde_type) / dims
+        kl = opd.step_kl(x, v_s, v_t[k], times[j], times[j + 1], levels[j], r.sde_type) / dims
         per_teacher = (routes * kl[:, None]).sum(0) / jnp.maximum(routes.sum(0), 1.0)
         return jnp.mean(kl), {"kl": jnp.mean(kl),
                               **{f"kl_{name}": per_teacher[m] for m, name in enumerate(names)}}
@@ -158,7 +158,7 @@ def make_update(setup: OPDSetup, teachers=None):
 
     params, ema, opt_state, metrics = rl_update.minibatch_updates(
         setup.optimizer, hp, state, jax.random.fold_in(base_rng, state.step),
-        data["route"].shape[0], o.inner_epochs, o.minibatches, loss_and_grads)
+        data["route"].shape[0], r.inner_epochs, r.minibatches, loss_and_grads)
     return GRPOState(state.step + 1, params, ema, opt_state, frozen), metrics
 
   ss = setup.state_shardings
@@ -170,7 +170,7 @@ def make_update(setup: OPDSetup, teachers=None):
 
 
 OPD = editor_policy.Algorithm("OPD", make_setup, make_update, add_routes,
-                         ("source_image", "ids", "mask", "route"), section="opd")
+                              ("source_image", "ids", "mask", "route"))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:

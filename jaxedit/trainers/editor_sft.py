@@ -36,7 +36,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.flow.changed_weight <= 0:
     raise ConfigError("config key 'flow.changed_weight' must be > 0")
   # Runs saved before grounding have neither key: no grid.
-  if config.model.get("text_layout_grid", 0) and config.flow.grounding_weight <= 0:
+  if config.model.text_layout_grid and config.flow.grounding_weight <= 0:
     raise ConfigError("config key 'flow.grounding_weight' must be > 0 with "
                       "model.text_layout_grid set: only that loss trains the grounding head")
 

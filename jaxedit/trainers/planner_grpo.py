@@ -7,7 +7,7 @@ the detected final scene scored by the checklist).
     jaxedit eval  --config configs/shapes_planner_grpo.py --workdir DIR
 
 Every parameter trains (the planner is small); the reference is a frozen copy of the start.
-With `grpo.rollout_devices` the plans are sampled on devices of their own, one iteration
+With `rollout.rollout_devices` the plans are sampled on devices of their own, one iteration
 ahead of the update (`jaxedit.overlap`).
 """
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxedit import grpo, hparams, overlap, sharding
+from jaxedit import grpo, hparams, sharding
 from jaxedit.config import ConfigError
 from jaxedit.rl import planner_policy, update as rl_update
 from jaxedit.rl.editor_policy import GRPOState, check_tasks
@@ -27,23 +27,15 @@ from jaxedit.rl.editor_policy import GRPOState, check_tasks
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   g = config.grpo
-  if not config.init_from:
-    raise ConfigError("config key 'init_from' must name a planner SFT workdir")
-  if g.group_size < 2:
-    raise ConfigError("config key 'grpo.group_size' must be >= 2")
-  if (g.prompts_per_step * g.group_size) % g.minibatches:
-    raise ConfigError(f"P * G = {g.prompts_per_step * g.group_size} samples do not split into "
-                      f"grpo.minibatches {g.minibatches}")
-  if g.temperature <= 0:
-    raise ConfigError("config key 'grpo.temperature' must be > 0 (rollouts sample)")
+  planner_policy.check_rollouts(config)
+  if config.rollout.group_size < 2:
+    raise ConfigError("config key 'rollout.group_size' must be >= 2: advantages compare plans "
+                      "of the same prompt")
   if g.aggregation not in grpo.AGGREGATIONS:
     raise ConfigError(f"grpo.aggregation must be one of {grpo.AGGREGATIONS}")
   if config.rewards.visual.weight and not config.editor:
     raise ConfigError("rewards.visual.weight > 0 needs an editor to run the plans: set config "
                       "key 'editor' to an editor workdir")
-  if config.init_params not in ("ema", "raw"):
-    raise ConfigError("config key 'init_params' must be 'ema' or 'raw'")
-  overlap.check(g, "grpo")
   check_tasks(config)
 
 
@@ -54,12 +46,12 @@ def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
 
 def make_update(setup):
   """jitted (state, batch, rewards) -> (state, metrics)."""
-  config, g = setup.config, setup.config.grpo
+  config, r, g = setup.config, setup.config.rollout, setup.config.grpo
   base_rng = jax.random.key(config.train.seed + 1)
-  logprobs = lambda p, b: planner_policy.sequence_logprobs(p, setup.model, b, g.temperature)
+  logprobs = lambda p, b: planner_policy.sequence_logprobs(p, setup.model, b, r.temperature)
 
   def update(state: GRPOState, batch: dict, rewards, hp):
-    advantages = grpo.group_advantages(rewards, g.group_size, std_scope=g.std_scope,
+    advantages = grpo.group_advantages(rewards, r.group_size, std_scope=g.std_scope,
                                        clip=g.adv_clip)
     old = jax.lax.stop_gradient(logprobs(state.params, batch))
     ref = jax.lax.stop_gradient(logprobs(state.frozen, batch))
@@ -78,7 +70,7 @@ def make_update(setup):
 
     params, ema, opt_state, metrics = rl_update.minibatch_updates(
         setup.optimizer, hp, state, jax.random.fold_in(base_rng, state.step),
-        advantages.shape[0], g.inner_epochs, g.minibatches, loss_and_grads)
+        advantages.shape[0], r.inner_epochs, r.minibatches, loss_and_grads)
     metrics.update({"advantage_abs": jnp.mean(jnp.abs(advantages)),
                     "zero_advantage_fraction": jnp.mean((advantages == 0).astype(jnp.float32))})
     return GRPOState(state.step + 1, params, ema, opt_state, state.frozen), metrics

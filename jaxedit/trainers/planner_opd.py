@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxedit import hparams, opd, overlap, planning, sharding, workdirs
+from jaxedit import hparams, opd, planning, sharding, workdirs
 from jaxedit.config import ConfigError
 from jaxedit.rl import update as rl_update
 from jaxedit.shapes.edits import TASKS
@@ -34,16 +34,7 @@ KLS = ("sampled", "full_vocab")
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   o = config.opd
-  if not config.init_from:
-    raise ConfigError("config key 'init_from' must name a planner SFT workdir")
-  for key in ("prompts_per_step", "group_size", "inner_epochs", "minibatches"):
-    if o[key] <= 0:
-      raise ConfigError(f"config key 'opd.{key}' must be > 0")
-  if o.prompts_per_step * o.group_size % o.minibatches:
-    raise ConfigError(f"P * G = {o.prompts_per_step * o.group_size} samples do not split into "
-                      f"opd.minibatches {o.minibatches}")
-  if o.temperature <= 0:
-    raise ConfigError("config key 'opd.temperature' must be > 0 (the student samples)")
+  planner_policy.check_rollouts(config)
   if o.kl not in KLS:
     raise ConfigError(f"opd.kl must be one of {KLS}, got {o.kl!r}")
   if o.routing not in ("task", "round_robin"):
@@ -53,7 +44,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   editor_policy.check_tasks(config)
-  overlap.check(o, "opd")
   if config.rewards.visual.weight and not config.editor:
     raise ConfigError("rewards.visual.weight > 0 needs config key 'editor'")
 
@@ -87,12 +77,12 @@ def routes(setup, records: dict) -> dict:
 def make_update(setup, teachers=None):
   """jitted (state, batch, rewards) -> (state, metrics); rewards are not used. Teachers'
   log-probs of the student's tokens (routed per sample) are held fixed."""
-  config, o = setup.config, setup.config.opd
+  config, o, r = setup.config, setup.config.opd, setup.config.rollout
   names = opd.teacher_tasks(config.opd.teachers)
   if teachers is None:
     teachers = [load_teacher(setup, o.teachers[task]) for task in names]
   base_rng = jax.random.key(config.train.seed + 1)
-  logits_of = lambda p, b: planning.completion_logits(p, setup.model, b) / o.temperature
+  logits_of = lambda p, b: planning.completion_logits(p, setup.model, b) / r.temperature
 
   def update(teachers, state: GRPOState, batch: dict, rewards, hp):
     del rewards
@@ -125,7 +115,7 @@ def make_update(setup, teachers=None):
 
     params, ema, opt_state, metrics = rl_update.minibatch_updates(
         setup.optimizer, hp, state, jax.random.fold_in(base_rng, state.step),
-        batch["route"].shape[0], o.inner_epochs, o.minibatches, loss_and_grads)
+        batch["route"].shape[0], r.inner_epochs, r.minibatches, loss_and_grads)
     metrics["plan_tokens"] = jnp.mean(batch["plan_valid"].sum(1).astype(jnp.float32))
     return GRPOState(state.step + 1, params, ema, opt_state, state.frozen), metrics
 

@@ -32,7 +32,7 @@ import optax
 from jaxedit import checkpoint, editing, evaluation, flow, hparams, sharding, viz
 from jaxedit.config import ConfigError
 from jaxedit.data import job as data_job
-from jaxedit.data.pipeline import make_dataset
+from jaxedit.data.pipeline import fixed_batches, make_dataset
 from jaxedit.interop import vae_diffusers
 from jaxedit.models.editor import DTYPES
 from jaxedit.models.vae import AutoencoderKL, VAEConfig
@@ -161,19 +161,9 @@ def make_encoder_decoder(setup: Setup):
 # ------------------------------------------------------------------------------------------
 def image_batches(setup: Setup, split: str, kinds, num_examples: int, batch_size: int):
   """Fixed batches of a split's source images (padded to `batch_size`), as (images, n)."""
-  ds = make_dataset(setup.source(split), batch_size, seed=0, shuffle=False, num_epochs=1,
-                    drop_remainder=False, fields=("source_image",), kinds=kinds,
-                    process_index=0, process_count=1)
-  out, seen = [], 0
-  for batch in ds:
-    n = len(batch["source_image"])
-    if num_examples:
-      n = min(n, num_examples - seen)
-    if n <= 0:
-      break
-    out.append((sharding.pad_rows(batch["source_image"][:n], batch_size), n))
-    seen += n
-  return out
+  return [(sharding.pad_rows(batch["source_image"], batch_size), len(batch["source_image"]))
+          for batch in fixed_batches(setup.source(split), batch_size, num_examples,
+                                     fields=("source_image",), kinds=kinds)]
 
 
 def evaluate(setup: Setup, params, batches) -> tuple[dict, tuple]:
