@@ -26,6 +26,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURES = os.path.join(HERE, "fixtures", "golden")
@@ -186,20 +187,23 @@ def encode(rows: list[dict]) -> list[dict]:
           for row in rows]
 
 
-def run_all(devices: int, root: str, names=RUNS) -> dict:
-  """{name: encoded rows} of the runs `names` on this process's `devices` devices."""
+def run_all(devices: int, root: str, names=RUNS, data_dir: str = "") -> dict:
+  """{name: encoded rows} of the runs `names` on this process's `devices` devices, on the
+  small dataset in `data_dir` (built there if missing; "": in `root`)."""
   from conftest import small_data_config
   from jaxedit.data import job
   from jaxedit.shapes.world import World
 
-  data_dir = os.path.join(root, "tfds")
+  data_dir = data_dir or os.path.join(root, "tfds")
   job.dataset_dir(World(), small_data_config(data_dir))
   out = {}
   for name, (trainer, config, workdir) in configs(data_dir, root, devices).items():
     if name not in names:
       continue
+    start = time.perf_counter()
     train(trainer, config, workdir)
     out[name] = encode(logged(workdir))
+    print(f"{name}: {len(out[name])} rows in {time.perf_counter() - start:.1f} s", flush=True)
   return out
 
 
@@ -240,6 +244,8 @@ def main(argv=None) -> int:
   parser.add_argument("--devices", type=int, required=True)
   parser.add_argument("--runs", nargs="+", choices=RUNS, default=RUNS,
                       help="check only these (and the SFT runs they start from)")
+  parser.add_argument("--data_dir", default="", help="where the small dataset is (or is "
+                      "built); default: a temporary folder")
   args = parser.parse_args(argv)
   os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} "
                              "--xla_backend_optimization_level=0")
@@ -248,7 +254,7 @@ def main(argv=None) -> int:
   sys.path.insert(0, os.path.dirname(HERE))
   with tempfile.TemporaryDirectory(prefix="jaxedit_golden_") as root:
     if args.action == "workdirs":
-      run_all(args.devices, root, WORKDIR_RUNS)
+      run_all(args.devices, root, WORKDIR_RUNS, args.data_dir)
       shutil.rmtree(WORKDIRS, ignore_errors=True)
       for name in WORKDIR_RUNS:
         shutil.copytree(os.path.join(root, name), os.path.join(WORKDIRS, name))
@@ -256,7 +262,7 @@ def main(argv=None) -> int:
       return 0
     needed = set(args.runs) | {("planner_sft" if r.startswith("planner") else "editor_sft")
                                for r in args.runs if r != "vae"}
-    runs = run_all(args.devices, root, [r for r in RUNS if r in needed])
+    runs = run_all(args.devices, root, [r for r in RUNS if r in needed], args.data_dir)
   here = machine()
   recordings = []
   if os.path.exists(fixture_path(args.devices)):

@@ -17,11 +17,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.mark.parametrize("devices", [1, 8])
-def test_every_trainer_logs_the_golden_metrics(devices):
+def test_every_trainer_logs_the_golden_metrics(devices, small_data_dir):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run([sys.executable, os.path.join(HERE, "golden.py"), "check",
-                        "--devices", str(devices)], env=env, capture_output=True, text=True,
-                       timeout=1200)
+                        "--devices", str(devices), "--data_dir", str(small_data_dir)],
+                       env=env, capture_output=True, text=True, timeout=1200)
   report = out.stdout.strip().splitlines()
   assert out.returncode == 0, "\n".join(report[-60:]) + out.stderr[-3000:]
   assert report[-1].endswith(": 0 differences"), report[-5:]
