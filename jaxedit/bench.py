@@ -21,6 +21,7 @@ from jaxedit.benchmarks import (SUITES, add_arguments, common, editor_step, grpo
 from jaxedit.config import apply_overrides, load_file
 from jaxedit.models.editor import DTYPES
 
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="jaxedit bench", description=__doc__.split("\n")[0])
   add_arguments(p)

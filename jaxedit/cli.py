@@ -35,8 +35,8 @@ def _trainer(config):
 
 
 def _reference(config):
-  registry.get(config.get("trainer"))  # names the registered trainers if it is not one
-  return lambda: schema.reference_config(config.trainer)
+  name = registry.get(config.get("trainer")).name  # names the registered ones if not one
+  return lambda: schema.reference_config(name)
 
 
 # subcommand -> (help, config -> (reference config function, job function))

@@ -29,8 +29,6 @@ ENV_AUTO = "JAXEDIT_DISTRIBUTED"
 MODES = ("auto", "always", "never")
 
 
-
-
 def _env_int(name: str) -> int | None:
   text = os.environ.get(name, "")
   if not text:

@@ -76,7 +76,7 @@ def trail_grid(trails, captions: Sequence[Sequence[str]], limit: int = 16):
 
 
 # ------------------------------------------------------------------------------------------
-# `jaxedit edit`: one image, one instruction.
+# Evaluation: the plans run by an editor and scored.
 # ------------------------------------------------------------------------------------------
 def e2e_scores(config: ml_collections.ConfigDict, batches, texts, out: str, editor=None,
                name: str = "e2e") -> dict:

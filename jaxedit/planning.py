@@ -97,8 +97,8 @@ class Setup(setup_lib.RunSetup):
 
   def decode(self, tokens: np.ndarray, valid: np.ndarray) -> list[str]:
     """Sampled plan tokens -> texts (EOS and padding dropped)."""
-    rows = [[int(t) for t, v in zip(row, ok) if v and t != self.eos_id]
-            for row, ok in zip(tokens, valid)]
+    keep = np.asarray(valid) & (np.asarray(tokens) != self.eos_id)
+    rows = [[int(t) for t in row[ok]] for row, ok in zip(np.asarray(tokens), keep)]
     return self.tokenizer.decode_batch(rows)
 
 

@@ -496,6 +496,9 @@ def migrate(saved: dict) -> dict:
     algorithm = next(s for s in ("grpo", "opd") if s in reference)
     old = saved.get(algorithm, {})
     saved["rollout"] = {k: old.pop(k) for k in list(old) if k in reference["rollout"]}
+  mesh = saved.get("mesh")
+  if mesh and "dcn_shape" not in mesh:  # one slice, over however many axes the run had
+    mesh["dcn_shape"] = (1,) * len(mesh.get("axes", reference["mesh"]["axes"]))
   return _with_defaults(saved, reference)
 
 

@@ -10,7 +10,7 @@ Each run is a few steps with validation off, chained where one trainer starts fr
 (GRPO and OPD from the SFT runs, the OPD teachers are the SFT runs). Float metrics are
 stored as `float.hex` strings, one recording per platform (software and processor
 features: XLA orders float32 sums by the vector width it compiles for), all made with the
-same code. Where a recording of this platform exists the check is bit for bit; elsewhere
+same code (each recording's `code`: the commit recorded from, here 18b36d7). Where a recording of this platform exists the check is bit for bit; elsewhere
 it compares with the first recording to a relative 1e-3 or an absolute 1e-5 (the metrics
 that are rounding noise around zero, such as a GRPO loss at ratio 1, differ by their own
 size), and says so. `record` adds or replaces this platform's recording.
@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -272,7 +273,9 @@ def main(argv=None) -> int:
     if set(args.runs) != set(RUNS):
       parser.error("record writes every run: leave out --runs")
     recordings = [r for r in recordings if r["platform"] != here]
-    recordings.append({"platform": here, "runs": runs})
+    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                          capture_output=True).stdout.strip()
+    recordings.append({"platform": here, "code": code, "runs": runs})
     os.makedirs(FIXTURES, exist_ok=True)
     with open(fixture_path(args.devices), "w") as f:
       json.dump({"recordings": recordings}, f, indent=1)

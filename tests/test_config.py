@@ -152,11 +152,14 @@ def test_config_files_and_the_cli_parser_load_without_jax():
 @pytest.mark.parametrize("trainer", ["editor_grpo", "editor_opd", "planner_grpo", "planner_opd"])
 def test_migrate_upgrades_configs_saved_by_older_runs(trainer):
   now = schema.reference_config(trainer).to_dict()
+  algorithm = "grpo" if "grpo" in now else "opd"
+  now["rollout"]["prompts_per_step"] = 3  # a saved value, not the reference's, must move
   old = copy.deepcopy(now)
-  algorithm = "grpo" if "grpo" in old else "opd"
   old[algorithm].update(old.pop("rollout"))  # as runs saved them before the rollout section
   del old["train"]["tasks"], old["mesh"]["dcn_shape"]  # keys added since
   assert schema.migrate(old) == now
+  old["mesh"] = {"axes": ("data", "fsdp"), "shape": (-1, 1)}  # a 2-axis mesh: 2-axis DCN
+  assert schema.migrate(old)["mesh"]["dcn_shape"] == (1, 1)
   assert schema.migrate(now) == now
 
 

@@ -161,7 +161,7 @@ def test_update_on_eight_devices_matches_one(small_data_dir, sft_dir, tmp_path):
   config8 = grpo_config(small_data_dir, sft_dir)
   config8.mesh.shape = (2, 2, 2)
   eight = editor_grpo.make_setup(config8, str(tmp_path))
-  state = editor_policy.init_state(one, editor_policy.load_sft(one, sft_dir, str(tmp_path)))
+  state = editor_policy.init_state(one, editor_policy.load_sft(one, sft_dir))
   prompts = next(iter(make_dataset(
       one.source("train"), 8, seed=0, fields=editor_policy.PROMPT_FIELDS, kinds=("atomic",),
       map_fn=lambda r: editor_policy.tokenize(one, r))))
@@ -204,7 +204,7 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
   setup, rollout_setup = overlap.make_setups(editor_grpo.make_setup, config, ref_dir)
   assert rollout_setup.mesh.devices.size == 4 and setup.mesh.devices.size == 4
   assert not set(rollout_setup.mesh.devices.flat) & set(setup.mesh.devices.flat)
-  state = editor_policy.init_state(setup, editor_policy.load_sft(setup, sft_dir, ref_dir))
+  state = editor_policy.init_state(setup, editor_policy.load_sft(setup, sft_dir))
   prompts = editor_policy.train_prompts(setup)
   rollout, update = editor_policy.make_rollout(rollout_setup), editor_grpo.make_update(setup)
   reward_fn = editor_policy.make_rewards(config, setup.world)

@@ -195,7 +195,7 @@ def one_device(small_data_dir, sft_dir, tmp_path_factory):
   # A 4-step SFT run's output layers are still near their zero init, so the student's
   # velocity barely depends on its adapters: perturb the base for a telling gradient.
   state = editor_policy.init_state(setup, _perturbed(
-      editor_policy.load_sft(setup, sft_dir, workdir)))
+      editor_policy.load_sft(setup, sft_dir)))
   prompts, chunks, levels, trained = _prompts_and_chunks(setup, config, state)
   return config, workdir, setup, jax.device_get(state), prompts, chunks, levels, trained
 

@@ -154,7 +154,6 @@ def test_cell_head_config_errors(small_data_dir, tmp_path):
     planner_sft.make_setup(config, str(tmp_path))
 
 
-
 def test_summarize_plans_by_family_and_task():
   scores = {"plan_checklist_score": np.array([1.0, 0.5, 0.0, 0.25, 1.0], np.float32),
             "plan_exact": np.array([1, 0, 0, 0, 1], np.float32)}

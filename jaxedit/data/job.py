@@ -22,13 +22,6 @@ from jaxedit.shapes.families import FAMILIES
 from jaxedit.shapes.world import SceneError, World
 
 
-
-
-
-
-
-
-
 def world_from(config: ml_collections.ConfigDict) -> World:
   try:
     return World.from_config(config.world)

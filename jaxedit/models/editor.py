@@ -198,8 +198,6 @@ def init_params(model: "Editor", rng, *inputs) -> dict:
   return layers.init_as_scanned(model, scanned, FLUX_STACKS, rng, *inputs)
 
 
-
-
 def editor_config(model: ml_collections.ConfigDict, image_size: int,
                   vocab_size: int) -> EditorConfig:
   if model.dtype not in DTYPES or model.param_dtype not in DTYPES:

@@ -105,8 +105,6 @@ def init_params(model: Planner, rng, *args, **kwargs) -> dict:
   return layers.init_as_scanned(model, scanned, ("layers",), rng, *args, **kwargs)
 
 
-
-
 def planner_config(model: ml_collections.ConfigDict, world) -> PlannerConfig:
   """A PlannerConfig from the config's `model` section and the world (`image_size`,
   `grid_size`: a shapes World or the config's `world` section); bad values raise ValueError."""

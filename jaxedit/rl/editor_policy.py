@@ -45,7 +45,7 @@ FREE_MODEL_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "dtype", "param_dt
 
 @flax.struct.dataclass
 class GRPOState:
-  step: jax.Array  # GRPO iterations done
+  step: jax.Array  # RL iterations done (GRPO or OPD)
   params: Any  # the trained parameters: the LoRA adapters, or every parameter
   ema_params: Any
   opt_state: Any
@@ -175,7 +175,7 @@ def initial_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:
 # ------------------------------------------------------------------------------------------
 # Starting from the SFT run.
 # ------------------------------------------------------------------------------------------
-def load_sft(setup: Setup, init_from: str, workdir: str):
+def load_sft(setup: Setup, init_from: str):
   """The starting parameters (base model, no adapters) in this run's shardings: an editor SFT
   run's, or a diffusers folder's (`interop.pretrained`)."""
   config = setup.config
@@ -209,8 +209,7 @@ def model_mismatch(saved, model) -> list[str]:
 def init_state(setup: Setup, sft_params) -> GRPOState:
   """Fresh adapters (B = 0, so the policy starts as the SFT model) or, for full
   fine-tuning, the SFT parameters trained and, as separate buffers, frozen."""
-  fn = jax.jit(lambda rng: nn.unbox(setup.init(rng)), out_shardings=setup.state_shardings)
-  state = sharding.Program(fn, setup.mesh, setup.rules)(jax.random.key(setup.config.train.seed))
+  state = setup_lib.init_state(setup)
   copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
   if setup.use_lora:
     return state.replace(frozen=sft_params)
@@ -376,7 +375,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) ->
                g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
   data_iter = train_prompts(setup)
   state = run.restore_or_init(setup.abstract_state, data_iter, lambda: init_state(
-      setup, load_sft(setup, config.init_from, workdir)))
+      setup, load_sft(setup, config.init_from)))
   start = loop.step_of(state)
 
   rollout, update = make_rollout(rollout_setup), method.make_update(setup)
@@ -427,8 +426,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) ->
     if first is not None:
       editing.write_grid(run.writer, workdir, step, first, tc.sample_examples)
     if step:
-      write_rollout_grid(run.writer, workdir, step, last_host["rollouts"], g.group_size,
-                         tc.sample_examples)
+      write_rollout_grid(run.writer, workdir, step, last_host["rollouts"], tc.sample_examples)
 
   hooks = loop.Hooks(validate=validate, samples=samples, validate_start=True,
                      checkpoint_items=schedule.checkpoint_items)
@@ -436,8 +434,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) ->
   return {"step": step, "curve": curve}
 
 
-def write_rollout_grid(writer, workdir: str, step: int, host: dict, group_size: int,
-                       limit: int) -> None:
+def write_rollout_grid(writer, workdir: str, step: int, host: dict, limit: int) -> None:
   """The first groups of the last rollout: every sample of a prompt with its reward."""
   n = min(limit, len(host["rewards"]))
   texts = [f"{host['instruction'][i]} | reward {host['rewards'][i]:.2f}" for i in range(n)]

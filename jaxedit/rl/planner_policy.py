@@ -35,11 +35,6 @@ ROLLOUT_FIELDS = planning.RECORD_FIELDS + ("checklist", "source_scene", "num_ste
 BATCH_FIELDS = ("source_image", "prompt", "prompt_valid", "plan", "plan_valid")
 
 
-def rollouts(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config section of the rollouts."""
-  return config.rollout
-
-
 def check_rollouts(config: ml_collections.ConfigDict) -> None:
   """Checks what every trainer on the planner's own plans shares: the start and the
   `rollout` section."""
@@ -60,22 +55,22 @@ def check_rollouts(config: ml_collections.ConfigDict) -> None:
 
 
 def build_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
-  """planner_sft's Setup built for P * G rollouts (batch size), with the tokenizer of
-  `init_from`."""
+  """The planner's setup (planning.Setup) built for P * G rollouts (batch size), with the
+  tokenizer of `init_from`."""
   pretrained.copy_tokenizer(config.init_from, workdir)
   sft_like = as_sft_config(config)
   setup = planning.make_setup(sft_like, workdir, devices)
-  check_batch_size("a minibatch (P * G / minibatches)",
-                   sft_like.train.batch_size // rollouts(config).minibatches, setup.mesh,
+  check_batch_size("a minibatch (P * G / rollout.minibatches)",
+                   sft_like.train.batch_size // config.rollout.minibatches, setup.mesh,
                    setup.batch_sharding)
   return setup
 
 
 def as_sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The planner_sft config this run's Setup is built from: a batch of P * G rollouts, a
+  """The planner SFT-style config this run's setup is built from: a batch of P * G rollouts, a
   constant learning rate after warm-up, and no cell head (an SFT training aid)."""
   sft_like = ml_collections.ConfigDict(config.to_dict())
-  g = rollouts(config)
+  g = config.rollout
   sft_like.train.batch_size = g.prompts_per_step * g.group_size
   sft_like.train.end_lr_fraction = 1.0
   sft_like.train.cell_loss_weight = 0.0
@@ -170,14 +165,14 @@ def train_prompts(setup):
   """The iterator of this process's training prompts, P per iteration over all processes."""
   tc = setup.config.train
   return iter(make_dataset(setup.source("train"),
-                           rollouts(setup.config).prompts_per_step // jax.process_count(),
+                           setup.config.rollout.prompts_per_step // jax.process_count(),
                            seed=tc.seed, fields=ROLLOUT_FIELDS, kinds=tc.example_kinds,
                            tasks=tc.tasks))
 
 
 def rollout(setup, sampler, params, records: dict, rng):
   """G plans per prompt: (model inputs with the sampled plans, plan texts, records repeated)."""
-  g = rollouts(setup.config)
+  g = setup.config.rollout
   repeated = {k: np.repeat(np.asarray(v), g.group_size, axis=0) for k, v in records.items()}
   arrays = setup.examples(repeated)
   samples = sampler(params, sharding.global_batch(
@@ -207,7 +202,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) ->
   run = loop.Run(config, workdir)
   setup, rollout_setup = overlap.make_setups(method.make_setup, config, workdir)
   overlapped = rollout_setup is not setup
-  tc, g = config.train, rollouts(config)
+  tc, g = config.train, config.rollout
   logging.info("planner %s: %d prompts x %d plans per step, mesh %s", method.name,
                g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
   data_iter = train_prompts(setup)

@@ -15,16 +15,14 @@ update (`jaxedit.overlap`).
 
 from __future__ import annotations
 
-import ml_collections
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxedit import flow, flow_grpo, grpo, hparams, sharding
 from jaxedit.config import ConfigError
 from jaxedit.rl import editor_policy, update as rl_update
 from jaxedit.rl.editor_policy import GRPOState, Setup
-
-
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

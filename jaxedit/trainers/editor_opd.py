@@ -31,8 +31,6 @@ from jaxedit.rl import editor_policy
 from jaxedit.rl.editor_policy import GRPOState, Setup
 
 
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   editor_policy.check_rollouts(config)
   o = config.opd

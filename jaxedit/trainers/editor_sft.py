@@ -26,8 +26,6 @@ from jaxedit.models.editor import Editor
 from jaxedit.train import loop, records, setup as setup_lib
 
 
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   data_job.check_data_config(config.data)
   for key in ("num_steps", "batch_size", "log_every"):

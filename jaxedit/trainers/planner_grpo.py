@@ -23,8 +23,6 @@ from jaxedit.rl import planner_policy, update as rl_update
 from jaxedit.rl.editor_policy import GRPOState, check_tasks
 
 
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   g = config.grpo
   planner_policy.check_rollouts(config)

@@ -30,8 +30,6 @@ from jaxedit.rl.editor_policy import GRPOState
 KLS = ("sampled", "full_vocab")
 
 
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
   o = config.opd
   planner_policy.check_rollouts(config)

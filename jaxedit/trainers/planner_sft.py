@@ -31,7 +31,6 @@ from jaxedit.train import loop, setup as setup_lib
 from jaxedit.train.setup import TrainState
 
 
-
 # ------------------------------------------------------------------------------------------
 # The train step.
 # ------------------------------------------------------------------------------------------

@@ -43,8 +43,6 @@ from jaxedit.train.setup import TrainState
 EXPORT = "diffusers"  # DIR/diffusers: the trained VAE as diffusers writes one
 
 
-
-
 def vae_config(model: ml_collections.ConfigDict) -> VAEConfig:
   """The VAE of the `model` section (no quant convs, as FLUX's), on raw latents: the shift
   and scale are measured when the folder is written."""
