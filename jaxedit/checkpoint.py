@@ -9,6 +9,7 @@ restores onto any number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -26,6 +27,10 @@ from jaxedit.config import ConfigError
 # Optional pytree items beside the state: the behaviour policy of a rollout in flight
 # (trainers that overlap rollout and update).
 EXTRA_ITEMS = ("behaviour",)
+# Train-state fields that older runs saved under another name: old -> the new names, of
+# which the one a state holds takes the saved value (an RL state's `frozen` was its LoRA
+# base, or its full fine-tuning reference).
+RENAMED_FIELDS = {"frozen": ("base", "reference")}
 
 
 def manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -78,8 +83,10 @@ def abstract_like(tree, shardings):
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterator=None):
-  """Restores the state onto the shardings in `abstract_state`; the data iterator in place."""
-  items = {"state": _pytree_restore(abstract_state)}
+  """Restores the state onto the shardings in `abstract_state` (fields saved under their old
+  names included: RENAMED_FIELDS); the data iterator in place."""
+  target, renamed = _saved_names(mngr, step, abstract_state)
+  items = {"state": _pytree_restore(target)}
   legacy = False  # before the JSON data item: grain's one file per process
   if data_iterator is not None:
     data_dir = os.path.join(str(mngr.directory), str(step), "data")
@@ -89,7 +96,32 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterato
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
   if data_iterator is not None and not legacy:
     data_iterator.set_state(restored.data)
-  return restored.state
+  if not renamed:
+    return restored.state
+  return abstract_state.replace(**{new: restored.state[old] for old, new in renamed.items()},
+                                **{k: v for k, v in restored.state.items() if k not in renamed})
+
+
+def _saved_fields(mngr: ocp.CheckpointManager, step: int) -> set[str]:
+  """The top-level names of the train state saved at `step`, from its metadata."""
+  meta = ocp.PyTreeCheckpointHandler().metadata(mngr.directory / str(step) / "state")
+  return set(getattr(meta, "tree", meta))
+
+
+def _saved_names(mngr: ocp.CheckpointManager, step: int, abstract_state):
+  """(restore target, {saved name: field}): `abstract_state` itself where the checkpoint
+  has today's field names, else a dict of its fields under the names saved."""
+  if not dataclasses.is_dataclass(abstract_state):
+    return abstract_state, {}
+  saved = _saved_fields(mngr, step)
+  fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+  renamed = {old: new for old, news in RENAMED_FIELDS.items() if old in saved
+             for new in news if new not in saved and fields.get(new) is not None}
+  if not renamed:
+    return abstract_state, {}
+  target = {k: v for k, v in fields.items() if v is not None and k not in renamed.values()}
+  target.update({old: fields[new] for old, new in renamed.items()})
+  return target, renamed
 
 
 def _listdir(path: str) -> list[str]:
@@ -133,8 +165,12 @@ def saved_config(mngr: ocp.CheckpointManager, step: int) -> dict:
 
 
 def restore_subtree(mngr: ocp.CheckpointManager, step: int, key: str, abstract):
-  """One entry of a saved train state (e.g. `ema_params`) onto the shardings of `abstract`,
-  without reading the rest (optimizer state, ...)."""
+  """One entry of a saved train state (e.g. `ema_params`; RENAMED_FIELDS followed) onto the
+  shardings of `abstract`, without reading the rest (optimizer state, ...)."""
+  saved = _saved_fields(mngr, step)
+  if key not in saved:
+    key = next((old for old, news in RENAMED_FIELDS.items() if key in news and old in saved),
+               key)
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=_pytree_restore({key: abstract}, partial_restore=True)))
   return restored.state[key]

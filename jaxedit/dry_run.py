@@ -78,9 +78,9 @@ def _planner_rl(setup, trainer):
   g = setup.config.rollout
   n, bs = g.prompts_per_step * g.group_size, setup.batch_sharding
   batch = _planner_batch(setup, n)
-  state = planner_policy.abstract_state(setup)
+  state = planner_policy.PlannerPolicy.abstract_state(setup)
   if trainer == "planner_opd":
-    teachers = [state.frozen] * len(opd.teacher_tasks(setup.config.opd.teachers))
+    teachers = [state.reference] * len(opd.teacher_tasks(setup.config.opd.teachers))
     update = planner_opd.make_update(setup, teachers)
     batch["route"] = _abstract((n,), jnp.int32, bs)
   else:
@@ -99,7 +99,7 @@ def _editor_rl(setup, rollout_setup, trainer):
   levels, trained = setup.levels_and_steps(1)
   rollout = editor_policy.make_rollout(rollout_setup)
   rs = rollout_setup.abstract_state
-  args = (rs.params, rs.frozen, chunk, levels, jax.random.key(0))
+  args = (rs.params, rs.base, chunk, levels, jax.random.key(0))
   out = rollout.eval_shape(*args)
   on_update = lambda x: _abstract(x.shape, x.dtype, jax.sharding.NamedSharding(
       setup.mesh, x.sharding.spec))  # as overlap.to_mesh moves them
@@ -107,7 +107,8 @@ def _editor_rl(setup, rollout_setup, trainer):
            "rewards": _abstract((n,), jnp.float32, bs)}
   if trainer == "editor_opd":
     chunk["route"] = _abstract((n,), jnp.int32, bs)
-    teachers = [setup.abstract_state.frozen] * len(opd.teacher_tasks(c.opd.teachers))
+    a = setup.abstract_state
+    teachers = [a.base if setup.use_lora else a.params] * len(opd.teacher_tasks(c.opd.teachers))
     update = editor_opd.make_update(setup, teachers)
   else:
     update = editor_grpo.make_update(setup)
@@ -155,8 +156,8 @@ def report(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out = {"trainer": trainer, "mesh": dict(setup.mesh.shape), "devices": setup.mesh.size,
          "parameters": int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))),
          "bytes_per_device": {k: sharding.bytes_per_device(getattr(state, k)) for k in
-                              ("params", "ema_params", "opt_state", "frozen")
-                              if hasattr(state, k)},
+                              ("params", "ema_params", "opt_state", "base", "reference")
+                              if getattr(state, k, None) is not None},
          "hparams (traced)": {k: float(v) for k, v in hparams.values(
              config, registry.get(trainer).hparams).items()},
          "programs": programs}

@@ -66,7 +66,7 @@ def editor_state(config: ml_collections.ConfigDict):
 
 def planner_state(config: ml_collections.ConfigDict):
   """(model, boxed abstract train state) of a planner trainer's config; GRPO and OPD also
-  keep the starting parameters as the reference (`frozen`)."""
+  keep the starting parameters as the reference."""
   sft_like = config if config.trainer == "planner_sft" else planner_policy.as_sft_config(config)
   model = Planner(planner_config(config.model, config.world))
   tx = optimizer_lib.supervised(sft_like.train).tx
@@ -75,7 +75,7 @@ def planner_state(config: ml_collections.ConfigDict):
       prompt_len=config.prompt.max_prompt_len), jax.random.key(0))
   if config.trainer != "planner_sft":
     state = {"params": state.params, "ema_params": state.ema_params,
-             "opt_state": state.opt_state, "frozen": state.params}
+             "opt_state": state.opt_state, "reference": state.params}
   return model, state
 
 
@@ -91,10 +91,10 @@ def report(config: ml_collections.ConfigDict) -> dict:
     raise ConfigError(f"config key 'trainer' {trainer!r} is not an editor or planner trainer")
   fields = state if isinstance(state, dict) else {
       f.name: getattr(state, f.name) for f in dataclasses.fields(state)
-      if f.name != "step"}
+      if f.name != "step" and getattr(state, f.name) is not None}
   params = fields["params"]
-  if "frozen" in fields and config.model.lora_rank and trainer in EDITORS:
-    params = lora.join(fields["params"], fields["frozen"])
+  if "base" in fields:
+    params = lora.join(fields["params"], fields["base"])
   flat = flax.traverse_util.flatten_dict(nn.unbox(params))
   base = {k: v for k, v in flat.items() if not lora.is_adapter(k)}
   by_module = {}

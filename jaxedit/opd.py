@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxedit import flow
 
@@ -35,6 +36,14 @@ def route(tasks, teacher_tasks, routing: str):
   if missing:
     raise ValueError(f"no teacher for task {missing[0]!r}; teachers: {list(teacher_tasks)}")
   return [index[task] for task in tasks]
+
+
+def route_field(opd_config, records: dict) -> dict:
+  """{"route": each record's teacher index (int32)} by the `opd` section's routing of the
+  records' task tags."""
+  routes = route([str(t) for t in records["task"]], teacher_tasks(opd_config.teachers),
+                 opd_config.routing)
+  return {"route": np.asarray(routes, np.int32)}
 
 
 def teacher_tasks(teachers) -> list[str]:

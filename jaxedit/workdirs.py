@@ -86,9 +86,9 @@ def load_editor(workdir: str, batch_size: int = 64, devices=None,
   else:
     setup = editor_policy.build_setup(config, workdir, devices)
     trained = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
-    frozen = (checkpoint.restore_subtree(mngr, step, "frozen", setup.abstract_state.frozen)
-              if setup.use_lora else None)
-    params = setup.policy(trained, frozen)
+    base = (checkpoint.restore_subtree(mngr, step, "base", setup.abstract_state.base)
+            if setup.use_lora else None)
+    params = setup.policy(trained, base)
   sample = config.sample
   sampler = editing.make_sampler(setup, sample.num_steps, sample.shift, sample.guidance_scale)
   return LoadedEditor(setup, params, sampler, batch_size, workdir)

@@ -71,7 +71,7 @@ def test_lora_run_trains_adapters_only_and_logs(lora_run, sft_dir):
   state = _state(workdir, config)
   assert int(state.step) == 3
   # The frozen base is the SFT run's EMA parameters, untouched.
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen),
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.base),
                jax.device_get(_sft_params(sft_dir, config)))
   # The adapters moved away from B = 0.
   flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]
@@ -124,7 +124,8 @@ def test_full_fine_tuning_keeps_a_frozen_reference(small_data_dir, sft_dir, tmp_
   editor_grpo.train(config, str(tmp_path))
   state = jax.device_get(_state(str(tmp_path), config))
   sft = jax.device_get(_sft_params(sft_dir, config))
-  jax.tree.map(np.testing.assert_array_equal, state.frozen, sft)
+  assert state.base is None
+  jax.tree.map(np.testing.assert_array_equal, state.reference, sft)
   moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), state.params, sft)
   assert max(jax.tree.leaves(moved)) > 0
 
@@ -168,7 +169,7 @@ def test_update_on_eight_devices_matches_one(small_data_dir, sft_dir, tmp_path):
   levels, trained = one.levels_and_steps(1)
   chunks, host = editor_policy.rollout_and_score(
       one, editor_policy.make_rollout(one), editor_policy.make_rewards(config, one.world),
-      state.params, state.frozen, prompts, levels, jax.random.key(0))
+      state.params, state.base, prompts, levels, jax.random.key(0))
   assert host["images"].shape == (16, 32, 32, 3)
   chunks = jax.device_get(chunks)
   host_state = jax.device_get(state)
@@ -208,13 +209,13 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
   prompts = editor_policy.train_prompts(setup)
   rollout, update = editor_policy.make_rollout(rollout_setup), editor_grpo.make_update(setup)
   reward_fn = editor_policy.make_rewards(config, setup.world)
-  frozen = overlap.to_mesh(state.frozen, rollout_setup.mesh)
+  base = overlap.to_mesh(state.base, rollout_setup.mesh)
 
   def rollouts(step, params):
     chunks, _ = editor_policy.rollout_and_score(
         rollout_setup, rollout, reward_fn,
         jax.device_put(params, rollout_setup.state_shardings.params),
-        frozen, editor_policy.next_prompts(prompts, config.rollout),
+        base, editor_policy.next_prompts(prompts, config.rollout),
         setup.levels_and_steps(step)[0], jax.random.fold_in(jax.random.key(0), step))
     return overlap.to_mesh(chunks, setup.mesh)
 

@@ -44,7 +44,7 @@ def test_flux_kontext_config_is_flux_dev_sized(tmp_path, capsys):
       **vae.diffusers_config(vae_cfg)))
   assert rep["trained_params"] == rep["adapter_params"] > 0  # LoRA: only adapters train
   b = rep["bytes_per_device"]
-  assert 0 < b["params"] < b["frozen"] < 4 * FLUX_DEV_TRANSFORMER / 32  # sharded over fsdp
+  assert 0 < b["params"] < b["base"] < 4 * FLUX_DEV_TRANSFORMER / 32  # sharded over fsdp
 
   out = tmp_path / "report.json"
   assert model_report.main(["--config", "configs/flux_kontext_grpo.py", "--json",

@@ -159,11 +159,12 @@ def _prompts_and_chunks(setup, config, state):
   prompts = next(iter(make_dataset(
       setup.source("train"), 8, seed=0, fields=editor_policy.PROMPT_FIELDS, kinds=("atomic",),
       map_fn=lambda r: editor_policy.tokenize(setup, r))))
-  prompts = editor_opd.add_routes(setup, prompts)
+  prompts = {**prompts, **editor_opd.OPD.extra_fields(setup, prompts)}
   levels, trained = setup.levels_and_steps(1)
   chunks, _ = editor_policy.rollout_and_score(
       setup, editor_policy.make_rollout(setup), editor_policy.make_rewards(config, setup.world),
-      state.params, state.frozen, prompts, levels, jax.random.key(0), editor_opd.OPD.device_fields)
+      state.params, state.base, prompts, levels, jax.random.key(0),
+      editor_policy.DEVICE_FIELDS + ("route",))
   return prompts, jax.device_get(chunks), levels, trained
 
 
@@ -204,7 +205,7 @@ def test_zero_loss_and_gradient_at_the_teacher_and_routing(one_device):
   config, _, setup, state, prompts, chunks, levels, trained = one_device
   # The student starts as the SFT base (LoRA B = 0): its merged parameters are a teacher
   # equal to it.
-  plain = lora.merge(setup.policy(state.params, state.frozen), 4, 4)
+  plain = lora.merge(setup.policy(state.params, state.base), 4, 4)
   other = _perturbed(plain, seed=5)
   _, same = _update(setup, state, chunks, levels, trained, [plain, plain])
   _, mixed = _update(setup, state, chunks, levels, trained, [plain, other])

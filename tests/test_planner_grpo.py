@@ -140,5 +140,5 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
   for run in (whole, resumed):  # the same programs on the same devices: equal, bit for bit
     assert_logged_exactly(run, [m1, m2, m3])
     mngr = checkpoint.manager(str(run), 3, async_save=False)
-    got = checkpoint.restore(mngr, 3, planner_policy.abstract_state(setup))
+    got = checkpoint.restore(mngr, 3, planner_policy.PlannerPolicy.abstract_state(setup))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.params), want)

@@ -58,12 +58,12 @@ def rollout(small_data_dir, tiny_planner_dir, tmp_path_factory):
   arrays, _, repeated = planner_policy.rollout(setup, planning.make_plan_sampler(setup),
                                              state.params, records, jax.random.key(0))
   host = {**{k: arrays[k] for k in planner_policy.BATCH_FIELDS},
-          **planner_opd.routes(setup, repeated)}
+          **planner_opd.OPD.extra_fields(setup, repeated)}
   return config, workdir, setup, jax.device_get(state), host, list(repeated["task"])
 
 
 def _update(setup, state, host, teachers):
-  state = jax.device_put(state, planner_policy.abstract_state_shardings(setup))
+  state = jax.device_put(state, planner_policy.state_shardings(setup))
   batch = sharding.global_batch(host, setup.batch_sharding)
   rewards = sharding.global_batch({"r": np.zeros(len(host["route"]), np.float32)},
                                   setup.batch_sharding)["r"]

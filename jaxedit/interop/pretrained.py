@@ -54,19 +54,18 @@ def copy_tokenizer(init_from: str, workdir: str) -> None:
   """Copies `init_from`'s tokenizer.json into `workdir` (unless it has one): token ids must
   mean what they meant there. A jaxedit workdir must have one; a PyTorch-side folder
   without one (precomputed text embeddings) leaves the run to train its own."""
-  if not init_from:
-    return
   src, dst = (os.path.join(d, "tokenizer.json") for d in (init_from, workdir))
+  if not init_from or os.path.exists(dst):
+    return
   if not os.path.exists(src):
     if folder_kind(init_from):
       return
     raise ConfigError(f"init_from: {src} does not exist; point it at an SFT workdir or a "
                       "diffusers / transformers folder")
-  if not os.path.exists(dst):
-    os.makedirs(workdir, exist_ok=True)
-    tmp = f"{dst}.tmp{os.getpid()}"  # atomic: every process of a run copies it
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+  os.makedirs(workdir, exist_ok=True)
+  tmp = f"{dst}.tmp{os.getpid()}"  # atomic: every process of a run copies it
+  shutil.copyfile(src, tmp)
+  os.replace(tmp, dst)
 
 
 def _check_kind(path: str, kind: str) -> None:

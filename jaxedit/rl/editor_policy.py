@@ -1,19 +1,15 @@
-"""The editor as an RL policy: the setup of a trainer on the editor's own SDE rollouts
-(parameters trained and frozen: LoRA adapters over a frozen base, or every parameter beside
-a frozen reference), starting from an SFT run, chunked rollouts scored by host rewards, and
-the loop that runs an algorithm's update on them (GRPO, OPD: `Algorithm`). With
-`rollout.rollout_devices` the rollouts run on devices of their own, one iteration ahead of
-the update (`jaxedit.overlap`)."""
+"""The editor as an RL policy (`EditorPolicy`, for `rl.driver`): the setup of a trainer on
+the editor's own SDE rollouts (LoRA adapters over a frozen base, or every parameter beside a
+frozen reference), starting from an SFT run, chunked rollouts scored by host rewards, and
+the evaluation of the trained policy against its start."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
-import time
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -30,26 +26,20 @@ from jaxedit.data.pipeline import make_dataset
 from jaxedit.editing import text_inputs
 from jaxedit.interop import pretrained
 from jaxedit.models import editor as editor_model
+from jaxedit.rl import driver
+from jaxedit.rl.driver import PolicyState
 from jaxedit.shapes.edits import TASKS
 from jaxedit.text import tokenizer as tokenizer_lib
-from jaxedit.train import loop, optimizer as optimizer_lib, records, setup as setup_lib
+from jaxedit.train import optimizer as optimizer_lib, records, setup as setup_lib
 
 PROMPT_FIELDS = ("source_image", "target_image", "instruction", "checklist", "source_scene",
                  "target_scene", "family", "task")
+DEVICE_FIELDS = ("source_image", "ids", "mask")  # the prompt fields the rollouts need
 # Model keys that may differ from the SFT run being fine-tuned; all others must match it
 # (scan_layers too: scanned and unrolled layers are differently shaped parameter trees).
 FREE_MODEL_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "dtype", "param_dtype",
                    "remat_policy", "attention", "splash_block",
                    "vae.init_from")  # where the same VAE's weights are read from
-
-
-@flax.struct.dataclass
-class GRPOState:
-  step: jax.Array  # RL iterations done (GRPO or OPD)
-  params: Any  # the trained parameters: the LoRA adapters, or every parameter
-  ema_params: Any
-  opt_state: Any
-  frozen: Any  # the LoRA base, or the reference copy of the initial parameters
 
 
 # ------------------------------------------------------------------------------------------
@@ -66,15 +56,21 @@ class Setup(editing.Setup):
   def param_shardings(self):
     return self.full_shardings
 
-  def policy(self, trained, frozen):
-    """The parameters the policy samples with."""
-    return lora.join(trained, frozen) if self.use_lora else trained
+  def policy(self, trained, base):
+    """The parameters the policy samples with: the adapters joined onto the base (LoRA), or
+    the trained parameters (full fine-tuning: base is None)."""
+    return lora.join(trained, base) if self.use_lora else trained
 
-  def reference(self, trained, frozen):
-    """The frozen reference: adapters disabled (zeroed), or the initial parameters."""
+  def reference(self, state: PolicyState):
+    """The frozen reference: the base with its adapters disabled (zeroed), or the start."""
     if self.use_lora:
-      return lora.join(jax.tree.map(jnp.zeros_like, trained), frozen)
-    return frozen
+      return lora.join(jax.tree.map(jnp.zeros_like, state.params), state.base)
+    return state.reference
+
+  @property
+  def base_shardings(self):
+    """Of a whole model without adapters: the base's (LoRA) or the trained parameters'."""
+    return self.state_shardings.base if self.use_lora else self.state_shardings.params
 
 
 def check_rollouts(config: ml_collections.ConfigDict) -> None:
@@ -135,7 +131,8 @@ def step_schedule_fn(g: ml_collections.ConfigDict, seed: int):
 
 def build_setup(config: ml_collections.ConfigDict, workdir: str, devices) -> Setup:
   """The setup of a trainer on the SDE rollouts of the config's `rollout` section (already
-  checked)."""
+  checked), with the tokenizer of `init_from`."""
+  pretrained.copy_tokenizer(config.init_from, workdir)
   world, tok, model, mesh, rules, batch_sharding = editing.make_parts(config, workdir, devices)
   g = config.rollout
   n = g.prompts_per_step * g.group_size
@@ -152,7 +149,7 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices) -> Set
   boxed = jax.eval_shape(init, jax.random.key(0))
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract_state = checkpoint.abstract_like(nn.unbox(boxed), state_shardings)
-  full = (lora.join(state_shardings.params, state_shardings.frozen) if use_lora
+  full = (lora.join(state_shardings.params, state_shardings.base) if use_lora
           else state_shardings.params)
   if use_lora:
     try:
@@ -164,12 +161,16 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices) -> Set
                step_schedule_fn(g, config.train.seed), g)
 
 
-def initial_state(rng, *, model, tx, use_lora, dummy) -> GRPOState:
+def initial_state(rng, *, model, tx, use_lora, dummy) -> PolicyState:
   """A fresh policy state: the model initialised, split into adapters and base with LoRA."""
   params = editor_model.init_params(model, rng, *dummy)
-  trained, frozen = lora.split(params) if use_lora else (params, params)
-  return GRPOState(step=jnp.zeros((), jnp.int32), params=trained, ema_params=trained,
-                   opt_state=tx.init(trained), frozen=frozen)
+  if use_lora:
+    trained, base = lora.split(params)
+    frozen = {"base": base}
+  else:
+    trained, frozen = params, {"reference": params}
+  return PolicyState(step=jnp.zeros((), jnp.int32), params=trained, ema_params=trained,
+                     opt_state=tx.init(trained), **frozen)
 
 
 # ------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def load_sft(setup: Setup, init_from: str):
   """The starting parameters (base model, no adapters) in this run's shardings: an editor SFT
   run's, or a diffusers folder's (`interop.pretrained`)."""
   config = setup.config
-  abstract = setup.abstract_state.frozen if setup.use_lora else setup.abstract_state.params
+  abstract = setup.abstract_state.base if setup.use_lora else setup.abstract_state.params
   if pretrained.folder_kind(init_from):
     params = pretrained.load_editor(init_from, abstract, setup.model.cfg)
     if set(params) != set(abstract):
@@ -206,14 +207,16 @@ def model_mismatch(saved, model) -> list[str]:
           if k not in FREE_MODEL_KEYS and k in model and model[k] != saved[k]]
 
 
-def init_state(setup: Setup, sft_params) -> GRPOState:
-  """Fresh adapters (B = 0, so the policy starts as the SFT model) or, for full
-  fine-tuning, the SFT parameters trained and, as separate buffers, frozen."""
+def init_state(setup: Setup, sft_params) -> PolicyState:
+  """Fresh adapters (B = 0, so the policy starts as the SFT model) over the SFT parameters as
+  the base or, for full fine-tuning, the SFT parameters trained and, as separate buffers,
+  the reference."""
   state = setup_lib.init_state(setup)
   copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
   if setup.use_lora:
-    return state.replace(frozen=sft_params)
-  return state.replace(params=sft_params, ema_params=copy(sft_params), frozen=copy(sft_params))
+    return state.replace(base=sft_params)
+  return state.replace(params=sft_params, ema_params=copy(sft_params),
+                       reference=copy(sft_params))
 
 
 # ------------------------------------------------------------------------------------------
@@ -236,14 +239,14 @@ def trajectory_sharding(setup: Setup):
 
 
 def make_rollout(setup: Setup):
-  """jitted (trained, frozen, chunk, levels, rng) -> images (uint8, decoded by the codec),
+  """jitted (trained, base, chunk, levels, rng) -> images (uint8, decoded by the codec),
   source (the encoded sources, for the update), latents (the trajectory in the model's
   space), log_probs."""
   g = setup.rollouts
   velocity = make_velocity(setup.model, g.guidance_scale)
   times = flow.sigmas(g.num_steps, setup.config.sample.shift)
 
-  def rollout(codec, trained, frozen, chunk, levels, rng):
+  def rollout(codec, trained, base, chunk, levels, rng):
     source = codec.encode(chunk["source_image"])
     r_noise, r_sde = jax.random.split(rng)
     if g.shared_noise:  # one initial noise per group of G consecutive samples
@@ -251,13 +254,13 @@ def make_rollout(setup: Setup):
       x1 = jnp.repeat(x1, g.group_size, axis=0)
     else:
       x1 = jax.random.normal(r_noise, source.shape)
-    out = flow_grpo.rollout(velocity, setup.policy(trained, frozen), x1, source,
+    out = flow_grpo.rollout(velocity, setup.policy(trained, base), x1, source,
                             text_inputs(chunk), times, levels, r_sde, g.sde_type)
     return {"images": codec.decode(out["sample"]), "source": source,
             "latents": out["latents"], "log_probs": out["log_probs"]}
 
   ss, traj = setup.state_shardings, trajectory_sharding(setup)
-  fn = jax.jit(rollout, in_shardings=(sharding.replicated(setup.mesh), ss.params, ss.frozen,
+  fn = jax.jit(rollout, in_shardings=(sharding.replicated(setup.mesh), ss.params, ss.base,
                                       setup.batch_sharding, None, None),
                out_shardings={"images": setup.batch_sharding, "source": setup.batch_sharding,
                               "latents": traj, "log_probs": traj})
@@ -267,10 +270,10 @@ def make_rollout(setup: Setup):
 # ------------------------------------------------------------------------------------------
 # Rollouts scored on the host.
 # ------------------------------------------------------------------------------------------
-def rollout_and_score(setup: Setup, rollout, reward_fn, trained, frozen, prompts: dict,
-                      levels, rng, device_fields=("source_image", "ids", "mask")):
+def rollout_and_score(setup: Setup, rollout, reward_fn, trained, base, prompts: dict,
+                      levels, rng, device_fields=DEVICE_FIELDS):
   """Samples G edits of each of this process's prompts in `rollout_chunks` jitted calls, with
-  the policy of parameters (trained, frozen). Chunk j's images go to the host rewards while
+  the policy of parameters (trained, base). Chunk j's images go to the host rewards while
   the device samples chunk j + 1.
 
   Returns (chunks for the update: `device_fields`, encoded sources, latents, log-probs,
@@ -291,7 +294,7 @@ def rollout_and_score(setup: Setup, rollout, reward_fn, trained, frozen, prompts
   for j, piece in enumerate(pieces):
     inputs.append(sharding.global_batch({k: piece[k] for k in device_fields},
                                         setup.batch_sharding))
-    outs.append(rollout(trained, frozen,
+    outs.append(rollout(trained, base,
                         {k: inputs[j][k] for k in ("source_image", "ids", "mask")}, levels,
                         jax.random.fold_in(rng, j)))
     if j:
@@ -344,94 +347,88 @@ def make_rewards(config, world) -> rewards_lib.Rewards:
 
 
 # ------------------------------------------------------------------------------------------
-# Training loop.
+# The policy the RL loop trains.
 # ------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Algorithm:
-  """What an RL trainer on the editor's own SDE rollouts brings: its update."""
-  name: str
-  make_setup: Callable  # (config, workdir, devices=None) -> Setup
-  make_update: Callable  # setup -> update(state, chunks, levels, trained_steps)
-  # (setup, prompts) -> prompts with the extra per-prompt fields the update needs on device
-  add_fields: Callable = lambda setup, prompts: prompts
-  device_fields: tuple[str, ...] = ("source_image", "ids", "mask")
+class EditorPolicy(driver.Policy):
+  """The editor sampling edits with the SDE sampler, scored by the host rewards."""
 
+  start_kind = "an editor SFT workdir"
 
-def train(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) -> dict:
-  tc = config.train
-  run = loop.Run(config, workdir)
-  if not run.resuming:
-    if not config.init_from:
-      raise ConfigError("config key 'init_from' must name an editor SFT workdir to start "
-                        "from (--config.init_from=DIR)")
-    pretrained.copy_tokenizer(config.init_from, workdir)
-  setup, rollout_setup = overlap.make_setups(method.make_setup, config, workdir)
-  overlapped = rollout_setup is not setup
-  g = setup.rollouts
-  reward_fn = make_rewards(config, setup.world)
-  n_trained = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
-  logging.info("%s: %.3fM trained parameters (%s), %d prompts x %d samples per step, mesh %s",
-               method.name, n_trained / 1e6, "LoRA" if setup.use_lora else "full",
-               g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
-  data_iter = train_prompts(setup)
-  state = run.restore_or_init(setup.abstract_state, data_iter, lambda: init_state(
-      setup, load_sft(setup, config.init_from)))
-  start = loop.step_of(state)
+  @staticmethod
+  def abstract_state(setup: Setup) -> PolicyState:
+    return setup.abstract_state
 
-  rollout, update = make_rollout(rollout_setup), method.make_update(setup)
-  sampler = editing.config_sampler(setup)
-  val_batches = editing.eval_batches(setup, "validation", tc.example_kinds, tc.eval_examples,
-                                     config.eval.batch_size)
-  base_rng = jax.random.key(tc.seed)
-  # The frozen parameters of the rollouts: the update's (each update donates the state, so
-  # the current state's) or a copy on the rollout mesh.
-  frozen = {"rollout": overlap.to_mesh(state.frozen, rollout_setup.mesh) if overlapped
-            else state.frozen}
+  @classmethod
+  def evaluate(cls, setup: Setup, state: PolicyState, out: str) -> dict:
+    """The trained policy and, on the same noise, the SFT model it started from; PNG grids."""
+    config, ec = setup.config, setup.config.eval
+    reward_fn = make_rewards(config, setup.world)
+    trained = state.ema_params if ec.use_ema else state.params
+    sampler = editing.config_sampler(setup)
+    batches = editing.eval_batches(setup, ec.split, ec.example_kinds, ec.num_examples,
+                                   ec.batch_size)
+    results = {}
+    for name, params in (("after", setup.policy(trained, state.base)),
+                         ("before", setup.reference(state))):
+      results[name], first = editing.evaluate(setup, params, batches, sampler, seed=ec.seed,
+                                              reward_fn=reward_fn)
+      evaluation.edit_grid(*first).save(os.path.join(out, f"edits_{name}.png"))
+    after, before = results["after"], results["before"]
+    return {**after, "before": before, "change": driver.change(before, after),
+            "split": ec.split, "example_kinds": list(ec.example_kinds),
+            "init_from": config.init_from, "seed": config.train.seed}
 
-  def roll(step, trained):
-    """The rollouts of iteration `step`, scored, on the update's mesh."""
-    with jax.profiler.StepTraceAnnotation("rollout", step_num=step):
-      chunks, host = rollout_and_score(
-          rollout_setup, rollout, reward_fn, trained, frozen["rollout"],
-          method.add_fields(setup, next_prompts(data_iter, g)), setup.levels_and_steps(step)[0],
-          jax.random.fold_in(base_rng, step), method.device_fields)
-    return (overlap.to_mesh(chunks, setup.mesh) if overlapped else chunks), host
+  def __init__(self, setup: Setup, rollout_setup: Setup, algorithm, run):
+    super().__init__(setup, rollout_setup, algorithm, run)
+    config, g, tc = setup.config, setup.rollouts, setup.config.train
+    self.reward_fn = make_rewards(config, setup.world)
+    self.rollout = make_rollout(rollout_setup)
+    self.sampler = editing.config_sampler(setup)
+    self.val_batches = editing.eval_batches(setup, "validation", tc.example_kinds,
+                                            tc.eval_examples, config.eval.batch_size)
+    self.base_rng = jax.random.key(tc.seed)
+    n_trained = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+    logging.info("editor %s: %.3fM trained parameters (%s), %d prompts x %d samples per step, "
+                 "mesh %s", algorithm.name, n_trained / 1e6, "LoRA" if setup.use_lora else
+                 "full", g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
 
-  schedule = overlap.Schedule(roll, rollout_setup, data_iter, tc.num_steps, overlapped)
-  schedule.start(start, state.params, run.mngr)
-  last_host = {}
+  def start_state(self) -> PolicyState:
+    return init_state(self.setup, load_sft(self.setup, self.setup.config.init_from))
 
-  def step_fn(state, step):
-    levels, trained = setup.levels_and_steps(step)
-    if not overlapped:
-      frozen["rollout"] = state.frozen
-    chunks, host = schedule.rollouts(step, state.params)
-    with jax.profiler.StepTraceAnnotation("update", step_num=step):
-      state, metrics = update(state, chunks, levels, trained)  # dispatched, not awaited
-    schedule.after_update(step)  # overlapped: the next rollouts, while the update runs
-    last_host["rollouts"] = host
+  def train_prompts(self):
+    return train_prompts(self.setup)
 
-    def host_scalars():
-      rewards = sharding.all_rows(host["rewards"])  # every process's rollouts
-      return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-              **{f"reward/{k}": float(sharding.all_rows(v).mean())
-                 for k, v in host["parts"].items()}}
-    return state, metrics, host_scalars
+  def roll(self, step, params, base, data_iter):
+    """(chunks for the update, host dict): see `rollout_and_score`."""
+    prompts = next_prompts(data_iter, self.setup.rollouts)
+    extra = self.algorithm.extra_fields(self.setup, prompts)
+    chunks, host = rollout_and_score(
+        self.rollout_setup, self.rollout, self.reward_fn, params, base, {**prompts, **extra},
+        self.setup.levels_and_steps(step)[0], jax.random.fold_in(self.base_rng, step),
+        DEVICE_FIELDS + tuple(extra))
+    return (overlap.to_mesh(chunks, self.setup.mesh) if self.overlapped else chunks), host
 
-  def validate(state, step):
-    return editing.evaluate(setup, setup.policy(state.ema_params, state.frozen), val_batches,
-                            sampler, seed=10_000, reward_fn=reward_fn)
+  def update_inputs(self, rollouts, step):
+    return (rollouts[0], *self.setup.levels_and_steps(step))
 
-  def samples(state, step, first):
+  def scalars(self, rollouts):
+    host = rollouts[1]
+    rewards = sharding.all_rows(host["rewards"])  # every process's rollouts
+    return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+            **{f"reward/{k}": float(sharding.all_rows(v).mean())
+               for k, v in host["parts"].items()}}
+
+  def validate(self, state, step):
+    return editing.evaluate(self.setup, self.setup.policy(state.ema_params, state.base),
+                            self.val_batches, self.sampler, seed=10_000,
+                            reward_fn=self.reward_fn)
+
+  def samples(self, state, step, first, rollouts):
+    run, limit = self.run, self.setup.config.train.sample_examples
     if first is not None:
-      editing.write_grid(run.writer, workdir, step, first, tc.sample_examples)
-    if step:
-      write_rollout_grid(run.writer, workdir, step, last_host["rollouts"], tc.sample_examples)
-
-  hooks = loop.Hooks(validate=validate, samples=samples, validate_start=True,
-                     checkpoint_items=schedule.checkpoint_items)
-  state, step, _, curve = loop.run(run, state, data_iter, step_fn, hooks, log_prefix="train/")
-  return {"step": step, "curve": curve}
+      editing.write_grid(run.writer, run.workdir, step, first, limit)
+    if rollouts is not None:
+      write_rollout_grid(run.writer, run.workdir, step, rollouts[1], limit)
 
 
 def write_rollout_grid(writer, workdir: str, step: int, host: dict, limit: int) -> None:
@@ -442,38 +439,3 @@ def write_rollout_grid(writer, workdir: str, step: int, host: dict, limit: int) 
       host["source_image"][:n], host["images"][:n], host["target_image"][:n], texts, None, n))
 
 
-# ------------------------------------------------------------------------------------------
-# Evaluation: the trained policy and, on the same noise, the SFT model it started from.
-# ------------------------------------------------------------------------------------------
-def run_eval(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) -> dict:
-  """Scores the latest checkpoint on `eval.split`, before (the SFT reference) and after
-  training; writes DIR/eval/metrics.json (after's figures at the top level, `before`, and
-  the change) and PNG grids."""
-  setup = method.make_setup(config, workdir)
-  reward_fn = make_rewards(config, setup.world)
-  step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
-                                        setup.abstract_state)
-  ec = config.eval
-  trained = state.ema_params if ec.use_ema else state.params
-  sampler = editing.config_sampler(setup)
-  batches = editing.eval_batches(setup, ec.split, ec.example_kinds, ec.num_examples,
-                                 ec.batch_size)
-  start = time.time()
-  out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
-  results = {}
-  for name, params in (("after", setup.policy(trained, state.frozen)),
-                       ("before", setup.reference(trained, state.frozen))):
-    results[name], first = editing.evaluate(setup, params, batches, sampler, seed=ec.seed,
-                                            reward_fn=reward_fn)
-    evaluation.edit_grid(*first).save(os.path.join(out, f"edits_{name}.png"))
-  summary = dict(results["after"])
-  summary["before"] = results["before"]
-  summary["change"] = {k: results["after"][k] - results["before"][k]
-                       for k in ("edit_success", "checklist_score", "reward", "preservation")}
-  summary.update({"split": ec.split, "example_kinds": list(ec.example_kinds), "step": step,
-                  "init_from": config.init_from, "seed": config.train.seed,
-                  "eval_seconds": round(time.time() - start, 1)})
-  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
-  print(json.dumps(summary, indent=1), flush=True)
-  return summary

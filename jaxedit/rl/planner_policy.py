@@ -1,34 +1,28 @@
-"""The planner as an RL policy: the setup of a trainer on the planner's own sampled plans
-(every parameter trains; the reference is a frozen copy of the start), starting from a
-planner SFT run, the plans' cognitive and visual rewards (docs/design.md section 6), and the
-loop that runs an algorithm's update on them (GRPO, OPD: `Algorithm`). With the rollout
-section's `rollout_devices` the plans are sampled on devices of their own, one iteration
-ahead of the update (`jaxedit.overlap`)."""
+"""The planner as an RL policy (`PlannerPolicy`, for `rl.driver`): the setup of a trainer on
+the planner's own sampled plans (every parameter trains; the reference is a frozen copy of
+the start), starting from a planner SFT run, the plans' cognitive and visual rewards
+(docs/design.md section 6), and the evaluation of the trained planner against its start."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxedit import (checkpoint, evaluation, overlap, plan_then_edit, planning, plans,
-                     sharding, workdirs)
+from jaxedit import checkpoint, overlap, plan_then_edit, planning, plans, sharding, workdirs
 from jaxedit.config import ConfigError
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.interop import pretrained
-from jaxedit.rl.editor_policy import GRPOState
+from jaxedit.rl import driver
+from jaxedit.rl.driver import PolicyState
 from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.detect import detect
 from jaxedit.shapes.world import Scene
-from jaxedit.train import loop
 from jaxedit.train.setup import check_batch_size
 
 ROLLOUT_FIELDS = planning.RECORD_FIELDS + ("checklist", "source_scene", "num_steps", "task")
@@ -113,17 +107,13 @@ def model_mismatch(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
   return out
 
 
-def init_state(setup, start_params) -> GRPOState:
+def init_state(setup, start_params) -> PolicyState:
+  """The start's parameters trained and, as separate buffers, the reference."""
   copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
   opt_state = jax.jit(setup.optimizer.init,
                       out_shardings=setup.state_shardings.opt_state)(start_params)
-  return GRPOState(jnp.zeros((), jnp.int32), copy(start_params), copy(start_params), opt_state,
-                   start_params)
-
-
-def abstract_state(setup) -> GRPOState:
-  a = setup.abstract_state
-  return GRPOState(a.step, a.params, a.ema_params, a.opt_state, a.params)
+  return PolicyState(jnp.zeros((), jnp.int32), copy(start_params), copy(start_params),
+                     opt_state, reference=start_params)
 
 
 # ------------------------------------------------------------------------------------------
@@ -156,9 +146,9 @@ def visual_rewards(editor, texts: list[str], records: dict, max_steps: int,
                      for c, scene, s in zip(records["checklist"], scenes, steps)], np.float32)
 
 
-def abstract_state_shardings(setup) -> GRPOState:
+def state_shardings(setup) -> PolicyState:
   s = setup.state_shardings
-  return GRPOState(s.step, s.params, s.ema_params, s.opt_state, s.params)
+  return PolicyState(s.step, s.params, s.ema_params, s.opt_state, reference=s.params)
 
 
 def train_prompts(setup):
@@ -186,126 +176,100 @@ def rollout(setup, sampler, params, records: dict, rng):
 
 
 # ------------------------------------------------------------------------------------------
-# Training loop.
+# The policy the RL loop trains.
 # ------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Algorithm:
-  """What an RL trainer on the planner's own sampled plans brings: its update."""
-  name: str
-  make_setup: Callable  # (config, workdir, devices=None) -> Setup
-  make_update: Callable  # setup -> update(state, batch, rewards) -> (state, metrics)
-  # (setup, records repeated per sample) -> extra per-sample device arrays for the update
-  extra_fields: Callable = lambda setup, records: {}
+class PlannerPolicy(driver.Policy):
+  """The planner sampling plans, scored by their cognitive and visual rewards."""
 
+  start_kind = "a planner SFT workdir"
 
-def train(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) -> dict:
-  run = loop.Run(config, workdir)
-  setup, rollout_setup = overlap.make_setups(method.make_setup, config, workdir)
-  overlapped = rollout_setup is not setup
-  tc, g = config.train, config.rollout
-  logging.info("planner %s: %d prompts x %d plans per step, mesh %s", method.name,
-               g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
-  data_iter = train_prompts(setup)
-  key = "ema_params" if config.init_params == "ema" else "params"
-  state = run.restore_or_init(abstract_state(setup), data_iter, lambda: init_state(
-      setup, load_start(setup, config.init_from, key)))
-  start = loop.step_of(state)
+  @staticmethod
+  def abstract_state(setup) -> PolicyState:
+    a = setup.abstract_state
+    return PolicyState(a.step, a.params, a.ema_params, a.opt_state, reference=a.params)
 
-  update = method.make_update(setup)
-  sampler = planning.make_plan_sampler(setup)  # validation
-  rollout_sampler = planning.make_plan_sampler(rollout_setup) if overlapped else sampler
-  editor = (workdirs.load_editor(config.editor, g.prompts_per_step * g.group_size)
-            if config.rewards.visual.weight else None)
-  val_batches = planning.eval_batches(setup, "validation", tc.eval_examples,
-                                         config.eval.batch_size)
-  base_rng = jax.random.key(tc.seed)
+  @classmethod
+  def evaluate(cls, setup, state: PolicyState, out: str) -> dict:
+    """The trained planner and the SFT planner it started from, plans run end to end by
+    `editor` where one is set, beside the baselines; writes plans.txt."""
+    config, ec = setup.config, setup.config.eval
+    batches = planning.eval_batches(setup, ec.split, ec.num_examples, ec.batch_size)
+    sampler = planning.make_plan_sampler(setup)
+    editor = workdirs.load_editor(config.editor, ec.batch_size) if config.editor else None
+    baseline = {**plan_then_edit.baseline_scores(config, batches, out),
+                **plan_then_edit.reference_plan_scores(config, batches, out, editor)}
+    results = {}
+    for name, params in (("after", state.ema_params if ec.use_ema else state.params),
+                         ("before", state.reference)):
+      texts = planning.plan_texts(setup, params, batches, sampler)
+      extra = {**plan_then_edit.e2e_scores(config, batches, texts, out, editor, f"e2e_{name}"),
+               **baseline}
+      results[name] = planning.evaluate(setup, params, batches, sampler, texts=texts,
+                                        extra_scores=extra)
+    (after, samples), (before, _) = results["after"], results["before"]
+    with open(os.path.join(out, "plans.txt"), "w") as f:
+      f.write(planning.format_samples(samples) + "\n")
+    return {**after, "before": before, "split": ec.split, "editor": config.editor,
+            "baseline_editor": ec.baseline_editor, "change": driver.change(before, after)}
 
-  def validate(state, step):
-    summary, samples = planning.evaluate(setup, state.ema_params, val_batches, sampler)
-    planning.write_samples(run.writer, workdir, step, samples[:tc.sample_examples])
-    return summary, None
+  def __init__(self, setup, rollout_setup, algorithm, run):
+    super().__init__(setup, rollout_setup, algorithm, run)
+    config, g, tc = setup.config, setup.config.rollout, setup.config.train
+    self.sampler = planning.make_plan_sampler(setup)  # validation
+    self.rollout_sampler = (planning.make_plan_sampler(rollout_setup) if self.overlapped
+                            else self.sampler)
+    self.editor = (workdirs.load_editor(config.editor, g.prompts_per_step * g.group_size)
+                   if config.rewards.visual.weight else None)
+    self.val_batches = planning.eval_batches(setup, "validation", tc.eval_examples,
+                                             config.eval.batch_size)
+    self.base_rng = jax.random.key(tc.seed)
+    logging.info("planner %s: %d prompts x %d plans per step, mesh %s", algorithm.name,
+                 g.prompts_per_step, g.group_size, dict(setup.mesh.shape))
 
-  def roll(step, params):
-    """Iteration `step`'s plans (host arrays) and their rewards."""
-    arrays, texts, records = rollout(rollout_setup, rollout_sampler, params, next(data_iter),
-                                     jax.random.fold_in(base_rng, step))
+  def start_state(self) -> PolicyState:
+    config = self.setup.config
+    key = "ema_params" if config.init_params == "ema" else "params"
+    return init_state(self.setup, load_start(self.setup, config.init_from, key))
+
+  def train_prompts(self):
+    return train_prompts(self.setup)
+
+  def roll(self, step, params, base, data_iter):
+    """(model inputs with the sampled plans, records repeated per plan, rewards, visual
+    rewards or None), host arrays."""
+    config = self.setup.config
+    arrays, texts, records = rollout(self.rollout_setup, self.rollout_sampler, params,
+                                     next(data_iter), jax.random.fold_in(self.base_rng, step))
     rewards = config.rewards.cognitive.weight * cognitive_rewards(
         texts, records, config.rewards.cognitive)
     visual = None
-    if editor is not None:
-      visual = visual_rewards(editor, texts, records, config.eval.e2e_max_steps, step)
+    if self.editor is not None:
+      visual = visual_rewards(self.editor, texts, records, config.eval.e2e_max_steps, step)
       rewards = rewards + config.rewards.visual.weight * visual
     return arrays, records, rewards, visual
 
-  schedule = overlap.Schedule(roll, rollout_setup, data_iter, tc.num_steps, overlapped)
-  schedule.start(start, state.params, run.mngr)
-
-  def step_fn(state, step):
-    arrays, records, rewards, visual = schedule.rollouts(step, state.params)
+  def update_inputs(self, rollouts, step):
+    arrays, records, rewards, _ = rollouts
+    bs = self.setup.batch_sharding
     batch = sharding.global_batch(
-        {**{k: arrays[k] for k in BATCH_FIELDS}, **method.extra_fields(setup, records)},
-        setup.batch_sharding)
-    state, metrics = update(state, batch, sharding.global_batch(
-        {"r": rewards}, setup.batch_sharding)["r"])
-    schedule.after_update(step)  # overlapped: the next rollouts, while the update runs
+        {**{k: arrays[k] for k in BATCH_FIELDS},
+         **self.algorithm.extra_fields(self.setup, records)}, bs)
+    return batch, sharding.global_batch({"r": rewards}, bs)["r"]
 
-    def host_scalars():
-      scalars = {}
-      if visual is not None:
-        scalars["reward/visual"] = float(sharding.all_rows(visual).mean())
-      every = sharding.all_rows(rewards)  # every process's rollouts
-      scalars.update({"reward/mean": float(every.mean()), "reward/std": float(every.std()),
-                      "rollout/plan_tokens": float(
-                          sharding.all_rows(arrays["plan_valid"].sum(1)).mean())})
-      return scalars
-    return state, metrics, host_scalars
+  def scalars(self, rollouts):
+    arrays, _, rewards, visual = rollouts
+    scalars = {}
+    if visual is not None:
+      scalars["reward/visual"] = float(sharding.all_rows(visual).mean())
+    every = sharding.all_rows(rewards)  # every process's rollouts
+    scalars.update({"reward/mean": float(every.mean()), "reward/std": float(every.std()),
+                    "rollout/plan_tokens": float(
+                        sharding.all_rows(arrays["plan_valid"].sum(1)).mean())})
+    return scalars
 
-  hooks = loop.Hooks(validate=validate, validate_start=True,
-                     checkpoint_items=schedule.checkpoint_items)
-  state, step, _, curve = loop.run(run, state, data_iter, step_fn, hooks, log_prefix="train/")
-  return {"step": step, "curve": curve}
-
-
-def run_eval(config: ml_collections.ConfigDict, workdir: str, method: Algorithm) -> dict:
-  """Scores the trained planner (EMA) and the SFT planner it started from on `eval.split`;
-  writes DIR/eval/metrics.json (after's figures at the top level, `before`, `change`)."""
-  setup = method.make_setup(config, workdir)
-  step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
-                                        abstract_state(setup))
-  ec = config.eval
-  batches = planning.eval_batches(setup, ec.split, ec.num_examples, ec.batch_size)
-  sampler = planning.make_plan_sampler(setup)
-  start = time.time()
-  out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
-  editor = workdirs.load_editor(config.editor, ec.batch_size) if config.editor else None
-  baseline = {**plan_then_edit.baseline_scores(config, batches, out),
-              **plan_then_edit.reference_plan_scores(config, batches, out, editor)}
-  results = {}
-  for name, params in (("after", state.ema_params if ec.use_ema else state.params),
-                       ("before", state.frozen)):
-    texts = planning.plan_texts(setup, params, batches, sampler)
-    extra = {**plan_then_edit.e2e_scores(config, batches, texts, out, editor, f"e2e_{name}"),
-             **baseline}
-    results[name] = planning.evaluate(setup, params, batches, sampler, texts=texts,
-                                         extra_scores=extra)
-  (after, samples), (before, _) = results["after"], results["before"]
-  summary = {**after, "before": before, "split": ec.split, "step": step,
-             "editor": config.editor, "baseline_editor": ec.baseline_editor,
-             "change": _change(before, after), "eval_seconds": round(time.time() - start, 1)}
-  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
-  with open(os.path.join(out, "plans.txt"), "w") as f:
-    f.write(planning.format_samples(samples) + "\n")
-  print(json.dumps(summary, indent=1), flush=True)
-  return summary
-
-
-def _change(before: dict, after: dict) -> dict:
-  """after - before for every float figure, nested (held_out_families) included."""
-  out = {}
-  for k, v in after.items():
-    if isinstance(v, float) and isinstance(before.get(k), float):
-      out[k] = v - before[k]
-    elif isinstance(v, dict) and isinstance(before.get(k), dict):
-      out[k] = _change(before[k], v)
-  return out
+  def validate(self, state, step):
+    summary, samples = planning.evaluate(self.setup, state.ema_params, self.val_batches,
+                                         self.sampler)
+    planning.write_samples(self.run.writer, self.run.workdir, step,
+                           samples[:self.setup.config.train.sample_examples])
+    return summary, None

@@ -21,8 +21,9 @@ import ml_collections
 
 from jaxedit import flow, flow_grpo, grpo, hparams, sharding
 from jaxedit.config import ConfigError
-from jaxedit.rl import editor_policy, update as rl_update
-from jaxedit.rl.editor_policy import GRPOState, Setup
+from jaxedit.rl import driver, editor_policy, update as rl_update
+from jaxedit.rl.driver import PolicyState
+from jaxedit.rl.editor_policy import Setup
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -52,19 +53,18 @@ def make_update(setup: Setup):
   times = flow.sigmas(r.num_steps, config.sample.shift)
   base_rng = jax.random.key(config.train.seed + 1)
   traj = editor_policy.trajectory_sharding(setup)
-  def update(state: GRPOState, chunks, levels, trained_steps, hp):
+  def update(state: PolicyState, chunks, levels, trained_steps, hp):
     # Chunks in sampling order; each holds whole groups, so groups stay consecutive.
     data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
                                                                        "log_probs") else 0)
             for k in chunks[0]}
     advantages = grpo.group_advantages(data["rewards"], r.group_size, std_scope=g.std_scope,
                                        clip=g.adv_clip)
-    frozen = state.frozen
-    ref_params = jax.lax.stop_gradient(setup.reference(state.params, frozen))
+    ref_params = jax.lax.stop_gradient(setup.reference(state))
     ref_velocity = None  # kl_beta = 0 in the config: no reference forward pass compiled
     if g.kl_beta:
       ref_velocity = lambda x, t, source, text: velocity(ref_params, x, t, source, text)
-    policy_velocity = lambda p, x, t, source, text: velocity(setup.policy(p, frozen), x, t,
+    policy_velocity = lambda p, x, t, source, text: velocity(setup.policy(p, state.base), x, t,
                                                             source, text)
 
     def loss_and_grads(params, idx):
@@ -86,7 +86,8 @@ def make_update(setup: Setup):
     metrics.update({"advantage_abs": jnp.mean(jnp.abs(advantages)),
                     "zero_advantage_fraction": jnp.mean(
                         (advantages == 0).astype(jnp.float32))})
-    return GRPOState(state.step + 1, params, ema, opt_state, frozen), metrics
+    return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                         opt_state=opt_state), metrics
 
   ss = setup.state_shardings
   fn = jax.jit(update, in_shardings=(ss, None, None, None, None),
@@ -95,13 +96,13 @@ def make_update(setup: Setup):
                           hparams=hparams.values(config, hparams.GRPO))
 
 
-GRPO = editor_policy.Algorithm("GRPO", make_setup, make_update)
+GRPO = driver.Algorithm("GRPO", editor_policy.EditorPolicy, make_setup, make_update)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return editor_policy.train(config, workdir, GRPO)
+  return driver.train(config, workdir, GRPO)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The GRPO policy and the SFT model it started from, on `eval.split`."""
-  return editor_policy.run_eval(config, workdir, GRPO)
+  return driver.run_eval(config, workdir, GRPO)

@@ -26,9 +26,9 @@ import numpy as np
 from jaxedit import flow, flow_grpo, hparams, lora, opd, sharding, workdirs
 from jaxedit.config import ConfigError
 from jaxedit.models.editor import Editor
-from jaxedit.rl import update as rl_update
-from jaxedit.rl import editor_policy
-from jaxedit.rl.editor_policy import GRPOState, Setup
+from jaxedit.rl import driver, editor_policy, update as rl_update
+from jaxedit.rl.driver import PolicyState
+from jaxedit.rl.editor_policy import Setup
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -51,8 +51,8 @@ class OPDSetup(Setup):
 
   @property
   def teacher_shardings(self):
-    """A teacher's parameters are sharded like the student's base (LoRA) or reference."""
-    return self.state_shardings.frozen
+    """A teacher's parameters are sharded like a whole student without adapters."""
+    return self.base_shardings
 
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> OPDSetup:
@@ -90,13 +90,6 @@ def load_teachers(setup: OPDSetup) -> list:
           for task in opd.teacher_tasks(setup.config.opd.teachers)]
 
 
-def add_routes(setup: OPDSetup, prompts: dict) -> dict:
-  teachers = opd.teacher_tasks(setup.config.opd.teachers)
-  routes = opd.route([str(t) for t in prompts["task"]], teachers,
-                     setup.config.opd.routing)
-  return {**prompts, "route": np.asarray(routes, np.int32)}
-
-
 # ------------------------------------------------------------------------------------------
 # The update: teacher velocities once, then KL steps.
 # ------------------------------------------------------------------------------------------
@@ -116,7 +109,7 @@ def make_update(setup: OPDSetup, teachers=None):
   base_rng = jax.random.key(config.train.seed + 1)
   traj = editor_policy.trajectory_sharding(setup)
 
-  def update(teachers, state: GRPOState, chunks, levels, trained_steps, hp):
+  def update(teachers, state: PolicyState, chunks, levels, trained_steps, hp):
     data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
                                                                        "log_probs") else 0)
             for k in chunks[0]}
@@ -131,7 +124,6 @@ def make_update(setup: OPDSetup, teachers=None):
 
     v_teacher = jax.lax.stop_gradient(jax.lax.map(teacher_at, trained_steps))  # (S, N, ...)
     v_teacher = jax.lax.with_sharding_constraint(v_teacher, traj)
-    frozen = state.frozen
     dims = float(np.prod(data["latents"].shape[2:]))
 
     def loss_and_grads(params, idx):
@@ -146,7 +138,7 @@ def make_update(setup: OPDSetup, teachers=None):
         j = trained_steps[k]
         x = latents[j]
         t = jnp.full((x.shape[0],), times[j], x.dtype)
-        v_s = velocity(setup.policy(p, frozen), x, t, mb_source, mb_text)
+        v_s = velocity(setup.policy(p, state.base), x, t, mb_source, mb_text)
         kl = opd.step_kl(x, v_s, v_t[k], times[j], times[j + 1], levels[j], r.sde_type) / dims
         per_teacher = (routes * kl[:, None]).sum(0) / jnp.maximum(routes.sum(0), 1.0)
         return jnp.mean(kl), {"kl": jnp.mean(kl),
@@ -157,7 +149,8 @@ def make_update(setup: OPDSetup, teachers=None):
     params, ema, opt_state, metrics = rl_update.minibatch_updates(
         setup.optimizer, hp, state, jax.random.fold_in(base_rng, state.step),
         data["route"].shape[0], r.inner_epochs, r.minibatches, loss_and_grads)
-    return GRPOState(state.step + 1, params, ema, opt_state, frozen), metrics
+    return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                         opt_state=opt_state), metrics
 
   ss = setup.state_shardings
   fn = jax.jit(update, in_shardings=([setup.teacher_shardings] * len(teachers), ss, None, None,
@@ -167,14 +160,14 @@ def make_update(setup: OPDSetup, teachers=None):
                           hparams.values(config, hparams.OPD))
 
 
-OPD = editor_policy.Algorithm("OPD", make_setup, make_update, add_routes,
-                              ("source_image", "ids", "mask", "route"))
+OPD = driver.Algorithm("OPD", editor_policy.EditorPolicy, make_setup, make_update,
+                       lambda setup, prompts: opd.route_field(setup.config.opd, prompts))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return editor_policy.train(config, workdir, OPD)
+  return driver.train(config, workdir, OPD)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Like GRPO's: the student after, the SFT start before, per task (edit_success_by_task)."""
-  return editor_policy.run_eval(config, workdir, OPD)
+  return driver.run_eval(config, workdir, OPD)

@@ -19,8 +19,9 @@ import ml_collections
 
 from jaxedit import grpo, hparams, sharding
 from jaxedit.config import ConfigError
-from jaxedit.rl import planner_policy, update as rl_update
-from jaxedit.rl.editor_policy import GRPOState, check_tasks
+from jaxedit.rl import driver, planner_policy, update as rl_update
+from jaxedit.rl.driver import PolicyState
+from jaxedit.rl.editor_policy import check_tasks
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -48,11 +49,11 @@ def make_update(setup):
   base_rng = jax.random.key(config.train.seed + 1)
   logprobs = lambda p, b: planner_policy.sequence_logprobs(p, setup.model, b, r.temperature)
 
-  def update(state: GRPOState, batch: dict, rewards, hp):
+  def update(state: PolicyState, batch: dict, rewards, hp):
     advantages = grpo.group_advantages(rewards, r.group_size, std_scope=g.std_scope,
                                        clip=g.adv_clip)
     old = jax.lax.stop_gradient(logprobs(state.params, batch))
-    ref = jax.lax.stop_gradient(logprobs(state.frozen, batch))
+    ref = jax.lax.stop_gradient(logprobs(state.reference, batch))
 
     def loss_and_grads(params, idx):
       mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
@@ -71,9 +72,10 @@ def make_update(setup):
         advantages.shape[0], r.inner_epochs, r.minibatches, loss_and_grads)
     metrics.update({"advantage_abs": jnp.mean(jnp.abs(advantages)),
                     "zero_advantage_fraction": jnp.mean((advantages == 0).astype(jnp.float32))})
-    return GRPOState(state.step + 1, params, ema, opt_state, state.frozen), metrics
+    return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                         opt_state=opt_state), metrics
 
-  shardings = planner_policy.abstract_state_shardings(setup)
+  shardings = planner_policy.state_shardings(setup)
   fn = jax.jit(update, in_shardings=(shardings, setup.batch_sharding, setup.batch_sharding,
                                      None),
                out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=0)
@@ -81,13 +83,13 @@ def make_update(setup):
                           hparams=hparams.values(config, hparams.GRPO))
 
 
-GRPO = planner_policy.Algorithm("GRPO", make_setup, make_update)
+GRPO = driver.Algorithm("GRPO", planner_policy.PlannerPolicy, make_setup, make_update)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return planner_policy.train(config, workdir, GRPO)
+  return driver.train(config, workdir, GRPO)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The GRPO planner and the SFT planner it started from, on `eval.split`."""
-  return planner_policy.run_eval(config, workdir, GRPO)
+  return driver.run_eval(config, workdir, GRPO)

@@ -18,14 +18,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from jaxedit import hparams, opd, planning, sharding, workdirs
 from jaxedit.config import ConfigError
-from jaxedit.rl import update as rl_update
+from jaxedit.rl import driver, editor_policy, planner_policy, update as rl_update
+from jaxedit.rl.driver import PolicyState
 from jaxedit.shapes.edits import TASKS
-from jaxedit.rl import editor_policy, planner_policy
-from jaxedit.rl.editor_policy import GRPOState
 
 KLS = ("sampled", "full_vocab")
 
@@ -64,14 +62,6 @@ def load_teacher(setup, workdir: str):
   return jax.device_put({k: loaded.params[k] for k in shardings}, shardings)
 
 
-def routes(setup, records: dict) -> dict:
-  """Per sample: the index of its teacher among `opd.teacher_tasks`."""
-  teachers = opd.teacher_tasks(setup.config.opd.teachers)
-  route = opd.route([str(t) for t in records["task"]], teachers,
-                    setup.config.opd.routing)
-  return {"route": np.asarray(route, np.int32)}
-
-
 def make_update(setup, teachers=None):
   """jitted (state, batch, rewards) -> (state, metrics); rewards are not used. Teachers'
   log-probs of the student's tokens (routed per sample) are held fixed."""
@@ -82,7 +72,7 @@ def make_update(setup, teachers=None):
   base_rng = jax.random.key(config.train.seed + 1)
   logits_of = lambda p, b: planning.completion_logits(p, setup.model, b) / r.temperature
 
-  def update(teachers, state: GRPOState, batch: dict, rewards, hp):
+  def update(teachers, state: PolicyState, batch: dict, rewards, hp):
     del rewards
 
     def loss_and_grads(params, idx):
@@ -115,9 +105,10 @@ def make_update(setup, teachers=None):
         setup.optimizer, hp, state, jax.random.fold_in(base_rng, state.step),
         batch["route"].shape[0], r.inner_epochs, r.minibatches, loss_and_grads)
     metrics["plan_tokens"] = jnp.mean(batch["plan_valid"].sum(1).astype(jnp.float32))
-    return GRPOState(state.step + 1, params, ema, opt_state, state.frozen), metrics
+    return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                         opt_state=opt_state), metrics
 
-  shardings = planner_policy.abstract_state_shardings(setup)
+  shardings = planner_policy.state_shardings(setup)
   fn = jax.jit(update, in_shardings=([setup.state_shardings.params] * len(teachers), shardings,
                                      setup.batch_sharding, setup.batch_sharding, None),
                out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=1)
@@ -125,12 +116,14 @@ def make_update(setup, teachers=None):
                           hparams.values(config, hparams.OPD))
 
 
-OPD = planner_policy.Algorithm("OPD", make_setup, make_update, routes)
+OPD = driver.Algorithm("OPD", planner_policy.PlannerPolicy, make_setup, make_update,
+                       lambda setup, records: opd.route_field(setup.config.opd, records))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return planner_policy.train(config, workdir, OPD)
+  return driver.train(config, workdir, OPD)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return planner_policy.run_eval(config, workdir, OPD)
+  """The OPD student and the SFT planner it started from, on `eval.split`."""
+  return driver.run_eval(config, workdir, OPD)
