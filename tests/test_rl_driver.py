@@ -4,7 +4,6 @@ saved under the old field name `frozen` restore under today's names."""
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 import flax

@@ -310,6 +310,13 @@ def rollout_and_score(setup: Setup, rollout, reward_fn, trained, base, prompts: 
   return chunks, host
 
 
+def join_chunks(chunks: list[dict]) -> dict:
+  """An iteration's rollout chunks as one (in sampling order; each chunk holds whole groups,
+  so groups stay consecutive): trajectories join on their sample axis, 1."""
+  return {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents", "log_probs")
+                             else 0) for k in chunks[0]}
+
+
 def train_prompts(setup: Setup):
   """The iterator of the train split's prompts: one global batch per rollout chunk, so each
   chunk holds the same prompts on any number of processes and a pod samples what one host

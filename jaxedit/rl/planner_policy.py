@@ -18,6 +18,7 @@ from jaxedit import checkpoint, overlap, plan_then_edit, planning, plans, shardi
 from jaxedit.config import ConfigError
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.interop import pretrained
+from jaxedit.rl.editor_policy import check_tasks
 from jaxedit.rl import driver
 from jaxedit.rl.driver import PolicyState
 from jaxedit.shapes import checklist as cl
@@ -30,8 +31,8 @@ BATCH_FIELDS = ("source_image", "prompt", "prompt_valid", "plan", "plan_valid")
 
 
 def check_rollouts(config: ml_collections.ConfigDict) -> None:
-  """Checks what every trainer on the planner's own plans shares: the start and the
-  `rollout` section."""
+  """Checks what every trainer on the planner's own plans shares: the start, the `rollout`
+  section, the tasks and the visual reward's editor."""
   r = config.rollout
   if not config.init_from:
     raise ConfigError("config key 'init_from' must name a planner SFT workdir")
@@ -46,6 +47,10 @@ def check_rollouts(config: ml_collections.ConfigDict) -> None:
   if r.temperature <= 0:
     raise ConfigError("config key 'rollout.temperature' must be > 0 (rollouts sample)")
   overlap.check(r)
+  check_tasks(config)
+  if config.rewards.visual.weight and not config.editor:
+    raise ConfigError("rewards.visual.weight > 0 needs an editor to run the plans: set config "
+                      "key 'editor' to an editor workdir")
 
 
 def build_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):

@@ -54,10 +54,7 @@ def make_update(setup: Setup):
   base_rng = jax.random.key(config.train.seed + 1)
   traj = editor_policy.trajectory_sharding(setup)
   def update(state: PolicyState, chunks, levels, trained_steps, hp):
-    # Chunks in sampling order; each holds whole groups, so groups stay consecutive.
-    data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
-                                                                       "log_probs") else 0)
-            for k in chunks[0]}
+    data = editor_policy.join_chunks(chunks)
     advantages = grpo.group_advantages(data["rewards"], r.group_size, std_scope=g.std_scope,
                                        clip=g.adv_clip)
     ref_params = jax.lax.stop_gradient(setup.reference(state))

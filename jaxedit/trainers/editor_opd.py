@@ -110,9 +110,7 @@ def make_update(setup: OPDSetup, teachers=None):
   traj = editor_policy.trajectory_sharding(setup)
 
   def update(teachers, state: PolicyState, chunks, levels, trained_steps, hp):
-    data = {k: jnp.concatenate([c[k] for c in chunks], axis=1 if k in ("latents",
-                                                                       "log_probs") else 0)
-            for k in chunks[0]}
+    data = editor_policy.join_chunks(chunks)
     source = data["source"]  # encoded by the rollout
     text = {"ids": data["ids"], "mask": data["mask"]}
 

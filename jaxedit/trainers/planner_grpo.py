@@ -21,7 +21,6 @@ from jaxedit import grpo, hparams, sharding
 from jaxedit.config import ConfigError
 from jaxedit.rl import driver, planner_policy, update as rl_update
 from jaxedit.rl.driver import PolicyState
-from jaxedit.rl.editor_policy import check_tasks
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -32,10 +31,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       "of the same prompt")
   if g.aggregation not in grpo.AGGREGATIONS:
     raise ConfigError(f"grpo.aggregation must be one of {grpo.AGGREGATIONS}")
-  if config.rewards.visual.weight and not config.editor:
-    raise ConfigError("rewards.visual.weight > 0 needs an editor to run the plans: set config "
-                      "key 'editor' to an editor workdir")
-  check_tasks(config)
 
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):

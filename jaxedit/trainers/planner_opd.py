@@ -21,7 +21,7 @@ import ml_collections
 
 from jaxedit import hparams, opd, planning, sharding, workdirs
 from jaxedit.config import ConfigError
-from jaxedit.rl import driver, editor_policy, planner_policy, update as rl_update
+from jaxedit.rl import driver, planner_policy, update as rl_update
 from jaxedit.rl.driver import PolicyState
 from jaxedit.shapes.edits import TASKS
 
@@ -39,9 +39,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     opd.check_teachers(opd.teacher_tasks(o.teachers), config.train.tasks or TASKS, o.routing)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  editor_policy.check_tasks(config)
-  if config.rewards.visual.weight and not config.editor:
-    raise ConfigError("rewards.visual.weight > 0 needs config key 'editor'")
 
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
