@@ -107,8 +107,7 @@ def _editor_rl(setup, rollout_setup, trainer):
            "rewards": _abstract((n,), jnp.float32, bs)}
   if trainer == "editor_opd":
     chunk["route"] = _abstract((n,), jnp.int32, bs)
-    a = setup.abstract_state
-    teachers = [a.base if setup.use_lora else a.params] * len(opd.teacher_tasks(c.opd.teachers))
+    teachers = [setup.abstract_base] * len(opd.teacher_tasks(c.opd.teachers))
     update = editor_opd.make_update(setup, teachers)
   else:
     update = editor_grpo.make_update(setup)

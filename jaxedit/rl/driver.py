@@ -108,8 +108,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, algorithm: Algorithm)
     raise ConfigError(f"config key 'init_from' must name {algorithm.policy.start_kind} to "
                       "start from (--config.init_from=DIR)")
   setup, rollout_setup = overlap.make_setups(algorithm.make_setup, config, workdir)
-  overlapped = rollout_setup is not setup
   policy = algorithm.policy(setup, rollout_setup, algorithm, run)
+  overlapped = policy.overlapped
   data_iter = policy.train_prompts()
   state = run.restore_or_init(policy.abstract_state(setup), data_iter, policy.start_state)
   update = algorithm.make_update(setup)

@@ -72,6 +72,11 @@ class Setup(editing.Setup):
     """Of a whole model without adapters: the base's (LoRA) or the trained parameters'."""
     return self.state_shardings.base if self.use_lora else self.state_shardings.params
 
+  @property
+  def abstract_base(self):
+    """The abstract arrays of a whole model without adapters (an SFT start, a teacher)."""
+    return self.abstract_state.base if self.use_lora else self.abstract_state.params
+
 
 def check_rollouts(config: ml_collections.ConfigDict) -> None:
   """Checks what every trainer on the editor's own rollouts shares: the `rollout` section,
@@ -165,12 +170,11 @@ def initial_state(rng, *, model, tx, use_lora, dummy) -> PolicyState:
   """A fresh policy state: the model initialised, split into adapters and base with LoRA."""
   params = editor_model.init_params(model, rng, *dummy)
   if use_lora:
-    trained, base = lora.split(params)
-    frozen = {"base": base}
+    (trained, base), reference = lora.split(params), None
   else:
-    trained, frozen = params, {"reference": params}
+    trained, base, reference = params, None, params
   return PolicyState(step=jnp.zeros((), jnp.int32), params=trained, ema_params=trained,
-                     opt_state=tx.init(trained), **frozen)
+                     opt_state=tx.init(trained), base=base, reference=reference)
 
 
 # ------------------------------------------------------------------------------------------
@@ -180,7 +184,7 @@ def load_sft(setup: Setup, init_from: str):
   """The starting parameters (base model, no adapters) in this run's shardings: an editor SFT
   run's, or a diffusers folder's (`interop.pretrained`)."""
   config = setup.config
-  abstract = setup.abstract_state.base if setup.use_lora else setup.abstract_state.params
+  abstract = setup.abstract_base
   if pretrained.folder_kind(init_from):
     params = pretrained.load_editor(init_from, abstract, setup.model.cfg)
     if set(params) != set(abstract):
@@ -444,5 +448,3 @@ def write_rollout_grid(writer, workdir: str, step: int, host: dict, limit: int) 
   texts = [f"{host['instruction'][i]} | reward {host['rewards'][i]:.2f}" for i in range(n)]
   records.write_image(writer, workdir, step, "rollouts", "rollout", evaluation.edit_grid(
       host["source_image"][:n], host["images"][:n], host["target_image"][:n], texts, None, n))
-
-

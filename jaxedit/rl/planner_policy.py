@@ -151,9 +151,14 @@ def visual_rewards(editor, texts: list[str], records: dict, max_steps: int,
                      for c, scene, s in zip(records["checklist"], scenes, steps)], np.float32)
 
 
-def state_shardings(setup) -> PolicyState:
-  s = setup.state_shardings
+def as_policy_state(s) -> PolicyState:
+  """A planner SFT-style state (or its abstract arrays, or shardings) as the RL state's: its
+  parameters standing in for the reference too."""
   return PolicyState(s.step, s.params, s.ema_params, s.opt_state, reference=s.params)
+
+
+def state_shardings(setup) -> PolicyState:
+  return as_policy_state(setup.state_shardings)
 
 
 def train_prompts(setup):
@@ -190,8 +195,7 @@ class PlannerPolicy(driver.Policy):
 
   @staticmethod
   def abstract_state(setup) -> PolicyState:
-    a = setup.abstract_state
-    return PolicyState(a.step, a.params, a.ema_params, a.opt_state, reference=a.params)
+    return as_policy_state(setup.abstract_state)
 
   @classmethod
   def evaluate(cls, setup, state: PolicyState, out: str) -> dict:
