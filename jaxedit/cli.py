@@ -18,13 +18,17 @@ import sys
 
 from jaxedit import benchmarks, registry, schema
 from jaxedit.config import ConfigError, apply_overrides, load_file, validate
-from jaxedit.errors import CorruptRecordError, MappingError
+from jaxedit.errors import CorruptRecordError, DatasetError, MappingError
 from jaxedit.shapes.world import SceneError
 
 CONFIG_PREFIX = "--config."
 
 
-def _data_job():
+def _data_job(config):
+  if config.get("data_job") == "edits":  # a lab's own edits (configs/edit_data.py)
+    from jaxedit.data import edit_job
+
+    return schema.edit_dataset, edit_job.run
   from jaxedit.data import job
 
   return schema.dataset, job.run
@@ -41,8 +45,9 @@ def _reference(config):
 
 # subcommand -> (help, config -> (reference config function, job function))
 COMMANDS = {
-    "data": ("build the shapes dataset, print its statistics, write contact sheets",
-             lambda config: _data_job()),
+    "data": ("build a dataset: the shapes world's, or records of your own edits "
+             "(configs/edit_data.py); print its statistics, write contact sheets",
+             _data_job),
     "train": ("train the model a config names (config.trainer), resuming from DIR",
               lambda config: (_reference(config), _trainer(config).train)),
     "eval": ("score the latest checkpoint in DIR; writes DIR/eval/metrics.json",
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
 
       job = dry_run.main
     job(config, args.workdir)
-  except (ConfigError, SceneError, CorruptRecordError, MappingError) as e:
+  except (ConfigError, SceneError, CorruptRecordError, MappingError, DatasetError) as e:
     print(f"jaxedit {args.command}: error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -9,3 +9,7 @@ class CorruptRecordError(RuntimeError):
 
 class MappingError(ValueError):
   """Tensors missing, unexpected or of the wrong shape when loading weights."""
+
+
+class DatasetError(ValueError):
+  """A row of an input dataset (a lab's JSONL) that cannot be used, named by file and line."""

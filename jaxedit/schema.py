@@ -467,6 +467,32 @@ def dataset() -> ConfigDict:
   return c
 
 
+def edit_dataset() -> ConfigDict:
+  """`jaxedit data` on a lab's own edits: JSONL rows -> bucketed ArrayRecord shards
+  (jaxedit.data.edit_job)."""
+  c = ConfigDict()
+  c.data_job = "edits"
+  c.data = ConfigDict({
+      "train": "",  # a JSONL file, or a folder holding train_metadata.jsonl
+      "test": "",  # a JSONL file; default: test_metadata.jsonl beside the training file
+      "test_holdout": 0,  # without a test file: this many training rows become the test split
+      "format": "auto",  # auto | edit_r1 | dancegrpo | editscore | fields
+      # Row keys by role, overriding the format's (format 'fields': the whole map).
+      "fields": {"id": "", "instruction": "", "source_image": "", "target_image": "",
+                 "requirement": ""},
+      "on_bad_row": "error",  # error | skip (skipped rows are listed in the summary)
+      # (height, width) of the aspect-ratio buckets; each image goes to the nearest ratio,
+      # scaled to cover it and centre-cropped. Multiples of size_multiple (VAE 8 x patch 2).
+      "buckets": ((512, 512), (448, 576), (576, 448), (384, 672), (672, 384)),
+      "size_multiple": 16,
+      "records_per_shard": 256,
+      "num_threads": 8,  # image decoding and resizing
+  })
+  c.report = ConfigDict({"contact_sheet_examples": 16})
+  c.distributed = distributed()
+  return c
+
+
 REFERENCE_CONFIGS = {
     "editor_sft": editor_sft, "editor_grpo": editor_grpo, "editor_opd": editor_opd,
     "planner_sft": planner_sft, "planner_grpo": planner_grpo, "planner_opd": planner_opd,
