@@ -488,6 +488,17 @@ def edit_dataset() -> ConfigDict:
       "records_per_shard": 256,
       "num_threads": 8,  # image decoding and resizing
   })
+  # Cached encodings: with a pipeline folder, the records hold VAE latents and text embeddings
+  # (jaxedit.data.edit_cache), so training runs no encoder.
+  c.encode = ConfigDict({
+      "pipeline": "",  # a diffusers FLUX.1(-Kontext) pipeline folder; empty: images only
+      "vae": True,  # source (and target) latents from vae/
+      "text": True,  # T5 sequence and CLIP pooled embedding from text_encoder(_2)/
+      "max_sequence_length": 512,  # T5 tokens (FLUX.1-dev / Kontext: 512; schnell: 256)
+      "batch_size": 8,  # per process, rounded up to the batch axes of its devices
+      "dtype": "float32",  # storage: float32 | bfloat16
+  })
+  c.mesh = mesh()  # over each process's own devices (jax.local_devices())
   c.report = ConfigDict({"contact_sheet_examples": 16})
   c.distributed = distributed()
   return c

@@ -307,3 +307,43 @@ def test_images_as_displayed_rotated_and_transparent(tmp_path):
   image = np.asarray(edit_rows.load_image(str(tmp_path / "clear.png")))
   np.testing.assert_array_equal(image[12, 3], (255, 255, 255))
   np.testing.assert_array_equal(image[3, 3], (0, 0, 255))
+
+
+def test_cached_latents_equal_diffusers_vae(edit_r1, tmp_path):
+  """With a pipeline folder the records hold the VAE's normalised posterior means, computed
+  on this process's 8 devices in padded batches, equal to diffusers' on the same images."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from jaxedit.models.vae import VAEConfig, diffusers_config
+
+  shift, scale = 0.2, 1.7
+  cfg = VAEConfig(latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                  norm_num_groups=4, shift_factor=shift, scaling_factor=scale)
+  torch.manual_seed(0)
+  vae = diffusers.AutoencoderKL(**diffusers_config(cfg)).eval()
+  with torch.no_grad():
+    for p in vae.parameters():
+      p.copy_(torch.randn_like(p) * 0.2)
+  vae.save_pretrained(str(tmp_path / "pipeline" / "vae"), safe_serialization=True)
+  c = config(edit_r1 / "train_metadata.jsonl")
+  c.encode.pipeline, c.encode.text, c.encode.batch_size = str(tmp_path / "pipeline"), False, 3
+  plan, bad = edit_job.make_plan(c)
+  from jaxedit.data import edit_cache
+
+  encoders = edit_cache.Encoders(c.encode, c.mesh)
+  assert encoders.batch_size == 8  # rounded up to the 8 devices' batch axes
+  edit_job.write_shards(str(tmp_path / "out"), plan, 0, 1, "error", 2, encoders)
+  manifest = edit_job.finish(str(tmp_path / "out"), plan, bad, c, 0.0)
+  assert manifest["splits"]["train"]["records"] == 6
+  assert "source_latents" in edit_records.read_manifest(str(tmp_path / "out"))["fields"]
+  for r in all_records(tmp_path / "out", "train"):
+    x = torch.from_numpy(r["source_image"].astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+    with torch.no_grad():
+      mean = vae.encode(x[None]).latent_dist.mean[0].permute(1, 2, 0).numpy()
+    h, w = r["source_image"].shape[:2]
+    assert r["source_latents"].shape == (h // 2, w // 2, 4)
+    np.testing.assert_allclose(r["source_latents"], (mean - shift) * scale, rtol=1e-4,
+                               atol=1e-5)
+  # the encoders' settings are part of the plan: other settings are other records
+  c.encode.dtype = "bfloat16"
+  assert edit_job.make_plan(c)[0]["fingerprint"] != plan["fingerprint"]

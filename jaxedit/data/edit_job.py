@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxedit import viz
 from jaxedit.config import ConfigError, plain
-from jaxedit.data import edit_records, edit_rows
+from jaxedit.data import edit_cache, edit_records, edit_rows
 from jaxedit.data.edit_rows import BadRow, DatasetError, EditRow
 
 PLAN = "plan.json"
@@ -132,7 +132,8 @@ def _row_dict(row: EditRow) -> dict:
 
 def _settings(config: ml_collections.ConfigDict) -> dict:
   """What changes the records' content besides the rows and their images."""
-  return {"resample": "lanczos-cover-centre-crop", "on_bad_row": config.data.on_bad_row}
+  return {"resample": "lanczos-cover-centre-crop", "on_bad_row": config.data.on_bad_row,
+          "encode": edit_cache.settings(config.encode)}
 
 
 def _input_stamps(files: dict[str, str], rows: dict[str, list[EditRow]]) -> dict:
@@ -169,34 +170,38 @@ def _record(row: dict, bucket: tuple[int, int]) -> dict:
 
 
 def write_shard(root: str, shard: dict, fingerprint: str, policy: str,
-                pool: concurrent.futures.Executor) -> dict:
-  """Decodes and fits the shard's images (in `pool`) and writes its records; returns its
-  manifest. An image that fails to decode is a bad row, under the job's policy."""
+                pool: concurrent.futures.Executor,
+                encoders: edit_cache.Encoders | None = None) -> dict:
+  """Decodes and fits the shard's images (in `pool`), caches their encodings (`encoders`),
+  and writes its records; returns its manifest. An image that fails to decode is a bad
+  row, under the job's policy."""
   from array_record.python.array_record_module import ArrayRecordWriter
 
   bucket = tuple(shard["bucket"])
   path = edit_records.shard_path(root, shard["split"], bucket, shard["index"])
   os.makedirs(os.path.dirname(path), exist_ok=True)
   futures = [pool.submit(_record, row, bucket) for row in shard["rows"]]
+  records, skipped = [], []
+  for row, future in zip(shard["rows"], futures):
+    try:
+      records.append(future.result())
+    except (OSError, ValueError, SyntaxError) as e:
+      bad = BadRow(row["file"], row["line"], f"an image cannot be decoded: {e}")
+      if policy == "error":
+        raise DatasetError(f"{bad.where}: {bad.reason}; set data.on_bad_row=skip to leave "
+                           "it out") from None
+      skipped.append(bad.as_dict())
+  if encoders is not None:
+    records = encoders(records)
   tmp = f"{path}.tmp{os.getpid()}"
   writer = ArrayRecordWriter(tmp, "group_size:1")
-  ids, skipped = [], []
   try:
-    for row, future in zip(shard["rows"], futures):
-      try:
-        record = future.result()
-      except (OSError, ValueError, SyntaxError) as e:
-        bad = BadRow(row["file"], row["line"], f"an image cannot be decoded: {e}")
-        if policy == "error":
-          raise DatasetError(f"{bad.where}: {bad.reason}; set data.on_bad_row=skip to leave "
-                             "it out") from None
-        skipped.append(bad.as_dict())
-        continue
+    for record in records:
       writer.write(edit_records.encode_record(record))
-      ids.append(row["id"])
   finally:
     writer.close()
   os.replace(tmp, path)
+  ids = [r["id"] for r in records]
   manifest = {"fingerprint": fingerprint, "records": len(ids), "ids": ids,
               "skipped": skipped}
   write_json(path + ".json", manifest)
@@ -225,7 +230,7 @@ def _sync(name: str) -> None:
 
 
 def write_shards(root: str, plan: dict, process_index: int, process_count: int, policy: str,
-                 num_threads: int) -> int:
+                 num_threads: int, encoders: edit_cache.Encoders | None = None) -> int:
   """Writes the shards of process `process_index` of `process_count` not written yet;
   returns how many rows it wrote."""
   mine = [s for i, s in enumerate(plan["shards"]) if i % process_count == process_index]
@@ -238,7 +243,7 @@ def write_shards(root: str, plan: dict, process_index: int, process_count: int, 
   done = 0
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
     for shard in todo:
-      write_shard(root, shard, plan["fingerprint"], policy, pool)
+      write_shard(root, shard, plan["fingerprint"], policy, pool, encoders)
       done += len(shard["rows"])
       if time.time() - last > 10 or done == total:
         rate = done / max(time.time() - start, 1e-9)
@@ -257,8 +262,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _check_plan(workdir, plan)
   if jax.process_index() == 0:
     write_json(os.path.join(workdir, PLAN), plan)
+  encoders = (edit_cache.Encoders(config.encode, config.mesh) if config.encode.pipeline
+              else None)
   write_shards(workdir, plan, jax.process_index(), jax.process_count(), config.data.on_bad_row,
-               config.data.num_threads)
+               config.data.num_threads, encoders)
   _sync("jaxedit_data_shards")
   summary = {}
   if jax.process_index() == 0:
@@ -289,7 +296,7 @@ def finish(root: str, plan: dict, bad: Sequence[BadRow], config, seconds: float)
   manifest = {"format_version": edit_records.FORMAT_VERSION, "fingerprint": plan["fingerprint"],
               "inputs": plan["inputs"], "buckets": plan["buckets"], "splits": splits,
               "fields": ["id", "instruction", "requirement", "file", "line", "source_image",
-                         "target_image"],
+                         "target_image"] + cached_fields(config.encode),
               "skipped": skipped}
   write_json(os.path.join(root, edit_records.MANIFEST), manifest)
   summary = {"records_dir": root, "seconds": round(seconds, 1), "splits": {
@@ -303,6 +310,13 @@ def finish(root: str, plan: dict, bad: Sequence[BadRow], config, seconds: float)
         os.path.join(root, "contact_sheet_train.png"))
   print(format_summary(summary), flush=True)
   return summary
+
+
+def cached_fields(encode: ml_collections.ConfigDict) -> list[str]:
+  if not encode.pipeline:
+    return []
+  return (list(edit_cache.LATENT_FIELDS.values()) * encode.vae
+          + list(edit_cache.TEXT_FIELDS) * encode.text)
 
 
 def format_summary(summary: dict) -> str:
