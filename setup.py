@@ -26,6 +26,7 @@ setup(
         "numpy",
         "pillow",
         "tokenizers",
+        "transformers",  # FLUX pipelines' CLIP and T5 tokenizers (no torch needed)
         "safetensors",  # export and init_from (numpy side; no torch needed)
         "ml_dtypes",  # bfloat16 tensors in safetensors
     ],

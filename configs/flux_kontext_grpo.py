@@ -1,44 +1,48 @@
-"""Flow-GRPO with LoRA on a FLUX.1-Kontext-dev-sized editor (11.9B transformer), bf16 compute,
-on two TPU v5p-128 slices (128 chips: data 2 across slices over DCN x fsdp 64 within each).
+"""Flow-GRPO with LoRA on a FLUX.1-Kontext pipeline (11.9B transformer), on your own edit
+records, rewarded by a VLM judge behind an OpenAI-compatible server (vLLM, SGLang).
 
-    python -m jaxedit.model_report --config configs/flux_kontext_grpo.py   # sizes, no allocation
+    jaxedit data  --config configs/edit_data.py --workdir RECORDS \
+        --config.data.train=train_metadata.jsonl --config.encode.pipeline=PIPELINE
     jaxedit train --config configs/flux_kontext_grpo.py --workdir RL \
-        --config.init_from=/path/to/FLUX.1-Kontext-dev   # its transformer/ streams in
+        --config.init_from=PIPELINE --config.data.records=RECORDS \
+        --config.rewards.judge.base_url=http://judge:8000/v1
+    # or --config.init_from=SFT (an editor SFT workdir on the same pipeline)
 
-The transformer is Flux-dev's (19 double and 38 single blocks, 24 heads of 128, the guidance
-embedder), fed 16-channel VAE latents of 512x512 images packed 2x2 and precomputed T5
-(4096-wide, 512 tokens) and CLIP pooled (768) embeddings. The trainers run the VAE (read from
-init_from's vae/), but real-image data with precomputed embeddings is not wired yet: jaxedit
-trains the shapes world today, and this config is checked with eval_shape
-(tests/test_model_report.py).
+The architecture comes from init_from (the pipeline's config.json files, or the SFT run's);
+prompts are the records' cached T5 / CLIP embeddings and source latents. On two TPU v5p-128
+slices: data 2 across slices over DCN x fsdp 64 within each, bf16 compute, fp32 adapters.
+Arg `tiny`: two iterations on one CPU for a tiny pipeline folder (tests/tiny_flux.py).
 """
 
 from jaxedit import schema
 
 
 def get_config(arg=None):
-  if arg is not None:
-    raise ValueError(f"unknown config arg {arg!r}")
-  config = schema.editor_grpo()
-  config.world.image_size = 512
-  m = config.model
-  m.patch_size, m.num_heads, m.head_dim, m.axes_dims_rope = 2, 24, 128, (16, 56, 56)
-  m.num_layers, m.num_single_layers, m.guidance_embeds = 19, 38, True
-  m.qk_norm_init = 1.0
-  m.text_encoder, m.context_dim, m.pooled_dim, m.text_max_len = "precomputed", 4096, 768, 512
-  m.vae.enabled = True  # FLUX.1 VAE defaults: 16 latent channels, 8x downsampling
+  config = schema.on_edit_records(schema.editor_grpo())
+  m, r, t = config.model, config.rollout, config.train
+  config.rewards.judge.weight = 1.0
+  if arg == "tiny":
+    r.prompts_per_step, r.group_size, r.rollout_chunks, r.minibatches = 2, 4, 1, 1
+    r.num_steps = 4
+    t.num_steps, t.log_every, t.eval_every, t.checkpoint_every, t.sample_every = 2, 1, 2, 2, 2
+    t.eval_examples, t.sample_examples = 8, 8
+    config.eval.batch_size = 8
+    config.sample.num_steps = 4
+    m.lora_rank, m.lora_alpha = 4, 4.0
+    return config.lock()
+  if arg:
+    raise ValueError(f"unknown config arg {arg!r}; use 'tiny' or nothing")
   m.lora_rank, m.lora_alpha = 32, 64.0
   m.dtype, m.param_dtype = "bfloat16", "float32"  # bf16 compute, fp32 weights and adapters
   m.scan_layers, m.remat_policy = True, "full"
   # Two v5p-128 slices (64 chips each): FSDP within a slice over ICI, data parallelism
   # across the slices over DCN, so only the gradient all-reduce leaves a slice.
   config.mesh.shape, config.mesh.dcn_shape = (1, 64, 1), (2, 1, 1)
-  r = config.rollout
   r.prompts_per_step, r.group_size = 32, 16  # 512 rollouts per iteration, 4 per chip
   r.rollout_chunks, r.minibatches = 4, 4
   r.num_steps, r.noise_level = 10, 0.7
   config.grpo.kl_beta = 0.04
   config.sample.num_steps, config.sample.shift = 28, 3.0
-  config.train.lr = 1e-4
+  t.lr = 1e-4
   config.eval.batch_size = 128
   return config.lock()

@@ -8,7 +8,14 @@ A reward is built by `factory(world, **options)` and called as `fn(images, promp
 `images` uint8 (N, H, W, 3) edits, `prompts` a dict of per-example fields (instruction,
 checklist, source_image, source_scene, target_scene, family, task); it returns float (N,).
 Rewards run on the host in threads, so slow ones (a remote VLM judge) overlap each other and
-the caller can keep the device busy meanwhile (`Rewards.submit`).
+the caller can keep the device busy meanwhile (`Rewards.submit`). A NaN reward means the sample
+is masked (a judge that failed on it, `on_failure="mask"`): the total is NaN there too and GRPO
+gives it zero advantage.
+
+VLM judges over HTTP: `remote` posts batches to a server speaking the JSON protocol below;
+`judge` (`jaxedit.judges`) asks an OpenAI-compatible chat-completions server (vLLM, SGLang,
+`jaxedit.judge_server`) per sample. flow_grpo's pickle protocol is not supported on purpose:
+unpickling a reply runs whatever code the server sends; serve the judge with either of these.
 """
 
 from __future__ import annotations
@@ -151,6 +158,15 @@ def remote_reward(world: World, url: str, timeout: float = 30.0, retries: int = 
   return fn
 
 
+@register("judge")
+def judge_reward(world: World, **options) -> RewardFn:
+  """A VLM judge behind an OpenAI-compatible chat-completions server: `jaxedit.judges`."""
+  del world
+  from jaxedit import judges  # it imports this module
+
+  return judges.Judge(**options)
+
+
 # ------------------------------------------------------------------------------------------
 # Combining rewards.
 # ------------------------------------------------------------------------------------------
@@ -187,9 +203,15 @@ class Rewards:
   def __call__(self, images, prompts):
     return self.submit(images, prompts).result()
 
+  @property
+  def can_mask(self) -> bool:
+    """Whether some reward may return NaN (mask a sample) rather than fail."""
+    return any(getattr(fn, "can_mask", False) for fn in self.fns.values())
+
 
 class PendingRewards:
-  """Rewards being computed; `result()` waits: (weighted total (N,), {name: (N,)})."""
+  """Rewards being computed; `result()` waits: (weighted total (N,), {name: (N,)}). A sample
+  masked (NaN) by any reward is NaN in the total: the weighted sum propagates it."""
 
   def __init__(self, futures: dict, weights: dict):
     self._futures, self._weights = futures, weights

@@ -102,6 +102,14 @@ def rewards() -> ConfigDict:
       "preservation": {"weight": 0.0},
       "remote": {"weight": 0.0, "url": "", "timeout": 30.0, "retries": 3, "backoff": 0.5,
                  "batch_size": 32},
+      # A VLM judge behind an OpenAI-compatible chat-completions server (jaxedit.judges):
+      # base_url with /v1, as `vllm serve` gives; model "" asks the server's /models.
+      "judge": {"weight": 0.0, "base_url": "http://localhost:8000/v1", "model": "",
+                "api_key": "", "api_key_env": "OPENAI_API_KEY", "rubric": "",
+                "score": "text",  # text: the reply's last "Score: N" | logprobs: E[digit]
+                "max_tokens": 0, "temperature": 0.0, "max_concurrency": 8, "timeout": 60.0,
+                "retries": 3, "backoff": 1.0,
+                "on_failure": "error"},  # error | mask (left out of the loss, counted)
   })
 
 
@@ -145,6 +153,12 @@ def editor_model() -> ConfigDict:
       # diffusers-layout AutoencoderKL (models.vae; defaults: the FLUX.1 VAE), frozen, with
       # weights from the diffusers folder `init_from` ("": the `vae/` of the run's init_from)
       # and its latents' shift and scale from that folder's config.json (jaxedit.codec).
+      # config: the shape keys above | init_from: read from the pipeline folder's
+      # transformer/ and vae/ config.json (edit records runs; jaxedit.flux_editing)
+      "architecture": "config",
+      # The guidance value a guidance-embedded (dev-type) model gets in training and sampling
+      # (FLUX.1-Kontext-dev: 2.5); not classifier-free guidance.
+      "guidance": 2.5,
       "vae": {"enabled": False, "init_from": "", "latent_channels": 16,
               "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
               "norm_num_groups": 32},
@@ -254,6 +268,12 @@ def _editor(trainer: str, train: dict) -> ConfigDict:
   c.trainer = trainer
   c.world = world()
   c.data = data()
+  # A lab's own data instead of the shapes world: a records folder from `jaxedit data
+  # --config configs/edit_data.py` (jaxedit.flux_editing), and the diffusers pipeline folder
+  # whose VAE decodes samples and whose encoders run where the records cache nothing
+  # (default: init_from when it is a pipeline folder).
+  c.data.records = ""
+  c.data.pipeline = ""
   c.tokenizer = tokenizer()
   c.model = editor_model()
   c.sample = ConfigDict({"num_steps": 16, "shift": 1.0, "guidance_scale": 1.0})
@@ -502,6 +522,19 @@ def edit_dataset() -> ConfigDict:
   c.report = ConfigDict({"contact_sheet_examples": 16})
   c.distributed = distributed()
   return c
+
+
+def on_edit_records(config: ConfigDict) -> ConfigDict:
+  """An editor config (SFT, GRPO) set to train on edit records with FLUX conditioning: the
+  architecture, VAE and text widths from the pipeline folder (init_from), cached T5 / CLIP
+  embeddings, judges instead of the shapes world's rewards."""
+  m = config.model
+  m.architecture, m.text_encoder, m.vae.enabled = "init_from", "precomputed", True
+  m.text_max_len = 512
+  config.eval.split = "test"
+  if "rewards" in config:  # the shapes world's rewards read its scenes
+    config.rewards.checklist.weight = config.rewards.preservation.weight = 0.0
+  return config
 
 
 REFERENCE_CONFIGS = {

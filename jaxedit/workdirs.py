@@ -10,7 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxedit import checkpoint, editing, planning, registry, sharding
+from jaxedit import checkpoint, editing, flux_editing, planning, registry, sharding
 from jaxedit.config import ConfigError
 from jaxedit.rl import editor_policy, planner_policy
 from jaxedit.shapes.detect import detect
@@ -81,7 +81,8 @@ def load_editor(workdir: str, batch_size: int = 64, devices=None,
   config.eval.batch_size = batch_size
   key = weights_key(config, weights)
   if not registry.get(config.trainer).rl:
-    setup = editing.make_setup(config, workdir, devices)
+    setup = (flux_editing.make_setup(config, workdir, devices) if flux_editing.on_records(config)
+             else editing.make_setup(config, workdir, devices))
     params = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
   else:
     setup = editor_policy.build_setup(config, workdir, devices)
@@ -90,7 +91,11 @@ def load_editor(workdir: str, batch_size: int = 64, devices=None,
             if setup.use_lora else None)
     params = setup.policy(trained, base)
   sample = config.sample
-  sampler = editing.make_sampler(setup, sample.num_steps, sample.shift, sample.guidance_scale)
+  if flux_editing.on_records(config):  # samples from model inputs (latents, embeddings)
+    sampler = flux_editing.make_sampler(setup, sample.num_steps, sample.shift)
+  else:
+    sampler = editing.make_sampler(setup, sample.num_steps, sample.shift,
+                                   sample.guidance_scale)
   return LoadedEditor(setup, params, sampler, batch_size, workdir)
 
 

@@ -79,7 +79,7 @@ def test_edit_r1_folder_round_trips(edit_r1, tmp_path):
     bucket = BUCKETS[edit_rows.nearest_bucket(SIZES[i], BUCKETS)]
     image = edit_rows.load_image(str(edit_r1 / "images" / f"{i}.png"))
     np.testing.assert_array_equal(r["source_image"], edit_rows.fit_to_bucket(image, bucket))
-    assert r["target_image"].size == 0
+    assert not r["has_target"] and not r["target_image"].any()
   # a folder names the same files
   assert build(config(edit_r1), tmp_path / "out2")["splits"] == summary["splits"]
 
@@ -95,8 +95,9 @@ def test_dancegrpo_editscore_and_field_map(tmp_path):
   write_jsonl(tmp_path / "mine.jsonl", [{"uid": 7, "text": "sharpen", "src": "a.png"}])
   summary = build(config(tmp_path / "dance.jsonl"), tmp_path / "d")
   assert summary["splits"]["train"]["records"] == 2
-  with_target = [r for r in all_records(tmp_path / "d", "train") if r["target_image"].size]
+  with_target = [r for r in all_records(tmp_path / "d", "train") if r["has_target"]]
   assert len(with_target) == 1 and with_target[0]["target_image"].shape == (48, 80, 3)
+  assert summary["splits"]["train"]["with_target"] == 1
   build(config(tmp_path / "editscore.jsonl"), tmp_path / "e")
   assert [r["id"] for r in all_records(tmp_path / "e", "train")] == ["k1"]
   cfg = config(tmp_path / "mine.jsonl", format="fields")
@@ -281,7 +282,7 @@ def test_cli_builds_records(edit_r1, tmp_path, capsys):
                  f"--config.data.train={edit_r1 / 'train_metadata.jsonl'}",
                  "--config.data.buckets=((64, 64), (48, 80))"])
   assert rc == 0
-  assert "== train: 6 records" in capsys.readouterr().out
+  assert "== train: 6 records, 0 with target images" in capsys.readouterr().out
   assert os.path.exists(out / "contact_sheet_train.png")
   rc = cli.main(["data", "--config", "configs/edit_data.py", "--workdir", str(tmp_path / "no"),
                  f"--config.data.train={tmp_path / 'missing.jsonl'}"])

@@ -203,6 +203,7 @@ def write_shard(root: str, shard: dict, fingerprint: str, policy: str,
   os.replace(tmp, path)
   ids = [r["id"] for r in records]
   manifest = {"fingerprint": fingerprint, "records": len(ids), "ids": ids,
+              "with_target": sum(bool(np.size(r["target_image"])) for r in records),
               "skipped": skipped}
   write_json(path + ".json", manifest)
   return manifest
@@ -284,7 +285,9 @@ def finish(root: str, plan: dict, bad: Sequence[BadRow], config, seconds: float)
       raise DatasetError(f"shard {shard['split']} {shard['bucket']} {shard['index']} of "
                          f"{root} was not written")
     skipped += manifest["skipped"]
-    split = splits.setdefault(shard["split"], {"records": 0, "buckets": []})
+    split = splits.setdefault(shard["split"], {"records": 0, "with_target": 0,
+                                               "buckets": []})
+    split["with_target"] += manifest["with_target"]
     buckets = {tuple(b["bucket"]): b for b in split["buckets"]}
     entry = buckets.get(tuple(shard["bucket"]))
     if entry is None:
@@ -300,7 +303,7 @@ def finish(root: str, plan: dict, bad: Sequence[BadRow], config, seconds: float)
               "skipped": skipped}
   write_json(os.path.join(root, edit_records.MANIFEST), manifest)
   summary = {"records_dir": root, "seconds": round(seconds, 1), "splits": {
-      split: {"records": s["records"],
+      split: {"records": s["records"], "with_target": s["with_target"],
               "buckets": {f"{b['bucket'][0]}x{b['bucket'][1]}": b["records"]
                           for b in s["buckets"]}} for split, s in splits.items()},
              "skipped_rows": len(skipped), "skipped": skipped}
@@ -323,7 +326,8 @@ def format_summary(summary: dict) -> str:
   lines = [f"edit records in {summary['records_dir']} ({summary['seconds']}s)"]
   for split, s in summary["splits"].items():
     buckets = ", ".join(f"{b}: {n}" for b, n in s["buckets"].items())
-    lines.append(f"== {split}: {s['records']} records ({buckets})")
+    lines.append(f"== {split}: {s['records']} records, {s['with_target']} with target "
+                 f"images ({buckets})")
   if summary["skipped"]:
     lines.append(f"skipped {summary['skipped_rows']} bad rows (data.on_bad_row=skip):")
     lines += [f"  {b['file']}:{b['line']}: {b['reason']}" for b in summary["skipped"][:20]]
@@ -341,7 +345,7 @@ def contact_sheet(root: str, num_examples: int):
   for source in records.buckets("train"):
     for i in range(min(len(source), max(1, num_examples // len(records.buckets("train"))))):
       r = source[i]
-      images = [r["source_image"]] + ([r["target_image"]] if r["target_image"].size else [])
+      images = [r["source_image"]] + ([r["target_image"]] if r["has_target"] else [])
       images = [_thumbnail(im, 128) for im in images]
       rows.append((images, [f"[{source.bucket[0]}x{source.bucket[1]}] {r['instruction']}"]))
   width = max(sum(im.shape[1] for im in imgs) for imgs, _ in rows)

@@ -46,12 +46,18 @@ def encode_record(record: dict[str, Any]) -> bytes:
 
 
 def decode_record(data: bytes) -> dict[str, Any]:
+  """The record with its images decoded. A row without a target image gets zeros of the
+  source's shape (and zero target latents where latents are cached), `has_target` False,
+  so that every record of a bucket stacks into one batch."""
   record = serialization.msgpack_restore(data)
-  for key in IMAGE_FIELDS:
-    if key in record:
-      png = record[key]
-      record[key] = (np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), np.uint8) if png
-                     else np.zeros((0, 0, 3), np.uint8))
+  source = np.asarray(Image.open(io.BytesIO(record["source_image"])).convert("RGB"), np.uint8)
+  record["source_image"] = source
+  record["has_target"] = bool(record.get("target_image"))
+  record["target_image"] = (np.asarray(Image.open(io.BytesIO(record["target_image"]))
+                                       .convert("RGB"), np.uint8)
+                            if record["has_target"] else np.zeros_like(source))
+  if "source_latents" in record and "target_latents" not in record:
+    record["target_latents"] = np.zeros_like(record["source_latents"])
   return record
 
 
@@ -142,13 +148,15 @@ def _stack(records: list[dict], fields: Sequence[str] | None) -> dict[str, np.nd
 
 def train_batches(records: EditRecords, split: str, batch_size: int, *, seed: int,
                   process_index: int | None = None, process_count: int | None = None,
-                  fields: Sequence[str] | None = None,
-                  num_epochs: int | None = None) -> grain.IterDataset:
+                  fields: Sequence[str] | None = None, num_epochs: int | None = None,
+                  chunks: int = 1) -> grain.IterDataset:
   """Batches of this process's `batch_size` rows of each global batch, every global batch
   from one bucket. Per bucket, the record order is shuffled anew each epoch and cut into
   global batches; buckets take turns in proportion to their size (`grain.MapDataset.mix`).
   Only indices are mixed, so each process decodes just its own rows; the iterator's state
-  (`get_state()`) is the same on every process and resumes on any process count."""
+  (`get_state()`) is the same on every process and resumes on any process count. With
+  `chunks` > 1 a global batch is that many consecutive chunks and a process holds its rows
+  of each, chunk after chunk (RL iterations roll out chunk by chunk)."""
   if process_index is None or process_count is None:
     import jax
 
@@ -161,7 +169,11 @@ def train_batches(records: EditRecords, split: str, batch_size: int, *, seed: in
       for b, src in enumerate(sources)]
   ds = grain.MapDataset.mix(by_bucket, [len(src) for src in sources]) if len(
       by_bucket) > 1 else by_bucket[0]
-  rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
+  if batch_size % chunks:
+    raise ValueError(f"{batch_size} rows per process do not split into {chunks} chunks")
+  per_chunk = batch_size // chunks
+  rows = np.concatenate([c * per_chunk * process_count + process_index * per_chunk
+                         + np.arange(per_chunk) for c in range(chunks)])
 
   def read(item):
     b, idx = item

@@ -26,6 +26,12 @@ from jaxedit.models.vae import VAEConfig
 FLUX_STACKS = ("transformer_blocks", "single_transformer_blocks")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Keys of the config's `model` section that may differ from a run being fine-tuned (or whose
+# architecture a run takes); all others must match it (scan_layers too: scanned and unrolled
+# layers are differently shaped parameter trees).
+FREE_MODEL_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "dtype", "param_dtype",
+                   "remat_policy", "attention", "splash_block", "architecture", "guidance",
+                   "vae.init_from")  # where the same VAE's weights are read from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,10 +189,11 @@ class Editor(nn.Module):
     else:
       context, pooled = text["context"], text["pooled"]
     p = cfg.patch_size
+    grid = (x_t.shape[1] // p, x_t.shape[2] // p)  # any bucket's shape, not only the config's
     v = FluxTransformer(cfg.flux, name="transformer")(
-        patchify(x_t, p), t, context, pooled, cfg.grid, source_tokens=patchify(source, p),
+        patchify(x_t, p), t, context, pooled, grid, source_tokens=patchify(source, p),
         guidance=guidance, text_ids=text_ids)
-    v = unpatchify(v, p, cfg.grid).astype(jnp.float32)
+    v = unpatchify(v, p, grid).astype(jnp.float32)
     return (v, cell_logits) if with_cell_logits else v
 
 

@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxedit import (checkpoint, editing, evaluation, flow, flow_grpo, lora, overlap,
-                     sharding)
+from jaxedit import (checkpoint, editing, evaluation, flow, flow_grpo, flux_editing, lora,
+                     overlap, sharding)
 from jaxedit import rewards as rewards_lib
 from jaxedit.config import ConfigError, plain
+from jaxedit.data import edit_records
 from jaxedit.data.pipeline import make_dataset
-from jaxedit.editing import text_inputs
 from jaxedit.interop import pretrained
 from jaxedit.models import editor as editor_model
 from jaxedit.rl import driver
@@ -35,18 +35,15 @@ from jaxedit.train import optimizer as optimizer_lib, records, setup as setup_li
 PROMPT_FIELDS = ("source_image", "target_image", "instruction", "checklist", "source_scene",
                  "target_scene", "family", "task")
 DEVICE_FIELDS = ("source_image", "ids", "mask")  # the prompt fields the rollouts need
-# Model keys that may differ from the SFT run being fine-tuned; all others must match it
-# (scan_layers too: scanned and unrolled layers are differently shaped parameter trees).
-FREE_MODEL_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "dtype", "param_dtype",
-                   "remat_policy", "attention", "splash_block",
-                   "vae.init_from")  # where the same VAE's weights are read from
 
 
 # ------------------------------------------------------------------------------------------
 # Setup.
 # ------------------------------------------------------------------------------------------
 @dataclasses.dataclass
-class Setup(editing.Setup):
+class PolicyFields:
+  """What an RL setup adds to the editor's (shapes world or edit records)."""
+
   full_shardings: Any  # of the whole parameter tree (base and adapters joined)
   use_lora: bool
   levels_and_steps: Any  # iteration -> (noise levels (T,), trained step indices)
@@ -78,11 +75,32 @@ class Setup(editing.Setup):
     return self.abstract_state.base if self.use_lora else self.abstract_state.params
 
 
+@dataclasses.dataclass
+class Setup(PolicyFields, editing.Setup):
+  """On the shapes world: prompts are token ids, sources are images the codec encodes."""
+
+  text_fields = ("ids", "mask")
+  device_fields = DEVICE_FIELDS
+  guidance = None  # the shapes editors embed no guidance
+
+
+@dataclasses.dataclass
+class RecordsSetup(PolicyFields, flux_editing.RecordsSetup):
+  """On edit records: prompts are T5 / CLIP embeddings, sources are latents."""
+
+  text_fields = ("context", "pooled")
+  device_fields = ("source_latents", "context", "pooled")
+
+
 def check_rollouts(config: ml_collections.ConfigDict) -> None:
   """Checks what every trainer on the editor's own rollouts shares: the `rollout` section,
   the start and the tasks."""
   g = config.rollout
-  if config.model.text_encoder != "shapes":
+  if flux_editing.on_records(config):
+    if g.guidance_scale != 1.0:
+      raise ConfigError("rollout.guidance_scale must be 1 on edit records: FLUX models are "
+                        "guidance-distilled (model.guidance), with no unconditional branch")
+  elif config.model.text_encoder != "shapes":
     raise ConfigError("model.text_encoder must be 'shapes' for the shapes world")
   for key in ("prompts_per_step", "group_size", "rollout_chunks", "num_steps", "inner_epochs",
               "minibatches"):
@@ -136,9 +154,21 @@ def step_schedule_fn(g: ml_collections.ConfigDict, seed: int):
 
 def build_setup(config: ml_collections.ConfigDict, workdir: str, devices) -> Setup:
   """The setup of a trainer on the SDE rollouts of the config's `rollout` section (already
-  checked), with the tokenizer of `init_from`."""
-  pretrained.copy_tokenizer(config.init_from, workdir)
-  world, tok, model, mesh, rules, batch_sharding = editing.make_parts(config, workdir, devices)
+  checked): on the shapes world with the tokenizer of `init_from`, or on edit records."""
+  if flux_editing.on_records(config):
+    config = flux_editing.with_architecture(config)
+    records, model, mesh, rules, batch_sharding = flux_editing.make_parts(config, devices)
+    world = tok = None
+    dummy = flux_editing.dummy_inputs(model.cfg, flux_editing.first_bucket(records),
+                                      editor_model.vae_config(config.model).downscale,
+                                      config.model.text_max_len)
+    cls, fields = RecordsSetup, {"records": records}
+  else:
+    pretrained.copy_tokenizer(config.init_from, workdir)
+    world, tok, model, mesh, rules, batch_sharding = editing.make_parts(config, workdir,
+                                                                        devices)
+    dummy = editing.dummy_inputs(model.cfg, config.model.text_max_len)
+    cls, fields = Setup, {}
   g = config.rollout
   n = g.prompts_per_step * g.group_size
   setup_lib.check_batch_size("a rollout chunk (P * G / rollout.rollout_chunks)",
@@ -150,7 +180,7 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices) -> Set
   optimizer = optimizer_lib.on_policy(config.train, g.accumulate)
   use_lora = config.model.lora_rank > 0
   init = functools.partial(initial_state, model=model, tx=optimizer.tx, use_lora=use_lora,
-                           dummy=editing.dummy_inputs(model.cfg, config.model.text_max_len))
+                           dummy=dummy)
   boxed = jax.eval_shape(init, jax.random.key(0))
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract_state = checkpoint.abstract_like(nn.unbox(boxed), state_shardings)
@@ -161,9 +191,11 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str, devices) -> Set
       lora.check_targets(abstract_state.params, config.model.lora_targets)
     except ValueError as e:
       raise ConfigError(f"config key 'model.lora_targets': {e}") from None
-  return Setup(config, world, tok, model, mesh, rules, optimizer, init, state_shardings,
-               abstract_state, batch_sharding, full, use_lora,
-               step_schedule_fn(g, config.train.seed), g)
+  return cls(config=config, world=world, tokenizer=tok, model=model, mesh=mesh, rules=rules,
+             optimizer=optimizer, init=init, state_shardings=state_shardings,
+             abstract_state=abstract_state, batch_sharding=batch_sharding,
+             full_shardings=full, use_lora=use_lora,
+             levels_and_steps=step_schedule_fn(g, config.train.seed), rollouts=g, **fields)
 
 
 def initial_state(rng, *, model, tx, use_lora, dummy) -> PolicyState:
@@ -203,12 +235,12 @@ def load_sft(setup: Setup, init_from: str):
 
 
 def model_mismatch(saved, model) -> list[str]:
-  """'model.K = A there, B here' for every architecture key (not FREE_MODEL_KEYS; nested
+  """'model.K = A there, B here' for every architecture key (not models.editor.FREE_MODEL_KEYS; nested
   ones dotted, e.g. vae.latent_channels) of a saved run's model section that differs from
   `model`."""
   saved, model = (flax.traverse_util.flatten_dict(plain(m), sep=".") for m in (saved, model))
   return [f"model.{k} = {saved[k]!r} there, {model[k]!r} here" for k in sorted(saved)
-          if k not in FREE_MODEL_KEYS and k in model and model[k] != saved[k]]
+          if k not in editor_model.FREE_MODEL_KEYS and k in model and model[k] != saved[k]]
 
 
 def init_state(setup: Setup, sft_params) -> PolicyState:
@@ -226,12 +258,15 @@ def init_state(setup: Setup, sft_params) -> PolicyState:
 # ------------------------------------------------------------------------------------------
 # Rollout and update, each one jitted program.
 # ------------------------------------------------------------------------------------------
-def make_velocity(model, guidance_scale: float):
-  """velocity(params, x, t, source, text) with classifier-free guidance when scale != 1."""
+def make_velocity(model, guidance_scale: float, guidance: float | None = None):
+  """velocity(params, x, t, source, text) with classifier-free guidance when scale != 1
+  (shapes text only: its empty prompt), and the embedded `guidance` of dev-type models."""
   def velocity(params, x, t, source, text):
-    empty = {"ids": jnp.zeros_like(text["ids"]), "mask": jnp.zeros_like(text["mask"])}
+    g = None if guidance is None else jnp.full((x.shape[0],), guidance, jnp.float32)
+    empty = (None if guidance_scale == 1.0 else
+             {"ids": jnp.zeros_like(text["ids"]), "mask": jnp.zeros_like(text["mask"])})
     fn = lambda x, t, cond: model.apply({"params": params}, x, t, source,
-                                        text if cond else empty)
+                                        text if cond else empty, guidance=g)
     return flow.guided(fn, guidance_scale)(x, t)
   return velocity
 
@@ -247,11 +282,12 @@ def make_rollout(setup: Setup):
   source (the encoded sources, for the update), latents (the trajectory in the model's
   space), log_probs."""
   g = setup.rollouts
-  velocity = make_velocity(setup.model, g.guidance_scale)
+  velocity = make_velocity(setup.model, g.guidance_scale, setup.guidance)
   times = flow.sigmas(g.num_steps, setup.config.sample.shift)
 
   def rollout(codec, trained, base, chunk, levels, rng):
-    source = codec.encode(chunk["source_image"])
+    source = (chunk["source_latents"] if "source_latents" in chunk
+              else codec.encode(chunk["source_image"]))
     r_noise, r_sde = jax.random.split(rng)
     if g.shared_noise:  # one initial noise per group of G consecutive samples
       x1 = jax.random.normal(r_noise, (source.shape[0] // g.group_size, *source.shape[1:]))
@@ -259,7 +295,8 @@ def make_rollout(setup: Setup):
     else:
       x1 = jax.random.normal(r_noise, source.shape)
     out = flow_grpo.rollout(velocity, setup.policy(trained, base), x1, source,
-                            text_inputs(chunk), times, levels, r_sde, g.sde_type)
+                            {k: chunk[k] for k in setup.text_fields}, times, levels, r_sde,
+                            g.sde_type)
     return {"images": codec.decode(out["sample"]), "source": source,
             "latents": out["latents"], "log_probs": out["log_probs"]}
 
@@ -275,17 +312,18 @@ def make_rollout(setup: Setup):
 # Rollouts scored on the host.
 # ------------------------------------------------------------------------------------------
 def rollout_and_score(setup: Setup, rollout, reward_fn, trained, base, prompts: dict,
-                      levels, rng, device_fields=DEVICE_FIELDS):
+                      levels, rng, extra_fields=()):
   """Samples G edits of each of this process's prompts in `rollout_chunks` jitted calls, with
   the policy of parameters (trained, base). Chunk j's images go to the host rewards while
   the device samples chunk j + 1.
 
-  Returns (chunks for the update: `device_fields`, encoded sources, latents, log-probs,
-  rewards; host dict of the rollout: images, rewards, parts, and the per-sample prompt
-  fields)."""
+  Returns (chunks for the update: the setup's device fields and `extra_fields`, encoded
+  sources, latents, log-probs, rewards; host dict of the rollout: images, rewards, parts,
+  and the per-sample prompt fields)."""
   g = setup.rollouts
   grouped = {k: np.repeat(np.asarray(v), g.group_size, axis=0) for k, v in prompts.items()}
-  size = len(grouped["ids"]) // g.rollout_chunks
+  size = len(grouped[setup.text_fields[0]]) // g.rollout_chunks
+  device_fields = setup.device_fields + tuple(extra_fields)
   pieces = [{k: v[j * size:(j + 1) * size] for k, v in grouped.items()}
             for j in range(g.rollout_chunks)]
   inputs, outs, pending, images = [], [], [], []
@@ -299,7 +337,7 @@ def rollout_and_score(setup: Setup, rollout, reward_fn, trained, base, prompts: 
     inputs.append(sharding.global_batch({k: piece[k] for k in device_fields},
                                         setup.batch_sharding))
     outs.append(rollout(trained, base,
-                        {k: inputs[j][k] for k in ("source_image", "ids", "mask")}, levels,
+                        {k: inputs[j][k] for k in setup.device_fields}, levels,
                         jax.random.fold_in(rng, j)))
     if j:
       score(j - 1)
@@ -350,7 +388,16 @@ def tokenize(setup: Setup, record: dict) -> dict:
   return record
 
 
+WORLD_REWARDS = ("checklist", "preservation")  # read the shapes world's scenes
+
+
 def make_rewards(config, world) -> rewards_lib.Rewards:
+  """The config's rewards; without a world (edit records) only judges may be weighted."""
+  if world is None:
+    on = [n for n in WORLD_REWARDS if config.rewards.get(n, {}).get("weight", 0.0)]
+    if on:
+      raise ConfigError(f"reward {on[0]!r} reads the shapes world's scenes; on edit records "
+                        f"set rewards.{on[0]}.weight=0 and weight a judge (rewards.judge)")
   try:
     return rewards_lib.Rewards(config.rewards.to_dict(), world)
   except ValueError as e:
@@ -416,7 +463,7 @@ class EditorPolicy(driver.Policy):
     chunks, host = rollout_and_score(
         self.rollout_setup, self.rollout, self.reward_fn, params, base, {**prompts, **extra},
         self.setup.levels_and_steps(step)[0], jax.random.fold_in(self.base_rng, step),
-        DEVICE_FIELDS + tuple(extra))
+        tuple(extra))
     return (overlap.to_mesh(chunks, self.setup.mesh) if self.overlapped else chunks), host
 
   def update_inputs(self, rollouts, step):
@@ -448,3 +495,70 @@ def write_rollout_grid(writer, workdir: str, step: int, host: dict, limit: int) 
   texts = [f"{host['instruction'][i]} | reward {host['rewards'][i]:.2f}" for i in range(n)]
   records.write_image(writer, workdir, step, "rollouts", "rollout", evaluation.edit_grid(
       host["source_image"][:n], host["images"][:n], host["target_image"][:n], texts, None, n))
+
+
+class RecordsEditorPolicy(EditorPolicy):
+  """The editor on edit records (a lab's own data): prompts are the records' cached
+  embeddings and source latents, rewards come from judges (rewards.judge / .remote), and
+  validation scores the EMA policy's ODE samples with them."""
+
+  @classmethod
+  def evaluate(cls, setup: RecordsSetup, state: PolicyState, out: str) -> dict:
+    """The trained policy and, on the same noise, the start; mean judge reward of each."""
+    config, ec = setup.config, setup.config.eval
+    reward_fn = make_rewards(config, None)
+    trained = state.ema_params if ec.use_ema else state.params
+    sampler = flux_editing.make_sampler(setup, config.sample.num_steps, config.sample.shift)
+    split = ec.split if ec.split in setup.records.splits else "train"
+    batches = flux_editing.eval_batches(setup, split, ec.num_examples, ec.batch_size)
+    results = {}
+    for name, params in (("after", setup.policy(trained, state.base)),
+                         ("before", setup.reference(state))):
+      results[name], first = flux_editing.evaluate(setup, params, batches, sampler,
+                                                   seed=ec.seed, reward_fn=reward_fn)
+      evaluation.edit_grid(*first).save(os.path.join(out, f"edits_{name}.png"))
+    after, before = results["after"], results["before"]
+    return {**after, "before": before, "change": driver.change(before, after),
+            "split": split, "init_from": config.init_from, "seed": config.train.seed}
+
+  def __init__(self, setup: RecordsSetup, rollout_setup: RecordsSetup, algorithm, run):
+    driver.Policy.__init__(self, setup, rollout_setup, algorithm, run)
+    config, g, tc = setup.config, setup.rollouts, setup.config.train
+    self.reward_fn = make_rewards(config, None)
+    self.rollout = make_rollout(rollout_setup)
+    self.sampler = flux_editing.make_sampler(setup, config.sample.num_steps,
+                                             config.sample.shift)
+    split = config.eval.split if config.eval.split in setup.records.splits else "train"
+    self.val_batches = flux_editing.eval_batches(setup, split, tc.eval_examples,
+                                                 config.eval.batch_size)
+    self.base_rng = jax.random.key(tc.seed)
+    n_trained = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+    logging.info("editor %s on %s: %.3fM trained parameters (%s), %d prompts x %d samples "
+                 "per step, mesh %s", algorithm.name, setup.records.root, n_trained / 1e6,
+                 "LoRA" if setup.use_lora else "full", g.prompts_per_step, g.group_size,
+                 dict(setup.mesh.shape))
+
+  def train_prompts(self):
+    """An iteration's prompts from one bucket: its rollout chunks share a shape."""
+    g = self.setup.rollouts
+    if g.prompts_per_step % (g.rollout_chunks * jax.process_count()):
+      raise ConfigError(f"rollout.prompts_per_step {g.prompts_per_step} must split into "
+                        f"{g.rollout_chunks} chunks on {jax.process_count()} processes")
+    return iter(edit_records.train_batches(
+        self.setup.records, "train", g.prompts_per_step // jax.process_count(),
+        seed=self.setup.config.train.seed, chunks=g.rollout_chunks))
+
+  def roll(self, step, params, base, data_iter):
+    batch = next(data_iter)
+    prompts = {**self.setup.model_inputs(batch),
+               **{k: batch[k] for k in ("id", "instruction", "requirement", "source_image",
+                                        "target_image")}}
+    chunks, host = rollout_and_score(
+        self.rollout_setup, self.rollout, self.reward_fn, params, base, prompts,
+        self.setup.levels_and_steps(step)[0], jax.random.fold_in(self.base_rng, step))
+    return (overlap.to_mesh(chunks, self.setup.mesh) if self.overlapped else chunks), host
+
+  def validate(self, state, step):
+    return flux_editing.evaluate(self.setup, self.setup.policy(state.ema_params, state.base),
+                                 self.val_batches, self.sampler, seed=10_000,
+                                 reward_fn=self.reward_fn)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxedit import flow, flow_grpo, grpo, hparams, sharding
+from jaxedit import flow, flow_grpo, flux_editing, grpo, hparams, sharding
 from jaxedit.config import ConfigError
 from jaxedit.rl import driver, editor_policy, update as rl_update
 from jaxedit.rl.driver import PolicyState
@@ -49,7 +49,7 @@ def make_update(setup: Setup):
   """jitted (state, chunks, levels, trained_steps) -> (state, metrics): advantages, then
   inner_epochs x minibatches clipped-ratio updates on shuffled samples, EMA after each."""
   config, r, g = setup.config, setup.rollouts, setup.config.grpo
-  velocity = editor_policy.make_velocity(setup.model, r.guidance_scale)
+  velocity = editor_policy.make_velocity(setup.model, r.guidance_scale, setup.guidance)
   times = flow.sigmas(r.num_steps, config.sample.shift)
   base_rng = jax.random.key(config.train.seed + 1)
   traj = editor_policy.trajectory_sharding(setup)
@@ -70,7 +70,7 @@ def make_update(setup: Setup):
             "log_probs": take(data["log_probs"], 1),
             "source": jax.lax.with_sharding_constraint(take(data["source"], 0),
                                                        setup.batch_sharding),
-            "text": {"ids": take(data["ids"], 0), "mask": take(data["mask"], 0)},
+            "text": {k: take(data[k], 0) for k in setup.text_fields},
             "advantages": take(advantages, 0)}
       return flow_grpo.minibatch_grads(
           lambda p, j: flow_grpo.step_loss(
@@ -94,12 +94,18 @@ def make_update(setup: Setup):
 
 
 GRPO = driver.Algorithm("GRPO", editor_policy.EditorPolicy, make_setup, make_update)
+GRPO_ON_RECORDS = driver.Algorithm("GRPO", editor_policy.RecordsEditorPolicy, make_setup,
+                                   make_update)
+
+
+def algorithm(config: ml_collections.ConfigDict) -> driver.Algorithm:
+  return GRPO_ON_RECORDS if flux_editing.on_records(config) else GRPO
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return driver.train(config, workdir, GRPO)
+  return driver.train(config, workdir, algorithm(config))
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The GRPO policy and the SFT model it started from, on `eval.split`."""
-  return driver.run_eval(config, workdir, GRPO)
+  return driver.run_eval(config, workdir, algorithm(config))

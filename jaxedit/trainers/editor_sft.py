@@ -15,10 +15,11 @@ import jax
 import ml_collections
 import optax
 
-from jaxedit import checkpoint, editing, evaluation, flow, hparams, population, sharding
+from jaxedit import checkpoint, editing, evaluation, flow, flux_editing, hparams, population
+from jaxedit import sharding
 from jaxedit.codec import Codec
 from jaxedit.config import ConfigError
-from jaxedit.data import job as data_job
+from jaxedit.data import edit_records, job as data_job
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.editing import Setup, text_inputs
 from jaxedit.interop import pretrained
@@ -39,6 +40,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       "model.text_layout_grid set: only that loss trains the grounding head")
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
+  if flux_editing.on_records(config):
+    return flux_editing.make_setup(config, workdir, devices)
   check_config(config)
   return editing.make_setup(config, workdir, devices)
 
@@ -118,6 +121,8 @@ def start_state(setup: Setup) -> setup_lib.TrainState:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  if flux_editing.on_records(config):
+    return train_on_records(config, workdir)
   if config.get("population"):
     return train_population(config, workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -147,6 +152,88 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if first is None:  # the first validation batch's edits, when validation ran
       _, first = editing.evaluate(setup, state.ema_params, val_batches[:1], sampler, seed=10_000)
     editing.write_grid(run.writer, workdir, step, first, tc.sample_examples)
+
+  state, step, metrics, curve = loop.run(run, state, data_iter, step_fn,
+                                         loop.Hooks(validate=validate, samples=samples))
+  return {"step": step, "curve": curve,
+          "final_loss": None if metrics is None else float(metrics["loss"])}
+
+
+def records_step_fn(setup: flux_editing.RecordsSetup):
+  """The (unjitted) SFT step on model inputs (cached or just encoded)."""
+  cfg = setup.config
+  base_rng = jax.random.key(cfg.train.seed)
+
+  def step_fn(state: setup_lib.TrainState, inputs: dict, hp: dict):
+    rng = jax.random.fold_in(base_rng, state.step)
+    loss, grads = jax.value_and_grad(flux_editing.sft_loss)(
+        state.params, setup.model, inputs, rng, cfg.flow, setup.guidance)
+    params, ema, opt_state, rate = setup.optimizer.update(
+        hp, state.params, state.ema_params, state.opt_state, grads, state.step)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate}
+    return setup_lib.TrainState(state.step + 1, params, ema, opt_state), metrics
+  return step_fn
+
+
+def make_records_step(setup: flux_editing.RecordsSetup):
+  step = jax.jit(records_step_fn(setup),
+                 in_shardings=(setup.state_shardings, setup.batch_sharding, None),
+                 out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
+                 donate_argnums=0)
+  return sharding.Program(step, setup.mesh, setup.rules, (),
+                          hparams.values(setup.config, hparams.SFT))
+
+
+def check_records_config(setup: flux_editing.RecordsSetup) -> None:
+  train_split = setup.records.manifest["splits"]["train"]
+  if train_split["with_target"] < train_split["records"]:
+    raise ConfigError(f"editor SFT learns from target images: only {train_split['with_target']}"
+                      f" of the {train_split['records']} training records in "
+                      f"{setup.records.root} have one (RL data? train it with editor_grpo)")
+  for key in ("num_steps", "batch_size", "log_every"):
+    if setup.config.train[key] <= 0:
+      raise ConfigError(f"config key 'train.{key}' must be > 0")
+  if setup.config.train.text_dropout:
+    raise ConfigError("train.text_dropout needs the shapes text encoder; FLUX models are "
+                      "guidance-distilled and sample without an unconditional branch")
+
+
+def train_on_records(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """SFT on edit records (a lab's own data) with FLUX conditioning."""
+  setup = flux_editing.make_setup(config, workdir)
+  check_records_config(setup)
+  config, tc = setup.config, setup.config.train
+  run = loop.Run(config, workdir)
+  n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+  logging.info("editor: %.2fM parameters, mesh %s, records %s (%s)", n_params / 1e6,
+               dict(setup.mesh.shape), setup.records.root,
+               "cached encodings" if setup.cached else "encoded each step")
+  data_iter = iter(edit_records.train_batches(
+      setup.records, "train", tc.batch_size // jax.process_count(), seed=tc.seed))
+  state = run.restore_or_init(setup.abstract_state, data_iter, lambda: start_state(setup))
+  train_step = make_records_step(setup)
+  split = config.eval.split if config.eval.split in setup.records.splits else "train"
+  val_batches = flux_editing.eval_batches(setup, split, tc.eval_examples,
+                                          config.eval.batch_size)
+  sampler = flux_editing.make_sampler(setup, config.sample.num_steps, config.sample.shift)
+  val_loss = flux_editing.make_val_loss(setup)
+
+  def step_fn(state, step):
+    inputs = sharding.global_batch(setup.model_inputs(next(data_iter)), setup.batch_sharding)
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      state, metrics = train_step(state, inputs)
+    return state, metrics, None
+
+  def validate(state, step):
+    return flux_editing.evaluate(setup, state.ema_params, val_batches, sampler, seed=10_000,
+                                 val_loss=val_loss)
+
+  def samples(state, step, first):
+    if first is None:
+      _, first = flux_editing.evaluate(setup, state.ema_params, val_batches[:1], sampler,
+                                       seed=10_000)
+    records.write_image(run.writer, workdir, step, "samples", "step",
+                        evaluation.edit_grid(*first, limit=tc.sample_examples))
 
   state, step, metrics, curve = loop.run(run, state, data_iter, step_fn,
                                          loop.Hooks(validate=validate, samples=samples))
@@ -209,8 +296,33 @@ def train_population(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"step": step, "members": summary}
 
 
+def eval_on_records(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The latest checkpoint on edit records: validation flow loss (rows with targets), sampled
+  edits as a grid; DIR/eval/metrics.json."""
+  setup = flux_editing.make_setup(config, workdir)
+  config, ec = setup.config, setup.config.eval
+  step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
+                                          setup.abstract_state)
+  params = state.ema_params if ec.use_ema else state.params
+  split = ec.split if ec.split in setup.records.splits else "train"
+  batches = flux_editing.eval_batches(setup, split, ec.num_examples, ec.batch_size)
+  start = time.time()
+  sampler = flux_editing.make_sampler(setup, config.sample.num_steps, config.sample.shift)
+  summary, first = flux_editing.evaluate(setup, params, batches, sampler, seed=ec.seed,
+                                         val_loss=flux_editing.make_val_loss(setup))
+  summary.update({"split": split, "step": step, "eval_seconds": round(time.time() - start, 1)})
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
+  evaluation.edit_grid(*first).save(os.path.join(out, "edits.png"))
+  print(json.dumps(summary, indent=1), flush=True)
+  return summary
+
+
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Scores the latest checkpoint on `eval.split`; writes DIR/eval/metrics.json and a grid."""
+  if flux_editing.on_records(config):
+    return eval_on_records(config, workdir)
   setup = make_setup(config, workdir)
   step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
                                         setup.abstract_state)

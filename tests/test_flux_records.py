@@ -1,0 +1,187 @@
+"""Editors trained on edit records with FLUX conditioning, on a tiny FLUX.1-Kontext pipeline
+folder written by diffusers / transformers (tests/tiny_flux.py): records with cached latents
+and embeddings, SFT (cached against encoding each step), GRPO from the SFT run with a judge,
+and the export loading into diffusers' FluxKontextPipeline."""
+
+import http.server
+import json
+import os
+import threading
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+import tiny_flux  # noqa: E402
+from configs import edit_data, flux_kontext_grpo, flux_kontext_sft  # noqa: E402
+from jaxedit import flux_editing, sharding  # noqa: E402
+from jaxedit.config import ConfigError  # noqa: E402
+from jaxedit.data import edit_job, edit_records  # noqa: E402
+from jaxedit.trainers import editor_grpo, editor_sft  # noqa: E402
+
+BUCKETS = ((64, 64), (48, 80), (80, 48))
+
+
+def write_pairs(root):
+  """DanceGRPO-style rows with targets: the red channel inverted."""
+  paths = tiny_flux.write_images(os.path.join(root, "images"))
+  rows = []
+  for i, path in enumerate(paths):
+    image = np.asarray(Image.open(path)).copy()
+    image[..., 0] = 255 - image[..., 0]
+    target = path.replace(".png", "_target.png")
+    Image.fromarray(image).save(target)
+    rows.append({"instruction": f"invert the red {i}", "source_image": path,
+                 "target_image": target})
+  with open(os.path.join(root, "pairs.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return os.path.join(root, "pairs.jsonl")
+
+
+def build_records(jsonl, root, pipeline=""):
+  c = edit_data.get_config("tiny").unlock()
+  c.data.train, c.data.buckets, c.data.test_holdout = jsonl, BUCKETS, 2
+  c.report.contact_sheet_examples = 0
+  c.encode.pipeline, c.encode.max_sequence_length = pipeline, 16
+  plan, bad = edit_job.make_plan(c)
+  from jaxedit.data import edit_cache
+
+  encoders = edit_cache.Encoders(c.encode, c.mesh) if pipeline else None
+  edit_job.write_shards(root, plan, 0, 1, "error", 2, encoders)
+  edit_job.finish(root, plan, bad, c, 0.0)
+  return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  root = tmp_path_factory.mktemp("flux_records")
+  pipeline = tiny_flux.write_pipeline(str(root / "pipeline"))
+  pairs = write_pairs(str(root / "pairs"))
+  return {"pipeline": pipeline, "pairs": pairs,
+          "cached": build_records(pairs, str(root / "cached"), pipeline),
+          "plain": build_records(pairs, str(root / "plain")), "root": root}
+
+
+def sft_config(world, records, **train):
+  c = flux_kontext_sft.get_config("tiny").unlock()
+  c.init_from, c.data.records = world["pipeline"], records
+  c.model.text_max_len = 16
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+def test_architecture_comes_from_the_pipeline(world):
+  setup = flux_editing.make_setup(sft_config(world, world["cached"]), "")
+  flux = setup.model.cfg.flux
+  assert (flux.num_layers, flux.num_single_layers, flux.num_attention_heads) == (1, 1, 2)
+  assert flux.guidance_embeds and setup.guidance == 2.5
+  assert (setup.model.cfg.channels, setup.model.cfg.patch_size) == (4, 2)
+  assert (flux.joint_attention_dim, flux.pooled_projection_dim) == (32, 32)
+  assert setup.cached
+
+
+def test_step_on_cached_inputs_equals_the_step_that_encodes_them(world):
+  cached = flux_editing.make_setup(sft_config(world, world["cached"]), "")
+  plain = flux_editing.make_setup(sft_config(world, world["plain"]), "")
+  assert not plain.cached
+  batch = lambda setup: next(iter(edit_records.train_batches(
+      setup.records, "train", 8, seed=0, process_index=0, process_count=1)))
+  a, b = cached.model_inputs(batch(cached)), plain.model_inputs(batch(plain))
+  for k in flux_editing.CACHED:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  states, losses = [], []
+  for setup, inputs in ((cached, a), (plain, b)):
+    state = editor_sft.start_state(setup)
+    state, metrics = editor_sft.make_records_step(setup)(
+        state, sharding.global_batch(inputs, setup.batch_sharding))
+    states.append(jax.device_get(state.params))
+    losses.append(float(metrics["loss"]))
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), *states)
+
+
+def test_sft_then_grpo_with_a_judge_then_export(world, tmp_path):
+  sft = str(tmp_path / "sft")
+  out = editor_sft.train(sft_config(world, world["cached"]), sft)
+  assert out["step"] == 6 and np.isfinite(out["final_loss"])
+  assert os.path.exists(os.path.join(sft, "samples", "step_0000006.png"))
+  summary = editor_sft.run_eval(sft_config(world, world["cached"]), sft)
+  assert summary["examples"] == 2 and np.isfinite(summary["val_flow_loss"])
+
+  server, url = judge_server()
+  try:
+    c = flux_kontext_grpo.get_config("tiny").unlock()
+    c.init_from, c.data.records = sft, world["cached"]
+    c.rewards.judge.weight, c.rewards.remote.weight, c.rewards.remote.url = 0.0, 1.0, url
+    rl = str(tmp_path / "rl")
+    result = editor_grpo.train(c, rl)
+    assert result["step"] == 2
+    lines = [json.loads(line) for line in open(os.path.join(rl, "metrics.jsonl"))]
+    assert all(np.isfinite(line["reward/mean"]) for line in lines if "reward/mean" in line)
+    assert server.requests  # the judge saw the rollouts
+    ev = editor_grpo.run_eval(c, rl)
+    assert "reward" in ev and "before" in ev
+  finally:
+    server.shutdown()
+
+  from jaxedit import export
+
+  folder = str(tmp_path / "export")
+  export.export(rl, "diffusers", folder)
+  transformer = diffusers.FluxTransformer2DModel.from_pretrained(folder)
+  pipe = diffusers.FluxKontextPipeline.from_pretrained(world["pipeline"],
+                                                      transformer=transformer)
+  image = Image.open(json.loads(open(world["pairs"]).readline())["source_image"])
+  edited = pipe(image=image, prompt="invert the red", num_inference_steps=2, height=64,
+                width=64, max_area=64 * 64, _auto_resize=False, max_sequence_length=16,
+                output_type="np").images
+  assert edited.shape == (1, 64, 64, 3) and np.isfinite(edited).all()
+
+
+def judge_server():
+  """A JSON-protocol reward server: the mean brightness of each edit."""
+  import base64
+  import io
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+      body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+      self.server.requests.append(len(body["images"]))
+      rewards = [float(np.asarray(Image.open(io.BytesIO(base64.b64decode(im)))).mean() / 255)
+                 for im in body["images"]]
+      data = json.dumps({"rewards": rewards}).encode()
+      self.send_response(200)
+      self.send_header("Content-Length", str(len(data)))
+      self.end_headers()
+      self.wfile.write(data)
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+  server.requests = []
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  return server, f"http://127.0.0.1:{server.server_address[1]}/score"
+
+
+def test_bad_setups_are_named(world, tmp_path):
+  with pytest.raises(ConfigError, match="data.records: no edit records at"):
+    flux_editing.make_setup(sft_config(world, str(tmp_path)), "")
+  c = sft_config(world, world["cached"])
+  c.init_from = str(tmp_path)
+  with pytest.raises(ConfigError, match="needs the pipeline folder"):
+    flux_editing.make_setup(c, "")
+  rl_only = build_records(tiny_flux.write_edit_r1(str(tmp_path / "r1"), num_test=0),
+                          str(tmp_path / "r1_records"), world["pipeline"])
+  with pytest.raises(ConfigError, match="only 0 of the 4 training records .* have one"):
+    editor_sft.train(sft_config(world, rl_only), str(tmp_path / "sft"))
+  c = flux_kontext_grpo.get_config("tiny").unlock()
+  c.init_from, c.data.records = world["pipeline"], world["cached"]
+  c.rewards.checklist.weight = 1.0
+  with pytest.raises(ConfigError, match="reward 'checklist' reads the shapes world"):
+    editor_grpo.train(c, str(tmp_path / "rl"))
