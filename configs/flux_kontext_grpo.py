@@ -8,8 +8,8 @@ records, rewarded by a VLM judge behind an OpenAI-compatible server (vLLM, SGLan
         --config.rewards.judge.base_url=http://judge:8000/v1
     # or --config.init_from=SFT (an editor SFT workdir on the same pipeline)
 
-The architecture comes from init_from (the pipeline's config.json files, or the SFT run's);
-prompts are the records' cached T5 / CLIP embeddings and source latents. On two TPU v5p-128
+The architecture is FLUX.1-Kontext-dev's, checked against init_from on loading; `:tiny`
+reads it from init_from (the pipeline's config.json files, or the SFT run's). Prompts are the records' cached T5 / CLIP embeddings and source latents. On two TPU v5p-128
 slices: data 2 across slices over DCN x fsdp 64 within each, bf16 compute, fp32 adapters.
 Arg `tiny`: two iterations on one CPU for a tiny pipeline folder (tests/tiny_flux.py).
 """
@@ -32,6 +32,14 @@ def get_config(arg=None):
     return config.lock()
   if arg:
     raise ValueError(f"unknown config arg {arg!r}; use 'tiny' or nothing")
+  # FLUX.1-Kontext-dev's transformer (19 double and 38 single blocks, 24 heads of 128, the
+  # guidance embedder) on 16-channel latents packed 2x2, written out so that the model report
+  # and --dry_run size it without the folder; loading checks it against the folder's.
+  m.architecture = "config"
+  config.world.image_size = 512
+  m.patch_size, m.num_heads, m.head_dim, m.axes_dims_rope = 2, 24, 128, (16, 56, 56)
+  m.num_layers, m.num_single_layers, m.guidance_embeds = 19, 38, True
+  m.context_dim, m.pooled_dim = 4096, 768
   m.lora_rank, m.lora_alpha = 32, 64.0
   m.dtype, m.param_dtype = "bfloat16", "float32"  # bf16 compute, fp32 weights and adapters
   m.scan_layers, m.remat_policy = True, "full"

@@ -6,8 +6,9 @@ full fine-tuning in bf16 compute with FSDP.
     jaxedit train --config configs/flux_kontext_sft.py --workdir SFT \
         --config.init_from=PIPELINE --config.data.records=RECORDS
 
-The architecture (19 double and 38 single blocks for FLUX.1-Kontext-dev), the VAE and the
-text widths come from PIPELINE's config.json files (model.architecture = 'init_from'); the
+The architecture is FLUX.1-Kontext-dev's (19 double and 38 single blocks; checked against
+PIPELINE's config.json on loading); `:tiny` reads it from the folder (model.architecture =
+'init_from'), so any FLUX.1(-Kontext) pipeline trains without shape flags. The
 records hold the VAE latents and T5 / CLIP embeddings (jaxedit.data.edit_cache). Arg `tiny`:
 a few steps on one CPU, for a tiny pipeline folder (tests/tiny_flux.py).
 """
@@ -27,6 +28,11 @@ def get_config(arg=None):
     return config.lock()
   if arg:
     raise ValueError(f"unknown config arg {arg!r}; use 'tiny' or nothing")
+  m.architecture = "config"  # FLUX.1-Kontext-dev's, as configs/flux_kontext_grpo.py writes it
+  config.world.image_size = 512
+  m.patch_size, m.num_heads, m.head_dim, m.axes_dims_rope = 2, 24, 128, (16, 56, 56)
+  m.num_layers, m.num_single_layers, m.guidance_embeds = 19, 38, True
+  m.context_dim, m.pooled_dim = 4096, 768
   m.dtype, m.param_dtype = "bfloat16", "float32"
   m.scan_layers, m.remat_policy = True, "full"
   config.mesh.shape = (1, -1, 1)  # FSDP over every chip of the slice

@@ -46,6 +46,12 @@ def data() -> ConfigDict:
           "validation": {"atomic": 500, "abstract": 550},
           "test": {"atomic": 2_000, "abstract": 2_200},
       },
+      # Editors on a lab's own data instead of the shapes world: a records folder from
+      # `jaxedit data --config configs/edit_data.py` (jaxedit.flux_editing), and the diffusers
+      # pipeline folder whose VAE decodes samples and whose encoders run where the records
+      # cache nothing (default: init_from when it is a pipeline folder).
+      "records": "",
+      "pipeline": "",
   })
 
 
@@ -268,12 +274,6 @@ def _editor(trainer: str, train: dict) -> ConfigDict:
   c.trainer = trainer
   c.world = world()
   c.data = data()
-  # A lab's own data instead of the shapes world: a records folder from `jaxedit data
-  # --config configs/edit_data.py` (jaxedit.flux_editing), and the diffusers pipeline folder
-  # whose VAE decodes samples and whose encoders run where the records cache nothing
-  # (default: init_from when it is a pipeline folder).
-  c.data.records = ""
-  c.data.pipeline = ""
   c.tokenizer = tokenizer()
   c.model = editor_model()
   c.sample = ConfigDict({"num_steps": 16, "shift": 1.0, "guidance_scale": 1.0})
