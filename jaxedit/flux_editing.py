@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 
@@ -29,6 +28,7 @@ from jaxedit import flow, sharding
 from jaxedit.codec import Codec
 from jaxedit.config import ConfigError
 from jaxedit.data import edit_cache, edit_records
+from jaxedit.interop import pretrained
 from jaxedit.models import editor as editor_model
 from jaxedit.models.editor import Editor, EditorConfig, editor_config
 from jaxedit.train import optimizer as optimizer_lib, setup as setup_lib
@@ -46,14 +46,6 @@ VAE_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "norm_n
 def on_records(config: ml_collections.ConfigDict) -> bool:
   """Whether a run trains on edit records (data.records) rather than the shapes world."""
   return bool(config.data.get("records"))
-
-
-def _json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"init_from: cannot read {path}: {e}") from None
 
 
 def pipeline_folder(config: ml_collections.ConfigDict) -> str:
@@ -105,8 +97,8 @@ def with_architecture(config: ml_collections.ConfigDict) -> ml_collections.Confi
                                   or os.path.join(config.data.pipeline, "vae"))
     return config
   pipeline = pipeline_folder(config)
-  flux = _json(os.path.join(pipeline, "transformer", "config.json"))
-  vae = _json(os.path.join(pipeline, "vae", "config.json"))
+  flux = pretrained.required_config(os.path.join(pipeline, "transformer"))
+  vae = pretrained.required_config(os.path.join(pipeline, "vae"))
   m = config.model
   for ours, theirs in FLUX_KEYS.items():
     if theirs in flux:
@@ -168,7 +160,7 @@ def first_bucket(records: edit_records.EditRecords) -> tuple[int, int]:
   return tuple(records.manifest["buckets"][0])
 
 
-def check_records(config, records: edit_records.EditRecords, cfg: EditorConfig,
+def check_records(records: edit_records.EditRecords, cfg: EditorConfig,
                   downscale: int) -> None:
   """Every bucket divides into the model's tokens; the cached widths are the model's."""
   multiple = downscale * cfg.patch_size
@@ -202,7 +194,7 @@ def make_parts(config: ml_collections.ConfigDict, devices=None):
     model = Editor(editor_config(config.model, height, 0))
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  check_records(config, records, model.cfg, editor_model.vae_config(config.model).downscale)
+  check_records(records, model.cfg, editor_model.vae_config(config.model).downscale)
   return (records, model, *setup_lib.mesh_and_rules(config, devices))
 
 

@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
+import tiny_flux  # noqa: E402
 from conftest import assert_sharded_close  # noqa: E402
 from jaxedit import schema, sharding  # noqa: E402
 from jaxedit.config import ConfigError  # noqa: E402
@@ -31,7 +32,6 @@ CLIP_HF = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_at
                max_position_embeddings=77, bos_token_id=0, pad_token_id=1)
 WORDS = ["a", "red", "blue", "green", "circle", "square", "make", "the", "every", "shape",
          "left", "of"]
-CHARS = sorted(set("".join(WORDS)) | set("!,."))
 PROMPTS = ["make every red shape blue", "a green circle left of the square!",
            " ".join(["the red square"] * 30)]  # past both maximum lengths: truncated
 L = 40  # T5 positions 0..39: every bucket, the log-spaced ones and the clamped last
@@ -157,40 +157,14 @@ def test_loads_sharded_folders_and_either_naming(tmp_path):
 # ------------------------------------------------------------------------------------------
 # A tiny FLUX pipeline folder: CLIP and T5 with tokenizers built here.
 # ------------------------------------------------------------------------------------------
-def clip_tokenizer_files(folder):
-  """vocab.json, merges.txt and tokenizer_config.json of a byte-level BPE over WORDS, as
-  FLUX.1's tokenizer/ holds them; <|endoftext|> has the largest id (argmax pooling)."""
-  vocab = {c + end: i for i, (end, c) in enumerate((e, c) for e in ("", "</w>") for c in CHARS)}
-  merges = []
-  for word in WORDS:
-    parts = [*word[:-1], word[-1] + "</w>"]
-    while len(parts) > 1:
-      merges.append(f"{parts[0]} {parts[1]}")
-      vocab.setdefault(parts[0] + parts[1], len(vocab))
-      parts = [parts[0] + parts[1], *parts[2:]]
-  for special in ("<|startoftext|>", "<|endoftext|>"):
-    vocab[special] = len(vocab)
-  os.makedirs(folder)
-  json.dump(vocab, open(os.path.join(folder, "vocab.json"), "w"))
-  with open(os.path.join(folder, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-  json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
-             "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-             "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"},
-            open(os.path.join(folder, "tokenizer_config.json"), "w"))
-  return len(vocab)
-
-
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("flux_pipeline")
-  clip_vocab = clip_tokenizer_files(str(root / "tokenizer"))
-  pieces = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-            + [("▁" + w, -1.0 - 0.1 * i) for i, w in enumerate(WORDS)]
-            + [(c, -5.0) for c in CHARS])  # a T5 Unigram: <pad> 0, </s> 1, <unk> 2
-  transformers.T5Tokenizer(vocab=pieces, extra_ids=0).save_pretrained(str(root / "tokenizer_2"))
+  clip_vocab = tiny_flux.clip_tokenizer_files(str(root / "tokenizer"))
+  t5_tokenizer = tiny_flux.t5_tokenizer()  # a T5 Unigram: <pad> 0, </s> 1, <unk> 2
+  t5_tokenizer.save_pretrained(str(root / "tokenizer_2"))
   clip_model(vocab_size=clip_vocab).save_pretrained(str(root / "text_encoder"))
-  t5_model().save_pretrained(str(root / "text_encoder_2"))
+  t5_model(vocab_size=len(t5_tokenizer)).save_pretrained(str(root / "text_encoder_2"))
   return str(root)
 
 

@@ -11,7 +11,6 @@ another; weights are sharded over that local mesh by the logical axis rules.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Any, Sequence
 
@@ -30,14 +29,6 @@ from jaxedit.models.vae import AutoencoderKL, VAEConfig
 STORAGE_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16}
 LATENT_FIELDS = {"source_image": "source_latents", "target_image": "target_latents"}
 TEXT_FIELDS = ("context", "pooled")
-
-
-def _folder_config(folder: str) -> dict:
-  path = os.path.join(folder, "config.json")
-  if not os.path.exists(path):
-    raise ConfigError(f"encode.pipeline: {folder} has no config.json")
-  with open(path) as f:
-    return json.load(f)
 
 
 def _file_digest(path: str) -> str:
@@ -83,7 +74,7 @@ class Encoders:
                                     out_shardings=sharding.replicated(self.mesh))
 
   def _load_vae(self, folder: str) -> Codec:
-    cfg = VAEConfig.from_diffusers_config(_folder_config(folder))
+    cfg = VAEConfig.from_diffusers_config(pretrained.required_config(folder))
     side = 2 * cfg.downscale
     abstract = jax.eval_shape(AutoencoderKL(cfg).init, jax.random.key(0),
                               jax.ShapeDtypeStruct((1, side, side, cfg.in_channels),

@@ -340,10 +340,10 @@ def format_summary(summary: dict) -> str:
 def contact_sheet(root: str, num_examples: int):
   """Source | target (where the data has one) with the instruction, first records of each
   training bucket, shown at one height."""
-  records = edit_records.EditRecords(root)
+  sources = edit_records.EditRecords(root).buckets("train")
   rows = []
-  for source in records.buckets("train"):
-    for i in range(min(len(source), max(1, num_examples // len(records.buckets("train"))))):
+  for source in sources:
+    for i in range(min(len(source), max(1, num_examples // len(sources)))):
       r = source[i]
       images = [r["source_image"]] + ([r["target_image"]] if r["has_target"] else [])
       images = [_thumbnail(im, 128) for im in images]

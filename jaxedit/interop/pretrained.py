@@ -38,6 +38,18 @@ def _config(folder: str) -> dict | None:
     return json.load(f)
 
 
+def required_config(folder: str) -> dict:
+  """A model folder's config.json; ConfigError naming the folder if it is missing or bad."""
+  path = os.path.join(folder, "config.json")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f"{folder} has no config.json") from None
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"cannot read {path}: {e}") from None
+
+
 def folder_kind(path: str) -> str | None:
   """'diffusers' (a Flux transformer folder, or a pipeline folder holding `transformer/`),
   'transformers' (a Qwen2/Llama folder), or None (not a PyTorch-side folder: a workdir)."""

@@ -16,7 +16,6 @@ does not. Loading takes either.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -30,7 +29,7 @@ import numpy as np
 from jaxedit import schema, sharding
 from jaxedit.config import ConfigError
 from jaxedit.errors import MappingError
-from jaxedit.interop import torch_names
+from jaxedit.interop import pretrained, torch_names
 from jaxedit.interop.safetensors_io import SafetensorsFolder
 from jaxedit.models.text_encoders import (CLIP_ACTIVATIONS, T5_ACTIVATIONS, CLIPTextConfig,
                                           CLIPTextModel, T5Encoder, T5EncoderConfig)
@@ -147,14 +146,6 @@ def load_clip(folder: str, template, shardings=None) -> dict:
                ignore=lambda name: name == CLIP_POSITION_IDS)
 
 
-def _read_config(folder: str) -> dict:
-  path = os.path.join(folder, "config.json")
-  if not os.path.exists(path):
-    raise ConfigError(f"{folder} has no config.json")
-  with open(path) as f:
-    return json.load(f)
-
-
 def _template(model: nn.Module, mesh, axis_rules):
   """(`model`'s params as boxed ShapeDtypeStructs, their NamedShardings under the rules)."""
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
@@ -203,8 +194,8 @@ class FluxTextEncoders:
                     scan_layers=scan_layers)
     clip_dir, t5_dir = (os.path.join(pipeline_dir, s) for s in ("text_encoder", "text_encoder_2"))
     try:
-      clip_cfg = clip_config(_read_config(clip_dir), **settings)
-      t5_cfg = t5_config(_read_config(t5_dir), **settings)
+      clip_cfg = clip_config(pretrained.required_config(clip_dir), **settings)
+      t5_cfg = t5_config(pretrained.required_config(t5_dir), **settings)
     except ConfigError as e:
       raise ConfigError(f"{pipeline_dir}: {e}") from None
     clip, t5 = CLIPTextModel(clip_cfg), T5Encoder(t5_cfg)

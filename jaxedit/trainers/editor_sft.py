@@ -296,6 +296,16 @@ def train_population(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"step": step, "members": summary}
 
 
+def write_eval(workdir: str, summary: dict, first) -> dict:
+  """DIR/eval/metrics.json and DIR/eval/edits.png (the first batch's edits); prints them."""
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
+  evaluation.edit_grid(*first).save(os.path.join(out, "edits.png"))
+  print(json.dumps(summary, indent=1), flush=True)
+  return summary
+
+
 def eval_on_records(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The latest checkpoint on edit records: validation flow loss (rows with targets), sampled
   edits as a grid; DIR/eval/metrics.json."""
@@ -311,12 +321,7 @@ def eval_on_records(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary, first = flux_editing.evaluate(setup, params, batches, sampler, seed=ec.seed,
                                          val_loss=flux_editing.make_val_loss(setup))
   summary.update({"split": split, "step": step, "eval_seconds": round(time.time() - start, 1)})
-  out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
-  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
-  evaluation.edit_grid(*first).save(os.path.join(out, "edits.png"))
-  print(json.dumps(summary, indent=1), flush=True)
-  return summary
+  return write_eval(workdir, summary, first)
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -334,9 +339,4 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   summary, first = editing.evaluate(setup, params, batches, editing.config_sampler(setup), seed=ec.seed)
   summary.update({"split": ec.split, "example_kinds": list(ec.example_kinds), "step": step,
                   "eval_seconds": round(time.time() - start, 1)})
-  out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
-  evaluation.write_metrics(os.path.join(out, "metrics.json"), summary)
-  evaluation.edit_grid(*first).save(os.path.join(out, "edits.png"))
-  print(json.dumps(summary, indent=1), flush=True)
-  return summary
+  return write_eval(workdir, summary, first)
