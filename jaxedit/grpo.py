@@ -5,8 +5,6 @@ jit on global (sharded) arrays.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -20,33 +18,16 @@ def group_advantages(rewards, group_size: int, *, std_scope: str = "global",
 
   std is the population std of the group's rewards or of the whole batch's (`std_scope`).
   A group whose rewards are all equal gets exactly zero advantage either way.
-
-  A NaN reward masks its sample (a judge that could not score it): it is left out of the
-  means and stds and gets advantage 0, so it adds no policy gradient. Both are computed and
-  the unmasked statistics are selected when there is no NaN, so results stay bit for bit
-  (reductions with `where`, or inside a `cond` branch, may sum in another order).
   """
   if std_scope not in STD_SCOPES:
     raise ValueError(f"unknown advantage std scope {std_scope!r}; use one of {STD_SCOPES}")
   rewards = jnp.asarray(rewards, jnp.float32)
   if rewards.shape[0] % group_size:
     raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of {group_size}")
-  valid = ~jnp.isnan(rewards)
-  normalise = functools.partial(normalised, group_size=group_size, std_scope=std_scope,
-                                clip=clip, eps=eps)
-  return jnp.where(valid.all(), normalise(rewards), normalise(rewards, valid=valid))
-
-
-def normalised(rewards, *, group_size: int, std_scope: str, clip: float, eps: float,
-               valid=None):
-  """`group_advantages` over the rewards where `valid` (None: all), 0 elsewhere."""
-  kept = None if valid is None else valid.reshape(-1, group_size)
   groups = rewards.reshape(-1, group_size)
-  centred = groups - groups.mean(axis=1, keepdims=True, where=kept)
-  std = (groups.std(axis=1, keepdims=True, where=kept) if std_scope == "group"
-         else rewards.std(where=valid))
-  advantages = jnp.clip(centred / (std + eps), -clip, clip).reshape(-1)
-  return advantages if valid is None else jnp.where(valid, advantages, 0.0)
+  centred = groups - groups.mean(axis=1, keepdims=True)
+  std = groups.std(axis=1, keepdims=True) if std_scope == "group" else rewards.std()
+  return jnp.clip(centred / (std + eps), -clip, clip).reshape(-1)
 
 
 def clipped_policy_loss(logp_new, logp_old, advantages, clip_range: float):
