@@ -36,14 +36,16 @@ def summarize(scores: dict[str, np.ndarray], groups: dict[str, list[str]] | None
 
 
 def edit_grid(sources, edits, targets, instructions, success=None, limit: int = 24):
-  """PNG grid: source | edit | target, captioned with the instruction (and the verdict)."""
+  """PNG grid: source | edit | target (targets None: data without them), captioned with the
+  instruction (and the verdict)."""
   rows = []
   for i in range(min(limit, len(sources))):
     caption = [instructions[i]]
     if success is not None:
       caption.append("success" if success[i] else "failed")
-    rows.append(([sources[i], edits[i], targets[i]], caption))
-  return viz.image_grid(rows, header=["source", "edit", "target"], text_width=48)
+    rows.append(([sources[i], edits[i]] + ([] if targets is None else [targets[i]]), caption))
+  header = ["source", "edit"] + ([] if targets is None else ["target"])
+  return viz.image_grid(rows, header=header, text_width=48)
 
 
 def write_metrics(path: str, metrics: dict) -> None:

@@ -40,12 +40,38 @@ FLUX_KEYS = {"num_layers": "num_layers", "num_single_layers": "num_single_layers
              "num_heads": "num_attention_heads", "head_dim": "attention_head_dim",
              "axes_dims_rope": "axes_dims_rope", "guidance_embeds": "guidance_embeds",
              "context_dim": "joint_attention_dim", "pooled_dim": "pooled_projection_dim"}
-VAE_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups")
+VAE_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "norm_num_groups",
+            "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
+
+
+# data.records of a run set up from its config alone (`--dry_run`): no records are read.
+SIZED_FROM_CONFIG = "<sized from the config>"
+
+
+def sized_from_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` (a copy) set up without records or pipeline weights when it trains on T5 /
+  CLIP embeddings (precomputed text): one square bucket of world.image_size."""
+  if config.model.get("text_encoder") != "precomputed":
+    return config
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.data.records = SIZED_FROM_CONFIG
+  return config
 
 
 def on_records(config: ml_collections.ConfigDict) -> bool:
   """Whether a run trains on edit records (data.records) rather than the shapes world."""
   return bool(config.data.get("records"))
+
+
+class ConfigRecords:
+  """Stands in for the records of a run `sized_from_config`: one square bucket of
+  world.image_size and no rows, so nothing is read."""
+
+  splits = ()
+
+  def __init__(self, size: int):
+    self.root = "(no records: sized from the config)"
+    self.manifest = {"buckets": [[size, size]], "splits": {}, "fields": []}
 
 
 def pipeline_folder(config: ml_collections.ConfigDict) -> str:
@@ -169,7 +195,7 @@ def check_records(records: edit_records.EditRecords, cfg: EditorConfig,
       raise ConfigError(f"the records' bucket {bucket[0]}x{bucket[1]} does not divide into "
                         f"{multiple}-pixel tokens (VAE {downscale}x, patch {cfg.patch_size})")
   if all(f in records.manifest["fields"] for f in CACHED):
-    source = records.buckets("train")[0]
+    source = records.buckets(next(iter(records.splits)))[0]
     record = source[0]
     want = {"context": cfg.flux.joint_attention_dim, "pooled": cfg.flux.pooled_projection_dim,
             "source_latents": cfg.channels}
@@ -181,11 +207,15 @@ def check_records(records: edit_records.EditRecords, cfg: EditorConfig,
 
 
 def make_parts(config: ml_collections.ConfigDict, devices=None):
-  """(records, model, mesh, rules, batch sharding) of a run on edit records."""
-  try:
-    records = edit_records.EditRecords(config.data.records)
-  except FileNotFoundError as e:
-    raise ConfigError(f"data.records: {e}") from None
+  """(records, model, mesh, rules, batch sharding) of a run on edit records (a stand-in for
+  the records of a run `sized_from_config`)."""
+  if config.data.records == SIZED_FROM_CONFIG:
+    records = ConfigRecords(config.world.image_size)
+  else:
+    try:
+      records = edit_records.EditRecords(config.data.records)
+    except FileNotFoundError as e:
+      raise ConfigError(f"data.records: {e}") from None
   if config.model.text_encoder != "precomputed":
     raise ConfigError("edit records carry T5 / CLIP embeddings: model.text_encoder must be "
                       "'precomputed' (or model.architecture='init_from')")
@@ -273,6 +303,8 @@ def eval_batches(setup: RecordsSetup, split: str, num_examples: int, batch_size:
     info = {"id": [str(i) for i in batch["id"]],
             "instruction": [str(s) for s in batch["instruction"]],
             "requirement": [str(s) for s in batch["requirement"]],
+            "task_type": [str(s) for s in batch["task_type"]],
+            "has_target": np.asarray(batch["has_target"], bool),
             "source_image": batch["source_image"], "target_image": batch["target_image"]}
     out.append(({k: sharding.pad_rows(v, batch_size) for k, v in inputs.items()}, info, n))
   return out
@@ -289,13 +321,18 @@ def make_val_loss(setup: RecordsSetup):
   return sharding.Program(loss, setup.mesh, setup.rules)
 
 
+GRID_PER_TASK_TYPE = 4  # examples of each task type in an evaluation's grid
+
+
 def evaluate(setup: RecordsSetup, params, batches, sampler, seed: int, val_loss=None,
              reward_fn=None):
-  """(summary, first batch's images for a grid): the validation flow loss where the rows
-  have targets (`val_loss`), and with `reward_fn` (a rewards.Rewards: a judge) the mean
-  reward of the sampled edits and its parts, masked samples counted."""
+  """(summary, images for a grid): the validation flow loss where the rows have targets
+  (`val_loss`), and with `reward_fn` (a rewards.Rewards: a judge) the mean reward of the
+  sampled edits and its parts, masked samples counted, also per task type where the rows
+  have one (benchmarks such as GEdit-Bench). The grid holds the first examples of each task
+  type (of the first batch without task types)."""
   losses, rewards, parts, masked = [], [], {}, 0
-  first = None
+  task_types, grid = [], {}
   for i, (inputs, info, n) in enumerate(batches):
     arrays = sharding.global_from_full(inputs, setup.batch_sharding)
     if val_loss is not None:
@@ -307,9 +344,14 @@ def evaluate(setup: RecordsSetup, params, batches, sampler, seed: int, val_loss=
       rewards.append(total)
       for k, v in by_name.items():
         parts.setdefault(k, []).append(v)
-    if first is None:
-      first = (info["source_image"][:n], edited, info["target_image"][:n],
-               info["instruction"], None)  # no verdict: judges score, they do not pass
+    task_types += info["task_type"][:n]
+    for j in range(n):
+      task = info["task_type"][j]
+      shown = grid.setdefault(task, [])
+      if len(shown) < (GRID_PER_TASK_TYPE if task else n) and (task or i == 0):
+        label = f"[{task}] {info['instruction'][j]}" if task else info["instruction"][j]
+        shown.append((info["source_image"][j], edited[j], info["target_image"][j], label,
+                      info["has_target"][j]))
   summary = {"examples": sum(n for _, _, n in batches)}
   if losses:
     summary["val_flow_loss"] = float(np.mean(losses))
@@ -318,4 +360,16 @@ def evaluate(setup: RecordsSetup, params, batches, sampler, seed: int, val_loss=
     summary["masked"] = masked
     summary.update({f"reward_{k}": float(np.nanmean(np.concatenate(v)))
                     for k, v in parts.items()})
+    if any(task_types):
+      total, types = np.concatenate(rewards), np.asarray(task_types)
+      summary["reward_by_task_type"] = {
+          t: float(np.nanmean(total[types == t])) if np.isfinite(total[types == t]).any()
+          else float("nan") for t in sorted(set(task_types))}
+      summary["examples_by_task_type"] = {t: int((types == t).sum())
+                                          for t in sorted(set(task_types))}
+  shown = [example for task in sorted(grid) for example in grid[task]]
+  # (sources, edits, targets, texts, verdicts) of several buckets' shapes; no verdict:
+  # judges score, they do not pass
+  sources, edits, targets, texts, has_target = ([e[k] for e in shown] for k in range(5))
+  first = (sources, edits, targets if any(has_target) else None, texts, None)
   return summary, first

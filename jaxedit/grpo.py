@@ -17,17 +17,42 @@ def group_advantages(rewards, group_size: int, *, std_scope: str = "global",
   prompt -> (N,) advantages (r - mean_group) / (std + eps), clipped to [-clip, clip].
 
   std is the population std of the group's rewards or of the whole batch's (`std_scope`).
-  A group whose rewards are all equal gets exactly zero advantage either way.
+  A group whose rewards are all equal gets exactly zero advantage either way. A NaN reward
+  is a masked sample (a judge that could not score it, `jaxedit.rewards`): it is left out
+  of the means and stds and gets zero advantage.
   """
   if std_scope not in STD_SCOPES:
     raise ValueError(f"unknown advantage std scope {std_scope!r}; use one of {STD_SCOPES}")
   rewards = jnp.asarray(rewards, jnp.float32)
   if rewards.shape[0] % group_size:
     raise ValueError(f"{rewards.shape[0]} rewards do not split into groups of {group_size}")
+  valid = ~jnp.isnan(rewards)
+  # Without masked samples, the plain statistics (the same float operations as always).
   groups = rewards.reshape(-1, group_size)
   centred = groups - groups.mean(axis=1, keepdims=True)
   std = groups.std(axis=1, keepdims=True) if std_scope == "group" else rewards.std()
-  return jnp.clip(centred / (std + eps), -clip, clip).reshape(-1)
+  plain = jnp.clip(centred / (std + eps), -clip, clip).reshape(-1)
+  return jnp.where(valid.all(), plain, _masked_advantages(rewards, valid, group_size,
+                                                          std_scope, clip, eps))
+
+
+def _masked_advantages(rewards, valid, group_size: int, std_scope: str, clip: float,
+                       eps: float):
+  """group_advantages over the valid samples only; zero for the others."""
+  m = valid.astype(jnp.float32).reshape(-1, group_size)
+  r = jnp.where(valid, rewards, 0.0).reshape(-1, group_size)
+  count = m.sum(axis=1, keepdims=True)
+  centred = (r - r.sum(axis=1, keepdims=True) / jnp.maximum(count, 1.0)) * m
+  lo = jnp.where(m > 0, r, jnp.inf).min(axis=1, keepdims=True)
+  hi = jnp.where(m > 0, r, -jnp.inf).max(axis=1, keepdims=True)
+  centred = jnp.where(lo == hi, 0.0, centred)  # equal rewards: exactly zero, as unmasked
+  if std_scope == "group":
+    std = jnp.sqrt((centred**2).sum(axis=1, keepdims=True) / jnp.maximum(count, 1.0))
+  else:
+    total = jnp.maximum(m.sum(), 1.0)
+    spread = (r - r.sum() / total) * m
+    std = jnp.sqrt((spread**2).sum() / total)
+  return (jnp.clip(centred / (std + eps), -clip, clip) * m).reshape(-1)
 
 
 def clipped_policy_loss(logp_new, logp_old, advantages, clip_range: float):

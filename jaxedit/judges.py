@@ -9,16 +9,20 @@ message with the source image, the edited image (PNG data URLs) and the rubric, 
 0-10 rating of instruction following, preservation of the rest of the source and quality.
 `score="text"` reads the last "Score: N" of the reply; `score="logprobs"` asks for one token
 with its top 20 log-probs and takes the expectation over the tokens "0".."10" among them,
-renormalised over those present (Edit-R1's reward), which is smoother than a sampled digit.
-The reward is score / 10, in [0, 1].
+renormalised over those present (Edit-R1's reward), which is smoother than a sampled digit;
+`score="auto"` (the default) asks as "text" does, with the log-probs, and reads the "Score: N"
+or, in a reply without one, the log-probs of its first token. The reward is score / 10, in
+[0, 1].
 
 Every request has an overall deadline (`timeout`: a server that trickles bytes is cut off
 too) and is retried with exponential backoff and jitter on connection errors, timeouts,
-truncated bodies, HTTP 429 and 5xx, and on replies without a usable score; any other 4xx
-raises at once (the request is wrong: model name, key, payload), whatever `on_failure`.
+truncated bodies, HTTP 408, 429 and 5xx, and on replies without a usable score; any other
+4xx raises at once (the request is wrong: model name, key, payload), whatever `on_failure`.
 A sample that fails every attempt raises a JudgeError (`on_failure="error"`) or is masked
 (`"mask"`): its reward is NaN, counted in `Judge.masked`, and GRPO leaves it out of its
-group's statistics with zero advantage (`jaxedit.grpo.group_advantages`).
+group's statistics with zero advantage (`jaxedit.grpo.group_advantages`). Without a `model`
+configured the judge asks `GET {base_url}/models` first; if that fails every attempt, the
+whole batch fails the same way (masked, or an error), and the next call asks again.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ briefly, then end your reply with a line "Score: N", where N is your rating from
 LOGPROBS_RUBRIC = RUBRIC.rsplit("Explain", 1)[0] + (
     "Answer with the rating alone, a whole number from 0 to 10, and nothing else.")
 
-SCORES = ("text", "logprobs")
+SCORES = ("auto", "text", "logprobs")
 ON_FAILURE = ("error", "mask")
 TOP_LOGPROBS = 20
 DIGITS = {str(k): k for k in range(11)}
@@ -129,7 +133,20 @@ def logprob_score(reply: Mapping) -> float:
   return checked(float(probs @ np.arange(len(DIGITS)) / probs.sum()), "the log-probs")
 
 
-SCORERS: dict[str, Callable[[Mapping], float]] = {"text": text_score, "logprobs": logprob_score}
+def auto_score(reply: Mapping) -> float:
+  """The reply's last "Score: N"; where it has none, the expectation over the first token's
+  top log-probs (a judge that answered with the rating alone)."""
+  try:
+    return text_score(reply)
+  except BadReply as text_failed:
+    try:
+      return logprob_score(reply)
+    except BadReply as logprobs_failed:
+      raise BadReply(f"{text_failed}; and by log-probs: {logprobs_failed}") from None
+
+
+SCORERS: dict[str, Callable[[Mapping], float]] = {"auto": auto_score, "text": text_score,
+                                                  "logprobs": logprob_score}
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,12 +175,15 @@ class Client:
     the deadline, IncompleteRead for a truncated body)."""
     conn = self.connection(self.host, self.port, timeout=self.timeout)
     expired = threading.Event()
+    # The socket, kept here: `conn.sock` is None once getresponse() sees a response that
+    # closes the connection (HTTP/1.0, "Connection: close"), while its body is still read.
+    sockets: list[socket.socket] = []
 
     def expire():
       expired.set()
-      if conn.sock is not None:
+      for sock in sockets:
         try:
-          conn.sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read
+          sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read
         except OSError:
           pass
 
@@ -172,6 +192,7 @@ class Client:
     watchdog.start()
     try:
       conn.connect()
+      sockets.append(conn.sock)
       if expired.is_set():  # the deadline passed while connecting, before shutdown could act
         raise TimeoutError
       conn.request(method, self.prefix + path, body=body, headers=self.headers)
@@ -213,7 +234,7 @@ class Judge:
 
   def __init__(self, base_url: str = "http://localhost:8000/v1", model: str = "",
                api_key: str = "", api_key_env: str = "OPENAI_API_KEY", rubric: str = "",
-               score: str = "text", max_tokens: int = 0, temperature: float = 0.0,
+               score: str = "auto", max_tokens: int = 0, temperature: float = 0.0,
                max_concurrency: int = 8, timeout: float = 60.0, retries: int = 3,
                backoff: float = 1.0, on_failure: str = "error"):
     if score not in SCORES:
@@ -240,7 +261,17 @@ class Judge:
     return self.on_failure == "mask"
 
   def __call__(self, images: np.ndarray, prompts: Mapping[str, Any]) -> np.ndarray:
-    model = self.model_name()
+    try:
+      model = self.model_name()
+    except Failed as e:  # the server is down or failing: every sample would fail the same way
+      cause = (f"judge {self.base_url}: GET /models failed after {e.args[0]} attempts "
+               f"(deadline {self.client.timeout} s each): {e.args[1]}")
+      if self.on_failure == "error":
+        raise JudgeError(cause) from None
+      logging.warning("masked %d samples: %s", len(images), cause)
+      with self._lock:
+        self.masked += len(images)
+      return np.full(len(images), np.nan, np.float32)
     futures = [self._pool.submit(self.score_sample, i, model, images[i],
                                  prompts["source_image"][i], str(prompts["instruction"][i]))
                for i in range(len(images))]
@@ -251,16 +282,12 @@ class Judge:
     return np.asarray([f.result() for f in futures], np.float32)
 
   def model_name(self) -> str:
-    """The configured model, else the only one `GET {base_url}/models` lists (asked once).
-    Several listed and none configured is an error: a judge must not be picked by chance."""
+    """The configured model, else the only one `GET {base_url}/models` lists (asked until it
+    answers; Failed if it does not). Several listed and none configured is an error: a judge
+    must not be picked by chance."""
     with self._lock:
       if not self.model:
-        try:
-          ids = self.exchange("GET", "/models", None, lambda body: [m["id"]
-                                                                     for m in body["data"]])
-        except Failed as e:
-          raise JudgeError(f"judge {self.base_url}: GET /models failed after {e.args[0]} "
-                           f"attempts: {e.args[1]}") from None
+        ids = self.exchange("GET", "/models", None, lambda body: [m["id"] for m in body["data"]])
         if len(ids) != 1:
           raise JudgeError(f"judge {self.base_url} serves {len(ids)} models {ids}: set the "
                            "judge's `model` option to one of them")
@@ -275,7 +302,7 @@ class Judge:
                {"type": "text", "text": self.rubric.replace("{instruction}", instruction)}]
     body = {"model": model, "messages": [{"role": "user", "content": content}],
             "max_tokens": self.max_tokens, "temperature": self.temperature}
-    if self.score == "logprobs":
+    if self.score in ("logprobs", "auto"):
       body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
     return body
 
@@ -299,7 +326,7 @@ class Judge:
 
   def exchange(self, method: str, path: str, body: dict | None, parse: Callable):
     """parse(the reply's JSON), retried on what may pass: raises Failed after the last
-    attempt, JudgeError at once on a 4xx other than 429."""
+    attempt, JudgeError at once on a 4xx other than 408 and 429."""
     data = None if body is None else json.dumps(body).encode()
     cause = ""
     for attempt in range(self.retries + 1):
@@ -321,6 +348,6 @@ class Judge:
           cause = str(e)
         continue
       cause = f"HTTP {status}: {error_message(answer)}"
-      if status != 429 and status < 500:
+      if status not in (408, 429) and status < 500:
         raise JudgeError(f"judge {self.base_url} refused {method} {path}: {cause}")
     raise Failed(self.retries + 1, cause)

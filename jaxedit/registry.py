@@ -29,6 +29,8 @@ TRAINERS = (
     Trainer("editor_sft", "jaxedit.trainers.editor_sft", "editor", SUPERVISED_HPARAMS),
     Trainer("editor_grpo", "jaxedit.trainers.editor_grpo", "editor", GRPO_HPARAMS, rl=True),
     Trainer("editor_opd", "jaxedit.trainers.editor_opd", "editor", OPD_HPARAMS, rl=True),
+    Trainer("editor_rft", "jaxedit.trainers.editor_rft", "editor", SUPERVISED_HPARAMS,
+            rl=True),
     Trainer("planner_sft", "jaxedit.trainers.planner_sft", "planner", SUPERVISED_HPARAMS),
     Trainer("planner_grpo", "jaxedit.trainers.planner_grpo", "planner", GRPO_HPARAMS, rl=True),
     Trainer("planner_opd", "jaxedit.trainers.planner_opd", "planner", OPD_HPARAMS, rl=True),

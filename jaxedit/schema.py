@@ -112,7 +112,9 @@ def rewards() -> ConfigDict:
       # base_url with /v1, as `vllm serve` gives; model "" asks the server's /models.
       "judge": {"weight": 0.0, "base_url": "http://localhost:8000/v1", "model": "",
                 "api_key": "", "api_key_env": "OPENAI_API_KEY", "rubric": "",
-                "score": "text",  # text: the reply's last "Score: N" | logprobs: E[digit]
+                # text: the reply's last "Score: N" | logprobs: E[digit] of a one-token reply |
+                # auto: "Score: N", else the first token's log-probs
+                "score": "auto",
                 "max_tokens": 0, "temperature": 0.0, "max_concurrency": 8, "timeout": 60.0,
                 "retries": 3, "backoff": 1.0,
                 "on_failure": "error"},  # error | mask (left out of the loss, counted)
@@ -167,7 +169,10 @@ def editor_model() -> ConfigDict:
       "guidance": 2.5,
       "vae": {"enabled": False, "init_from": "", "latent_channels": 16,
               "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
-              "norm_num_groups": 32},
+              "norm_num_groups": 32,
+              # FLUX.1's; diffusers' AutoencoderKL defaults (SD VAEs) have quant convs
+              "use_quant_conv": False, "use_post_quant_conv": False,
+              "mid_block_add_attention": True},
   })
 
 
@@ -304,12 +309,17 @@ def editor_sft() -> ConfigDict:
   c.init_from = ""  # optional: a diffusers Flux transformer folder (or a jaxedit export)
   # JSON list of settings of traced hyperparameters (train.lr) trained at once: population.py
   c.population = ""
-  c.flow = ConfigDict({
-      "timesteps": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0, "shift": 1.0,
-      "changed_weight": 1.0,  # loss weight of the patches the edit changes (1: plain mean)
-      # weight of the grounding loss (flow.grounding_loss) when model.text_layout_grid > 0
-      "grounding_weight": 1.0})
+  c.flow = flow_matching()
+  c.flow.changed_weight = 1.0  # loss weight of the patches the edit changes (1: plain mean)
+  # weight of the grounding loss (flow.grounding_loss) when model.text_layout_grid > 0
+  c.flow.grounding_weight = 1.0
   return c
+
+
+def flow_matching() -> ConfigDict:
+  """The flow-matching loss's timestep sampling (flow.sample_time)."""
+  return ConfigDict({"timesteps": "logit_normal", "logit_mean": 0.0, "logit_std": 1.0,
+                     "shift": 1.0})
 
 
 def _editor_rl(trainer: str) -> ConfigDict:
@@ -348,6 +358,19 @@ def editor_opd() -> ConfigDict:
   c = _editor_rl("editor_opd")  # rewards are logged, not trained on
   c.rollout = editor_rollout(prompts_per_step=16, group_size=1)  # G student samples
   c.opd = ConfigDict(teachers(t for t in TASKS if t != "mixed"))  # one task per teacher
+  c.rewards.preservation.weight = 0.5
+  return c
+
+
+def editor_rft() -> ConfigDict:
+  """Rejection-sampling fine-tuning (trainers/editor_rft): SFT on the best-scored of each
+  prompt's G samples, for data without target images."""
+  c = _editor_rl("editor_rft")
+  c.rollout = editor_rollout(prompts_per_step=8, group_size=4)
+  c.rollout.noise_level = 0.0  # ODE samples from different noise; > 0: SDE samples
+  c.rollout.minibatches = 1  # updates per epoch over the P chosen targets
+  c.rft = ConfigDict({"min_reward": 0.0})  # a prompt's best edit trains only from this reward
+  c.flow = flow_matching()
   c.rewards.preservation.weight = 0.5
   return c
 
@@ -496,10 +519,10 @@ def edit_dataset() -> ConfigDict:
       "train": "",  # a JSONL file, or a folder holding train_metadata.jsonl
       "test": "",  # a JSONL file; default: test_metadata.jsonl beside the training file
       "test_holdout": 0,  # without a test file: this many training rows become the test split
-      "format": "auto",  # auto | edit_r1 | dancegrpo | editscore | fields
+      "format": "auto",  # auto | edit_r1 | dancegrpo | editscore | gedit | fields
       # Row keys by role, overriding the format's (format 'fields': the whole map).
       "fields": {"id": "", "instruction": "", "source_image": "", "target_image": "",
-                 "requirement": ""},
+                 "requirement": "", "task_type": ""},
       "on_bad_row": "error",  # error | skip (skipped rows are listed in the summary)
       # (height, width) of the aspect-ratio buckets; each image goes to the nearest ratio,
       # scaled to cover it and centre-cropped. Multiples of size_multiple (VAE 8 x patch 2).
@@ -539,6 +562,7 @@ def on_edit_records(config: ConfigDict) -> ConfigDict:
 
 REFERENCE_CONFIGS = {
     "editor_sft": editor_sft, "editor_grpo": editor_grpo, "editor_opd": editor_opd,
+    "editor_rft": editor_rft,
     "planner_sft": planner_sft, "planner_grpo": planner_grpo, "planner_opd": planner_opd,
     "vae": vae,
 }

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from conftest import tiny_editor_config, tiny_planner_grpo_config
-from jaxedit import cli, dry_run, flops, registry
+from jaxedit import cli, dry_run, flops, model_report, registry
 from jaxedit import config as config_lib
 from jaxedit.models.flux import FluxConfig, FluxTransformer
 from jaxedit.trainers import editor_sft
@@ -115,7 +117,8 @@ def test_every_trainer_has_a_dry_run():
   assert set(dry_run.PROGRAMS) == set(registry.BY_NAME)
 
 
-@pytest.mark.parametrize("trainer", ["editor_opd", "planner_grpo", "planner_opd"])
+@pytest.mark.parametrize("trainer", ["editor_opd", "editor_rft", "planner_grpo",
+                                     "planner_opd"])
 def test_rl_dry_runs_compile_their_update(trainer, small_data_dir, tiny_editor_dir,
                                           tiny_planner_dir, tmp_path):
   """Teachers are named, never loaded: the OPD update compiles on their abstract params."""
@@ -126,6 +129,10 @@ def test_rl_dry_runs_compile_their_update(trainer, small_data_dir, tiny_editor_d
     config = editor_opd_config(small_data_dir, tiny_editor_dir,
                                {"colour": "/nowhere/teacher", "geometry": "/nowhere/teacher"})
     config.model.lora_rank = 0
+  elif trainer == "editor_rft":
+    from test_editor_rft import rft_config
+
+    config = rft_config(small_data_dir, tiny_editor_dir)
   elif trainer == "planner_grpo":
     config = tiny_planner_grpo_config(small_data_dir, tiny_planner_dir)
   else:
@@ -135,5 +142,48 @@ def test_rl_dry_runs_compile_their_update(trainer, small_data_dir, tiny_editor_d
   out = dry_run.main(config, workdir)
   assert os.listdir(workdir) == ["dry_run.json"] and out["trainer"] == trainer
   names = [p["program"] for p in out["programs"]]
-  assert names == (["rollout", "update"] if trainer == "editor_opd" else ["update"])
+  assert names == (["rollout", "update"] if trainer.startswith("editor") else ["update"])
   assert all(p["flops"] > 0 and p["peak_estimate"] > 0 for p in out["programs"])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POD = {"data": 2, "fsdp": 64, "tensor": 1}  # the GRPO config's: 2 slices x 64 chips
+
+
+@pytest.mark.parametrize("name,mesh,compiled,programs", [
+    ("flux_kontext_grpo", POD, {"data": 2, "fsdp": 4, "tensor": 1}, ["rollout", "update"]),
+    ("flux_kontext_sft", {"data": 1, "fsdp": 64, "tensor": 1},
+     {"data": 1, "fsdp": 8, "tensor": 1}, ["train_step"])])
+def test_flux_kontext_dry_run_compiles_the_12b_steps_sized_for_the_pod(name, mesh, compiled,
+                                                                       programs, tmp_path):
+  """The real-size FLUX.1-Kontext configs need neither records nor the pipeline folder: the
+  steps compile on the 8 fake CPU devices on a reduced mesh (abstract 11.9B-parameter state,
+  nothing allocated), and the bytes per device are the pod's, as the model report sizes
+  them. SFT's mesh fills the devices there are (-1): sized here for 64 chips."""
+  flags = [] if mesh is POD else [f"--config.mesh.shape={tuple(mesh.values())}"]
+  workdir = tmp_path / "run"
+  out = subprocess.run(
+      [sys.executable, "-m", "jaxedit", "train", "--config", f"configs/{name}.py",
+       "--workdir", str(workdir), "--dry_run", "--config.data.records=/nowhere/records",
+       *flags], cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "compiled on a reduced mesh" in out.stdout
+  assert os.listdir(workdir) == ["dry_run.json"]
+  report = json.loads((workdir / "dry_run.json").read_text())
+  assert (report["mesh"], report["devices"]) == (mesh, math.prod(mesh.values()))
+  assert report["compiled_mesh"] == compiled and report["bucket"] == [512, 512]
+  config = config_lib.load_file(f"{ROOT}/configs/{name}.py")
+  config.mesh.shape = (1, mesh["fsdp"], 1)
+  sizes = model_report.report(config)
+  assert report["model_parameters"] == sizes["params"]
+  assert report["model_parameters"] == pytest.approx(11.9e9, rel=0.01)
+  assert report["parameters"] == sizes["trained_params"]
+  assert report["bytes_per_device"] == {k: v for k, v in sizes["bytes_per_device"].items()
+                                        if not k.startswith("vae")}
+  # fp32 weights split 64 ways: the frozen base (GRPO, LoRA) or the trained weights (SFT)
+  weights = report["bytes_per_device"].get("base", report["bytes_per_device"]["params"])
+  assert weights == pytest.approx(4 * 11.9e9 / 64, rel=0.03)
+  assert [p["program"] for p in report["programs"]] == programs
+  for p in report["programs"]:
+    assert p["devices"] == math.prod(compiled.values())
+    assert p["flops"] > 1e15 and p["peak_estimate"] > 0

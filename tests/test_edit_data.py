@@ -348,3 +348,43 @@ def test_cached_latents_equal_diffusers_vae(edit_r1, tmp_path):
   # the encoders' settings are part of the plan: other settings are other records
   c.encode.dtype = "bfloat16"
   assert edit_job.make_plan(c)[0]["fingerprint"] != plan["fingerprint"]
+
+
+def test_two_processes_write_the_records_one_writes(tmp_path):
+  """`jaxedit data` on 2 processes joined by jax.distributed (2 CPU devices each; process 0
+  writes 2 of the 3 shards, process 1 one, each encoding on its own devices) writes the
+  same bytes as 1 process of 2 devices: shards, their manifests, plan and dataset.json."""
+  pytest.importorskip("torch")
+  pytest.importorskip("diffusers")
+  import tiny_flux
+  from launch import local
+
+  pipeline = tiny_flux.write_pipeline(str(tmp_path / "pipeline"))
+  rows = tiny_flux.write_edit_r1(str(tmp_path / "r1"))  # 4 training rows, 2 test rows
+  roots, logs = {}, {}
+  for n in (2, 1):
+    roots[n], logdir = tmp_path / f"records_{n}", tmp_path / f"logs_{n}"
+    code = local.run(["data", "--config", "configs/edit_data.py:tiny", "--workdir",
+                      str(roots[n]), f"--config.data.train={rows}",
+                      "--config.data.records_per_shard=2",
+                      f"--config.encode.pipeline={pipeline}",
+                      "--config.encode.max_sequence_length=16",
+                      "--config.report.contact_sheet_examples=0"],
+                     num_processes=n, devices_per_process=2, logdir=str(logdir), timeout=300,
+                     echo=False)
+    logs[n] = [(logdir / f"process_{i}.log").read_text() for i in range(n)]
+    assert code == 0, logs[n][0][-3000:]
+  for i, log in enumerate(logs[2]):  # joined, each writing its own shards
+    assert f"process {i} of 2 joined (2 local devices, 4 in all)" in log
+    assert f"6 rows in 3 shards ({2 - i} for this process" in log
+  files = sorted(str(p.relative_to(roots[1])) for p in roots[1].rglob("*") if p.is_file())
+  assert sorted(str(p.relative_to(roots[2])) for p in roots[2].rglob("*")
+                if p.is_file()) == files
+  shards = [f for f in files if f.endswith(".array_record")]
+  assert len(shards) == 3 and edit_records.read_manifest(str(roots[2]))["fields"][-4:] == [
+      "source_latents", "target_latents", "context", "pooled"]
+  for f in files:
+    if f != edit_job.SUMMARY:  # it holds the job's seconds and folder
+      assert (roots[2] / f).read_bytes() == (roots[1] / f).read_bytes(), f
+  summaries = [json.loads((roots[n] / edit_job.SUMMARY).read_text()) for n in (2, 1)]
+  assert summaries[0]["splits"] == summaries[1]["splits"]

@@ -101,6 +101,30 @@ def test_group_advantages_against_numpy():
     grpo.group_advantages(rewards, 4)
 
 
+def test_masked_rewards_are_left_out_of_the_group_statistics():
+  """A NaN reward (a sample a judge could not score) gets zero advantage and the others are
+  normalised as if it had never been sampled."""
+  nan = np.nan
+  rewards = np.array([1.0, nan, 0.5, 0.2, 0.2, nan, 0.3, 0.9, 0.4, nan, nan, 0.7],
+                     np.float32)
+  valid = ~np.isnan(rewards)
+  groups = [rewards[i:i + 3][valid[i:i + 3]] for i in range(0, 12, 3)]
+  everything = rewards[valid]
+  for scope in grpo.STD_SCOPES:
+    want = np.zeros(12, np.float64)
+    for g, group in enumerate(groups):
+      std = group.std() if scope == "group" else everything.std()
+      adv = np.clip((group - group.mean()) / (std + 1e-4), -5, 5)
+      want[3 * g:3 * g + 3][valid[3 * g:3 * g + 3]] = adv if np.ptp(group) else 0.0
+    got = np.asarray(jax.jit(grpo.group_advantages, static_argnums=1,
+                             static_argnames="std_scope")(rewards, 3, std_scope=scope))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(got).all() and (got[~valid] == 0).all()
+    # The all-equal second group (0.2, 0.2 and a masked one) and the one-valid last group:
+    # exactly zero.
+    assert (got[3:6] == 0).all() and (got[9:] == 0).all()
+
+
 def test_clipped_loss_on_policy_ratio_is_one_and_gradient_is_policy_gradient():
   logp = jnp.array([-1.2, 0.3, 2.0])
   adv = jnp.array([1.0, -0.5, 2.0])

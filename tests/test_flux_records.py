@@ -185,3 +185,52 @@ def test_bad_setups_are_named(world, tmp_path):
   c.rewards.checklist.weight = 1.0
   with pytest.raises(ConfigError, match="reward 'checklist' reads the shapes world"):
     editor_grpo.train(c, str(tmp_path / "rl"))
+
+
+def test_benchmark_records_are_scored_per_task_type(world, tmp_path):
+  """A GEdit-Bench-style file alone (key, task_type, instruction, input_image) makes an
+  evaluation set; evaluation with a judge reports the reward per task type and shows the
+  examples of every type in its grid."""
+  from jaxedit import rewards as rewards_lib
+
+  images = tiny_flux.write_images(str(tmp_path / "images"))
+  types = ["color_alter", "subject-add", "color_alter", "style_change", "subject-add",
+           "color_alter"]
+  bench = str(tmp_path / "gedit.jsonl")
+  with open(bench, "w") as f:
+    f.writelines(json.dumps({"key": f"k{i}", "task_type": t, "instruction": f"edit {i}",
+                             "instruction_language": "en", "input_image": path}) + "\n"
+                 for i, (t, path) in enumerate(zip(types, images)))
+  c = edit_data.get_config("tiny").unlock()
+  c.data.test, c.data.buckets, c.report.contact_sheet_examples = bench, BUCKETS, 0
+  c.encode.pipeline, c.encode.max_sequence_length = world["pipeline"], 16
+  plan, bad = edit_job.make_plan(c)
+  assert not bad and {s["split"] for s in plan["shards"]} == {"test"}
+  from jaxedit.data import edit_cache
+
+  root = str(tmp_path / "bench")
+  edit_job.write_shards(root, plan, 0, 1, "error", 2, edit_cache.Encoders(c.encode, c.mesh))
+  edit_job.finish(root, plan, bad, c, 0.0)
+
+  setup = flux_editing.make_setup(sft_config(world, root), "")
+  assert setup.records.splits == ["test"]
+  server, url = judge_server()
+  try:
+    reward_fn = rewards_lib.Rewards({"remote": {"weight": 1.0, "url": url}}, None)
+    batches = flux_editing.eval_batches(setup, "test", 0, 8)
+    params = editor_sft.start_state(setup).params
+    summary, grid = flux_editing.evaluate(
+        setup, params, batches, flux_editing.make_sampler(setup, 2, 1.0), seed=0,
+        reward_fn=reward_fn)
+  finally:
+    server.shutdown()
+  assert summary["examples"] == 6 and summary["masked"] == 0
+  assert summary["examples_by_task_type"] == {"color_alter": 3, "style_change": 1,
+                                              "subject-add": 2}
+  by_type = summary["reward_by_task_type"]
+  assert all(0 <= v <= 1 for v in by_type.values())
+  weighted = sum(by_type[t] * n for t, n in summary["examples_by_task_type"].items()) / 6
+  np.testing.assert_allclose(weighted, summary["reward"], rtol=1e-5)
+  sources, edits, targets, texts, verdicts = grid
+  assert len(sources) == 6 and targets is None and verdicts is None  # no targets to show
+  assert sorted({t.split("]")[0][1:] for t in texts}) == sorted(set(types))

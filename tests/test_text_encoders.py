@@ -88,9 +88,12 @@ def test_relative_position_buckets_match_transformers():
         text_encoders.relative_position_buckets(length, buckets, distance), ref)
 
 
-@pytest.mark.parametrize("padded, scan", [(False, True), (True, False)])
-def test_t5_matches_transformers(tmp_path, padded, scan):
-  ref_model = t5_model()
+@pytest.mark.parametrize("padded, scan, ffn", [(False, True, "gated-gelu"),
+                                                (True, False, "relu"),
+                                                (False, False, "gated-silu")])
+def test_t5_matches_transformers(tmp_path, padded, scan, ffn):
+  """T5 v1.1 (FLUX.1's, gated), v1.0 (transformers' default, relu) and a gated silu."""
+  ref_model = t5_model(feed_forward_proj=ffn)
   model, params = loaded(ref_model, str(tmp_path), scan)
   rng = np.random.default_rng(1)
   ids = rng.integers(2, T5_HF["vocab_size"], size=(2, L)).astype(np.int32)
@@ -214,14 +217,14 @@ def test_bad_folders_give_named_errors(pipeline_dir, tmp_path):
     te.FluxTextEncoders.from_pipeline(str(broken))
   (broken / "text_encoder_2").mkdir()
   hf = transformers.T5Config(**T5_HF).to_dict()
-  relu = {**hf, "feed_forward_proj": "relu"}
-  for config, error in ((relu, f"{broken}: feed_forward_proj 'relu'"),
+  odd = {**hf, "feed_forward_proj": "gated-gelu-fast"}
+  for config, error in ((odd, f"{broken}: feed_forward_proj 'gated-gelu-fast'"),
                         (hf, f"{broken / 'text_encoder_2'} has neither model.safetensors")):
     json.dump(config, open(broken / "text_encoder_2" / "config.json", "w"))
     with pytest.raises(ConfigError, match=re.escape(error)):
       te.FluxTextEncoders.from_pipeline(str(broken))
-  with pytest.raises(ConfigError, match="activation 'silu'"):
-    te.t5_config({**hf, "feed_forward_proj": "gated-silu"})
+  with pytest.raises(ConfigError, match="activation 'tanh'"):
+    te.t5_config({**hf, "feed_forward_proj": "gated-tanh"})
   with pytest.raises(ConfigError, match="model_type is 'umt5'"):
     te.t5_config({**hf, "model_type": "umt5"})
   with pytest.raises(ConfigError, match="hidden_act 'relu'"):

@@ -78,8 +78,10 @@ def t5_tokenizer():
       transformers, "T5TokenizerFast") else transformers.T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
-def write_pipeline(root: str, seed: int = 0, guidance_embeds: bool = True) -> str:
-  """Writes the folder; returns `root`."""
+def write_pipeline(root: str, seed: int = 0, guidance_embeds: bool = True, t5=None, clip=None,
+                   vae=None) -> str:
+  """Writes the folder; returns `root`. `t5`, `clip`, `vae`: config keys over the defaults
+  above (e.g. transformers' default T5 FFN, feed_forward_proj='relu')."""
   import diffusers
   import torch
   import transformers
@@ -89,12 +91,14 @@ def write_pipeline(root: str, seed: int = 0, guidance_embeds: bool = True) -> st
   tokenizer = transformers.CLIPTokenizer.from_pretrained(os.path.join(root, "_clip_tokenizer"))
   t5_tok = t5_tokenizer()
   clip = _randomized(transformers.CLIPTextModel(transformers.CLIPTextConfig(
-      vocab_size=clip_vocab, eos_token_id=clip_vocab - 1, **CLIP)), seed)
+      vocab_size=clip_vocab, eos_token_id=clip_vocab - 1, **{**CLIP, **(clip or {})})), seed)
   t5 = _randomized(transformers.T5EncoderModel(transformers.T5Config(
-      vocab_size=len(t5_tok), **T5)), seed + 1)
+      vocab_size=len(t5_tok), **{**T5, **(t5 or {})})), seed + 1)
+  vae = {**VAE, **(vae or {})}
+  blocks = len(vae["block_out_channels"])
   vae = _randomized(diffusers.AutoencoderKL(
-      down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-      **VAE), seed + 2)
+      down_block_types=("DownEncoderBlock2D",) * blocks,
+      up_block_types=("UpDecoderBlock2D",) * blocks, **vae), seed + 2)
   transformer = _randomized(diffusers.FluxTransformer2DModel(
       guidance_embeds=guidance_embeds, **FLUX), seed + 3)
   scheduler = diffusers.FlowMatchEulerDiscreteScheduler(

@@ -8,11 +8,14 @@ import argparse
 import os
 
 SUITES = ("editor_sft_step", "grpo_rollout", "grpo_update", "planner_decode", "opd_step")
+# Run only when named: they need inputs of the user's (edit_records: --pipeline and --jsonl).
+EXTRA_SUITES = ("edit_records",)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--suites", default=",".join(SUITES),
-                 help=f"comma-separated, from {', '.join(SUITES)}")
+                 help=f"comma-separated, from {', '.join(SUITES + EXTRA_SUITES)} (default: all "
+                      "but edit_records, which needs --pipeline and --jsonl)")
   p.add_argument("--editor_config", default="configs/shapes_editor_sft.py")
   p.add_argument("--planner_config", default="configs/shapes_planner_sft.py")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -26,3 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--cpu_devices", type=int, default=os.cpu_count(),
                  help="JAX CPU devices, one per core by default: the rollout and planner "
                       "decoding split their batch over them (0: JAX's default)")
+  e = p.add_argument_group("edit_records suite (jaxedit/benchmarks/edit_records.py)")
+  e.add_argument("--pipeline", default="", help="a diffusers FLUX.1(-Kontext) pipeline folder")
+  e.add_argument("--jsonl", default="", help="a JSONL of edits with source and target images")
+  e.add_argument("--bucket", default="512x512", help="HxW every row is fitted to")
+  e.add_argument("--rows", type=int, default=64, help="the JSONL's first rows (0: all)")
+  e.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens")

@@ -44,23 +44,27 @@ def write_json(path: str, value) -> None:
 
 def input_files(data: ml_collections.ConfigDict) -> dict[str, str]:
   """split -> JSONL file. `data.train` is a file or a folder with train_metadata.jsonl; the
-  test split is `data.test`, or else the test_metadata.jsonl beside the training file."""
-  if not data.train:
+  test split is `data.test`, or else the test_metadata.jsonl beside the training file. A
+  test file alone makes an evaluation set (a benchmark such as GEdit-Bench)."""
+  if not data.train and not data.test:
     raise ConfigError("config key 'data.train' is empty: point it at a JSONL file of edits "
-                      "(or a folder holding train_metadata.jsonl)")
-  train = os.path.expanduser(data.train)
-  if os.path.isdir(train):
-    train = os.path.join(train, TRAIN_FILE)
-  if not os.path.isfile(train):
-    raise ConfigError(f"data.train: {train} does not exist")
-  files = {"train": train}
+                      "(or a folder holding train_metadata.jsonl), or data.test at a "
+                      "benchmark's JSONL for an evaluation set")
+  files, train = {}, ""
+  if data.train:
+    train = os.path.expanduser(data.train)
+    if os.path.isdir(train):
+      train = os.path.join(train, TRAIN_FILE)
+    if not os.path.isfile(train):
+      raise ConfigError(f"data.train: {train} does not exist")
+    files["train"] = train
   test = os.path.expanduser(data.test) if data.test else ""
   if test and os.path.isdir(test):
     test = os.path.join(test, TEST_FILE)
   if test and not os.path.isfile(test):
     raise ConfigError(f"data.test: {test} does not exist")
   sibling = os.path.join(os.path.dirname(train), TEST_FILE)
-  if not test and os.path.basename(train) == TRAIN_FILE and os.path.isfile(sibling):
+  if not test and train and os.path.basename(train) == TRAIN_FILE and os.path.isfile(sibling):
     test = sibling
   if test:
     files["test"] = test
@@ -92,6 +96,8 @@ def make_plan(config: ml_collections.ConfigDict) -> tuple[dict, list[BadRow]]:
   for split, path in files.items():
     rows[split], bad_here = edit_rows.read_rows(path, data.format, fields)
     bad += bad_here
+  if data.test_holdout and "train" not in rows:
+    raise ConfigError("data.test_holdout holds rows out of data.train, which is empty")
   if data.test_holdout and "test" in rows:
     raise ConfigError("data.test_holdout holds rows out of data.train for a test split, but "
                       f"there is one already ({files['test']}): set one or the other")
@@ -102,8 +108,9 @@ def make_plan(config: ml_collections.ConfigDict) -> tuple[dict, list[BadRow]]:
   dup = {(b.file, b.line) for b in duplicates}
   rows = {split: [r for r in rs if (r.file, r.line) not in dup] for split, rs in rows.items()}
   edit_rows.apply_policy(bad, data.on_bad_row, sum(map(len, rows.values())) + len(bad))
-  if not rows["train"]:
-    raise DatasetError(f"no usable training rows in {files['train']}")
+  for split in rows:
+    if not rows[split] and (split == "train" or "train" not in rows):
+      raise DatasetError(f"no usable {split} rows in {files[split]}")
 
   shards = []
   for split, split_rows in rows.items():
@@ -125,9 +132,12 @@ def make_plan(config: ml_collections.ConfigDict) -> tuple[dict, list[BadRow]]:
 
 
 def _row_dict(row: EditRow) -> dict:
-  return {"id": row.id, "instruction": row.instruction, "requirement": row.requirement,
-          "source_image": row.source_image, "target_image": row.target_image,
-          "file": row.file, "line": row.line}
+  out = {"id": row.id, "instruction": row.instruction, "requirement": row.requirement,
+         "source_image": row.source_image, "target_image": row.target_image,
+         "file": row.file, "line": row.line}
+  if row.task_type:  # only where a row has one: plans and records of others are unchanged
+    out["task_type"] = row.task_type
+  return out
 
 
 def _settings(config: ml_collections.ConfigDict) -> dict:
@@ -164,9 +174,12 @@ def _record(row: dict, bucket: tuple[int, int]) -> dict:
   source = edit_rows.fit_to_bucket(edit_rows.load_image(row["source_image"]), bucket)
   target = (edit_rows.fit_to_bucket(edit_rows.load_image(row["target_image"]), bucket)
             if row["target_image"] else np.zeros((0, 0, 3), np.uint8))
-  return {"id": row["id"], "instruction": row["instruction"],
-          "requirement": row["requirement"], "file": row["file"], "line": row["line"],
-          "source_image": source, "target_image": target}
+  out = {"id": row["id"], "instruction": row["instruction"],
+         "requirement": row["requirement"], "file": row["file"], "line": row["line"],
+         "source_image": source, "target_image": target}
+  if row.get("task_type"):
+    out["task_type"] = row["task_type"]
+  return out
 
 
 def write_shard(root: str, shard: dict, fingerprint: str, policy: str,
@@ -340,7 +353,8 @@ def format_summary(summary: dict) -> str:
 def contact_sheet(root: str, num_examples: int):
   """Source | target (where the data has one) with the instruction, first records of each
   training bucket, shown at one height."""
-  sources = edit_records.EditRecords(root).buckets("train")
+  records = edit_records.EditRecords(root)
+  sources = records.buckets("train" if "train" in records.splits else "test")
   rows = []
   for source in sources:
     for i in range(min(len(source), max(1, num_examples // len(sources)))):

@@ -3,7 +3,7 @@
 A records folder (what `jaxedit data` writes for a lab's own data) holds `dataset.json` (the
 splits, their buckets and shards, and every row left out) and
 `{split}/{height}x{width}/{k:05d}.array_record` shards. A record is msgpack (never pickle):
-id, instruction, requirement, provenance, the source (and target) image as PNG fitted to the
+id, instruction, requirement, task type (benchmarks), provenance, the source (and target) image as PNG fitted to the
 bucket, and, where the job cached them, latents and text embeddings as arrays. Every batch
 comes from one bucket, so each has a fixed shape; which bucket a batch comes from, and the
 rows in it, do not depend on the number of processes reading (as `pipeline.make_dataset`).
@@ -26,7 +26,7 @@ from jaxedit.errors import CorruptRecordError
 
 MANIFEST = "dataset.json"
 FORMAT_VERSION = 1
-TEXT_FIELDS = ("id", "instruction", "requirement", "file")
+TEXT_FIELDS = ("id", "instruction", "requirement", "task_type", "file")
 IMAGE_FIELDS = ("source_image", "target_image")
 
 
@@ -50,6 +50,7 @@ def decode_record(data: bytes) -> dict[str, Any]:
   source's shape (and zero target latents where latents are cached), `has_target` False,
   so that every record of a bucket stacks into one batch."""
   record = serialization.msgpack_restore(data)
+  record.setdefault("task_type", "")  # written only where a row has one
   source = np.asarray(Image.open(io.BytesIO(record["source_image"])).convert("RGB"), np.uint8)
   record["source_image"] = source
   record["has_target"] = bool(record.get("target_image"))

@@ -5,9 +5,13 @@ Formats (`data.format`; "auto" tells them apart by the first row's keys):
   edit_r1    flow_grpo / Edit-R1 `train_metadata.jsonl`: {"prompt", "image", "requirement"?}
   dancegrpo  DanceGRPO / Pref-GRPO: {"instruction", "source_image", "target_image"?}
   editscore  EditScore RL data: {"instruction", "input_images": [one path]}
+  gedit      GEdit-Bench / ImgEdit-style benchmarks: {"key", "task_type", "instruction",
+             "input_image"}
   fields     anything else, through `data.fields` (which key holds what)
 Image paths are relative to the JSONL file's folder (or absolute). An optional id comes from
-"id", "key" or "uid" (or `data.fields.id`); rows without one are named by file and line.
+"id", "key" or "uid" (or `data.fields.id`); rows without one are named by file and line. An
+optional task type (what eval reports scores by) comes from "task_type" or "edit_type" (or
+`data.fields.task_type`).
 """
 
 from __future__ import annotations
@@ -23,15 +27,17 @@ from PIL import Image, ImageOps
 
 from jaxedit.errors import DatasetError
 
-ROLES = ("id", "instruction", "source_image", "target_image", "requirement")
+ROLES = ("id", "instruction", "source_image", "target_image", "requirement", "task_type")
 FORMATS: dict[str, dict[str, str]] = {
     "edit_r1": {"instruction": "prompt", "source_image": "image",
                 "requirement": "requirement"},
     "dancegrpo": {"instruction": "instruction", "source_image": "source_image",
                   "target_image": "target_image"},
     "editscore": {"instruction": "instruction", "source_image": "input_images"},
+    "gedit": {"instruction": "instruction", "source_image": "input_image"},
 }
 ID_KEYS = ("id", "key", "uid")
+TASK_TYPE_KEYS = ("task_type", "edit_type")
 BAD_ROW_POLICIES = ("error", "skip")
 # Source and target must show the same scene: their aspect ratios may differ by rounding.
 ASPECT_TOLERANCE = 0.05
@@ -49,6 +55,7 @@ class EditRow:
   line: int
   target_image: str = ""
   requirement: str = ""
+  task_type: str = ""  # the benchmark's category of the edit, if it has one
   source_size: tuple[int, int] = (0, 0)  # (height, width), read from the file's header
 
   @property
@@ -160,6 +167,12 @@ def parse_row(raw: Any, mapping: Mapping[str, str], file: str, line: int) -> Edi
   requirement = raw.get(mapping.get("requirement", ""), "") or ""
   if not isinstance(requirement, str):
     requirement = json.dumps(requirement)  # a structured checklist, kept as its JSON
+  task_key = mapping.get("task_type") or next((k for k in TASK_TYPE_KEYS if k in raw), None)
+  if mapping.get("task_type") and mapping["task_type"] not in raw:
+    raise ValueError(f"no {mapping['task_type']!r} key (task_type); the row has {sorted(raw)}")
+  task_type = raw[task_key] if task_key else ""
+  if not isinstance(task_type, str):
+    raise ValueError(f"the task type ({task_key!r}) must be a string, got {task_type!r}")
   id_key = mapping.get("id") or next((k for k in ID_KEYS if k in raw), None)
   if mapping.get("id") and mapping["id"] not in raw:
     raise ValueError(f"no {mapping['id']!r} key (id); the row has {sorted(raw)}")
@@ -172,7 +185,8 @@ def parse_row(raw: Any, mapping: Mapping[str, str], file: str, line: int) -> Edi
       raise ValueError(f"the target image is {target_size[1]}x{target_size[0]} but the source "
                        f"is {size[1]}x{size[0]}: they do not show the same frame")
   return EditRow(id=row_id, instruction=instruction, source_image=source, file=file,
-                 line=line, target_image=target, requirement=requirement, source_size=size)
+                 line=line, target_image=target, requirement=requirement,
+                 task_type=task_type.strip(), source_size=size)
 
 
 def read_rows(path: str, fmt: str = "auto", fields: Mapping[str, str] | None = None,

@@ -59,17 +59,16 @@ MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.check_inputs refuses longer T5 sequenc
 
 def t5_config(hf: Mapping[str, Any], **overrides) -> T5EncoderConfig:
   """A T5EncoderConfig from a transformers T5Config dict (config.json); ConfigError naming
-  the key of what the model does not implement. The activation follows `feed_forward_proj`
-  as transformers derives it ("gated-gelu" is gelu_new)."""
+  the key of what the model does not implement. The FFN follows `feed_forward_proj` as
+  transformers derives it: "gated-ACT" (v1.1; "gated-gelu" is gelu_new) or "ACT" (v1.0)."""
   if hf.get("model_type") != "t5":
     raise ConfigError(f"model_type is {hf.get('model_type')!r}; expected 't5'")
   if hf.get("is_decoder"):
     raise ConfigError("is_decoder is true; only the (bidirectional) encoder is supported")
   proj = hf.get("feed_forward_proj", "relu")
   kind, _, act = proj.rpartition("-")
-  if kind != "gated":
-    raise ConfigError(f"feed_forward_proj {proj!r} is not supported: only gated FFNs "
-                      "(T5 v1.1, 'gated-gelu')")
+  if kind not in ("", "gated"):
+    raise ConfigError(f"feed_forward_proj {proj!r} is not supported: 'gated-ACT' or 'ACT'")
   act = "gelu_new" if proj == "gated-gelu" else act
   if act not in T5_ACTIVATIONS:
     raise ConfigError(f"feed_forward_proj {proj!r}: activation {act!r} is not supported "
@@ -78,7 +77,8 @@ def t5_config(hf: Mapping[str, Any], **overrides) -> T5EncoderConfig:
                                "num_heads", "relative_attention_num_buckets",
                                "relative_attention_max_distance", "layer_norm_epsilon")
             if k in hf}
-  return T5EncoderConfig(**{**kwargs, "dense_act_fn": act, **overrides})
+  return T5EncoderConfig(**{**kwargs, "dense_act_fn": act, "is_gated_act": kind == "gated",
+                            **overrides})
 
 
 def clip_config(hf: Mapping[str, Any], **overrides) -> CLIPTextConfig:

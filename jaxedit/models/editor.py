@@ -272,4 +272,6 @@ def vae_config(model: ml_collections.ConfigDict) -> VAEConfig:
   return VAEConfig(latent_channels=v.latent_channels,
                    block_out_channels=tuple(v.block_out_channels),
                    layers_per_block=v.layers_per_block, norm_num_groups=v.norm_num_groups,
+                   use_quant_conv=v.use_quant_conv, use_post_quant_conv=v.use_post_quant_conv,
+                   mid_block_add_attention=v.mid_block_add_attention,
                    dtype=DTYPES[model.dtype], param_dtype=DTYPES[model.param_dtype])

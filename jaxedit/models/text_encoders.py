@@ -31,7 +31,9 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 # transformers' ACT2FN names -> functions, for the activations each model supports.
 T5_ACTIVATIONS = {"gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-                  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
+                  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+                  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+                  "relu": jax.nn.relu, "silu": jax.nn.silu}
 CLIP_ACTIVATIONS = {"quick_gelu": quick_gelu,
                     "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
@@ -44,7 +46,7 @@ def _check_activation(act: str, supported: dict, model: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class T5EncoderConfig:
   """Defaults are T5 v1.1 XXL's encoder (FLUX.1's text_encoder_2); field names are
-  transformers' T5Config's. The FFN is always gated (v1.1)."""
+  transformers' T5Config's. The FFN is gated (v1.1) or not (v1.0, transformers' default)."""
 
   vocab_size: int = 32_128
   d_model: int = 4096
@@ -56,6 +58,7 @@ class T5EncoderConfig:
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
   dense_act_fn: str = "gelu_new"
+  is_gated_act: bool = True
   dtype: Dtype = jnp.float32  # compute
   param_dtype: Dtype = jnp.float32
   scan_layers: bool = True
@@ -145,18 +148,21 @@ class T5Attention(nn.Module):
     return dense(cfg, cfg.d_model, ("heads", "embed"), "o", use_bias=False)(out)
 
 
-class T5GatedFFN(nn.Module):
-  """wo(act(wi_0(x)) * wi_1(x))."""
+class T5FFN(nn.Module):
+  """wo(act(wi_0(x)) * wi_1(x)) when gated (v1.1), else wo(act(wi(x)))."""
 
   cfg: T5EncoderConfig
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    gate = dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi_0", use_bias=False)(x)
-    linear = dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi_1", use_bias=False)(x)
-    return dense(cfg, cfg.d_model, ("mlp", "embed"), "wo", use_bias=False)(
-        T5_ACTIVATIONS[cfg.dense_act_fn](gate) * linear)
+    act = T5_ACTIVATIONS[cfg.dense_act_fn]
+    if cfg.is_gated_act:
+      gate = dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi_0", use_bias=False)(x)
+      hidden = act(gate) * dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi_1", use_bias=False)(x)
+    else:
+      hidden = act(dense(cfg, cfg.d_ff, ("embed", "mlp"), "wi", use_bias=False)(x))
+    return dense(cfg, cfg.d_model, ("mlp", "embed"), "wo", use_bias=False)(hidden)
 
 
 class T5Block(nn.Module):
@@ -168,7 +174,7 @@ class T5Block(nn.Module):
     norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, axis="embed",
                                 param_dtype=cfg.param_dtype, name=name)
     h = h + T5Attention(cfg, name="attention")(norm("attention_norm")(h), bias, mask)
-    h = h + T5GatedFFN(cfg, name="ffn")(norm("ffn_norm")(h))
+    h = h + T5FFN(cfg, name="ffn")(norm("ffn_norm")(h))
     return nn.with_logical_constraint(h, ACTIVATION), None
 
 

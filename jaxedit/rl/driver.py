@@ -103,11 +103,11 @@ class Algorithm:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, algorithm: Algorithm) -> dict:
-  run = loop.Run(config, workdir)
+  setup, rollout_setup = overlap.make_setups(algorithm.make_setup, config, workdir)
+  run = loop.Run(setup.config, workdir)  # as set up: shapes read from init_from included
   if not run.resuming and not config.init_from:
     raise ConfigError(f"config key 'init_from' must name {algorithm.policy.start_kind} to "
                       "start from (--config.init_from=DIR)")
-  setup, rollout_setup = overlap.make_setups(algorithm.make_setup, config, workdir)
   policy = algorithm.policy(setup, rollout_setup, algorithm, run)
   overlapped = policy.overlapped
   data_iter = policy.train_prompts()

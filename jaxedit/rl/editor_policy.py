@@ -226,7 +226,12 @@ def load_sft(setup: Setup, init_from: str):
     return params
   mngr, step = checkpoint.latest_step(init_from, "an editor SFT workdir")
   key = "ema_params" if config.init_params == "ema" else "params"
-  mismatched = model_mismatch(checkpoint.saved_config(mngr, step)["model"], config.model)
+  saved = checkpoint.saved_config(mngr, step)
+  if saved["model"].get("lora_rank"):
+    raise ConfigError(f"init_from: {init_from} trained LoRA adapters (model.lora_rank="
+                      f"{saved['model']['lora_rank']}), not a whole editor: start from its "
+                      "export (jaxedit export ... --to diffusers) or a full fine-tuning run")
+  mismatched = model_mismatch(saved["model"], config.model)
   if mismatched:
     raise ConfigError("init_from was trained with a different model: " + ", ".join(mismatched))
   params = checkpoint.restore_subtree(mngr, step, key, abstract)
@@ -472,9 +477,12 @@ class EditorPolicy(driver.Policy):
   def scalars(self, rollouts):
     host = rollouts[1]
     rewards = sharding.all_rows(host["rewards"])  # every process's rollouts
-    return {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-            **{f"reward/{k}": float(sharding.all_rows(v).mean())
-               for k, v in host["parts"].items()}}
+    out = {"reward/mean": float(np.nanmean(rewards)), "reward/std": float(np.nanstd(rewards)),
+           **{f"reward/{k}": float(np.nanmean(sharding.all_rows(v)))
+              for k, v in host["parts"].items()}}
+    if self.reward_fn.can_mask:  # samples a judge could not score: left out of the update
+      out["reward/masked_fraction"] = float(np.isnan(rewards).mean())
+    return out
 
   def validate(self, state, step):
     return editing.evaluate(self.setup, self.setup.policy(state.ema_params, state.base),

@@ -70,9 +70,14 @@ def mesh_and_rules(config: ml_collections.ConfigDict, devices=None):
   return mesh, rules, sharding.batch_sharding(mesh, rules)
 
 
+def data_parallel_size(mesh, batch_sharding) -> int:
+  """How many ways a batch is split: the product of the mesh axes of its sharding."""
+  return int(np.prod([mesh.shape[a] for a in _axes(batch_sharding.spec)]))
+
+
 def check_batch_size(name: str, size: int, mesh, batch_sharding) -> None:
   """Global batch sizes must split evenly over the data-parallel devices and processes."""
-  parallel = int(np.prod([mesh.shape[a] for a in _axes(batch_sharding.spec)]))
+  parallel = data_parallel_size(mesh, batch_sharding)
   if size % parallel or size % jax.process_count():
     raise ConfigError(f"{name} = {size} must divide over the {parallel} data-parallel "
                       f"devices and {jax.process_count()} processes")
