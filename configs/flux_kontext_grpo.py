@@ -32,17 +32,8 @@ def get_config(arg=None):
     return config.lock()
   if arg:
     raise ValueError(f"unknown config arg {arg!r}; use 'tiny' or nothing")
-  # FLUX.1-Kontext-dev's transformer (19 double and 38 single blocks, 24 heads of 128, the
-  # guidance embedder) on 16-channel latents packed 2x2, written out so that the model report
-  # and --dry_run size it without the folder; loading checks it against the folder's.
-  m.architecture = "config"
-  config.world.image_size = 512
-  m.patch_size, m.num_heads, m.head_dim, m.axes_dims_rope = 2, 24, 128, (16, 56, 56)
-  m.num_layers, m.num_single_layers, m.guidance_embeds = 19, 38, True
-  m.context_dim, m.pooled_dim = 4096, 768
+  schema.flux_kontext_dev(config)  # bf16 compute, fp32 weights and adapters
   m.lora_rank, m.lora_alpha = 32, 64.0
-  m.dtype, m.param_dtype = "bfloat16", "float32"  # bf16 compute, fp32 weights and adapters
-  m.scan_layers, m.remat_policy = True, "full"
   # Two v5p-128 slices (64 chips each): FSDP within a slice over ICI, data parallelism
   # across the slices over DCN, so only the gradient all-reduce leaves a slice.
   config.mesh.shape, config.mesh.dcn_shape = (1, 64, 1), (2, 1, 1)
@@ -50,7 +41,6 @@ def get_config(arg=None):
   r.rollout_chunks, r.minibatches = 4, 4
   r.num_steps, r.noise_level = 10, 0.7
   config.grpo.kl_beta = 0.04
-  config.sample.num_steps, config.sample.shift = 28, 3.0
   t.lr = 1e-4
   config.eval.batch_size = 128
   return config.lock()

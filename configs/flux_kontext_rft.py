@@ -19,7 +19,7 @@ from jaxedit import schema
 
 def get_config(arg=None):
   config = schema.on_edit_records(schema.editor_rft())
-  m, r, t = config.model, config.rollout, config.train
+  r, t = config.rollout, config.train
   config.rewards.judge.weight = 1.0
   if arg == "tiny":
     r.prompts_per_step, r.group_size, r.rollout_chunks, r.minibatches = 2, 4, 1, 1
@@ -32,13 +32,7 @@ def get_config(arg=None):
     return config.lock()
   if arg:
     raise ValueError(f"unknown config arg {arg!r}; use 'tiny' or nothing")
-  m.architecture = "config"
-  config.world.image_size = 512
-  m.patch_size, m.num_heads, m.head_dim, m.axes_dims_rope = 2, 24, 128, (16, 56, 56)
-  m.num_layers, m.num_single_layers, m.guidance_embeds = 19, 38, True
-  m.context_dim, m.pooled_dim = 4096, 768
-  m.dtype, m.param_dtype = "bfloat16", "float32"
-  m.scan_layers, m.remat_policy = True, "full"
+  schema.flux_kontext_dev(config)
   config.mesh.shape = (1, -1, 1)  # FSDP over every chip of the slice
   r.prompts_per_step, r.group_size = 64, 8  # 512 judged samples, 64 targets per iteration
   r.rollout_chunks, r.minibatches, r.num_steps = 4, 1, 28
@@ -46,5 +40,4 @@ def get_config(arg=None):
   t.num_steps, t.lr, t.warmup_steps, t.ema_decay = 500, 1e-5, 20, 0.99
   t.eval_every = t.checkpoint_every = t.sample_every = 50
   config.eval.batch_size = 64
-  config.sample.num_steps, config.sample.shift = 28, 3.0
   return config.lock()

@@ -18,7 +18,7 @@ from jaxedit import schema
 
 def get_config(arg=None):
   config = schema.on_edit_records(schema.editor_sft())
-  t, m = config.train, config.model
+  t = config.train
   if arg == "tiny":
     t.batch_size, t.num_steps, t.warmup_steps, t.lr = 8, 6, 0, 1e-3
     t.log_every, t.eval_every, t.checkpoint_every, t.sample_every = 2, 6, 3, 6
@@ -28,17 +28,10 @@ def get_config(arg=None):
     return config.lock()
   if arg:
     raise ValueError(f"unknown config arg {arg!r}; use 'tiny' or nothing")
-  m.architecture = "config"  # FLUX.1-Kontext-dev's, as configs/flux_kontext_grpo.py writes it
-  config.world.image_size = 512
-  m.patch_size, m.num_heads, m.head_dim, m.axes_dims_rope = 2, 24, 128, (16, 56, 56)
-  m.num_layers, m.num_single_layers, m.guidance_embeds = 19, 38, True
-  m.context_dim, m.pooled_dim = 4096, 768
-  m.dtype, m.param_dtype = "bfloat16", "float32"
-  m.scan_layers, m.remat_policy = True, "full"
+  schema.flux_kontext_dev(config)
   config.mesh.shape = (1, -1, 1)  # FSDP over every chip of the slice
   t.batch_size, t.num_steps, t.lr, t.warmup_steps = 64, 2000, 1e-5, 100
   t.ema_decay, t.weight_decay = 0.999, 1e-4
   t.eval_every = t.checkpoint_every = t.sample_every = 250
   config.eval.batch_size = 64
-  config.sample.num_steps, config.sample.shift = 28, 3.0
   return config.lock()

@@ -76,6 +76,15 @@ class JudgeError(RewardServerError):
   """The judge server could not be reached, refused a request or gave no usable score."""
 
 
+class NotServed(JudgeError):
+  """The server has no such endpoint (HTTP 404 / 405)."""
+
+
+# The model name sent to a server that lists no models (no GET /models): such a server serves
+# one model whatever the name.
+UNLISTED_MODEL = "default"
+
+
 class BadReply(Exception):
   """A failed attempt worth retrying: a busy or failing server, or a reply without a
   usable score."""
@@ -283,11 +292,17 @@ class Judge:
 
   def model_name(self) -> str:
     """The configured model, else the only one `GET {base_url}/models` lists (asked until it
-    answers; Failed if it does not). Several listed and none configured is an error: a judge
-    must not be picked by chance."""
+    answers; Failed if it does not), else, where the server has no /models, UNLISTED_MODEL.
+    Several listed and none configured is an error: a judge must not be picked by chance."""
     with self._lock:
       if not self.model:
-        ids = self.exchange("GET", "/models", None, lambda body: [m["id"] for m in body["data"]])
+        try:
+          ids = self.exchange("GET", "/models", None,
+                              lambda body: [m["id"] for m in body["data"]])
+        except NotServed as e:
+          logging.warning("%s; asking for model %r (set the judge's `model` option to name "
+                          "one)", e, UNLISTED_MODEL)
+          ids = [UNLISTED_MODEL]
         if len(ids) != 1:
           raise JudgeError(f"judge {self.base_url} serves {len(ids)} models {ids}: set the "
                            "judge's `model` option to one of them")
@@ -348,6 +363,8 @@ class Judge:
           cause = str(e)
         continue
       cause = f"HTTP {status}: {error_message(answer)}"
+      if status in (404, 405):
+        raise NotServed(f"judge {self.base_url} has no {method} {path}: {cause}")
       if status not in (408, 429) and status < 500:
         raise JudgeError(f"judge {self.base_url} refused {method} {path}: {cause}")
     raise Failed(self.retries + 1, cause)

@@ -560,6 +560,24 @@ def on_edit_records(config: ConfigDict) -> ConfigDict:
   return config
 
 
+def flux_kontext_dev(config: ConfigDict) -> ConfigDict:
+  """`config` (an editor's on edit records) sized as FLUX.1-Kontext-dev: its transformer (19
+  double and 38 single blocks, 24 heads of 128, the guidance embedder) on 16-channel latents
+  packed 2x2, 512-pixel buckets, bf16 compute over fp32 weights, scanned layers with full
+  remat. Written out (model.architecture='config') so that the model report and --dry_run
+  size it without the folder; loading checks it against the folder's config.json."""
+  m = config.model
+  config.world.image_size = 512
+  m.architecture = "config"
+  m.patch_size, m.num_heads, m.head_dim, m.axes_dims_rope = 2, 24, 128, (16, 56, 56)
+  m.num_layers, m.num_single_layers, m.guidance_embeds = 19, 38, True
+  m.context_dim, m.pooled_dim = 4096, 768
+  m.dtype, m.param_dtype = "bfloat16", "float32"
+  m.scan_layers, m.remat_policy = True, "full"
+  config.sample.num_steps, config.sample.shift = 28, 3.0
+  return config
+
+
 REFERENCE_CONFIGS = {
     "editor_sft": editor_sft, "editor_grpo": editor_grpo, "editor_opd": editor_opd,
     "editor_rft": editor_rft,

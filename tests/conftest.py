@@ -257,3 +257,39 @@ def assert_logged_exactly(workdir, per_step: list[dict]) -> None:
   for row, metrics in zip(rows, per_step):
     for k, v in metrics.items():
       assert row[f"train/{k}"] == float(v), (str(workdir), row["step"], k)
+
+
+def update_after_one_rollout(setups, make_update, config, start_dir, num_prompts, rewards=None):
+  """One rollout of the editor SFT run `start_dir` on the first setup's devices, then
+  `make_update(setup)` run on each setup from the same state, trajectories and rewards (the
+  rollout's, or `rewards` in their place): [(new state, metrics)] on the host, one per setup
+  (the 8-devices-equal-1 checks of the editor's RL updates)."""
+  import jax
+
+  from jaxedit.data.pipeline import make_dataset
+  from jaxedit.rl import editor_policy
+
+  one = setups[0]
+  state = editor_policy.init_state(one, editor_policy.load_sft(one, start_dir))
+  prompts = next(iter(make_dataset(
+      one.source("train"), num_prompts, seed=0, fields=editor_policy.PROMPT_FIELDS,
+      kinds=("atomic",), map_fn=lambda r: editor_policy.tokenize(one, r))))
+  levels, trained = one.levels_and_steps(1)
+  chunks, host = editor_policy.rollout_and_score(
+      one, editor_policy.make_rollout(one), editor_policy.make_rewards(config, one.world),
+      state.params, state.base, prompts, levels, jax.random.key(0))
+  assert len(host["images"]) == num_prompts * config.rollout.group_size
+  chunks = jax.device_get(chunks)
+  if rewards is not None:
+    size = len(chunks[0]["rewards"])
+    for j, chunk in enumerate(chunks):
+      chunk["rewards"] = rewards[j * size:(j + 1) * size]
+  host_state = jax.device_get(state)
+  results = []
+  for setup in setups:
+    placed = jax.device_put(host_state, setup.state_shardings)
+    traj = editor_policy.trajectory_sharding(setup)
+    put = [{k: jax.device_put(v, traj if k in ("latents", "log_probs") else setup.batch_sharding)
+            for k, v in c.items()} for c in chunks]
+    results.append(jax.device_get(make_update(setup)(placed, put, levels, trained)))
+  return results

@@ -5,9 +5,7 @@ the suites, one after each). The edit_records suite on a tiny FLUX.1-Kontext pip
 (tests/tiny_flux.py). Timings are not asserted (docs/design.md 12)."""
 
 import json
-import os
 
-import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -57,28 +55,11 @@ def test_an_unknown_suite_is_named():
     bench.main(["--suites", "editor_step", "--out", ""])
 
 
-def write_pairs(root):
-  """Edit pairs on tiny_flux's images: the target is the source with red inverted."""
-  from PIL import Image
-
-  rows = []
-  for i, path in enumerate(tiny_flux.write_images(os.path.join(root, "images"))):
-    image = np.asarray(Image.open(path)).copy()
-    image[..., 0] = 255 - image[..., 0]
-    target = path.replace(".png", "_target.png")
-    Image.fromarray(image).save(target)
-    rows.append({"instruction": f"invert the red {i}", "source_image": path,
-                 "target_image": target})
-  with open(os.path.join(root, "pairs.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  return os.path.join(root, "pairs.jsonl")
-
-
 def test_edit_records_suite_times_the_encoders_and_both_sft_steps(tmp_path):
   pipeline = tiny_flux.write_pipeline(str(tmp_path / "pipeline"))
   out = tmp_path / "bench.json"
   bench.main(["--suites", "edit_records", "--pipeline", pipeline,
-              "--jsonl", write_pairs(str(tmp_path)), "--bucket", "64x64",
+              "--jsonl", tiny_flux.write_pairs(str(tmp_path)), "--bucket", "64x64",
               "--max_sequence_length", "16", "--batch", "8", "--repeats", "1",
               "--cpu_devices", "0", "--out", str(out)])  # the tests' 8 devices
   [r] = json.load(open(out))

@@ -13,9 +13,9 @@ from jaxedit.config import ConfigError
 from jaxedit.interop import pretrained
 from jaxedit.trainers import editor_grpo, editor_sft
 from jaxedit.rl import editor_policy
-from jaxedit.data.pipeline import make_dataset
 
-from conftest import assert_sharded_close, assert_logged_exactly, resume_after_step_one, tiny_editor_config
+from conftest import (assert_sharded_close, assert_logged_exactly, resume_after_step_one,
+                      tiny_editor_config, update_after_one_rollout)
 
 
 @pytest.fixture(scope="module")
@@ -162,28 +162,10 @@ def test_update_on_eight_devices_matches_one(small_data_dir, sft_dir, tmp_path):
   config8 = grpo_config(small_data_dir, sft_dir)
   config8.mesh.shape = (2, 2, 2)
   eight = editor_grpo.make_setup(config8, str(tmp_path))
-  state = editor_policy.init_state(one, editor_policy.load_sft(one, sft_dir))
-  prompts = next(iter(make_dataset(
-      one.source("train"), 8, seed=0, fields=editor_policy.PROMPT_FIELDS, kinds=("atomic",),
-      map_fn=lambda r: editor_policy.tokenize(one, r))))
-  levels, trained = one.levels_and_steps(1)
-  chunks, host = editor_policy.rollout_and_score(
-      one, editor_policy.make_rollout(one), editor_policy.make_rewards(config, one.world),
-      state.params, state.base, prompts, levels, jax.random.key(0))
-  assert host["images"].shape == (16, 32, 32, 3)
-  chunks = jax.device_get(chunks)
-  host_state = jax.device_get(state)
-  results = []
-  for setup in (one, eight):
-    placed = jax.device_put(host_state, setup.state_shardings)
-    traj = editor_policy.trajectory_sharding(setup)
-    put = [{k: jax.device_put(v, traj if k in ("latents", "log_probs") else setup.batch_sharding)
-            for k, v in c.items()} for c in chunks]
-    new, metrics = editor_grpo.make_update(setup)(placed, put, levels, trained)
-    results.append(jax.device_get((new.params, new.ema_params, metrics)))
-  (p1, e1, m1), (p8, e8, m8) = results
-  assert_sharded_close(p1, p8, rtol=2e-3, atol=1e-6)
-  assert_sharded_close(e1, e8, rtol=2e-3, atol=1e-6)
+  (s1, m1), (s8, m8) = update_after_one_rollout((one, eight), editor_grpo.make_update, config,
+                                                 sft_dir, 8)
+  assert_sharded_close(s1.params, s8.params, rtol=2e-3, atol=1e-6)
+  assert_sharded_close(s1.ema_params, s8.ema_params, rtol=2e-3, atol=1e-6)
   for k in m1:
     assert_sharded_close(m1[k], m8[k], rtol=1e-3, atol=1e-6, err_msg=k)
 

@@ -26,22 +26,6 @@ from jaxedit.trainers import editor_grpo, editor_sft  # noqa: E402
 BUCKETS = ((64, 64), (48, 80), (80, 48))
 
 
-def write_pairs(root):
-  """DanceGRPO-style rows with targets: the red channel inverted."""
-  paths = tiny_flux.write_images(os.path.join(root, "images"))
-  rows = []
-  for i, path in enumerate(paths):
-    image = np.asarray(Image.open(path)).copy()
-    image[..., 0] = 255 - image[..., 0]
-    target = path.replace(".png", "_target.png")
-    Image.fromarray(image).save(target)
-    rows.append({"instruction": f"invert the red {i}", "source_image": path,
-                 "target_image": target})
-  with open(os.path.join(root, "pairs.jsonl"), "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
-  return os.path.join(root, "pairs.jsonl")
-
-
 def build_records(jsonl, root, pipeline=""):
   c = edit_data.get_config("tiny").unlock()
   c.data.train, c.data.buckets, c.data.test_holdout = jsonl, BUCKETS, 2
@@ -60,7 +44,7 @@ def build_records(jsonl, root, pipeline=""):
 def world(tmp_path_factory):
   root = tmp_path_factory.mktemp("flux_records")
   pipeline = tiny_flux.write_pipeline(str(root / "pipeline"))
-  pairs = write_pairs(str(root / "pairs"))
+  pairs = tiny_flux.write_pairs(str(root / "pairs"))
   return {"pipeline": pipeline, "pairs": pairs,
           "cached": build_records(pairs, str(root / "cached"), pipeline),
           "plain": build_records(pairs, str(root / "plain")), "root": root}

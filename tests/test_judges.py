@@ -157,7 +157,9 @@ class Fake(http.server.BaseHTTPRequestHandler):
 
   def do_GET(self):
     self.gets.append(self.path)
-    if isinstance(self.models, dict):  # a listing of another shape
+    if self.models is None:  # a server with chat completions only
+      self.send(404, {"error": {"message": "no such path"}})
+    elif isinstance(self.models, dict):  # a listing of another shape
       self.send(200, self.models)
     elif self.path == "/v1/models":
       self.send(200, {"object": "list", "data": [{"id": m, "object": "model"}
@@ -201,7 +203,7 @@ class Server:
 
   def __init__(self, script=(), models=("judge-7b",)):
     self.stop = threading.Event()
-    models = models if isinstance(models, dict) else list(models)
+    models = models if models is None or isinstance(models, dict) else list(models)
     self.handler = type("Handler", (Fake,), {"models": models, "script": list(script),
                                              "posts": [], "gets": [], "stop": self.stop})
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self.handler)
@@ -311,6 +313,18 @@ def test_auto_score_reads_the_text_else_the_first_tokens_logprobs(serve):
   assert (body["logprobs"], body["top_logprobs"], body["max_tokens"]) == (True, 20, 512)
   assert body["messages"][0]["content"][-1]["text"] == judges.RUBRIC.replace(
       "{instruction}", prompts["instruction"][0])
+
+
+def test_a_server_without_a_model_list_gets_the_default_name(serve):
+  """A server with POST /chat/completions alone (GET /models: 404) serves one model whatever
+  its name: the judge asks it once, then sends UNLISTED_MODEL."""
+  server = serve([chat("Score: 6")], models=None)
+  judge = judges.Judge(base_url=server.url, **FAST)
+  images, prompts = batch(2)
+  np.testing.assert_array_equal(judge(images, prompts), np.float32([0.6, 0.6]))
+  judge(images, prompts)
+  assert server.handler.gets == ["/v1/models"]
+  assert {p["model"] for p in server.posts} == {judges.UNLISTED_MODEL}
 
 
 def test_several_models_and_none_configured_is_an_error(serve):

@@ -131,6 +131,24 @@ def write_images(folder: str, sizes=((64, 64), (48, 80), (80, 48), (64, 96), (64
   return paths
 
 
+def write_pairs(folder: str) -> str:
+  """DanceGRPO-style rows with targets on write_images' PNGs (the target: the source with
+  its red channel inverted); returns the JSONL's path."""
+  from PIL import Image
+
+  rows = []
+  for i, path in enumerate(write_images(os.path.join(folder, "images"))):
+    image = np.asarray(Image.open(path)).copy()
+    image[..., 0] = 255 - image[..., 0]
+    target = path.replace(".png", "_target.png")
+    Image.fromarray(image).save(target)
+    rows.append({"instruction": f"invert the red {i}", "source_image": path,
+                 "target_image": target})
+  with open(os.path.join(folder, "pairs.jsonl"), "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  return os.path.join(folder, "pairs.jsonl")
+
+
 def write_edit_r1(folder: str, num_test: int = 2) -> str:
   """An Edit-R1 folder: images/ and train_metadata.jsonl / test_metadata.jsonl."""
   paths = write_images(os.path.join(folder, "images"))

@@ -8,7 +8,6 @@ tokenizer, chat template, image processor) at a size that runs on a CPU in a sec
 
 from __future__ import annotations
 
-import os
 import string
 import sys
 
