@@ -61,6 +61,15 @@ def _flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, A
   return out
 
 
+# Sections whose keys are the user's names, not the schema's (OPD's teachers by task tag):
+# any key, each a string.
+NAMED_BY_USER = ("opd.teachers",)
+
+
+def _named_by_user(name: str) -> bool:
+  return any(name.startswith(section + ".") for section in NAMED_BY_USER)
+
+
 def _unknown(name: str, known: Sequence[str]) -> ConfigError:
   close = difflib.get_close_matches(name, known, n=1)
   hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -93,12 +102,17 @@ def validate(config: ml_collections.ConfigDict, reference: ml_collections.Config
   """Checks that `config` has exactly the keys of `reference`, with compatible types."""
   have, want = _flatten(config), _flatten(reference)
   for name, value in have.items():
+    if _named_by_user(name):
+      if not isinstance(value, str):
+        raise ConfigError(f"config key {name!r} must be of type str, got "
+                          f"{type(value).__name__} {value!r}")
+      continue
     if name not in want:
       raise _unknown(name, list(want))
     if not _type_ok(value, want[name]):
       raise ConfigError(f"config key {name!r} must be of type {type(want[name]).__name__}, "
                         f"got {type(value).__name__} {value!r}")
-  missing = sorted(set(want) - set(have))
+  missing = sorted(name for name in set(want) - set(have) if not _named_by_user(name))
   if missing:
     raise ConfigError(f"config is missing keys: {', '.join(missing)}")
 
@@ -142,6 +156,10 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
         raise _unknown(name, known)
       node = node[part]
+    if isinstance(node, ml_collections.ConfigDict) and leaf not in node and _named_by_user(name):
+      with node.unlocked():
+        node[leaf] = text  # a new name in a section of the user's names
+      continue
     if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
       raise _unknown(name, known)
     if isinstance(node[leaf], ml_collections.ConfigDict):

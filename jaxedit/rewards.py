@@ -106,8 +106,6 @@ def remote_reward(world: World, url: str, timeout: float = 30.0, retries: int = 
   if not url:
     raise ValueError("reward 'remote' needs a url (rewards.remote.url)")
   del world
-  if not url:
-    raise ValueError("the remote reward needs a 'url'")
 
   def post(payload: dict, n: int) -> np.ndarray:
     body = json.dumps(payload).encode()

@@ -10,7 +10,8 @@ Each run is a few steps with validation off, chained where one trainer starts fr
 (GRPO and OPD from the SFT runs, the OPD teachers are the SFT runs). Float metrics are
 stored as `float.hex` strings, one recording per platform (software and processor
 features: XLA orders float32 sums by the vector width it compiles for), all made with the
-same code (each recording's `code`: the commit recorded from, here 18b36d7). Where a recording of this platform exists the check is bit for bit; elsewhere
+same code (each recording's `code`: the commit recorded from, 18b36d7; the 1-device
+recording of an AMD AVX-512 machine from 13066df, which reproduces it). Where a recording of this platform exists the check is bit for bit; elsewhere
 it compares with the first recording to a relative 1e-3 or an absolute 1e-5 (the metrics
 that are rounding noise around zero, such as a GRPO loss at ratio 1, differ by their own
 size), and says so. `record` adds or replaces this platform's recording.

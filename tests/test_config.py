@@ -105,7 +105,11 @@ def test_cli_reports_config_errors_cleanly(capsys, tmp_path):
     "configs/shapes_planner_sft.py:scene_text",
     "configs/shapes_planner_grpo.py", "configs/shapes_planner_grpo.py:demo",
     "configs/shapes_planner_grpo.py:scene_text",
-    "configs/flux_kontext_grpo.py", "configs/qwen2_5_planner_grpo.py"])
+    "configs/flux_kontext_grpo.py", "configs/flux_kontext_grpo.py:tiny",
+    "configs/flux_kontext_sft.py", "configs/flux_kontext_sft.py:tiny",
+    "configs/flux_kontext_rft.py", "configs/flux_kontext_rft.py:tiny",
+    "configs/flux_kontext_opd.py", "configs/flux_kontext_opd.py:tiny",
+    "configs/qwen2_5_planner_grpo.py"])
 def test_shipped_trainer_configs_match_their_reference(spec):
   """Every shipped config (and arg) has exactly its trainer's keys, with compatible types."""
   config = cli.load_file(spec)
@@ -167,3 +171,19 @@ def test_migrate_leaves_todays_configs_and_unknown_trainers_alone():
   sft = schema.editor_sft().to_dict()
   assert schema.migrate(sft) == sft
   assert schema.migrate({"trainer": "someone_elses", "x": 1}) == {"trainer": "someone_elses", "x": 1}
+
+
+def test_opd_teachers_are_named_by_the_user():
+  """opd.teachers maps the user's names (task tags, task types) to workdirs: a config file
+  or an override may name any teacher, each a string; other keys stay checked."""
+  ref = schema.editor_opd()
+  config = load("configs/flux_kontext_opd.py:tiny",
+                ["opd.teachers.first=/a", "opd.teachers.color_alter=/b"], reference=ref)
+  assert config.opd.teachers.to_dict() == {"first": "/a", "second": "", "color_alter": "/b"}
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.opd.teachers.count = 3
+  with pytest.raises(ConfigError, match="'opd.teachers.count' must be of type str"):
+    validate(config, ref)
+  with pytest.raises(ConfigError, match="unknown config key 'opd.routin'"):
+    load("configs/flux_kontext_opd.py:tiny", ["opd.routin=task"], reference=ref)

@@ -17,11 +17,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 import tiny_flux  # noqa: E402
-from configs import edit_data, flux_kontext_grpo, flux_kontext_sft  # noqa: E402
+from configs import edit_data, flux_kontext_grpo, flux_kontext_opd, flux_kontext_sft  # noqa: E402
 from jaxedit import flux_editing, sharding  # noqa: E402
 from jaxedit.config import ConfigError  # noqa: E402
 from jaxedit.data import edit_job, edit_records  # noqa: E402
-from jaxedit.trainers import editor_grpo, editor_sft  # noqa: E402
+from jaxedit.trainers import editor_grpo, editor_opd, editor_sft  # noqa: E402
 
 BUCKETS = ((64, 64), (48, 80), (80, 48))
 
@@ -89,7 +89,7 @@ def test_step_on_cached_inputs_equals_the_step_that_encodes_them(world):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), *states)
 
 
-def test_sft_then_grpo_with_a_judge_then_export(world, tmp_path):
+def test_sft_then_grpo_with_a_judge_then_opd_then_export(world, tmp_path):
   sft = str(tmp_path / "sft")
   out = editor_sft.train(sft_config(world, world["cached"]), sft)
   assert out["step"] == 6 and np.isfinite(out["final_loss"])
@@ -110,6 +110,20 @@ def test_sft_then_grpo_with_a_judge_then_export(world, tmp_path):
     assert server.requests  # the judge saw the rollouts
     ev = editor_grpo.run_eval(c, rl)
     assert "reward" in ev and "before" in ev
+
+    # OPD: the SFT and GRPO runs distilled into a student, in turn, along its rollouts.
+    o = flux_kontext_opd.get_config("tiny").unlock()
+    o.init_from, o.data.records = sft, world["cached"]
+    o.opd.teachers.first, o.opd.teachers.second = sft, rl
+    o.rewards.judge.weight, o.rewards.remote.weight, o.rewards.remote.url = 0.0, 1.0, url
+    student = str(tmp_path / "opd")
+    assert editor_opd.train(o, student)["step"] == 2
+    lines = [json.loads(line) for line in open(os.path.join(student, "metrics.jsonl"))]
+    kls = [line["train/kl"] for line in lines if "train/kl" in line]
+    assert kls and all(np.isfinite(k) and k >= 0 for k in kls)
+    assert any(line.get("train/kl_first", 0) > 0 for line in lines)
+    assert any(line.get("train/kl_second", 0) > 0 for line in lines)
+    assert "reward" in editor_opd.run_eval(o, student)
   finally:
     server.shutdown()
 

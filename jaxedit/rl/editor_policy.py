@@ -560,10 +560,13 @@ class RecordsEditorPolicy(EditorPolicy):
     batch = next(data_iter)
     prompts = {**self.setup.model_inputs(batch),
                **{k: batch[k] for k in ("id", "instruction", "requirement", "source_image",
-                                        "target_image")}}
+                                        "target_image")},
+               "task": batch["task_type"]}  # the records' task types tag the prompts
+    extra = self.algorithm.extra_fields(self.setup, prompts)
     chunks, host = rollout_and_score(
-        self.rollout_setup, self.rollout, self.reward_fn, params, base, prompts,
-        self.setup.levels_and_steps(step)[0], jax.random.fold_in(self.base_rng, step))
+        self.rollout_setup, self.rollout, self.reward_fn, params, base, {**prompts, **extra},
+        self.setup.levels_and_steps(step)[0], jax.random.fold_in(self.base_rng, step),
+        tuple(extra))
     return (overlap.to_mesh(chunks, self.setup.mesh) if self.overlapped else chunks), host
 
   def validate(self, state, step):

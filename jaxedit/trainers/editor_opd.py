@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxedit import flow, flow_grpo, hparams, lora, opd, sharding, workdirs
+from jaxedit import flow, flow_grpo, flux_editing, hparams, lora, opd, sharding, workdirs
 from jaxedit.config import ConfigError
 from jaxedit.models.editor import Editor
 from jaxedit.rl import driver, editor_policy, update as rl_update
@@ -46,7 +46,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 @dataclasses.dataclass
-class OPDSetup(Setup):
+class TeacherFields:
   teacher_model: Editor  # the student's architecture without LoRA: teachers are merged
 
   @property
@@ -55,14 +55,25 @@ class OPDSetup(Setup):
     return self.base_shardings
 
 
-def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> OPDSetup:
+@dataclasses.dataclass
+class OPDSetup(TeacherFields, Setup):
+  """On the shapes world."""
+
+
+@dataclasses.dataclass
+class RecordsOPDSetup(TeacherFields, editor_policy.RecordsSetup):
+  """On edit records: teachers are editor runs on records of the same pipeline."""
+
+
+def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None):
   check_config(config)
   setup = editor_policy.build_setup(config, workdir, devices)
   cfg = setup.model.cfg
   plain = dataclasses.replace(cfg, flux=dataclasses.replace(cfg.flux, lora_rank=0,
                                                             lora_targets=()))
-  return OPDSetup(**{f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)},
-                  teacher_model=Editor(plain))
+  cls = RecordsOPDSetup if isinstance(setup, editor_policy.RecordsSetup) else OPDSetup
+  return cls(**{f.name: getattr(setup, f.name) for f in dataclasses.fields(setup)},
+             teacher_model=Editor(plain))
 
 
 # ------------------------------------------------------------------------------------------
@@ -72,7 +83,9 @@ def load_teacher(setup: OPDSetup, workdir: str):
   """A teacher's parameters (EMA where its eval uses them; LoRA merged) in the student's
   shardings. It must share the student's architecture and tokenizer."""
   loaded = workdirs.load_editor(workdir, batch_size=setup.config.eval.batch_size)
-  if loaded.setup.tokenizer.to_str() != setup.tokenizer.to_str():
+  ours, theirs = (None if s.tokenizer is None else s.tokenizer.to_str()
+                  for s in (setup, loaded.setup))
+  if ours != theirs:  # records runs have none: their prompts are T5 / CLIP embeddings
     raise ConfigError(f"teacher {workdir} uses another tokenizer than the student: token ids "
                       "would mean different words (start both from the same SFT run)")
   mismatched = editor_policy.model_mismatch(loaded.setup.config.model, setup.config.model)
@@ -103,8 +116,9 @@ def make_update(setup: OPDSetup, teachers=None):
   config, r = setup.config, setup.rollouts
   teachers = load_teachers(setup) if teachers is None else teachers
   names = opd.teacher_tasks(config.opd.teachers)
-  velocity = editor_policy.make_velocity(setup.model, r.guidance_scale)
-  teacher_velocity = editor_policy.make_velocity(setup.teacher_model, r.guidance_scale)
+  velocity = editor_policy.make_velocity(setup.model, r.guidance_scale, setup.guidance)
+  teacher_velocity = editor_policy.make_velocity(setup.teacher_model, r.guidance_scale,
+                                                 setup.guidance)
   times = flow.sigmas(r.num_steps, config.sample.shift)
   base_rng = jax.random.key(config.train.seed + 1)
   traj = editor_policy.trajectory_sharding(setup)
@@ -112,7 +126,7 @@ def make_update(setup: OPDSetup, teachers=None):
   def update(teachers, state: PolicyState, chunks, levels, trained_steps, hp):
     data = editor_policy.join_chunks(chunks)
     source = data["source"]  # encoded by the rollout
-    text = {"ids": data["ids"], "mask": data["mask"]}
+    text = {k: data[k] for k in setup.text_fields}
 
     def teacher_at(j):
       x = data["latents"][j]
@@ -129,7 +143,7 @@ def make_update(setup: OPDSetup, teachers=None):
       latents = jax.lax.with_sharding_constraint(take(data["latents"], 1), traj)
       v_t = jax.lax.with_sharding_constraint(take(v_teacher, 1), traj)
       mb_source = jax.lax.with_sharding_constraint(take(source, 0), setup.batch_sharding)
-      mb_text = {"ids": take(data["ids"], 0), "mask": take(data["mask"], 0)}
+      mb_text = {k: take(data[k], 0) for k in setup.text_fields}
       routes = jax.nn.one_hot(take(data["route"], 0), len(names))  # (n, K)
 
       def step_loss(p, k):
@@ -158,14 +172,23 @@ def make_update(setup: OPDSetup, teachers=None):
                           hparams.values(config, hparams.OPD))
 
 
-OPD = driver.Algorithm("OPD", editor_policy.EditorPolicy, make_setup, make_update,
-                       lambda setup, prompts: opd.route_field(setup.config.opd, prompts))
+def route(setup, prompts: dict) -> dict:
+  return opd.route_field(setup.config.opd, prompts)
+
+
+OPD = driver.Algorithm("OPD", editor_policy.EditorPolicy, make_setup, make_update, route)
+OPD_ON_RECORDS = driver.Algorithm("OPD", editor_policy.RecordsEditorPolicy, make_setup,
+                                  make_update, route)
+
+
+def algorithm(config: ml_collections.ConfigDict) -> driver.Algorithm:
+  return OPD_ON_RECORDS if flux_editing.on_records(config) else OPD
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  return driver.train(config, workdir, OPD)
+  return driver.train(config, workdir, algorithm(config))
 
 
 def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Like GRPO's: the student after, the SFT start before, per task (edit_success_by_task)."""
-  return driver.run_eval(config, workdir, OPD)
+  return driver.run_eval(config, workdir, algorithm(config))
