@@ -176,6 +176,19 @@ def restore_subtree(mngr: ocp.CheckpointManager, step: int, key: str, abstract):
   return restored.state[key]
 
 
+def restore_subtree_on_host(mngr: ocp.CheckpointManager, step: int, key: str):
+  """One entry of a saved train state as numpy arrays on the host, shaped as saved (no
+  target needed: for small parts of another run, such as its LoRA adapters)."""
+  meta = ocp.PyTreeCheckpointHandler().metadata(mngr.directory / str(step) / "state")
+  tree = getattr(meta, "tree", meta)
+  if key not in tree:
+    raise ConfigError(f"{mngr.directory} step {step} saved no {key!r} (it has {sorted(tree)})")
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree[key])
+  restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      {key: tree[key]}, restore_args={key: args}, partial_restore=True)))
+  return restored.state[key]
+
+
 def _pytree_restore(abstract, **kwargs) -> ocp.args.PyTreeRestore:
   """Restore arguments placing every array onto the sharding its abstract value carries."""
   return ocp.args.PyTreeRestore(

@@ -118,6 +118,24 @@ def test_eval_writes_before_and_after(lora_run, capsys):
   assert os.path.exists(os.path.join(workdir, "eval", "edits_before.png"))
 
 
+def test_a_lora_run_starts_another_with_its_adapters_merged(lora_run, small_data_dir,
+                                                             tmp_path):
+  """A LoRA GRPO run as init_from (of a full fine-tuning run here): the start is its base with
+  its EMA adapters folded in, W + (alpha / r) A B."""
+  workdir, config = lora_run
+  state = jax.device_get(_state(workdir, config))
+  want = lora.merge(lora.join(state.ema_params, state.base), config.model.lora_rank,
+                    config.model.lora_alpha or config.model.lora_rank)
+  full = grpo_config(small_data_dir, workdir, **{"model.lora_rank": 0})
+  pretrained.copy_tokenizer(workdir, str(tmp_path))
+  setup = editor_grpo.make_setup(full, str(tmp_path))
+  got = jax.device_get(editor_policy.load_sft(setup, workdir))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got,
+               jax.device_get(want))
+  moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got, state.base)
+  assert max(jax.tree.leaves(moved)) > 0  # the adapters changed something
+
+
 def test_full_fine_tuning_keeps_a_frozen_reference(small_data_dir, sft_dir, tmp_path):
   config = grpo_config(small_data_dir, sft_dir, **{"model.lora_rank": 0, "train.num_steps": 1,
                                                    "train.eval_every": 0, "train.lr": 1e-3})

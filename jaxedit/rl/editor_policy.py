@@ -213,8 +213,9 @@ def initial_state(rng, *, model, tx, use_lora, dummy) -> PolicyState:
 # Starting from the SFT run.
 # ------------------------------------------------------------------------------------------
 def load_sft(setup: Setup, init_from: str):
-  """The starting parameters (base model, no adapters) in this run's shardings: an editor SFT
-  run's, or a diffusers folder's (`interop.pretrained`)."""
+  """The starting parameters (base model, no adapters) in this run's shardings: an editor
+  run's (SFT, RFT, GRPO, OPD; LoRA adapters merged into their base), or a diffusers
+  folder's (`interop.pretrained`)."""
   config = setup.config
   abstract = setup.abstract_base
   if pretrained.folder_kind(init_from):
@@ -224,18 +225,22 @@ def load_sft(setup: Setup, init_from: str):
                         f"{sorted(set(abstract) - set(params))}: start from an editor SFT "
                         "workdir, or a jaxedit export of one")
     return params
-  mngr, step = checkpoint.latest_step(init_from, "an editor SFT workdir")
+  mngr, step = checkpoint.latest_step(init_from, "an editor workdir")
   key = "ema_params" if config.init_params == "ema" else "params"
   saved = checkpoint.saved_config(mngr, step)
-  if saved["model"].get("lora_rank"):
-    raise ConfigError(f"init_from: {init_from} trained LoRA adapters (model.lora_rank="
-                      f"{saved['model']['lora_rank']}), not a whole editor: start from its "
-                      "export (jaxedit export ... --to diffusers) or a full fine-tuning run")
   mismatched = model_mismatch(saved["model"], config.model)
   if mismatched:
     raise ConfigError("init_from was trained with a different model: " + ", ".join(mismatched))
-  params = checkpoint.restore_subtree(mngr, step, key, abstract)
-  logging.info("initialised from %s (step %d, %s)", init_from, step, key)
+  rank = saved["model"].get("lora_rank", 0)
+  if rank:  # an RL run's adapters (small: read on the host) folded into its frozen base
+    adapters = checkpoint.restore_subtree_on_host(mngr, step, key)
+    base = checkpoint.restore_subtree(mngr, step, "base", abstract)
+    merged = lora.merge(lora.join(adapters, base), rank, saved["model"].get("lora_alpha") or rank)
+    params = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding), merged, abstract)
+  else:
+    params = checkpoint.restore_subtree(mngr, step, key, abstract)
+  logging.info("initialised from %s (step %d, %s%s)", init_from, step, key,
+               f", LoRA rank {rank} merged" if rank else "")
   return params
 
 
