@@ -38,6 +38,14 @@ class Setup(setup_lib.RunSetup):
   def text_len(self) -> int:
     return self.config.model.text_max_len
 
+  def sigmas(self, num_steps: int, latent_shape) -> jax.Array:
+    """The sampler's num_steps + 1 times, shifted by sample.shift (any latent shape)."""
+    if self.config.sample.shift <= 0:
+      raise ConfigError("sample.shift must be > 0 (0, the pipeline's shift for each bucket, "
+                        "is for runs on edit records)")
+    with jax.ensure_compile_time_eval():  # a constant, also when called while tracing
+      return flow.sigmas(num_steps, self.config.sample.shift)
+
   @functools.cached_property
   def codec(self) -> Codec:
     """Pixels <-> the model's input space; a VAE's weights are read on first use (setups

@@ -166,6 +166,24 @@ class RecordsSetup(setup_lib.RunSetup):
         "dtype": "float32"})
     return edit_cache.Encoders(encode, self.config.mesh)
 
+  def sigmas(self, num_steps: int, latent_shape) -> jax.Array:
+    """The sampler's num_steps + 1 times for latents of `latent_shape` (B, h, w, C):
+    shifted by sample.shift, or with sample.shift = 0 as the pipeline's scheduler shifts them
+    for that many tokens (FLUX: exp(mu), mu linear in the token count)."""
+    shift = self.config.sample.shift or pipeline_shift(
+        self.scheduler, (latent_shape[1] // self.model.cfg.patch_size)
+        * (latent_shape[2] // self.model.cfg.patch_size))
+    with jax.ensure_compile_time_eval():  # a constant, also when called while tracing
+      return flow.sigmas(num_steps, shift)
+
+  @functools.cached_property
+  def scheduler(self) -> dict:
+    """The pipeline folder's scheduler/scheduler_config.json ({} without one)."""
+    folder = os.path.join(pipeline_folder(self.config), "scheduler")
+    if not os.path.exists(os.path.join(folder, "scheduler_config.json")):
+      return {}
+    return pretrained.required_config(folder, "scheduler_config.json")
+
   @property
   def guidance(self) -> float | None:
     """The guidance value of dev-type (guidance-embedded) models, in training and sampling."""
@@ -270,7 +288,23 @@ def sft_loss(params, model: Editor, inputs: dict, rng, flow_cfg, guidance: float
   return flow.sft_loss(v, x0, eps)
 
 
-def make_sampler(setup: RecordsSetup, num_steps: int, shift: float):
+def pipeline_shift(scheduler: dict, tokens: int) -> float:
+  """The time shift a diffusers FlowMatchEulerDiscreteScheduler applies to an image of
+  `tokens` tokens: exp(mu) with mu interpolated linearly from base_shift at
+  base_image_seq_len to max_shift at max_image_seq_len (FluxPipeline's calculate_shift) when
+  it shifts dynamically, else its `shift` (1 without a scheduler)."""
+  if not scheduler.get("use_dynamic_shifting"):
+    return float(scheduler.get("shift", 1.0))
+  if scheduler.get("time_shift_type", "exponential") != "exponential":
+    raise ConfigError(f"the pipeline's scheduler shifts by {scheduler['time_shift_type']!r}; "
+                      "jaxedit follows the exponential (FLUX) shift: set sample.shift > 0")
+  lo, hi = scheduler.get("base_image_seq_len", 256), scheduler.get("max_image_seq_len", 4096)
+  base, top = scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15)
+  mu = base + (top - base) * (tokens - lo) / (hi - lo)
+  return math.exp(mu)
+
+
+def make_sampler(setup: RecordsSetup, num_steps: int):
   """jitted (params, inputs, rng) -> uint8 edits: the Euler ODE on latents from noise, with
   the source as Kontext tokens, decoded by the pipeline's VAE."""
   model, guidance = setup.model, setup.guidance
@@ -284,7 +318,7 @@ def make_sampler(setup: RecordsSetup, num_steps: int, shift: float):
       return model.apply({"params": params}, x, t, source, text, guidance=g)
 
     x0 = flow.euler_sample(velocity, jax.random.normal(rng, source.shape),
-                           flow.sigmas(num_steps, shift))
+                           setup.sigmas(num_steps, source.shape))
     return codec.decode(x0)
 
   sample = jax.jit(sample, in_shardings=(sharding.replicated(setup.mesh),

@@ -281,6 +281,8 @@ def _editor(trainer: str, train: dict) -> ConfigDict:
   c.data = data()
   c.tokenizer = tokenizer()
   c.model = editor_model()
+  # shift: of the sampler's times (flow.shift_time); 0 on edit records: the pipeline
+  # scheduler's for each bucket (FLUX: dynamic, by token count)
   c.sample = ConfigDict({"num_steps": 16, "shift": 1.0, "guidance_scale": 1.0})
   c.train = ConfigDict(train)
   c.eval = ConfigDict({
@@ -554,6 +556,7 @@ def on_edit_records(config: ConfigDict) -> ConfigDict:
   m = config.model
   m.architecture, m.text_encoder, m.vae.enabled = "init_from", "precomputed", True
   m.text_max_len = 512
+  config.sample.shift = 0.0  # the pipeline scheduler's shift for each bucket's token count
   config.eval.split = "test"
   if "rewards" in config:  # the shapes world's rewards read its scenes
     config.rewards.checklist.weight = config.rewards.preservation.weight = 0.0
@@ -574,7 +577,7 @@ def flux_kontext_dev(config: ConfigDict) -> ConfigDict:
   m.context_dim, m.pooled_dim = 4096, 768
   m.dtype, m.param_dtype = "bfloat16", "float32"
   m.scan_layers, m.remat_policy = True, "full"
-  config.sample.num_steps, config.sample.shift = 28, 3.0
+  config.sample.num_steps = 28
   return config
 
 

@@ -92,7 +92,7 @@ def load_editor(workdir: str, batch_size: int = 64, devices=None,
     params = setup.policy(trained, base)
   sample = config.sample
   if flux_editing.on_records(config):  # samples from model inputs (latents, embeddings)
-    sampler = flux_editing.make_sampler(setup, sample.num_steps, sample.shift)
+    sampler = flux_editing.make_sampler(setup, sample.num_steps)
   else:
     sampler = editing.make_sampler(setup, sample.num_steps, sample.shift,
                                    sample.guidance_scale)

@@ -218,7 +218,7 @@ def test_benchmark_records_are_scored_per_task_type(world, tmp_path):
     batches = flux_editing.eval_batches(setup, "test", 0, 8)
     params = editor_sft.start_state(setup).params
     summary, grid = flux_editing.evaluate(
-        setup, params, batches, flux_editing.make_sampler(setup, 2, 1.0), seed=0,
+        setup, params, batches, flux_editing.make_sampler(setup, 2), seed=0,
         reward_fn=reward_fn)
   finally:
     server.shutdown()
@@ -232,3 +232,28 @@ def test_benchmark_records_are_scored_per_task_type(world, tmp_path):
   sources, edits, targets, texts, verdicts = grid
   assert len(sources) == 6 and targets is None and verdicts is None  # no targets to show
   assert sorted({t.split("]")[0][1:] for t in texts}) == sorted(set(types))
+
+
+def test_sampling_times_follow_the_pipelines_scheduler_per_bucket(world):
+  """sample.shift = 0 (edit records' default): each bucket's times are those diffusers'
+  FluxKontextPipeline sets (calculate_shift of the token count, the scheduler's exponential
+  time shift), for two token counts; a fixed shift overrides them."""
+  from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+  setup = flux_editing.make_setup(sft_config(world, world["cached"]), "")
+  assert setup.config.sample.shift == 0.0
+  scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_pretrained(
+      os.path.join(world["pipeline"], "scheduler"))
+  c, n = scheduler.config, 6
+  for h, w in ((16, 16), (48, 80)):  # latents (the VAE's 4x): 64 and 240 tokens of 2x2
+    tokens = (h // 2) * (w // 2)
+    mu = calculate_shift(tokens, c.base_image_seq_len, c.max_image_seq_len, c.base_shift,
+                         c.max_shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
+    np.testing.assert_allclose(setup.sigmas(n, (1, h, w, 4)), scheduler.sigmas.numpy(),
+                               rtol=1e-6, atol=1e-7)
+  fixed = sft_config(world, world["cached"])
+  fixed.sample.shift = 3.0
+  np.testing.assert_allclose(flux_editing.make_setup(fixed, "").sigmas(n, (1, 16, 16, 4)),
+                             3 * np.linspace(1, 0, n + 1) / (1 + 2 * np.linspace(1, 0, n + 1)),
+                             rtol=1e-6)

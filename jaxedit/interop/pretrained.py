@@ -38,14 +38,15 @@ def _config(folder: str) -> dict | None:
     return json.load(f)
 
 
-def required_config(folder: str) -> dict:
-  """A model folder's config.json; ConfigError naming the folder if it is missing or bad."""
-  path = os.path.join(folder, "config.json")
+def required_config(folder: str, name: str = "config.json") -> dict:
+  """A model folder's config.json (or `name`); ConfigError naming the folder if it is missing
+  or bad."""
+  path = os.path.join(folder, name)
   try:
     with open(path) as f:
       return json.load(f)
   except FileNotFoundError:
-    raise ConfigError(f"{folder} has no config.json") from None
+    raise ConfigError(f"{folder} has no {name}") from None
   except (OSError, ValueError) as e:
     raise ConfigError(f"cannot read {path}: {e}") from None
 

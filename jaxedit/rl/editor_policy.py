@@ -293,11 +293,10 @@ def make_rollout(setup: Setup):
   space), log_probs."""
   g = setup.rollouts
   velocity = make_velocity(setup.model, g.guidance_scale, setup.guidance)
-  times = flow.sigmas(g.num_steps, setup.config.sample.shift)
-
   def rollout(codec, trained, base, chunk, levels, rng):
     source = (chunk["source_latents"] if "source_latents" in chunk
               else codec.encode(chunk["source_image"]))
+    times = setup.sigmas(g.num_steps, source.shape)
     r_noise, r_sde = jax.random.split(rng)
     if g.shared_noise:  # one initial noise per group of G consecutive samples
       x1 = jax.random.normal(r_noise, (source.shape[0] // g.group_size, *source.shape[1:]))
@@ -521,7 +520,7 @@ class RecordsEditorPolicy(EditorPolicy):
     config, ec = setup.config, setup.config.eval
     reward_fn = make_rewards(config, None)
     trained = state.ema_params if ec.use_ema else state.params
-    sampler = flux_editing.make_sampler(setup, config.sample.num_steps, config.sample.shift)
+    sampler = flux_editing.make_sampler(setup, config.sample.num_steps)
     split = ec.split if ec.split in setup.records.splits else "train"
     batches = flux_editing.eval_batches(setup, split, ec.num_examples, ec.batch_size)
     results = {}
@@ -539,8 +538,7 @@ class RecordsEditorPolicy(EditorPolicy):
     config, g, tc = setup.config, setup.rollouts, setup.config.train
     self.reward_fn = make_rewards(config, None)
     self.rollout = make_rollout(rollout_setup)
-    self.sampler = flux_editing.make_sampler(setup, config.sample.num_steps,
-                                             config.sample.shift)
+    self.sampler = flux_editing.make_sampler(setup, config.sample.num_steps)
     split = config.eval.split if config.eval.split in setup.records.splits else "train"
     self.val_batches = flux_editing.eval_batches(setup, split, tc.eval_examples,
                                                  config.eval.batch_size)

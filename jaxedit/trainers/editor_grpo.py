@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxedit import flow, flow_grpo, flux_editing, grpo, hparams, sharding
+from jaxedit import flow_grpo, flux_editing, grpo, hparams, sharding
 from jaxedit.config import ConfigError
 from jaxedit.rl import driver, editor_policy, update as rl_update
 from jaxedit.rl.driver import PolicyState
@@ -50,11 +50,11 @@ def make_update(setup: Setup):
   inner_epochs x minibatches clipped-ratio updates on shuffled samples, EMA after each."""
   config, r, g = setup.config, setup.rollouts, setup.config.grpo
   velocity = editor_policy.make_velocity(setup.model, r.guidance_scale, setup.guidance)
-  times = flow.sigmas(r.num_steps, config.sample.shift)
   base_rng = jax.random.key(config.train.seed + 1)
   traj = editor_policy.trajectory_sharding(setup)
   def update(state: PolicyState, chunks, levels, trained_steps, hp):
     data = editor_policy.join_chunks(chunks)
+    times = setup.sigmas(r.num_steps, data["source"].shape)  # the rollouts' times
     advantages = grpo.group_advantages(data["rewards"], r.group_size, std_scope=g.std_scope,
                                        clip=g.adv_clip)
     ref_params = jax.lax.stop_gradient(setup.reference(state))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxedit import flow, flow_grpo, flux_editing, hparams, lora, opd, sharding, workdirs
+from jaxedit import flow_grpo, flux_editing, hparams, lora, opd, sharding, workdirs
 from jaxedit.config import ConfigError
 from jaxedit.models.editor import Editor
 from jaxedit.rl import driver, editor_policy, update as rl_update
@@ -119,13 +119,13 @@ def make_update(setup: OPDSetup, teachers=None):
   velocity = editor_policy.make_velocity(setup.model, r.guidance_scale, setup.guidance)
   teacher_velocity = editor_policy.make_velocity(setup.teacher_model, r.guidance_scale,
                                                  setup.guidance)
-  times = flow.sigmas(r.num_steps, config.sample.shift)
   base_rng = jax.random.key(config.train.seed + 1)
   traj = editor_policy.trajectory_sharding(setup)
 
   def update(teachers, state: PolicyState, chunks, levels, trained_steps, hp):
     data = editor_policy.join_chunks(chunks)
     source = data["source"]  # encoded by the rollout
+    times = setup.sigmas(r.num_steps, source.shape)  # the rollouts' times
     text = {k: data[k] for k in setup.text_fields}
 
     def teacher_at(j):

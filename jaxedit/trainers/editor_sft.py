@@ -215,7 +215,7 @@ def train_on_records(config: ml_collections.ConfigDict, workdir: str) -> dict:
   split = config.eval.split if config.eval.split in setup.records.splits else "train"
   val_batches = flux_editing.eval_batches(setup, split, tc.eval_examples,
                                           config.eval.batch_size)
-  sampler = flux_editing.make_sampler(setup, config.sample.num_steps, config.sample.shift)
+  sampler = flux_editing.make_sampler(setup, config.sample.num_steps)
   val_loss = flux_editing.make_val_loss(setup)
 
   def step_fn(state, step):
@@ -317,7 +317,7 @@ def eval_on_records(config: ml_collections.ConfigDict, workdir: str) -> dict:
   split = ec.split if ec.split in setup.records.splits else "train"
   batches = flux_editing.eval_batches(setup, split, ec.num_examples, ec.batch_size)
   start = time.time()
-  sampler = flux_editing.make_sampler(setup, config.sample.num_steps, config.sample.shift)
+  sampler = flux_editing.make_sampler(setup, config.sample.num_steps)
   summary, first = flux_editing.evaluate(setup, params, batches, sampler, seed=ec.seed,
                                          val_loss=flux_editing.make_val_loss(setup))
   summary.update({"split": split, "step": step, "eval_seconds": round(time.time() - start, 1)})
