@@ -27,6 +27,7 @@ setup(
         "pillow",
         "tokenizers",
         "transformers",  # FLUX pipelines' CLIP and T5 tokenizers (no torch needed)
+        "sentencepiece",  # a T5 tokenizer folder with spiece.model and no tokenizer.json
         "safetensors",  # export and init_from (numpy side; no torch needed)
         "ml_dtypes",  # bfloat16 tensors in safetensors
     ],
