@@ -11,6 +11,8 @@ PIPELINE's config.json on loading); `:tiny` reads it from the folder (model.arch
 'init_from'), so any FLUX.1(-Kontext) pipeline trains without shape flags. The
 records hold the VAE latents and T5 / CLIP embeddings (jaxedit.data.edit_cache). Arg `tiny`:
 a few steps on one CPU, for a tiny pipeline folder (tests/tiny_flux.py).
+`--config.model.lora_rank=R` trains LoRA adapters over the frozen pipeline instead (the export
+merges them).
 """
 
 from jaxedit import schema

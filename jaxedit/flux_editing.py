@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 
 from jaxedit import codec as codec_lib
-from jaxedit import flow, sharding
+from jaxedit import flow, lora, sharding
 from jaxedit.codec import Codec
 from jaxedit.config import ConfigError
 from jaxedit.data import edit_cache, edit_records
@@ -153,6 +153,17 @@ class RecordsSetup(setup_lib.RunSetup):
     return codec_lib.make_codec(self.config, self.mesh)
 
   @property
+  def param_shardings(self):
+    """Of the whole model the sampler runs: LoRA adapters joined onto their base."""
+    s = self.state_shardings
+    return s.params if s.base is None else lora.join(s.params, s.base)
+
+  @staticmethod
+  def model_params(trained, base):
+    """The whole model's parameters: the trained ones, or LoRA adapters over `base`."""
+    return trained if base is None else lora.join(trained, base)
+
+  @property
   def cached(self) -> bool:
     """Whether the records hold every model input (else the pipeline's encoders run)."""
     return all(f in self.records.manifest["fields"] for f in CACHED)
@@ -256,8 +267,14 @@ def dummy_inputs(cfg: EditorConfig, bucket: tuple[int, int], downscale: int, tex
 
 
 def init_state(rng, *, model, tx, bucket, downscale, text_len) -> setup_lib.TrainState:
-  return setup_lib.fresh_state(editor_model.init_params(
-      model, rng, *dummy_inputs(model.cfg, bucket, downscale, text_len)), tx)
+  """A fresh SFT state; with LoRA (model.lora_rank > 0) the adapters train over a frozen
+  base."""
+  params = editor_model.init_params(model, rng,
+                                    *dummy_inputs(model.cfg, bucket, downscale, text_len))
+  if model.cfg.flux.lora_rank:
+    adapters, base = lora.split(params)
+    return setup_lib.fresh_state(adapters, tx, base)
+  return setup_lib.fresh_state(params, tx)
 
 
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None,

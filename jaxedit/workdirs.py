@@ -10,7 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxedit import checkpoint, editing, flux_editing, planning, registry, sharding
+from jaxedit import checkpoint, editing, flux_editing, lora, planning, registry, sharding
 from jaxedit.config import ConfigError
 from jaxedit.rl import editor_policy, planner_policy
 from jaxedit.shapes.detect import detect
@@ -84,6 +84,9 @@ def load_editor(workdir: str, batch_size: int = 64, devices=None,
     setup = (flux_editing.make_setup(config, workdir, devices) if flux_editing.on_records(config)
              else editing.make_setup(config, workdir, devices))
     params = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
+    if getattr(setup.abstract_state, "base", None) is not None:  # LoRA SFT on edit records
+      params = lora.join(params, checkpoint.restore_subtree(mngr, step, "base",
+                                                            setup.abstract_state.base))
   else:
     setup = editor_policy.build_setup(config, workdir, devices)
     trained = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)

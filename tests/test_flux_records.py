@@ -257,3 +257,41 @@ def test_sampling_times_follow_the_pipelines_scheduler_per_bucket(world):
   np.testing.assert_allclose(flux_editing.make_setup(fixed, "").sigmas(n, (1, 16, 16, 4)),
                              3 * np.linspace(1, 0, n + 1) / (1 + 2 * np.linspace(1, 0, n + 1)),
                              rtol=1e-6)
+
+
+def test_lora_sft_trains_adapters_over_the_frozen_pipeline_and_exports_merged(world,
+                                                                              tmp_path):
+  from jaxedit import checkpoint, export, lora
+  from jaxedit.interop import pretrained
+
+  config = sft_config(world, world["cached"], num_steps=2, eval_every=2, sample_every=2,
+                      checkpoint_every=2)
+  config.model.lora_rank, config.model.lora_alpha = 4, 8.0
+  workdir = str(tmp_path / "sft_lora")
+  editor_sft.train(config, workdir)
+  setup = flux_editing.make_setup(config, workdir)
+  step, state = checkpoint.restore_latest(workdir, 2, setup.abstract_state)
+  state = jax.device_get(state)
+  assert step == 2 and state.base is not None
+  names = [tuple(getattr(p, "key", p) for p in path)
+           for path, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+  assert names and all(n[-1] in ("lora_a", "lora_b") for n in names)  # adapters only
+  pipeline = jax.device_get(pretrained.load_editor(world["pipeline"], setup.abstract_state.base,
+                                                   setup.model.cfg))
+  jax.tree.map(np.testing.assert_array_equal, state.base, pipeline)  # frozen
+  b = [x for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
+       if getattr(p[-1], "key", None) == "lora_b"]
+  assert max(float(np.abs(x).max()) for x in b) > 0  # B starts at 0: the adapters trained
+  folder = str(tmp_path / "export")
+  export.export(workdir, "diffusers", folder, weights="ema")
+  from jaxedit.interop import flux_diffusers
+
+  merged = jax.tree.map(np.asarray, lora.merge(lora.join(state.ema_params, state.base), 4, 8.0))
+  want = flux_diffusers.to_diffusers(merged["transformer"])
+  got = diffusers.FluxTransformer2DModel.from_pretrained(folder).state_dict()
+  assert set(want) == set(got)
+  for name, value in want.items():
+    np.testing.assert_allclose(got[name].numpy(), value, rtol=1e-6, atol=1e-7, err_msg=name)
+  moved = [n for n in want if not np.array_equal(want[n], flux_diffusers.to_diffusers(
+      jax.tree.map(np.asarray, state.base["transformer"]))[n])]
+  assert moved  # the merged adapters changed some kernels

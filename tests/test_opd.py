@@ -159,7 +159,7 @@ def _prompts_and_chunks(setup, config, state):
   prompts = next(iter(make_dataset(
       setup.source("train"), 8, seed=0, fields=editor_policy.PROMPT_FIELDS, kinds=("atomic",),
       map_fn=lambda r: editor_policy.tokenize(setup, r))))
-  prompts = {**prompts, **editor_opd.OPD.extra_fields(setup, prompts)}
+  prompts = {**prompts, **editor_opd.route(setup, prompts)}
   levels, trained = setup.levels_and_steps(1)
   chunks, _ = editor_policy.rollout_and_score(
       setup, editor_policy.make_rollout(setup), editor_policy.make_rewards(config, setup.world),

@@ -509,6 +509,15 @@ def write_rollout_grid(writer, workdir: str, step: int, host: dict, limit: int) 
       host["source_image"][:n], host["images"][:n], host["target_image"][:n], texts, None, n))
 
 
+def algorithms(name: str, make_setup, make_update, extra_fields=None):
+  """config -> the driver.Algorithm of an editor RL trainer: its update over the policy of
+  the shapes world or, for runs on edit records, of the records."""
+  extra = {} if extra_fields is None else {"extra_fields": extra_fields}
+  on_shapes = driver.Algorithm(name, EditorPolicy, make_setup, make_update, **extra)
+  on_records = driver.Algorithm(name, RecordsEditorPolicy, make_setup, make_update, **extra)
+  return lambda config: on_records if flux_editing.on_records(config) else on_shapes
+
+
 class RecordsEditorPolicy(EditorPolicy):
   """The editor on edit records (a lab's own data): prompts are the records' cached
   embeddings and source latents, rewards come from judges (rewards.judge / .remote), and

@@ -25,9 +25,10 @@ from jaxedit.train.optimizer import Optimizer
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any
+  params: Any  # the trained parameters: every one, or LoRA adapters over `base`
   ema_params: Any
   opt_state: Any
+  base: Any = None  # LoRA (editor SFT on edit records): the frozen model the adapters add to
 
 
 @dataclasses.dataclass
@@ -114,9 +115,9 @@ def init_state(setup: RunSetup):
   return sharding.Program(fn, setup.mesh, setup.rules)(jax.random.key(setup.config.train.seed))
 
 
-def fresh_state(params, tx) -> TrainState:
+def fresh_state(params, tx, base=None) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params))
+                    opt_state=tx.init(params), base=base)
 
 
 def with_params(state: TrainState, loaded: dict) -> TrainState:

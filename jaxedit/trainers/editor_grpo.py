@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxedit import flow_grpo, flux_editing, grpo, hparams, sharding
+from jaxedit import flow_grpo, grpo, hparams, sharding
 from jaxedit.config import ConfigError
 from jaxedit.rl import driver, editor_policy, update as rl_update
 from jaxedit.rl.driver import PolicyState
@@ -93,13 +93,7 @@ def make_update(setup: Setup):
                           hparams=hparams.values(config, hparams.GRPO))
 
 
-GRPO = driver.Algorithm("GRPO", editor_policy.EditorPolicy, make_setup, make_update)
-GRPO_ON_RECORDS = driver.Algorithm("GRPO", editor_policy.RecordsEditorPolicy, make_setup,
-                                   make_update)
-
-
-def algorithm(config: ml_collections.ConfigDict) -> driver.Algorithm:
-  return GRPO_ON_RECORDS if flux_editing.on_records(config) else GRPO
+algorithm = editor_policy.algorithms("GRPO", make_setup, make_update)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:

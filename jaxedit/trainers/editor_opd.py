@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxedit import flow_grpo, flux_editing, hparams, lora, opd, sharding, workdirs
+from jaxedit import flow_grpo, hparams, lora, opd, sharding, workdirs
 from jaxedit.config import ConfigError
 from jaxedit.models.editor import Editor
 from jaxedit.rl import driver, editor_policy, update as rl_update
@@ -176,13 +176,7 @@ def route(setup, prompts: dict) -> dict:
   return opd.route_field(setup.config.opd, prompts)
 
 
-OPD = driver.Algorithm("OPD", editor_policy.EditorPolicy, make_setup, make_update, route)
-OPD_ON_RECORDS = driver.Algorithm("OPD", editor_policy.RecordsEditorPolicy, make_setup,
-                                  make_update, route)
-
-
-def algorithm(config: ml_collections.ConfigDict) -> driver.Algorithm:
-  return OPD_ON_RECORDS if flux_editing.on_records(config) else OPD
+algorithm = editor_policy.algorithms("OPD", make_setup, make_update, route)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:

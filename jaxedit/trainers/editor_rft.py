@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxedit import flow, flux_editing, hparams, sharding
+from jaxedit import flow, hparams, sharding
 from jaxedit.config import ConfigError
 from jaxedit.rl import driver, editor_policy, update as rl_update
 from jaxedit.rl.driver import PolicyState
@@ -125,13 +125,7 @@ def make_update(setup: Setup):
                                                                                hparams.SFT))
 
 
-RFT = driver.Algorithm("RFT", editor_policy.EditorPolicy, make_setup, make_update)
-RFT_ON_RECORDS = driver.Algorithm("RFT", editor_policy.RecordsEditorPolicy, make_setup,
-                                  make_update)
-
-
-def algorithm(config: ml_collections.ConfigDict) -> driver.Algorithm:
-  return RFT_ON_RECORDS if flux_editing.on_records(config) else RFT
+algorithm = editor_policy.algorithms("RFT", make_setup, make_update)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:

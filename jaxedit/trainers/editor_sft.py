@@ -112,12 +112,16 @@ def train_data(setup: Setup):
 
 
 def start_state(setup: Setup) -> setup_lib.TrainState:
-  """A fresh run's state: initialised, with `init_from`'s transformer when it names one."""
+  """A fresh run's state: initialised, with `init_from`'s transformer when it names one (the
+  frozen base under LoRA)."""
   state = setup_lib.init_state(setup)
-  if setup.config.init_from:
-    state = setup_lib.with_params(state, pretrained.load_editor(
-        setup.config.init_from, setup.abstract_state.params, setup.model.cfg))
-  return state
+  if not setup.config.init_from:
+    return state
+  if state.base is not None:
+    return state.replace(base={**state.base, **pretrained.load_editor(
+        setup.config.init_from, setup.abstract_state.base, setup.model.cfg)})
+  return setup_lib.with_params(state, pretrained.load_editor(
+      setup.config.init_from, setup.abstract_state.params, setup.model.cfg))
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -166,12 +170,14 @@ def records_step_fn(setup: flux_editing.RecordsSetup):
 
   def step_fn(state: setup_lib.TrainState, inputs: dict, hp: dict):
     rng = jax.random.fold_in(base_rng, state.step)
-    loss, grads = jax.value_and_grad(flux_editing.sft_loss)(
-        state.params, setup.model, inputs, rng, cfg.flow, setup.guidance)
+    loss, grads = jax.value_and_grad(lambda p: flux_editing.sft_loss(
+        setup.model_params(p, state.base), setup.model, inputs, rng, cfg.flow,
+        setup.guidance))(state.params)
     params, ema, opt_state, rate = setup.optimizer.update(
         hp, state.params, state.ema_params, state.opt_state, grads, state.step)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate}
-    return setup_lib.TrainState(state.step + 1, params, ema, opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                         opt_state=opt_state), metrics
   return step_fn
 
 
@@ -189,7 +195,8 @@ def check_records_config(setup: flux_editing.RecordsSetup) -> None:
   if train_split["with_target"] < train_split["records"]:
     raise ConfigError(f"editor SFT learns from target images: only {train_split['with_target']}"
                       f" of the {train_split['records']} training records in "
-                      f"{setup.records.root} have one (RL data? train it with editor_grpo)")
+                      f"{setup.records.root} have one (rows without targets: configs/"
+                      "flux_kontext_rft.py fine-tunes on a judge's best samples instead)")
   for key in ("num_steps", "batch_size", "log_every"):
     if setup.config.train[key] <= 0:
       raise ConfigError(f"config key 'train.{key}' must be > 0")
@@ -225,13 +232,13 @@ def train_on_records(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return state, metrics, None
 
   def validate(state, step):
-    return flux_editing.evaluate(setup, state.ema_params, val_batches, sampler, seed=10_000,
-                                 val_loss=val_loss)
+    return flux_editing.evaluate(setup, setup.model_params(state.ema_params, state.base),
+                                 val_batches, sampler, seed=10_000, val_loss=val_loss)
 
   def samples(state, step, first):
     if first is None:
-      _, first = flux_editing.evaluate(setup, state.ema_params, val_batches[:1], sampler,
-                                       seed=10_000)
+      _, first = flux_editing.evaluate(setup, setup.model_params(state.ema_params, state.base),
+                                       val_batches[:1], sampler, seed=10_000)
     records.write_image(run.writer, workdir, step, "samples", "step",
                         evaluation.edit_grid(*first, limit=tc.sample_examples))
 
@@ -313,7 +320,7 @@ def eval_on_records(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config, ec = setup.config, setup.config.eval
   step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
                                           setup.abstract_state)
-  params = state.ema_params if ec.use_ema else state.params
+  params = setup.model_params(state.ema_params if ec.use_ema else state.params, state.base)
   split = ec.split if ec.split in setup.records.splits else "train"
   batches = flux_editing.eval_batches(setup, split, ec.num_examples, ec.batch_size)
   start = time.time()
