@@ -96,7 +96,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterato
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
   if data_iterator is not None and not legacy:
     data_iterator.set_state(restored.data)
-  if not renamed:
+  if target is abstract_state:
     return restored.state
   return abstract_state.replace(**{new: restored.state[old] for old, new in renamed.items()},
                                 **{k: v for k, v in restored.state.items() if k not in renamed})
@@ -110,14 +110,15 @@ def _saved_fields(mngr: ocp.CheckpointManager, step: int) -> set[str]:
 
 def _saved_names(mngr: ocp.CheckpointManager, step: int, abstract_state):
   """(restore target, {saved name: field}): `abstract_state` itself where the checkpoint
-  has today's field names, else a dict of its fields under the names saved."""
+  has today's field names, else a dict of its fields under the names saved (fields added
+  since, None in `abstract_state`, left out)."""
   if not dataclasses.is_dataclass(abstract_state):
     return abstract_state, {}
   saved = _saved_fields(mngr, step)
   fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
   renamed = {old: new for old, news in RENAMED_FIELDS.items() if old in saved
              for new in news if new not in saved and fields.get(new) is not None}
-  if not renamed:
+  if not renamed and all(k in saved for k, v in fields.items() if v is None):
     return abstract_state, {}
   target = {k: v for k, v in fields.items() if v is not None and k not in renamed.values()}
   target.update({old: fields[new] for old, new in renamed.items()})

@@ -48,6 +48,11 @@ VAE_KEYS = ("latent_channels", "block_out_channels", "layers_per_block", "norm_n
 SIZED_FROM_CONFIG = "<sized from the config>"
 
 
+# FLUX.1(-Kontext)'s scheduler/scheduler_config.json, as far as sampling times go.
+FLUX_SCHEDULER = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                  "base_image_seq_len": 256, "max_image_seq_len": 4096}
+
+
 def sized_from_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` (a copy) set up without records or pipeline weights when it trains on T5 /
   CLIP embeddings (precomputed text): one square bucket of world.image_size."""
@@ -189,7 +194,10 @@ class RecordsSetup(setup_lib.RunSetup):
 
   @functools.cached_property
   def scheduler(self) -> dict:
-    """The pipeline folder's scheduler/scheduler_config.json ({} without one)."""
+    """The pipeline folder's scheduler/scheduler_config.json ({} without one; FLUX.1's for a
+    run sized from its config)."""
+    if self.config.data.records == SIZED_FROM_CONFIG:
+      return FLUX_SCHEDULER
     folder = os.path.join(pipeline_folder(self.config), "scheduler")
     if not os.path.exists(os.path.join(folder, "scheduler_config.json")):
       return {}
