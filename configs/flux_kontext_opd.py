@@ -29,9 +29,7 @@ def get_config(arg=None):
     r.prompts_per_step, r.group_size, r.rollout_chunks, r.minibatches = 4, 2, 1, 1
     r.num_steps = 4
     t.num_steps, t.log_every, t.eval_every, t.checkpoint_every, t.sample_every = 2, 1, 2, 2, 2
-    t.eval_examples, t.sample_examples = 8, 8
-    config.eval.batch_size = 8
-    config.sample.num_steps = 4
+    schema.smoke_test(config)
     config.model.lora_rank, config.model.lora_alpha = 4, 4.0
     return config.lock()
   if arg:

@@ -26,9 +26,7 @@ def get_config(arg=None):
     r.num_steps, config.rft.min_reward = 4, 0.0
     t.num_steps, t.lr, t.log_every, t.eval_every = 3, 1e-3, 1, 3
     t.checkpoint_every, t.sample_every = 3, 3
-    t.eval_examples, t.sample_examples = 8, 8
-    config.eval.batch_size = 8
-    config.sample.num_steps = 4
+    schema.smoke_test(config)
     return config.lock()
   if arg:
     raise ValueError(f"unknown config arg {arg!r}; use 'tiny' or nothing")

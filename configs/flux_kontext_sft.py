@@ -24,9 +24,7 @@ def get_config(arg=None):
   if arg == "tiny":
     t.batch_size, t.num_steps, t.warmup_steps, t.lr = 8, 6, 0, 1e-3
     t.log_every, t.eval_every, t.checkpoint_every, t.sample_every = 2, 6, 3, 6
-    t.eval_examples, t.sample_examples = 8, 8
-    config.eval.batch_size = 8
-    config.sample.num_steps = 4
+    schema.smoke_test(config)
     return config.lock()
   if arg:
     raise ValueError(f"unknown config arg {arg!r}; use 'tiny' or nothing")

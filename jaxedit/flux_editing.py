@@ -160,13 +160,7 @@ class RecordsSetup(setup_lib.RunSetup):
   @property
   def param_shardings(self):
     """Of the whole model the sampler runs: LoRA adapters joined onto their base."""
-    s = self.state_shardings
-    return s.params if s.base is None else lora.join(s.params, s.base)
-
-  @staticmethod
-  def model_params(trained, base):
-    """The whole model's parameters: the trained ones, or LoRA adapters over `base`."""
-    return trained if base is None else lora.join(trained, base)
+    return lora.whole(self.state_shardings.params, self.state_shardings.base)
 
   @property
   def cached(self) -> bool:

@@ -34,6 +34,12 @@ def join(adapters, base) -> dict:
   return traverse_util.unflatten_dict(flat)
 
 
+def whole(trained, base) -> dict:
+  """The whole model's parameters: `trained` alone (no base: full fine-tuning), or LoRA
+  adapters joined onto their frozen `base`."""
+  return trained if base is None else join(trained, base)
+
+
 def merge(params, rank: int, alpha: float) -> dict:
   """Folds every adapter into its kernel, W + (alpha / rank) A @ B (over any leading layer
   axis), and drops the adapters: the parameters of the same model without LoRA."""

@@ -563,6 +563,14 @@ def on_edit_records(config: ConfigDict) -> ConfigDict:
   return config
 
 
+def smoke_test(config: ConfigDict) -> ConfigDict:
+  """`config`'s evaluation and sampling sized for a few-minute CPU run (the `:tiny` args of
+  the FLUX.1-Kontext configs): 8 examples, 4 sampling steps."""
+  config.train.eval_examples = config.train.sample_examples = 8
+  config.eval.batch_size, config.sample.num_steps = 8, 4
+  return config
+
+
 def flux_kontext_dev(config: ConfigDict) -> ConfigDict:
   """`config` (an editor's on edit records) sized as FLUX.1-Kontext-dev: its transformer (19
   double and 38 single blocks, 24 heads of 128, the guidance embedder) on 16-channel latents

@@ -56,7 +56,7 @@ class PolicyFields:
   def policy(self, trained, base):
     """The parameters the policy samples with: the adapters joined onto the base (LoRA), or
     the trained parameters (full fine-tuning: base is None)."""
-    return lora.join(trained, base) if self.use_lora else trained
+    return lora.whole(trained, base)
 
   def reference(self, state: PolicyState):
     """The frozen reference: the base with its adapters disabled (zeroed), or the start."""

@@ -16,7 +16,7 @@ import ml_collections
 import optax
 
 from jaxedit import checkpoint, editing, evaluation, flow, flux_editing, hparams, population
-from jaxedit import sharding
+from jaxedit import lora, sharding
 from jaxedit.codec import Codec
 from jaxedit.config import ConfigError
 from jaxedit.data import edit_records, job as data_job
@@ -171,7 +171,7 @@ def records_step_fn(setup: flux_editing.RecordsSetup):
   def step_fn(state: setup_lib.TrainState, inputs: dict, hp: dict):
     rng = jax.random.fold_in(base_rng, state.step)
     loss, grads = jax.value_and_grad(lambda p: flux_editing.sft_loss(
-        setup.model_params(p, state.base), setup.model, inputs, rng, cfg.flow,
+        lora.whole(p, state.base), setup.model, inputs, rng, cfg.flow,
         setup.guidance))(state.params)
     params, ema, opt_state, rate = setup.optimizer.update(
         hp, state.params, state.ema_params, state.opt_state, grads, state.step)
@@ -232,12 +232,12 @@ def train_on_records(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return state, metrics, None
 
   def validate(state, step):
-    return flux_editing.evaluate(setup, setup.model_params(state.ema_params, state.base),
+    return flux_editing.evaluate(setup, lora.whole(state.ema_params, state.base),
                                  val_batches, sampler, seed=10_000, val_loss=val_loss)
 
   def samples(state, step, first):
     if first is None:
-      _, first = flux_editing.evaluate(setup, setup.model_params(state.ema_params, state.base),
+      _, first = flux_editing.evaluate(setup, lora.whole(state.ema_params, state.base),
                                        val_batches[:1], sampler, seed=10_000)
     records.write_image(run.writer, workdir, step, "samples", "step",
                         evaluation.edit_grid(*first, limit=tc.sample_examples))
@@ -320,7 +320,7 @@ def eval_on_records(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config, ec = setup.config, setup.config.eval
   step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
                                           setup.abstract_state)
-  params = setup.model_params(state.ema_params if ec.use_ema else state.params, state.base)
+  params = lora.whole(state.ema_params if ec.use_ema else state.params, state.base)
   split = ec.split if ec.split in setup.records.splits else "train"
   batches = flux_editing.eval_batches(setup, split, ec.num_examples, ec.batch_size)
   start = time.time()
