@@ -30,12 +30,15 @@ setup(
         "sentencepiece",  # a T5 tokenizer folder with spiece.model and no tokenizer.json
         "safetensors",  # export and init_from (numpy side; no torch needed)
         "ml_dtypes",  # bfloat16 tensors in safetensors
+        "gguf",  # init_from a GGUF file (the planner's LM): dequantized by llama.cpp's reader
     ],
     extras_require={
         # torch==2.13.0 is the CPU wheel; any other spec pulls GBs of CUDA packages.
         "torch": TORCH,
         "tpu": ["jax[tpu]"],  # on TPU VMs: python launch/tpu_vm.py ... --extras tpu
-        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", *TORCH],
+        # accelerate: transformers' own GGUF loading, the reference of the GGUF import test
+        "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel", "accelerate",
+                 *TORCH],
     },
     entry_points={"console_scripts": ["jaxedit=jaxedit.cli:main"]},
 )

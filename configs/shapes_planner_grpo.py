@@ -8,6 +8,8 @@
     # the visual reward (every rollout plan run by the editor; slow on CPU)
     jaxedit train --config configs/shapes_planner_grpo.py --workdir DIR --config.init_from=SFT_DIR \
         --config.editor=EDITOR_DIR --config.rewards.visual.weight=1.0
+    # from a `shapes_planner_sft.py:smollm2` run (SmolLM2-135M): its model and prompt layout
+    jaxedit train --config configs/shapes_planner_grpo.py:smollm2 --workdir DIR --config.init_from=SFT_DIR
 """
 
 import os
@@ -23,8 +25,11 @@ SFT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_pl
 def get_config(arg=None):
   config = schema.planner_grpo()
   # The prompt layout (and so the model inputs) of the SFT start.
+  sft_arg = arg if arg in ("scene_text", "smollm2", "smollm2_scene_text") else ""
   config.prompt = ml_collections.ConfigDict(
-      load_file(SFT_CONFIG + (":scene_text" if arg == "scene_text" else "")).prompt.to_dict())
+      load_file(SFT_CONFIG + (":" + sft_arg if sft_arg else "")).prompt.to_dict())
+  if arg in ("smollm2", "smollm2_scene_text"):
+    schema.pretrained_planner(config)  # the architecture of the SFT run init_from names
   if arg == "demo":
     config.train.num_steps = 20
     config.train.eval_every = 10
@@ -32,7 +37,7 @@ def get_config(arg=None):
     config.eval.num_examples = 256
   elif arg in ("colour", "geometry", "mixed"):  # a task teacher for shapes_planner_opd.py
     config.train.tasks = (arg,)
-  elif arg not in (None, "", "scene_text"):
-    raise ValueError(f"unknown config arg {arg!r}; use 'scene_text', 'demo', 'colour', "
-                     "'geometry', 'mixed' or nothing")
+  elif arg not in (None, "", "scene_text", "smollm2", "smollm2_scene_text"):
+    raise ValueError(f"unknown config arg {arg!r}; use 'scene_text', 'smollm2', "
+                     "'smollm2_scene_text', 'demo', 'colour', 'geometry', 'mixed' or nothing")
   return config.lock()

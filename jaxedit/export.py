@@ -25,7 +25,7 @@ import flax
 import jax
 import numpy as np
 
-from jaxedit import lora, plans, workdirs
+from jaxedit import lora, workdirs
 from jaxedit.config import ConfigError
 from jaxedit.interop import flux_diffusers, lm_transformers, safetensors_io, vae_diffusers
 from jaxedit.text import tokenizer as tokenizer_lib
@@ -100,9 +100,8 @@ def export_planner(workdir: str, out: str, dtype: str, weights: str) -> dict:
   params = _merged(loaded.params, config.model)
   cfg = setup.model.cfg
   architecture = "qwen2" if cfg.lm.qkv_bias else "llama"
-  tok = setup.tokenizer
-  special = {name: tok.token_to_id(token) for name, token in
-             (("pad", tokenizer_lib.PAD), ("bos", tokenizer_lib.BOS), ("eos", tokenizer_lib.EOS))}
+  sp = setup.specials
+  special = {"pad": sp.pad_id, "bos": sp.bos_id, "eos": sp.eos_id}
   files = safetensors_io.write(out, "model.safetensors",
                                lm_transformers.to_transformers(params["lm"]), dtype)
   _write_json(os.path.join(out, "config.json"), {
@@ -114,16 +113,17 @@ def export_planner(workdir: str, out: str, dtype: str, weights: str) -> dict:
   _write_json(os.path.join(out, "generation_config.json"), {
       "bos_token_id": special["bos"], "eos_token_id": special["eos"],
       "pad_token_id": special["pad"]})
-  tok.save(os.path.join(out, "tokenizer.json"))
-  _write_json(os.path.join(out, "tokenizer_config.json"), {
-      "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer_lib.BOS,
-      "eos_token": tokenizer_lib.EOS, "pad_token": tokenizer_lib.PAD, "padding_side": "left",
-      "add_bos_token": False, "model_max_length": config.prompt.max_prompt_len
-      + config.prompt.max_plan_len + cfg.prefix_len})
+  # The run's tokenizer files as they are (a pretrained one's special tokens and chat
+  # template included); a run from before tokenizer_config.json was written gets the
+  # shapes tokenizer's.
+  tokenizer_lib.copy_files(loaded.workdir, out)
+  if not os.path.exists(os.path.join(loaded.workdir, tokenizer_lib.CONFIG_FILE)):
+    _write_json(os.path.join(out, tokenizer_lib.CONFIG_FILE), tokenizer_lib.SHAPES_CONFIG)
+  tokenizer_files = [f for f in tokenizer_lib.FILES if os.path.exists(os.path.join(out, f))]
   meta = {"source_workdir": os.path.abspath(workdir), "trainer": config.trainer,
           "weights": weights, "dtype": dtype, "architecture": architecture,
-          "prompt_template": plans.prompt("{instruction}", "{scene}" if
-                                          config.prompt.scene_as_text else None),
+          # The whole prompt text (chat template or BOS included), tokenized as it is.
+          "prompt_template": setup.prompt_text("{instruction}", "{scene}"),
           "scene_as_text": bool(config.prompt.scene_as_text),
           "max_plan_len": config.prompt.max_plan_len, "vision": None}
   if cfg.vision is not None:
@@ -132,8 +132,8 @@ def export_planner(workdir: str, out: str, dtype: str, weights: str) -> dict:
     meta["vision"] = {"image_size": cfg.vision.image_size, "patch_size": cfg.vision.patch_size,
                       "width": cfg.vision.width, "num_tokens": cfg.vision.num_tokens}
   _write_json(os.path.join(out, PLANNER_META), meta)
-  return {"files": files + ["config.json", "generation_config.json", "tokenizer.json",
-                            "tokenizer_config.json", PLANNER_META], **meta}
+  return {"files": files + ["config.json", "generation_config.json", *tokenizer_files,
+                            PLANNER_META], **meta}
 
 
 def export(workdir: str, to: str, out: str, dtype: str = "float32",

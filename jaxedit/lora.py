@@ -20,12 +20,15 @@ def is_adapter(path: tuple[str, ...]) -> bool:
   return path[-1] in ADAPTER_KEYS
 
 
-def split(params) -> tuple[dict, dict]:
-  """params -> (adapters, base), both nested dicts with the original paths."""
+def split(params, within: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+  """params -> (trained, base), both nested dicts with the original paths: the base is every
+  parameter but the adapters, or with `within` only those of these top-level modules (the
+  others, e.g. a fresh vision prefix, train whole beside the adapters)."""
   flat = traverse_util.flatten_dict(params)
-  adapters = {k: v for k, v in flat.items() if is_adapter(k)}
-  base = {k: v for k, v in flat.items() if not is_adapter(k)}
-  return traverse_util.unflatten_dict(adapters), traverse_util.unflatten_dict(base)
+  frozen = lambda k: not is_adapter(k) and (within is None or k[0] in within)
+  trained = {k: v for k, v in flat.items() if not frozen(k)}
+  base = {k: v for k, v in flat.items() if frozen(k)}
+  return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(base)
 
 
 def join(adapters, base) -> dict:

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxedit import flow, plans, sampling, sharding
-from jaxedit.config import ConfigError
+from jaxedit import checkpoint, flow, lora, plans, sampling, sharding
+from jaxedit.config import ConfigError, plain
 from jaxedit.data import job as data_job
 from jaxedit.data.pipeline import fixed_batches
+from jaxedit.interop import lm_transformers, pretrained
 from jaxedit.models import planner as planner_model
 from jaxedit.models.planner import Planner, planner_config
 from jaxedit.shapes import checklist as cl
@@ -30,6 +31,7 @@ from jaxedit.text import tokenizer as tokenizer_lib
 from jaxedit.train import optimizer as optimizer_lib, setup as setup_lib
 from jaxedit.train.setup import TrainState
 
+VISION_MODULES = ("vision", "cell_head")  # trained at train.vision_lr_factor x the rate
 RECORD_FIELDS = ("source_image", "instruction", "scene_text", "plan_steps")
 EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_family", "task")
 
@@ -37,14 +39,15 @@ EVAL_INFO = ("instruction", "plan_steps", "checklist", "family", "held_out_famil
 @dataclasses.dataclass
 class Setup(setup_lib.RunSetup):
   model: Planner
+  specials: tokenizer_lib.Specials  # the tokenizer's special tokens and chat template
 
   @property
   def pad_id(self) -> int:
-    return self.tokenizer.token_to_id(tokenizer_lib.PAD)
+    return self.specials.pad_id
 
   @property
   def eos_id(self) -> int:
-    return self.tokenizer.token_to_id(tokenizer_lib.EOS)
+    return self.specials.eos_id
 
   def width(self, longest: int, limit: int, trim: bool) -> int:
     """Padded width: `limit`, or with `trim` the longest row rounded up to pad_multiple.
@@ -54,14 +57,21 @@ class Setup(setup_lib.RunSetup):
       return limit
     return min(limit, -(-longest // multiple) * multiple)
 
+  def prompt_text(self, instruction: str, scene_text: str | None) -> str:
+    """The prompt: the request (plans.prompt) in the tokenizer's chat template, or after
+    BOS where it has none."""
+    pc = self.config.prompt
+    request = plans.prompt(instruction, scene_text if pc.scene_as_text else None)
+    if self.specials.chat_template is not None:
+      request = request.strip()
+    return self.specials.prompt(request, pc.system)
+
   def prompt_ids(self, instructions, scene_texts,
                  trim: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded (ids, valid) of BOS + the prompt template."""
+    """Left-padded (ids, valid) of the prompts."""
     pc = self.config.prompt
-    texts = [plans.prompt(i, s if pc.scene_as_text else None)
-             for i, s in zip(instructions, scene_texts)]
-    bos = self.tokenizer.token_to_id(tokenizer_lib.BOS)
-    rows = [[bos] + e.ids for e in self.tokenizer.encode_batch(texts)]
+    texts = [self.prompt_text(i, s) for i, s in zip(instructions, scene_texts)]
+    rows = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
     for text, row in zip(texts, rows):
       if len(row) > pc.max_prompt_len:
         raise ValueError(f"prompt of {len(row)} tokens exceeds prompt.max_prompt_len "
@@ -71,7 +81,7 @@ class Setup(setup_lib.RunSetup):
 
   def plan_ids(self, plan_texts, trim: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded (ids, valid) of the plan JSON + EOS."""
-    encoded = self.tokenizer.encode_batch(list(plan_texts))
+    encoded = self.tokenizer.encode_batch(list(plan_texts), add_special_tokens=False)
     limit = self.config.prompt.max_plan_len
     n = self.width(max(len(e.ids) + 1 for e in encoded), limit, trim)
     ids = np.full((len(plan_texts), n), self.pad_id, np.int32)
@@ -116,9 +126,38 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                                                 and config.model.vision.cell_head):
     raise ConfigError("config key 'train.cell_loss_weight' > 0 needs a cell head "
                       "(model.vision.enabled and model.vision.cell_head); set it to 0")
-  if config.model.vocab_size < config.tokenizer.vocab_size:
-    raise ConfigError(f"model.vocab_size {config.model.vocab_size} is smaller than "
-                      f"tokenizer.vocab_size {config.tokenizer.vocab_size}")
+
+
+def resolve_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the model's architecture keys (lm_transformers.ARCHITECTURE) that are
+  None taken from `init_from`: a GGUF file's metadata, a transformers folder's config.json,
+  or the saved config of a planner workdir. A key set to a value a pretrained model
+  disagrees with is an error naming it."""
+  model = config.model
+  unset = [k for k in lm_transformers.ARCHITECTURE if model[k] is None]
+  source = pretrained.lm_architecture(config.init_from) if config.init_from else None
+  if source is None and unset and config.init_from:
+    mngr, step = checkpoint.latest_step(config.init_from, "a planner workdir")
+    source = {k: checkpoint.saved_config(mngr, step)["model"][k]
+              for k in lm_transformers.ARCHITECTURE}
+  elif source is not None:
+    wrong = [f"model.{k} = {model[k]!r} here, {source[k]!r} in the weights"
+             for k in lm_transformers.ARCHITECTURE
+             if model[k] is not None and plain(model[k]) != plain(source[k])]
+    if wrong:
+      raise ConfigError(f"init_from {config.init_from}: " + ", ".join(wrong) + "; leave these "
+                        "keys unset (None, as configs/shapes_planner_sft.py:smollm2 does) to "
+                        "take them from the weights")
+  if not unset:
+    return config
+  if source is None:
+    raise ConfigError(f"config keys {', '.join('model.' + k for k in unset)} are unset (None): "
+                      "set them, or set init_from to a pretrained LM (a GGUF file or a "
+                      "transformers folder) or a planner workdir to take them from")
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  for k in unset:
+    resolved.model[k] = source[k]
+  return resolved
 
 
 def make_parts(config: ml_collections.ConfigDict, workdir: str, devices=None):
@@ -129,6 +168,9 @@ def make_parts(config: ml_collections.ConfigDict, workdir: str, devices=None):
                                     config.tokenizer.vocab_size,
                                     config.tokenizer.corpus_examples, config.data.seed,
                                     corpus=tokenizer_lib.planner_corpus)
+  if tok.get_vocab_size() > config.model.vocab_size:
+    raise ConfigError(f"model.vocab_size {config.model.vocab_size} is smaller than the "
+                      f"{tok.get_vocab_size()} tokens of {workdir}/tokenizer.json")
   try:
     model = Planner(planner_config(config.model, world))
   except ValueError as e:
@@ -136,21 +178,50 @@ def make_parts(config: ml_collections.ConfigDict, workdir: str, devices=None):
   return (world, tok, model, *setup_lib.mesh_and_rules(config, devices))
 
 
+def specials(workdir: str, tok) -> tokenizer_lib.Specials:
+  try:
+    return tokenizer_lib.Specials.from_folder(workdir, tok)
+  except ValueError as e:
+    raise ConfigError(f"tokenizer: {e}") from None
+
+
 def make_setup(config: ml_collections.ConfigDict, workdir: str, devices=None) -> Setup:
-  """A checked planner config's setup, with the supervised optimizer of its `train`."""
+  """A checked planner config's setup (architecture keys resolved from `init_from`), with
+  the supervised optimizer of its `train`."""
+  config = resolve_model(config)
   check_config(config)
   parts = make_parts(config, workdir, devices)
-  return setup_lib.assemble(Setup, config, parts, optimizer_lib.supervised(config.train),
-                            functools.partial(init_state, image_size=parts[0].image_size,
-                                              prompt_len=config.prompt.max_prompt_len))
+  factor = config.train.vision_lr_factor
+  optimizer = optimizer_lib.supervised(config.train, tuple(
+      (module, factor) for module in VISION_MODULES if factor != 1.0))
+  setup = setup_lib.assemble(Setup, config, parts, optimizer,
+                             functools.partial(init_state, image_size=parts[0].image_size,
+                                               prompt_len=config.prompt.max_prompt_len),
+                             specials=specials(workdir, parts[1]))
+  if config.model.lora_rank:
+    try:
+      lora.check_targets(setup.abstract_state.params, config.model.lora_targets)
+    except ValueError as e:
+      raise ConfigError(f"config key 'model.lora_targets': {e}") from None
+  return setup
 
 
 def init_state(rng, *, model: Planner, tx, image_size: int, prompt_len: int) -> TrainState:
+  """A fresh state; with LoRA (model.lora_rank) the LM's weights are its frozen `base` and
+  its adapters train, beside the whole vision prefix."""
   image = jnp.zeros((1, image_size, image_size, 3)) if model.cfg.vision else None
   ids = jnp.zeros((1, prompt_len), jnp.int32)
   valid = jnp.ones((1, model.cfg.prefix_len + prompt_len), bool)
-  return setup_lib.fresh_state(planner_model.init_params(model, rng, ids, valid, image=image),
-                               tx)
+  params = planner_model.init_params(model, rng, ids, valid, image=image)
+  base = None
+  if model.cfg.lm.lora_rank:
+    params, base = lora.split(params, within=("lm",))
+  return setup_lib.fresh_state(params, tx, base=base)
+
+
+def abstract_whole(setup: Setup):
+  """The abstract arrays of the whole model (adapters, base and vision prefix)."""
+  return lora.whole(setup.abstract_state.params, setup.abstract_state.base)
 
 
 def completion_logits(params, model: Planner, batch: dict, with_cells: bool = False):
@@ -163,12 +234,12 @@ def completion_logits(params, model: Planner, batch: dict, with_cells: bool = Fa
   valid = jnp.concatenate([jnp.ones((b, model.cfg.prefix_len), bool), batch["prompt_valid"],
                            batch["plan_valid"]], axis=1)
   first = model.cfg.prefix_len + p - 1  # the last prompt slot predicts the first plan token
-  plan_logits = lambda logits: logits[:, first:first + batch["plan"].shape[1]]
+  span = (first, batch["plan"].shape[1])  # the head runs on these positions only
   if not with_cells:
-    return plan_logits(model.apply({"params": params}, ids, valid, image=image))
-  logits, sown = model.apply({"params": params}, ids, valid, image=image,
+    return model.apply({"params": params}, ids, valid, image=image, head_span=span)
+  logits, sown = model.apply({"params": params}, ids, valid, image=image, head_span=span,
                              mutable=["intermediates"])
-  return plan_logits(logits), sown["intermediates"]["cell_logits"][0]
+  return logits, sown["intermediates"]["cell_logits"][0]
 
 
 def make_plan_sampler(setup: Setup):

@@ -177,7 +177,9 @@ def editor_model() -> ConfigDict:
 
 
 def planner_model() -> ConfigDict:
-  """The planner (models.planner): a tiny Qwen2 for the shapes world with a vision prefix."""
+  """The planner (models.planner): a tiny Qwen2 for the shapes world with a vision prefix.
+  Its architecture keys (interop.lm_transformers.ARCHITECTURE) may be None: taken from
+  `init_from` (`pretrained_planner`)."""
   return ConfigDict({
       "vocab_size": 512,  # the tokenizer is trained to this size
       "hidden_size": 128,
@@ -388,6 +390,9 @@ def _planner(trainer: str, train: dict) -> ConfigDict:
   c.prompt = ConfigDict({
       "scene_as_text": False,  # also write the scene description into the prompt
       "max_prompt_len": 48,  # tokens, BOS included (scene_as_text needs ~112); longer: an error
+      # With a chat template (a pretrained tokenizer's): a system turn before the request;
+      # "": none (the template may add its own default).
+      "system": "",
       "max_plan_len": 128,  # tokens, EOS included
       # Training batches are padded only to their longest prompt and plan, rounded up to this
       # multiple (a few compiled shapes, much less padding than the maximum lengths).
@@ -401,6 +406,9 @@ def _planner(trainer: str, train: dict) -> ConfigDict:
       # Cross-entropy of the vision prefix's cell head (model.vision.cell_head) against the
       # source scene's shapes and colours, added to the plan loss with this weight.
       "cell_loss_weight": 0.0,
+      # The vision prefix's and the cell head's learning rate, relative to `lr`: a fresh
+      # prefix in front of a pretrained LM wants a larger one.
+      "vision_lr_factor": 1.0,
       "eval_examples": 256,  # validation examples decoded during training
       "sample_examples": 8,  # plans written to DIR/samples and TensorBoard
       **train,
@@ -434,6 +442,18 @@ def planner_sft() -> ConfigDict:
   })
   c.init_from = ""  # optional: a transformers Qwen2/Llama folder (or a jaxedit export)
   return c
+
+
+def pretrained_planner(config: ConfigDict, init_from: str = "") -> ConfigDict:
+  """`config` (a planner trainer's) starting from a pretrained LM or a planner workdir
+  (`init_from`, or the one the user names): the model's architecture keys unset (None), so
+  they are read from there."""
+  from jaxedit.interop.lm_transformers import ARCHITECTURE  # pylint: disable=import-outside-toplevel
+  config.init_from = init_from
+  for key in ARCHITECTURE:
+    config.model[key] = None
+  config.model.scan_layers = True  # 30 layers: one compiled layer
+  return config
 
 
 def _planner_rl(trainer: str) -> ConfigDict:

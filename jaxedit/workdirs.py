@@ -141,5 +141,8 @@ def load_planner(workdir: str, batch_size: int = 64, devices=None,
   setup = planning.make_setup(sft_config, workdir, devices)
   key = weights_key(config, weights)
   params = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
+  if setup.abstract_state.base is not None:  # LoRA: adapters (and vision prefix) over the LM
+    params = lora.join(params, checkpoint.restore_subtree(mngr, step, "base",
+                                                          setup.abstract_state.base))
   return LoadedPlanner(setup, params, planning.make_plan_sampler(setup), batch_size, workdir,
                        config)

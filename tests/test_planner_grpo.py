@@ -10,7 +10,7 @@ import pytest
 
 from conftest import assert_logged_exactly, resume_after_step_one, tiny_planner_grpo_config
 from jaxedit.data.pipeline import make_dataset
-from jaxedit import checkpoint, overlap, planning, sharding, workdirs
+from jaxedit import checkpoint, lora, overlap, planning, sharding, workdirs
 from jaxedit.config import ConfigError
 from jaxedit.trainers import planner_grpo
 from jaxedit.rl import planner_policy
@@ -142,3 +142,54 @@ def test_overlapped_rollouts_run_one_update_behind(small_data_dir, sft_dir, tmp_
     mngr = checkpoint.manager(str(run), 3, async_save=False)
     got = checkpoint.restore(mngr, 3, planner_policy.PlannerPolicy.abstract_state(setup))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(got.params), want)
+
+
+def test_lora_grpo_starts_on_policy_over_the_frozen_sft_lm(small_data_dir, sft_dir, tmp_path):
+  """LoRA: fresh adapters (B = 0) and the SFT vision prefix train over the SFT LM, frozen;
+  the first update is on policy with zero KL, and moves the adapters, not the base."""
+  config = tiny_planner_grpo_config(small_data_dir, sft_dir, minibatches=1)
+  config.model.lora_rank, config.model.lora_alpha = 4, 4.0
+  config.train.lr, config.train.warmup_steps = 1e-2, 0
+  setup = planner_grpo.make_setup(config, str(tmp_path))
+  state = planner_policy.init_state(setup, planner_policy.load_start(setup, str(sft_dir),
+                                                                     "ema_params"))
+  assert set(state.base) == {"lm"} and set(state.params) == {"lm", "vision"}
+  base0, params0 = jax.device_get(state.base), jax.device_get(state.params)
+  records = next(iter(make_dataset(setup.source("train"), 4, seed=0,
+                                   fields=planner_policy.ROLLOUT_FIELDS, kinds=("abstract",))))
+  arrays, _, _ = planner_policy.rollout(setup, planning.make_plan_sampler(setup),
+                                        lora.whole(state.params, state.base), records,
+                                        jax.random.key(0))
+  batch = sharding.global_batch({k: arrays[k] for k in planner_policy.BATCH_FIELDS},
+                                setup.batch_sharding)
+  rewards = sharding.global_batch({"r": np.linspace(0, 1, 16).astype(np.float32)},
+                                  setup.batch_sharding)["r"]
+  state, metrics = planner_grpo.make_update(setup)(state, batch, rewards)
+  m = jax.device_get(metrics)
+  np.testing.assert_allclose([m["ratio_min"], m["ratio_max"]], [1.0, 1.0], atol=1e-5)
+  assert abs(float(m["kl"])) < 1e-6
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.base), base0)
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                       jax.device_get(state.params), params0)
+  assert max(jax.tree.leaves(moved["lm"])) > 0 and max(jax.tree.leaves(moved["vision"])) > 0
+
+
+def test_grpo_from_a_lora_sft_run_starts_from_the_merged_model(small_data_dir, tmp_path):
+  from conftest import tiny_planner_config
+  from jaxedit.trainers import planner_sft
+  sft = tiny_planner_config(small_data_dir, num_steps=2, eval_every=-1, checkpoint_every=2,
+                            lr=1e-2, warmup_steps=0)
+  sft.model.lora_rank, sft.model.lora_alpha = 4, 8.0
+  sft_dir = str(tmp_path / "sft")
+  planner_sft.train(sft, sft_dir)
+  loaded = workdirs.load_planner(sft_dir, batch_size=8)  # adapters joined onto the LM
+  config = tiny_planner_grpo_config(small_data_dir, sft_dir)
+  setup = planner_grpo.make_setup(config, str(tmp_path / "grpo"))
+  start = planner_policy.load_start(setup, sft_dir, "ema_params")
+  batch = sharding.global_batch({k: v for k, v in planning.eval_batches(
+      setup, "validation", 8, 8)[0][0].items()}, setup.batch_sharding)
+  with jax.default_matmul_precision("highest"):
+    merged = planning.completion_logits(start, setup.model, batch)
+    joined = planning.completion_logits(loaded.params, loaded.setup.model, batch)
+  assert float(np.abs(np.asarray(joined)).max()) > 0
+  np.testing.assert_allclose(np.asarray(merged), np.asarray(joined), atol=2e-4, rtol=1e-4)

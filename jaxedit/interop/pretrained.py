@@ -1,7 +1,8 @@
 """`init_from` a PyTorch-side folder: a diffusers Flux transformer (e.g. FLUX.1-Kontext-dev's
 `transformer/`, or a `jaxedit export --to diffusers` folder) for the editor, a transformers
-Qwen2/Llama folder (e.g. Qwen2.5's, or a `jaxedit export --to transformers` folder) for the
-planner, a diffusers AutoencoderKL folder (e.g. FLUX.1's `vae/`) for the editor's latents.
+Qwen2/Llama folder (e.g. Qwen2.5's, or a `jaxedit export --to transformers` folder) or a GGUF
+file (`interop.gguf_lm`) for the planner, a diffusers AutoencoderKL folder (e.g. FLUX.1's
+`vae/`) for the editor's latents.
 
 Tensors stream from safetensors straight into the run's shardings
 (`torch_names.load(shardings=...)`): each process reads only the slices its devices hold.
@@ -19,10 +20,12 @@ import shutil
 
 import jax
 
+from jaxedit import lora
 from jaxedit.config import ConfigError, plain
-from jaxedit.interop import flux_diffusers, lm_transformers, torch_names, vae_diffusers
+from jaxedit.interop import flux_diffusers, gguf_lm, lm_transformers, torch_names, vae_diffusers
 from jaxedit.interop.safetensors_io import SafetensorsFolder
 from jaxedit.models.vae import VAEConfig, diffusers_config
+from jaxedit.text import tokenizer as tokenizer_lib
 
 FLUX_CLASS = "FluxTransformer2DModel"
 VAE_CLASS = "AutoencoderKL"
@@ -53,7 +56,10 @@ def required_config(folder: str, name: str = "config.json") -> dict:
 
 def folder_kind(path: str) -> str | None:
   """'diffusers' (a Flux transformer folder, or a pipeline folder holding `transformer/`),
-  'transformers' (a Qwen2/Llama folder), or None (not a PyTorch-side folder: a workdir)."""
+  'transformers' (a Qwen2/Llama folder), 'gguf' (a GGUF file, or a package shipping one), or
+  None (not a pretrained model: a workdir)."""
+  if gguf_lm.resolve(path):
+    return "gguf"
   for folder in (path, os.path.join(path, "transformer")):
     config = _config(folder) or {}
     if config.get("_class_name") == FLUX_CLASS:
@@ -64,28 +70,41 @@ def folder_kind(path: str) -> str | None:
 
 
 def copy_tokenizer(init_from: str, workdir: str) -> None:
-  """Copies `init_from`'s tokenizer.json into `workdir` (unless it has one): token ids must
-  mean what they meant there. A jaxedit workdir must have one; a PyTorch-side folder
-  without one (precomputed text embeddings) leaves the run to train its own."""
-  src, dst = (os.path.join(d, "tokenizer.json") for d in (init_from, workdir))
+  """Copies `init_from`'s tokenizer (tokenizer.json, with its tokenizer_config.json and chat
+  template where it has them) into `workdir`, unless it has one: token ids must mean what
+  they meant there. A GGUF file's is converted by transformers. A jaxedit workdir must have
+  one; a PyTorch-side folder without one (precomputed text embeddings) leaves the run to
+  train its own."""
+  dst = os.path.join(workdir, "tokenizer.json")
   if not init_from or os.path.exists(dst):
     return
-  if not os.path.exists(src):
+  path = gguf_lm.resolve(init_from)
+  if path:
+    scratch = os.path.join(workdir, f".tokenizer.tmp{os.getpid()}")
+    gguf_lm.write_tokenizer(path, scratch)
+    tokenizer_lib.copy_files(scratch, workdir)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return
+  if not os.path.exists(os.path.join(init_from, "tokenizer.json")):
     if folder_kind(init_from):
       return
-    raise ConfigError(f"init_from: {src} does not exist; point it at an SFT workdir or a "
-                      "diffusers / transformers folder")
-  os.makedirs(workdir, exist_ok=True)
-  tmp = f"{dst}.tmp{os.getpid()}"  # atomic: every process of a run copies it
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, dst)
+    raise ConfigError(f"init_from: {init_from}/tokenizer.json does not exist; point it at an "
+                      "SFT workdir, a diffusers / transformers folder or a GGUF file")
+  # tokenizer.json last: its presence marks a complete copy.
+  for name in tokenizer_lib.FILES[1:] + tokenizer_lib.FILES[:1]:
+    if os.path.exists(os.path.join(init_from, name)):
+      os.makedirs(workdir, exist_ok=True)
+      tmp = os.path.join(workdir, f"{name}.tmp{os.getpid()}")  # every process copies
+      shutil.copyfile(os.path.join(init_from, name), tmp)
+      os.replace(tmp, os.path.join(workdir, name))
 
 
 def _check_kind(path: str, kind: str) -> None:
   if folder_kind(path) != kind:
     what = {"diffusers": "a diffusers Flux transformer folder (config.json with _class_name "
                          f"{FLUX_CLASS})",
-            "transformers": f"a transformers folder (config.json with model_type in {LM_TYPES})"}
+            "transformers": f"a transformers folder (config.json with model_type in {LM_TYPES}) "
+                            "or a GGUF file"}
     raise ConfigError(f"init_from: {path} is not {what[kind]}")
 
 
@@ -129,19 +148,44 @@ def load_editor(path: str, abstract_params, editor_cfg) -> dict:
   return out
 
 
+def lm_architecture(path: str) -> dict | None:
+  """The architecture keys of the planner's `model` section (lm_transformers.ARCHITECTURE)
+  that a transformers folder's config.json or a GGUF file's metadata gives; None for
+  anything else (a jaxedit workdir)."""
+  kind = folder_kind(path)
+  if kind not in ("transformers", "gguf"):
+    return None
+  hf = gguf_lm.hf_config(gguf_lm.resolve(path)) if kind == "gguf" else _config(path)
+  try:
+    cfg = lm_transformers.lm_config(hf)
+  except ValueError as e:
+    raise ConfigError(f"init_from: {path}: {e}") from None
+  return {k: getattr(cfg, k) for k in lm_transformers.ARCHITECTURE}
+
+
 def load_planner(path: str, abstract_params, planner_cfg) -> dict:
-  """{'lm': params[, 'vision': params]} from a transformers folder, in the shardings of
-  `abstract_params`; the vision prefix comes only from a jaxedit export."""
-  _check_kind(path, "transformers")
-  theirs = lm_transformers.lm_config(_config(path))
+  """{'lm': params[, 'vision': params]} from a transformers folder or a GGUF file, in the
+  shardings of `abstract_params`, without LoRA adapters (those `abstract_params` has are
+  left out: they are not in the folder); the vision prefix comes only from a jaxedit
+  export."""
+  if folder_kind(path) not in ("transformers", "gguf"):
+    _check_kind(path, "transformers")
   ours = planner_cfg.lm
-  keys = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-          "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "qkv_bias",
-          "tie_embeddings")
-  _mismatch({k: getattr(theirs, k) for k in keys}, {k: getattr(ours, k) for k in keys},
+  _mismatch(lm_architecture(path), {k: getattr(ours, k) for k in lm_transformers.ARCHITECTURE},
             f"the language model in {path}")
-  out = {"lm": _load(lm_transformers.LAYOUT, path, "model.safetensors", abstract_params["lm"],
-                     ignore=lm_transformers.ignored(ours))}
+  _, abstract_lm = lora.split(abstract_params["lm"])
+  ignore = lm_transformers.ignored(ours)
+  gguf_path = gguf_lm.resolve(path)
+  if gguf_path:
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_lm)
+    try:
+      lm = torch_names.load(lm_transformers.LAYOUT, gguf_lm.GGUFFile(gguf_path), abstract_lm,
+                            shardings=shardings, ignore=ignore)
+    except torch_names.MappingError as e:
+      raise ConfigError(f"init_from: {gguf_path}: {e}") from None
+  else:
+    lm = _load(lm_transformers.LAYOUT, path, "model.safetensors", abstract_lm, ignore=ignore)
+  out = {"lm": lm}
   if "vision" in abstract_params and os.path.exists(
       os.path.join(path, "vision_prefix.safetensors")):
     out["vision"] = _load(NATIVE, path, "vision_prefix.safetensors", abstract_params["vision"])

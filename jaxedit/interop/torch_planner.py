@@ -63,8 +63,8 @@ def generate(planner: ExportedPlanner, images: np.ndarray, instructions: list[st
   tok, model = planner.tokenizer, planner.model
   out = []
   for k, instruction in enumerate(instructions):
-    ids = [tok.bos_token_id] + tok(prompt_text(planner, instruction,
-                                               scenes[k] if scenes else None))["input_ids"]
+    ids = tok(prompt_text(planner, instruction, scenes[k] if scenes else None),
+              add_special_tokens=False)["input_ids"]
     embeds = model.get_input_embeddings()(torch.tensor([ids]))
     if planner.vision is not None:
       embeds = torch.cat([vision_prefix(planner, images[k:k + 1]), embeds], 1)

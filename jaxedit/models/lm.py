@@ -210,13 +210,15 @@ class DecoderLM(nn.Module):
     positions: optional (B, S) RoPE positions; default `positions_from_valid` of this call's
       slots.
     last_only: logits of the last position only (prefill for sampling).
+    head_span: (start, length): logits of those positions only (a completion's, in
+      training: the output head is a large share of a small LM's work).
   """
 
   cfg: LMConfig
 
   @nn.compact
   def __call__(self, ids, valid, cache=None, index=0, prefix=None, positions=None,
-               last_only: bool = False):
+               last_only: bool = False, head_span: tuple[int, int] | None = None):
     cfg = self.cfg
     embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, name="embed_tokens",
@@ -245,6 +247,8 @@ class DecoderLM(nn.Module):
     h = RMSNorm(cfg.rms_norm_eps, axis="embed", param_dtype=cfg.param_dtype, name="norm")(h)
     if last_only:
       h = h[:, -1:]
+    elif head_span is not None:
+      h = h[:, head_span[0]:head_span[0] + head_span[1]]
     if cfg.tie_embeddings:
       logits = embed.attend(h)
     else:

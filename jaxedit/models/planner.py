@@ -81,7 +81,7 @@ class Planner(nn.Module):
 
   @nn.compact
   def __call__(self, ids, valid, cache=None, index=0, image=None, positions=None,
-               last_only: bool = False):
+               last_only: bool = False, head_span: tuple[int, int] | None = None):
     prefix = None
     if image is not None:
       if self.cfg.vision is None:
@@ -94,7 +94,7 @@ class Planner(nn.Module):
         self.sow("intermediates", "cell_logits", logits)
     return DecoderLM(self.cfg.lm, name="lm")(ids, valid, cache=cache, index=index,
                                              prefix=prefix, positions=positions,
-                                             last_only=last_only)
+                                             last_only=last_only, head_span=head_span)
 
 
 def init_params(model: Planner, rng, *args, **kwargs) -> dict:

@@ -25,16 +25,16 @@ from jaxedit.train import loop
 
 @flax.struct.dataclass
 class PolicyState:
-  """The train state of an RL run. Exactly one of `base` and `reference` holds parameters:
-  with LoRA the adapters (`params`) train over a frozen `base` and the reference is the base
-  alone; in full fine-tuning every parameter trains and `reference` is a frozen copy of the
-  start."""
+  """The train state of an RL run. With LoRA the adapters (`params`) train over a frozen
+  `base`; in full fine-tuning every parameter trains. `reference` is a frozen copy of the
+  trained parameters at the start (over `base` under LoRA: the planner's adapters and vision
+  prefix), or None where the reference is the base alone (the editor's LoRA)."""
   step: jax.Array  # RL iterations done
   params: Any  # the trained parameters: the LoRA adapters, or every parameter
   ema_params: Any
   opt_state: Any
   base: Any = None  # LoRA: the frozen base the adapters add to
-  reference: Any = None  # full fine-tuning: the frozen start
+  reference: Any = None  # the frozen start of `params`
 
 
 class Policy:

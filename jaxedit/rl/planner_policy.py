@@ -14,7 +14,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxedit import checkpoint, overlap, plan_then_edit, planning, plans, sharding, workdirs
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from jaxedit import (checkpoint, lora, overlap, plan_then_edit, planning, plans, sharding,
+                     workdirs)
 from jaxedit.config import ConfigError
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.interop import pretrained
@@ -24,6 +27,7 @@ from jaxedit.rl.driver import PolicyState
 from jaxedit.shapes import checklist as cl
 from jaxedit.shapes.detect import detect
 from jaxedit.shapes.world import Scene
+from jaxedit.train import setup as setup_lib
 from jaxedit.train.setup import check_batch_size
 
 ROLLOUT_FIELDS = planning.RECORD_FIELDS + ("checklist", "source_scene", "num_steps", "task")
@@ -78,19 +82,31 @@ def as_sft_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def load_start(setup, init_from: str, key: str):
-  """The planner SFT run's parameters (or a transformers folder's) in this run's shardings."""
+  """The whole starting model (no adapters) in this run's shardings: a planner run's (LoRA
+  adapters merged into their base), or a transformers folder's / GGUF file's."""
+  _, abstract = lora.split(planning.abstract_whole(setup))  # the model without adapters
   if pretrained.folder_kind(init_from):
-    params = pretrained.load_planner(init_from, setup.abstract_state.params, setup.model.cfg)
-    if set(params) != set(setup.abstract_state.params):
+    params = pretrained.load_planner(init_from, abstract, setup.model.cfg)
+    if set(params) != set(abstract):
       raise ConfigError(f"init_from: {init_from} has no vision prefix: start from a planner "
                         "SFT workdir, or a jaxedit export of one")
     return params
   mngr, step = checkpoint.latest_step(init_from, "a planner SFT workdir")
-  mismatched = model_mismatch(checkpoint.saved_config(mngr, step), setup.config)
+  saved = checkpoint.saved_config(mngr, step)
+  mismatched = model_mismatch(saved, setup.config)
   if mismatched:
     raise ConfigError("init_from was trained with a different model: " + ", ".join(mismatched))
-  params = checkpoint.restore_subtree(mngr, step, key, setup.abstract_state.params)
-  logging.info("initialised from %s (step %d, %s)", init_from, step, key)
+  rank = saved["model"].get("lora_rank", 0)
+  if rank:  # adapters (with the vision prefix) over a frozen LM, merged on the host
+    whole = lora.join(checkpoint.restore_subtree_on_host(mngr, step, key),
+                      checkpoint.restore_subtree_on_host(mngr, step, "base"))
+    merged = flatten_dict(lora.merge(whole, rank, saved["model"].get("lora_alpha") or rank))
+    params = unflatten_dict({k: jax.device_put(np.asarray(merged[k]), a.sharding)
+                             for k, a in flatten_dict(abstract).items()})
+  else:
+    params = checkpoint.restore_subtree(mngr, step, key, abstract)
+  logging.info("initialised from %s (step %d, %s%s)", init_from, step, key,
+               f", LoRA rank {rank} merged" if rank else "")
   return params
 
 
@@ -100,33 +116,42 @@ def model_mismatch(saved: dict, config: ml_collections.ConfigDict) -> list[str]:
   cell head (an SFT training aid, not used after it) and the attention kernel may differ."""
   def model_keys(model: dict) -> dict:
     vision = {k: v for k, v in model.get("vision", {}).items() if k != "cell_head"}
-    kernel = ("attention", "splash_block")
+    kernel = ("attention", "splash_block", "lora_rank", "lora_alpha", "lora_targets")
     return {**{k: v for k, v in model.items() if k not in kernel}, "vision": vision}
   ours = model_keys(config.model.to_dict())
   out = [f"model.{k} = {v!r} there, {ours[k]!r} here"
          for k, v in sorted(model_keys(saved["model"]).items())
          if k in ours and json.dumps(ours[k]) != json.dumps(v)]
-  if saved["prompt"]["scene_as_text"] != config.prompt.scene_as_text:
-    out.append(f"prompt.scene_as_text = {saved['prompt']['scene_as_text']} there, "
-               f"{config.prompt.scene_as_text} here")
+  for key in ("scene_as_text", "system"):  # what the prompts say
+    theirs = saved["prompt"].get(key, "" if key == "system" else None)
+    if theirs != config.prompt[key]:
+      out.append(f"prompt.{key} = {theirs!r} there, {config.prompt[key]!r} here")
   return out
 
 
 def init_state(setup, start_params) -> PolicyState:
-  """The start's parameters trained and, as separate buffers, the reference."""
+  """The start's parameters trained and, as separate buffers, the reference; with LoRA, the
+  start's LM is the frozen base under fresh adapters (B = 0: the policy starts as the
+  start), and its vision prefix trains beside them."""
   copy = lambda tree: jax.tree.map(lambda x: x.copy(), tree)
+  base = None
+  if setup.abstract_state.base is not None:
+    fresh = setup_lib.init_state(setup)
+    trained = {**fresh.params, **{k: v for k, v in start_params.items() if k != "lm"}}
+    base, start_params = {"lm": start_params["lm"]}, trained
   opt_state = jax.jit(setup.optimizer.init,
                       out_shardings=setup.state_shardings.opt_state)(start_params)
   return PolicyState(jnp.zeros((), jnp.int32), copy(start_params), copy(start_params),
-                     opt_state, reference=start_params)
+                     opt_state, base=base, reference=start_params)
 
 
 # ------------------------------------------------------------------------------------------
 # Rollouts, rewards and the update.
 # ------------------------------------------------------------------------------------------
-def sequence_logprobs(params, model, batch: dict, temperature: float):
-  """(N, T) log-probs of the plan tokens under the policy at `temperature`."""
-  logits = planning.completion_logits(params, model, batch) / temperature
+def sequence_logprobs(params, model, batch: dict, temperature: float, base=None):
+  """(N, T) log-probs of the plan tokens under the policy at `temperature` (`params` over
+  `base` under LoRA)."""
+  logits = planning.completion_logits(lora.whole(params, base), model, batch) / temperature
   logp = jax.nn.log_softmax(logits, axis=-1)
   return jnp.take_along_axis(logp, batch["plan"][..., None], axis=-1)[..., 0]
 
@@ -154,7 +179,8 @@ def visual_rewards(editor, texts: list[str], records: dict, max_steps: int,
 def as_policy_state(s) -> PolicyState:
   """A planner SFT-style state (or its abstract arrays, or shardings) as the RL state's: its
   parameters standing in for the reference too."""
-  return PolicyState(s.step, s.params, s.ema_params, s.opt_state, reference=s.params)
+  return PolicyState(s.step, s.params, s.ema_params, s.opt_state, base=s.base,
+                     reference=s.params)
 
 
 def state_shardings(setup) -> PolicyState:
@@ -210,6 +236,7 @@ class PlannerPolicy(driver.Policy):
     results = {}
     for name, params in (("after", state.ema_params if ec.use_ema else state.params),
                          ("before", state.reference)):
+      params = lora.whole(params, state.base)
       texts = planning.plan_texts(setup, params, batches, sampler)
       extra = {**plan_then_edit.e2e_scores(config, batches, texts, out, editor, f"e2e_{name}"),
                **baseline}
@@ -247,8 +274,9 @@ class PlannerPolicy(driver.Policy):
     """(model inputs with the sampled plans, records repeated per plan, rewards, visual
     rewards or None), host arrays."""
     config = self.setup.config
-    arrays, texts, records = rollout(self.rollout_setup, self.rollout_sampler, params,
-                                     next(data_iter), jax.random.fold_in(self.base_rng, step))
+    arrays, texts, records = rollout(self.rollout_setup, self.rollout_sampler,
+                                     lora.whole(params, base), next(data_iter),
+                                     jax.random.fold_in(self.base_rng, step))
     rewards = config.rewards.cognitive.weight * cognitive_rewards(
         texts, records, config.rewards.cognitive)
     visual = None
@@ -277,8 +305,8 @@ class PlannerPolicy(driver.Policy):
     return scalars
 
   def validate(self, state, step):
-    summary, samples = planning.evaluate(self.setup, state.ema_params, self.val_batches,
-                                         self.sampler)
+    summary, samples = planning.evaluate(self.setup, lora.whole(state.ema_params, state.base),
+                                         self.val_batches, self.sampler)
     planning.write_samples(self.run.writer, self.run.workdir, step,
                            samples[:self.setup.config.train.sample_examples])
     return summary, None

@@ -24,6 +24,8 @@ class Optimizer:
   schedule: Callable  # optimizer update -> the rate relative to the peak
   ema_decay: float
   accumulate: int = 1  # gradients summed into one update (optax.MultiSteps)
+  # (top-level module, factor): that module's rate is the peak's times the factor.
+  rate_factors: tuple[tuple[str, float], ...] = ()
 
   def init(self, params):
     return self.tx.init(params)
@@ -35,6 +37,10 @@ class Optimizer:
     the initialisation; when accumulating, the EMA moves only where an update applied."""
     updates, opt_state = self.tx.update(grads, opt_state, params)
     rate = hp["lr"] * self.schedule(count // self.accumulate)
+    factors = dict(self.rate_factors)
+    if factors:
+      updates = {k: jax.tree.map(lambda u, f=factors.get(k, 1.0): u * f, v)
+                 for k, v in updates.items()}
     params = apply_at_rate(params, updates, rate)
     decay = jnp.minimum(self.ema_decay, (1.0 + count) / (10.0 + count))
     new_ema = optax.incremental_update(params, ema, 1.0 - decay)
@@ -55,13 +61,14 @@ def _adamw(tc: ml_collections.ConfigDict) -> optax.GradientTransformation:
                      optax.adamw(1.0, b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay))
 
 
-def supervised(tc: ml_collections.ConfigDict) -> Optimizer:
+def supervised(tc: ml_collections.ConfigDict,
+               rate_factors: tuple[tuple[str, float], ...] = ()) -> Optimizer:
   """From a `train` section: linear warm-up, then cosine decay to `end_lr_fraction` of the
-  peak at `num_steps`."""
+  peak at `num_steps`; `rate_factors` scale the rate of top-level modules."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, 1.0, tc.warmup_steps, max(tc.num_steps, tc.warmup_steps + 1),
       end_value=tc.end_lr_fraction)
-  return Optimizer(_adamw(tc), schedule, tc.ema_decay)
+  return Optimizer(_adamw(tc), schedule, tc.ema_decay, rate_factors=rate_factors)
 
 
 def on_policy(tc: ml_collections.ConfigDict, accumulate: int = 1) -> Optimizer:

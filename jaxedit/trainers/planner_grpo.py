@@ -42,9 +42,9 @@ def make_update(setup):
   """jitted (state, batch, rewards) -> (state, metrics)."""
   config, r, g = setup.config, setup.config.rollout, setup.config.grpo
   base_rng = jax.random.key(config.train.seed + 1)
-  logprobs = lambda p, b: planner_policy.sequence_logprobs(p, setup.model, b, r.temperature)
-
   def update(state: PolicyState, batch: dict, rewards, hp):
+    logprobs = lambda p, b: planner_policy.sequence_logprobs(p, setup.model, b, r.temperature,
+                                                             state.base)
     advantages = grpo.group_advantages(rewards, r.group_size, std_scope=g.std_scope,
                                        clip=g.adv_clip)
     old = jax.lax.stop_gradient(logprobs(state.params, batch))

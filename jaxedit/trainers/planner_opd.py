@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxedit import hparams, opd, planning, sharding, workdirs
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from jaxedit import hparams, lora, opd, planning, sharding, workdirs
 from jaxedit.config import ConfigError
 from jaxedit.rl import driver, planner_policy, update as rl_update
 from jaxedit.rl.driver import PolicyState
@@ -55,8 +57,17 @@ def load_teacher(setup, workdir: str):
   mismatched = planner_policy.model_mismatch(loaded.config.to_dict(), setup.config)
   if mismatched:
     raise ConfigError(f"teacher {workdir} has another model: " + ", ".join(mismatched))
-  shardings = setup.state_shardings.params  # an SFT teacher's cell head is left behind
-  return jax.device_put({k: loaded.params[k] for k in shardings}, shardings)
+  params = loaded.params
+  if loaded.config.model.lora_rank:
+    params = lora.merge(params, loaded.config.model.lora_rank,
+                        loaded.config.model.lora_alpha or loaded.config.model.lora_rank)
+  # Shaped as the student's whole model: zero adapters under a LoRA student (the teacher's
+  # own merged in); an SFT teacher's cell head is left behind.
+  flat = flatten_dict(params)
+  return unflatten_dict({
+      k: jax.device_put(jnp.zeros(a.shape, a.dtype) if lora.is_adapter(k) else flat[k],
+                        a.sharding)
+      for k, a in flatten_dict(planning.abstract_whole(setup)).items()})
 
 
 def make_update(setup, teachers=None):
@@ -71,6 +82,7 @@ def make_update(setup, teachers=None):
 
   def update(teachers, state: PolicyState, batch: dict, rewards, hp):
     del rewards
+    student_logits = lambda p, b: logits_of(lora.whole(p, state.base), b)
 
     def loss_and_grads(params, idx):
       mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
@@ -85,7 +97,7 @@ def make_update(setup, teachers=None):
                                                mb["plan"][..., None], -1)[..., 0]
 
       def loss_fn(p):
-        logits = logits_of(p, mb)
+        logits = student_logits(p, mb)
         if o.kl == "full_vocab":
           per_token = kl = opd.full_vocab_kl(logits, teacher_logits)
         else:
@@ -106,7 +118,8 @@ def make_update(setup, teachers=None):
                          opt_state=opt_state), metrics
 
   shardings = planner_policy.state_shardings(setup)
-  fn = jax.jit(update, in_shardings=([setup.state_shardings.params] * len(teachers), shardings,
+  whole = lora.whole(setup.state_shardings.params, setup.state_shardings.base)
+  fn = jax.jit(update, in_shardings=([whole] * len(teachers), shardings,
                                      setup.batch_sharding, setup.batch_sharding, None),
                out_shardings=(shardings, sharding.replicated(setup.mesh)), donate_argnums=1)
   return sharding.Program(fn, setup.mesh, setup.rules, (teachers,),

@@ -22,8 +22,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxedit import (checkpoint, evaluation, hparams, plan_then_edit, planning, sharding,
-                     workdirs)
+from jaxedit import (checkpoint, evaluation, hparams, lora, plan_then_edit, planning,
+                     sharding, workdirs)
 from jaxedit.data.pipeline import make_dataset
 from jaxedit.interop import pretrained
 from jaxedit.models.planner import Planner
@@ -49,10 +49,12 @@ def cell_loss(cell_logits, scene, classes: tuple[int, ...]):
   return nll, right.mean()
 
 
-def loss_fn(params, model: Planner, batch: dict, cell_loss_weight: float = 0.0):
-  """Mean plan-token cross-entropy, plus `cell_loss_weight` x the cell head's loss."""
+def loss_fn(params, model: Planner, batch: dict, cell_loss_weight: float = 0.0, base=None):
+  """Mean plan-token cross-entropy, plus `cell_loss_weight` x the cell head's loss; `params`
+  are the trained ones (LoRA: the adapters and the vision prefix, over `base`)."""
   with_cells = cell_loss_weight > 0
-  out = planning.completion_logits(params, model, batch, with_cells=with_cells)
+  out = planning.completion_logits(lora.whole(params, base), model, batch,
+                                   with_cells=with_cells)
   logits = out[0] if with_cells else out
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["plan"])
   mask = batch["plan_valid"].astype(jnp.float32)
@@ -72,11 +74,12 @@ def make_train_step(setup: planning.Setup):
 
   def step_fn(state: TrainState, batch: dict, hp: dict):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, setup.model, batch, cfg.train.cell_loss_weight)
+        state.params, setup.model, batch, cfg.train.cell_loss_weight, state.base)
     params, ema, opt_state, rate = setup.optimizer.update(
         hp, state.params, state.ema_params, state.opt_state, grads, state.step)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": rate, **aux}
-    return TrainState(state.step + 1, params, ema, opt_state), metrics
+    return state.replace(step=state.step + 1, params=params, ema_params=ema,
+                         opt_state=opt_state), metrics
 
   step = jax.jit(step_fn, in_shardings=(setup.state_shardings, setup.batch_sharding, None),
                  out_shardings=(setup.state_shardings, sharding.replicated(setup.mesh)),
@@ -89,11 +92,15 @@ def make_train_step(setup: planning.Setup):
 # Training loop.
 # ------------------------------------------------------------------------------------------
 def start_state(setup: planning.Setup) -> TrainState:
-  """A fresh run's state: initialised, with `init_from`'s LM when it names one."""
+  """A fresh run's state: initialised, with `init_from`'s LM when it names one (under LoRA,
+  as the frozen base)."""
   state = setup_lib.init_state(setup)
   if setup.config.init_from:
-    state = setup_lib.with_params(state, pretrained.load_planner(
-        setup.config.init_from, setup.abstract_state.params, setup.model.cfg))
+    loaded = pretrained.load_planner(setup.config.init_from, planning.abstract_whole(setup),
+                                     setup.model.cfg)
+    if state.base is not None:
+      state = state.replace(base={**state.base, "lm": loaded.pop("lm")})
+    state = setup_lib.with_params(state, loaded)
   return state
 
 
@@ -101,6 +108,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   pretrained.copy_tokenizer(config.init_from, workdir)
   setup = make_setup(config, workdir)
+  config = setup.config  # architecture keys resolved from init_from
   tc = config.train
   run = loop.Run(config, workdir)
   n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
@@ -122,7 +130,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return state, metrics, None
 
   def validate(state, step):
-    summary, samples = planning.evaluate(setup, state.ema_params, val_batches, sampler)
+    summary, samples = planning.evaluate(setup, lora.whole(state.ema_params, state.base),
+                                         val_batches, sampler)
     planning.write_samples(run.writer, workdir, step, samples[:tc.sample_examples])
     return summary, None
 
@@ -137,7 +146,7 @@ def run_eval(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup = make_setup(config, workdir)
   step, state = checkpoint.restore_latest(workdir, config.train.keep_checkpoints,
                                         setup.abstract_state)
-  params = state.ema_params if config.eval.use_ema else state.params
+  params = lora.whole(state.ema_params if config.eval.use_ema else state.params, state.base)
   ec = config.eval
   start = time.time()
   out = os.path.join(workdir, "eval")
