@@ -29,7 +29,15 @@ def get_config(arg=None):
   config.prompt = ml_collections.ConfigDict(
       load_file(SFT_CONFIG + (":" + sft_arg if sft_arg else "")).prompt.to_dict())
   if arg in ("smollm2", "smollm2_scene_text"):
-    schema.pretrained_planner(config)  # the architecture of the SFT run init_from names
+    # The architecture of the SFT run init_from names; LoRA over it, both dual-atomic
+    # rewards (the visual one needs --config.editor=EDITOR_DIR), sized for 2 CPU cores.
+    schema.pretrained_planner(config)
+    config.model.lora_rank, config.model.lora_alpha = 16, 16.0
+    config.rewards.visual.weight = 1.0
+    r, t = config.rollout, config.train
+    r.prompts_per_step, r.group_size, r.minibatches = 8, 4, 1
+    t.num_steps, t.lr, t.warmup_steps = 30, 2e-4, 3
+    t.eval_every, t.eval_examples, t.checkpoint_every, t.log_every = 15, 64, 5, 1
   if arg == "demo":
     config.train.num_steps = 20
     config.train.eval_every = 10

@@ -25,11 +25,12 @@ def get_config(arg=None):
     config.prompt.scene_as_text = arg == "smollm2_scene_text"
     config.prompt.max_prompt_len = 160 if config.prompt.scene_as_text else 80
     config.prompt.max_plan_len = 112  # the longest reference plan is 104 tokens with EOS
-    config.train.num_steps = 600
-    config.train.lr = 3e-4
-    config.train.warmup_steps = 30
-    config.train.eval_every = 200
-    config.train.checkpoint_every = 50
+    # The fresh vision prefix learns each cell's contents through the cell head, at 10x the
+    # pretrained LM's rate.
+    config.model.vision.cell_head, config.train.cell_loss_weight = True, 1.0
+    t = config.train
+    t.batch_size, t.num_steps, t.lr, t.warmup_steps, t.vision_lr_factor = 16, 250, 1e-4, 20, 10.0
+    t.eval_every, t.eval_examples, t.checkpoint_every, t.log_every = 125, 128, 25, 5
   elif arg == "demo":
     config.train.num_steps = 300
     config.train.eval_every = 150

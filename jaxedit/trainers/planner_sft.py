@@ -69,6 +69,26 @@ def loss_fn(params, model: Planner, batch: dict, cell_loss_weight: float = 0.0, 
   return loss, aux
 
 
+CAPTION_REQUEST = "describe the scene"
+
+
+def with_captions(records: dict, fraction: float) -> dict:
+  """`records` with the first `fraction` of its rows turned into captioning examples: the
+  request CAPTION_REQUEST answered by the scene description. A training aid for a vision
+  prefix in front of a pretrained LM: the LM learns to put what the prefix shows into words
+  (the plan names objects by colour, shape and cell). Rows are shuffled already, so the first
+  ones are a random choice; the same batch always gets the same rows (exact resume)."""
+  n = round(fraction * len(records["instruction"]))
+  if not n:
+    return records
+  out = dict(records)
+  out["instruction"] = np.asarray([CAPTION_REQUEST] * n + list(records["instruction"][n:]),
+                                  dtype=object)
+  out["plan_steps"] = np.asarray(list(records["scene_text"][:n]) + list(records["plan_steps"][n:]),
+                                 dtype=object)
+  return out
+
+
 def make_train_step(setup: planning.Setup):
   cfg = setup.config
 
@@ -123,8 +143,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   val_batches = planning.eval_batches(setup, "validation", tc.eval_examples, config.eval.batch_size)
 
   def step_fn(state, step):
-    batch = sharding.global_batch(setup.examples(next(data_iter), trim=True),
-                                  setup.batch_sharding)
+    records = with_captions(next(data_iter), tc.caption_fraction)
+    batch = sharding.global_batch(setup.examples(records, trim=True), setup.batch_sharding)
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       state, metrics = train_step(state, batch)
     return state, metrics, None
