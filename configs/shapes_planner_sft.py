@@ -26,8 +26,10 @@ def get_config(arg=None):
     config.prompt.max_prompt_len = 160 if config.prompt.scene_as_text else 80
     config.prompt.max_plan_len = 112  # the longest reference plan is 104 tokens with EOS
     # The fresh vision prefix learns each cell's contents through the cell head, at 10x the
-    # pretrained LM's rate.
+    # pretrained LM's rate; a quarter of each batch asks for the scene description, so the
+    # LM learns to name what the prefix shows (docs/experiments.md: +10 points at step 125).
     config.model.vision.cell_head, config.train.cell_loss_weight = True, 1.0
+    config.train.caption_fraction = 0.25
     t = config.train
     t.batch_size, t.num_steps, t.lr, t.warmup_steps, t.vision_lr_factor = 16, 250, 1e-4, 20, 10.0
     t.eval_every, t.eval_examples, t.checkpoint_every, t.log_every = 125, 128, 25, 5

@@ -21,6 +21,10 @@ DEFAULT_DATA_DIR = "~/.cache/jaxedit/datasets"  # builds are keyed by a digest o
 # blocks' MLPs.
 EDITOR_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0", "add_q_proj", "add_k_proj",
                        "add_v_proj", "to_add_out", "net_0_proj", "net_2")
+# The planner LM's keys a pretrained model fixes (the rest of `model` are training choices).
+LM_ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                   "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "qkv_bias",
+                   "tie_embeddings")
 PLANNER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                         "down_proj")
 # Decode in segments of this many tokens, each attending to the cache slots filled so far
@@ -178,7 +182,7 @@ def editor_model() -> ConfigDict:
 
 def planner_model() -> ConfigDict:
   """The planner (models.planner): a tiny Qwen2 for the shapes world with a vision prefix.
-  Its architecture keys (interop.lm_transformers.ARCHITECTURE) may be None: taken from
+  Its architecture keys (LM_ARCHITECTURE) may be None: taken from
   `init_from` (`pretrained_planner`)."""
   return ConfigDict({
       "vocab_size": 512,  # the tokenizer is trained to this size
@@ -451,9 +455,8 @@ def pretrained_planner(config: ConfigDict, init_from: str = "") -> ConfigDict:
   """`config` (a planner trainer's) starting from a pretrained LM or a planner workdir
   (`init_from`, or the one the user names): the model's architecture keys unset (None), so
   they are read from there."""
-  from jaxedit.interop.lm_transformers import ARCHITECTURE  # pylint: disable=import-outside-toplevel
   config.init_from = init_from
-  for key in ARCHITECTURE:
+  for key in LM_ARCHITECTURE:
     config.model[key] = None
   config.model.scan_layers = True  # 30 layers: one compiled layer
   return config

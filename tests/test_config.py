@@ -105,6 +105,8 @@ def test_cli_reports_config_errors_cleanly(capsys, tmp_path):
     "configs/shapes_planner_sft.py:scene_text",
     "configs/shapes_planner_grpo.py", "configs/shapes_planner_grpo.py:demo",
     "configs/shapes_planner_grpo.py:scene_text",
+    "configs/shapes_planner_sft.py:smollm2", "configs/shapes_planner_sft.py:smollm2_scene_text",
+    "configs/shapes_planner_grpo.py:smollm2", "configs/shapes_planner_grpo.py:smollm2_scene_text",
     "configs/flux_kontext_grpo.py", "configs/flux_kontext_grpo.py:tiny",
     "configs/flux_kontext_sft.py", "configs/flux_kontext_sft.py:tiny",
     "configs/flux_kontext_rft.py", "configs/flux_kontext_rft.py:tiny",
@@ -132,6 +134,11 @@ def test_planner_grpo_configs_build_the_model_of_their_sft_configs():
     grpo = cli.load_file(f"configs/shapes_planner_grpo.py{arg}")
     assert grpo.model.to_dict() == sft.model.to_dict()
     assert grpo.prompt.to_dict() == sft.prompt.to_dict()
+  for arg in (":smollm2", ":smollm2_scene_text"):  # the architecture read from the SFT run
+    sft = cli.load_file(f"configs/shapes_planner_sft.py{arg}")
+    grpo = cli.load_file(f"configs/shapes_planner_grpo.py{arg}")
+    assert grpo.prompt.to_dict() == sft.prompt.to_dict()
+    assert all(grpo.model[k] is None and sft.model[k] is None for k in schema.LM_ARCHITECTURE)
 
 
 def test_config_files_and_the_cli_parser_load_without_jax():

@@ -14,15 +14,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxedit.errors import MappingError
+from jaxedit.schema import LM_ARCHITECTURE
 from jaxedit.interop.torch_names import Layout, from_torch, to_torch
 from jaxedit.models.lm import LMConfig
 
 __all__ = ["ARCHITECTURE", "MappingError", "to_transformers", "from_transformers", "hf_config", "lm_config"]
 
-# The LMConfig fields a pretrained model fixes (the rest are training choices).
-ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                "num_kv_heads", "head_dim", "rope_theta", "rms_norm_eps", "qkv_bias",
-                "tie_embeddings")
+ARCHITECTURE = LM_ARCHITECTURE  # the LMConfig fields a pretrained model fixes
 LAYOUT = Layout(stacks=("layers",), prefix=lambda head: "" if head == "lm_head" else "model.")
 
 
