@@ -101,10 +101,10 @@ def main(argv=None):
   p.add_argument("--config", default="configs/shapes_planner_sft.py:smollm2")
   p.add_argument("--batch", type=int, default=16)
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--variants", default="all", help="comma-separated names, or all")
+  p.add_argument("--variants", default="all", help="names separated by ';', or all")
   p.add_argument("--out", default="planner_step.json")
   args = p.parse_args(argv)
-  names = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+  names = list(VARIANTS) if args.variants == "all" else args.variants.split(";")
   base_config = config_lib.load_file(args.config)
   peak = common.matmul_peak()
   rows, batch_np = [], None
