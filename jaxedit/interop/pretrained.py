@@ -90,13 +90,7 @@ def copy_tokenizer(init_from: str, workdir: str) -> None:
       return
     raise ConfigError(f"init_from: {init_from}/tokenizer.json does not exist; point it at an "
                       "SFT workdir, a diffusers / transformers folder or a GGUF file")
-  # tokenizer.json last: its presence marks a complete copy.
-  for name in tokenizer_lib.FILES[1:] + tokenizer_lib.FILES[:1]:
-    if os.path.exists(os.path.join(init_from, name)):
-      os.makedirs(workdir, exist_ok=True)
-      tmp = os.path.join(workdir, f"{name}.tmp{os.getpid()}")  # every process copies
-      shutil.copyfile(os.path.join(init_from, name), tmp)
-      os.replace(tmp, os.path.join(workdir, name))
+  tokenizer_lib.copy_files(init_from, workdir)
 
 
 def _check_kind(path: str, kind: str) -> None:
@@ -120,13 +114,19 @@ def _mismatch(theirs: dict, ours: dict, what: str) -> None:
     raise ConfigError(f"init_from: {what} differs from this run's model: " + ", ".join(diffs))
 
 
-def _load(layout, folder: str, weights_name: str, abstract, **kwargs):
+def _load_from(layout, source, label: str, abstract, **kwargs):
+  """`torch_names.load` of a TensorSource into the shardings of `abstract`; a MappingError
+  becomes a ConfigError naming `label` (the file)."""
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  try:
+    return torch_names.load(layout, source, abstract, shardings=shardings, **kwargs)
+  except torch_names.MappingError as e:
+    raise ConfigError(f"init_from: {label}: {e}") from None
+
+
+def _load(layout, folder: str, weights_name: str, abstract, **kwargs):
   with SafetensorsFolder(folder, weights_name) as source:
-    try:
-      return torch_names.load(layout, source, abstract, shardings=shardings, **kwargs)
-    except torch_names.MappingError as e:
-      raise ConfigError(f"init_from: {folder}/{weights_name}: {e}") from None
+    return _load_from(layout, source, f"{folder}/{weights_name}", abstract, **kwargs)
 
 
 def load_editor(path: str, abstract_params, editor_cfg) -> dict:
@@ -168,21 +168,18 @@ def load_planner(path: str, abstract_params, planner_cfg) -> dict:
   shardings of `abstract_params`, without LoRA adapters (those `abstract_params` has are
   left out: they are not in the folder); the vision prefix comes only from a jaxedit
   export."""
-  if folder_kind(path) not in ("transformers", "gguf"):
-    _check_kind(path, "transformers")
+  theirs = lm_architecture(path)
+  if theirs is None:
+    _check_kind(path, "transformers")  # raises, naming what init_from must be
   ours = planner_cfg.lm
-  _mismatch(lm_architecture(path), {k: getattr(ours, k) for k in lm_transformers.ARCHITECTURE},
+  _mismatch(theirs, {k: getattr(ours, k) for k in lm_transformers.ARCHITECTURE},
             f"the language model in {path}")
   _, abstract_lm = lora.split(abstract_params["lm"])
   ignore = lm_transformers.ignored(ours)
   gguf_path = gguf_lm.resolve(path)
   if gguf_path:
-    shardings = jax.tree.map(lambda x: x.sharding, abstract_lm)
-    try:
-      lm = torch_names.load(lm_transformers.LAYOUT, gguf_lm.GGUFFile(gguf_path), abstract_lm,
-                            shardings=shardings, ignore=ignore)
-    except torch_names.MappingError as e:
-      raise ConfigError(f"init_from: {gguf_path}: {e}") from None
+    lm = _load_from(lm_transformers.LAYOUT, gguf_lm.GGUFFile(gguf_path), gguf_path,
+                    abstract_lm, ignore=ignore)
   else:
     lm = _load(lm_transformers.LAYOUT, path, "model.safetensors", abstract_lm, ignore=ignore)
   out = {"lm": lm}

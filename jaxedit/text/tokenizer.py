@@ -99,9 +99,10 @@ class Specials:
 
 
 def copy_files(src: str, dst: str) -> None:
-  """Copies the tokenizer files `src` has into the folder `dst`, each atomically."""
+  """Copies the tokenizer files `src` has into the folder `dst`, each atomically and
+  tokenizer.json last: its presence marks a complete copy."""
   os.makedirs(dst, exist_ok=True)
-  for name in FILES:
+  for name in FILES[1:] + FILES[:1]:
     if os.path.exists(os.path.join(src, name)):
       tmp = os.path.join(dst, f"{name}.tmp{os.getpid()}")  # every process of a run copies
       shutil.copyfile(os.path.join(src, name), tmp)
